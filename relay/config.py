@@ -1,0 +1,369 @@
+"""Configuration: one YAML file validated into typed, frozen objects.
+
+Loading happens in three steps, each with its own reason:
+
+1. YAML is parsed with a loader that remembers the line of every mapping key, so any error
+   can name ``file:line: key``.
+2. ``${ENV}`` references are substituted in every string and every ``*_file`` key is replaced
+   by the content of the file it names; secrets are never required inline.
+3. pydantic validates the result (``extra="forbid"``: a misspelt key is an error, not a silently
+   ignored setting) and the cross-references (users → channels → accounts) are checked.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
+
+Channel = Literal["trigger", "batch"]
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the operator (``file:line: key: why``)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Scalar types: durations and sizes as operators write them
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(value: Any) -> float:
+    """``"5m"`` → 300.0 seconds; plain numbers are seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration such as 30s, 5m, 4h or 5d")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise ValueError(f"{value!r} is not a duration: use e.g. 30s, 5m, 4h or 5d")
+    number, unit = match.groups()
+    return float(number) * _DURATION_UNITS[unit]
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
+# ByteSize reads "25MiB", "16MB", "16000000"; stored as a plain int of bytes.
+Size = Annotated[ByteSize, AfterValidator(lambda v: int(_positive(v)))]
+
+
+def _password_hash(value: str) -> str:
+    from relay.auth import is_supported_hash  # auth owns the hash formats
+
+    if not is_supported_hash(value):
+        raise ValueError(
+            "must be a hash made by `sendcloud-relay hash-password` "
+            "($argon2id$... or $scrypt$...); plaintext passwords are not accepted"
+        )
+    return value
+
+
+PasswordHash = Annotated[str, AfterValidator(_password_hash)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+
+
+class Listener(_Model):
+    name: str
+    bind: str = "0.0.0.0"
+    port: int = Field(ge=1, le=65535)
+    tls: Literal["none", "starttls", "implicit"] = "starttls"
+    auth: Literal["required", "optional", "none"] = "optional"
+    allow_plaintext_auth: bool = False
+
+
+class TLSFiles(_Model):
+    cert: Path
+    key: Path
+    self_signed: bool = False  # make a self-signed pair on first run if the files are missing
+
+
+class TrustedNetwork(_Model):
+    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network
+    user: str
+
+
+class Server(_Model):
+    hostname: str = Field(default_factory=socket.getfqdn)
+    listeners: list[Listener] = Field(min_length=1)
+    tls: TLSFiles | None = None
+    max_message_size: Size = ByteSize(16_000_000)  # SendCloud advertises SIZE 16000000
+    max_recipients: int = Field(default=100, ge=1)
+    trusted_networks: list[TrustedNetwork] = []
+    idle_timeout: Duration = 300.0
+    auth_failure_delay: Duration = 1.0
+    shutdown_grace: Duration = 30.0
+
+    @model_validator(mode="after")
+    def _listeners_consistent(self) -> Server:
+        names = [listener.name for listener in self.listeners]
+        if len(set(names)) != len(names):
+            raise ValueError("listener names must be unique")
+        addresses = [(listener.bind, listener.port) for listener in self.listeners]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError("two listeners share the same bind address and port")
+        if self.tls is None and any(listener.tls != "none" for listener in self.listeners):
+            raise ValueError("server.tls (cert and key) is required by listeners with tls")
+        return self
+
+
+class Spool(_Model):
+    backend: Literal["sqlite"] = "sqlite"
+    path: Path = Path("var/spool.db")
+    retry: list[Duration] = Field(default=[60.0, 300.0, 900.0, 3600.0, 14400.0], min_length=1)
+    retry_jitter: float = Field(default=0.1, ge=0, lt=1)
+    max_lifetime: Duration = 5 * 86400.0
+    poll_interval: Duration = 1.0
+
+
+class Upstream(_Model):
+    kind: Literal["sendcloud", "smtp", "capture"] = "sendcloud"
+    host: str = "smtp.sendcloud.net"
+    port: int = Field(default=587, ge=1, le=65535)
+    tls: Literal["starttls", "implicit", "none"] = "starttls"
+    ca_file: Path | None = None
+    timeout: Duration = 60.0
+    connections_per_account: int = Field(default=4, ge=1)
+    max_recipients_per_transaction: int = Field(default=100, ge=1)
+    allow_plaintext_auth: bool = False
+    path: Path = Path("var/capture")  # where `capture` writes .eml files
+
+    @model_validator(mode="after")
+    def _never_plaintext_to_sendcloud(self) -> Upstream:
+        if self.kind == "sendcloud" and self.tls == "none":
+            raise ValueError("kind: sendcloud needs tls: starttls or implicit")
+        return self
+
+
+class Account(_Model):
+    api_user: str = Field(pattern=r"^[A-Za-z0-9@_-]{1,64}$")
+    api_key: SecretStr | None = None
+    type: Channel
+    domain: str
+
+
+class User(_Model):
+    password_hash: PasswordHash | None = None
+    channels: dict[Channel, str] = Field(min_length=1)
+    allowed_senders: list[str] = []
+
+
+class RuleMatch(_Model):
+    user: str | list[str] | None = None
+    listener: str | list[str] | None = None
+    sender: str | None = None  # glob on the envelope sender
+    recipient_domains: list[str] | None = None
+    header: dict[str, str] | None = None  # header name → glob on its value
+    recipients_more_than: int | None = Field(default=None, ge=0)
+
+
+class Rule(_Model):
+    match: RuleMatch = RuleMatch()
+    channel: Channel
+
+
+class Config(_Model):
+    server: Server
+    spool: Spool = Spool()
+    upstream: Upstream = Upstream()
+    accounts: dict[str, Account] = Field(min_length=1)
+    users: dict[str, User] = Field(min_length=1)
+    rules: list[Rule] = []
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Config:
+        for name, user in self.users.items():
+            for channel, account_name in user.channels.items():
+                account = self.accounts.get(account_name)
+                if account is None:
+                    raise ValueError(
+                        f"users.{name}.channels.{channel}: no account named {account_name!r}"
+                    )
+                if account.type != channel:
+                    raise ValueError(
+                        f"users.{name}.channels.{channel}: account {account_name!r} is of "
+                        f"type {account.type}; a {channel} channel needs a {channel} account"
+                    )
+        for network in self.server.trusted_networks:
+            if network.user not in self.users:
+                raise ValueError(f"server.trusted_networks {network.cidr}: no user {network.user!r}")
+        for name, account in self.accounts.items():
+            if account.api_key is None and self.upstream.kind == "sendcloud":
+                raise ValueError(f"accounts.{name}: api_key (or api_key_file) is required")
+            if (
+                account.api_key is not None
+                and self.upstream.kind == "smtp"
+                and self.upstream.tls == "none"
+                and not self.upstream.allow_plaintext_auth
+            ):
+                raise ValueError(
+                    f"accounts.{name}: an api_key would cross upstream in plaintext "
+                    "(upstream.tls: none); set upstream.allow_plaintext_auth: true for a "
+                    "local staging relay, or use TLS"
+                )
+        return self
+
+    def user_for_address(self, address: str) -> str | None:
+        """The local user a trusted network maps this client address to, if any."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return None
+        for network in self.server.trusted_networks:
+            if ip.version == network.cidr.version and ip in network.cidr:
+                return network.user
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+class _LineDict(dict):
+    """A mapping that knows the YAML line (1-based) of each of its keys."""
+
+    lines: dict[Any, int]
+
+
+class _LineLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):  # noqa: D102 - PyYAML hook
+        mapping = _LineDict(super().construct_mapping(node, deep=True))
+        mapping.lines = {
+            self.construct_object(key_node, deep=True): key_node.start_mark.line + 1
+            for key_node, _ in node.value
+        }
+        return mapping
+
+
+_LineLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _LineLoader.construct_mapping
+)
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _line_of(data: Any, loc: tuple) -> tuple[int | None, str]:
+    """Deepest known line for a key path, and the path as dotted text."""
+    line = None
+    node = data
+    for part in loc:
+        if isinstance(node, _LineDict) and part in node:
+            line = node.lines.get(part, line)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            node = node[part]
+        else:
+            break
+    return line, ".".join(str(part) for part in loc)
+
+
+def _resolve_secrets(node: Any, path: tuple, source: str, root: Any, base: Path) -> Any:
+    """Substitute ``${ENV}`` and replace ``key_file: PATH`` by ``key: <file content>``."""
+    if isinstance(node, str):
+
+        def env(match: re.Match) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(_where(source, root, path, f"environment variable {name} is not set"))
+            return os.environ[name]
+
+        return _ENV_REF.sub(env, node)
+    if isinstance(node, list):
+        return [_resolve_secrets(item, path + (i,), source, root, base) for i, item in enumerate(node)]
+    if isinstance(node, dict):
+        resolved = _LineDict()
+        resolved.lines = dict(getattr(node, "lines", {}))
+        for key, value in node.items():
+            value = _resolve_secrets(value, path + (key,), source, root, base)
+            if isinstance(key, str) and key.endswith("_file") and key != "ca_file":
+                target = key[: -len("_file")]
+                if target in node:
+                    raise ConfigError(_where(source, root, path + (key,), f"set {target} or {key}, not both"))
+                file = base / str(value)
+                try:
+                    value = file.read_text().rstrip("\r\n")
+                except OSError as error:
+                    raise ConfigError(_where(source, root, path + (key,), f"cannot read {file}: {error.strerror}")) from None
+                resolved.lines[target] = resolved.lines.get(key)
+                key = target
+            resolved[key] = value
+        return resolved
+    return node
+
+
+def _where(source: str, root: Any, loc: tuple, message: str) -> str:
+    line, dotted = _line_of(root, loc)
+    position = f"{source}:{line}" if line else source
+    return f"{position}: {dotted}: {message}" if dotted else f"{position}: {message}"
+
+
+def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> Config:
+    """Validate YAML text into a :class:`Config`; raise :class:`ConfigError` naming file and line."""
+    try:
+        raw = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}{line}: not valid YAML: {getattr(error, 'problem', error)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    data = _resolve_secrets(raw, (), source, raw, base or Path.cwd())
+    try:
+        return Config.model_validate(data)
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            loc = tuple(part for part in item["loc"] if not str(part).startswith("function-"))
+            message = item["msg"].removeprefix("Value error, ")
+            if item["type"] == "extra_forbidden":
+                message = "unknown key (misspelt, or not supported by this version)"
+            problems.append(_where(source, data, loc, message))
+        raise ConfigError("\n".join(problems)) from None
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a config file; ``*_file`` paths are relative to the file's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    return parse_config(text, source=str(path), base=path.parent)
+
+
+def load_demo_config() -> Config:
+    """The embedded demo config (`relay/demo.yaml`): what `serve` runs without ``-c``."""
+    from importlib import resources
+
+    text = resources.files("relay").joinpath("demo.yaml").read_text()
+    return parse_config(text, source="<embedded demo.yaml>")

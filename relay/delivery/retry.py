@@ -1,0 +1,68 @@
+"""What happens to a recipient after an attempt: pure decisions, tested as tables."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from relay.spool import Recipient, RecipientUpdate, State
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    schedule: tuple[float, ...]  # delay after the 1st, 2nd, ... failure; the last one repeats
+    jitter: float  # ± fraction applied to each delay, so deferred mail does not return in herds
+    max_lifetime: float  # seconds from arrival after which a temporary failure becomes final
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the upstream said about one recipient; ``code`` is None when no SMTP reply came."""
+
+    code: int | None
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.text}" if self.code is not None else self.text
+
+
+# SendCloud answers 536 "Frequency limited" past 20,000 calls a minute, and quota exhaustion
+# with "Request quota exceeded" under an undocumented code: both pass with time.
+_TEMPORARY_DESPITE_5XX = re.compile(r"frequency limited|quota exceeded", re.IGNORECASE)
+
+
+def is_temporary(reply: Reply) -> bool:
+    if reply.code is None or 400 <= reply.code < 500:
+        return True
+    return reply.code == 536 or bool(_TEMPORARY_DESPITE_5XX.search(reply.text))
+
+
+def retry_delay(attempts: int, policy: RetryPolicy, random_fraction: float) -> float:
+    """Delay before the next try after ``attempts`` failures; ``random_fraction`` in [0, 1)."""
+    base = policy.schedule[min(attempts, len(policy.schedule)) - 1]
+    return base * (1 + policy.jitter * (2 * random_fraction - 1))
+
+
+def after_attempt(
+    recipient: Recipient,
+    reply: Reply,
+    received_at: float,
+    now: float,
+    policy: RetryPolicy,
+    random_fraction: float,
+    email_id: str | None = None,
+) -> RecipientUpdate:
+    """The recipient's next state given the reply of one attempt."""
+    attempts = recipient.attempts + 1
+    text = str(reply)
+    if reply.code is not None and 200 <= reply.code < 300:
+        return RecipientUpdate(recipient.message_id, recipient.idx, State.DELIVERED, attempts, now, text, email_id)
+    if not is_temporary(reply):
+        return RecipientUpdate(recipient.message_id, recipient.idx, State.FAILED, attempts, now, text)
+    deadline = received_at + policy.max_lifetime
+    if now >= deadline:
+        expired = f"{text} (gave up: message older than the spool's max_lifetime)"
+        return RecipientUpdate(recipient.message_id, recipient.idx, State.FAILED, attempts, now, expired)
+    # The last try happens at the deadline rather than one full delay after it.
+    next_attempt = min(now + retry_delay(attempts, policy, random_fraction), deadline)
+    return RecipientUpdate(recipient.message_id, recipient.idx, State.DEFERRED, attempts, next_attempt, text)

@@ -1,0 +1,213 @@
+"""Postfix's qmgr for the relay: decides what to try when, and runs the account workers.
+
+New mail is handed over in memory right after it is spooled; everything else (deferred mail
+coming due, mail left over from before a restart, `queue retry` and `queue flush` from the
+CLI) is found by polling the spool's index of pending recipients. A message is in at most one
+worker at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from relay.bounce import FailedRecipient, build_dsn
+from relay.config import Config
+from relay.delivery.retry import RetryPolicy, after_attempt
+from relay.delivery.sendcloud import email_ids
+from relay.delivery.transport import Transaction, open_connection
+from relay.rewrite import header_block
+from relay.spool import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, new_queue_id
+from relay.spool.sqlite import SqliteSpool
+from relay.tls import upstream_context
+
+log = logging.getLogger("relay.delivery")
+
+_POLL_BATCH = 500  # recipients fetched per poll; more come on the next poll
+
+
+@dataclass(frozen=True)
+class Job:
+    message: QueuedMessage  # carries only the recipients to try now
+
+
+class Scheduler:
+    def __init__(self, config: Callable[[], Config], spool: SqliteSpool):
+        self._config = config
+        self._spool = spool
+        self._queues: dict[str, asyncio.Queue[Job]] = {}
+        self._workers: list[asyncio.Task] = []
+        self._in_flight: set[str] = set()
+        # Finished while a poll's read was under way: that read may show them stale.
+        self._finished_during_poll: set[str] = set()
+        self._unroutable: set[str] = set()
+        self._wake = asyncio.Event()
+        self._poller: asyncio.Task | None = None
+        self._stopping = False
+        self._workers_per_queue = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self._config()
+        self._workers_per_queue = config.upstream.connections_per_account
+        tls = upstream_context(config.upstream) if config.upstream.kind != "capture" else None
+        for name, account in config.accounts.items():
+            self._queues[name] = asyncio.Queue()
+            for number in range(config.upstream.connections_per_account):
+                connection = open_connection(config.upstream, account, config.server.hostname, tls)
+                self._workers.append(
+                    asyncio.create_task(self._work(name, connection), name=f"deliver-{name}-{number}")
+                )
+        self._poller = asyncio.create_task(self._poll(), name="queue-poller")
+
+    async def stop(self, grace: float) -> None:
+        """Let workers finish the transaction they are in (bounded), then stop them."""
+        self._stopping = True
+        if self._poller:
+            self._poller.cancel()
+        for queue in self._queues.values():
+            while not queue.empty():
+                self._in_flight.discard(queue.get_nowait().message.id)
+            for _ in range(self._workers_per_queue):
+                queue.put_nowait(None)  # type: ignore[arg-type] - a stop marker
+        if self._workers:
+            _, pending = await asyncio.wait(self._workers, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*self._workers, return_exceptions=True)
+
+    # -- intake -----------------------------------------------------------------------------
+
+    def submit(self, message: NewMessage) -> None:
+        """Hand a just-spooled message to its account's workers without a poll."""
+        recipients = [
+            Recipient(message.id, idx, address, State.QUEUED, 0, message.received_at)
+            for idx, address in enumerate(message.recipients)
+        ]
+        queued = QueuedMessage(
+            message.id, message.received_at, message.user, message.listener, message.client,
+            message.account, message.channel, message.sender, len(message.body), recipients,
+        )
+        self._enqueue(queued)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _enqueue(self, message: QueuedMessage) -> None:
+        if self._stopping or message.id in self._in_flight:
+            return
+        queue = self._queues.get(message.account)
+        if queue is None:
+            if message.id not in self._unroutable:
+                self._unroutable.add(message.id)
+                log.warning("%s: account %s is not configured; message waits", message.id, message.account)
+            return
+        self._in_flight.add(message.id)
+        queue.put_nowait(Job(message))
+
+    async def _poll(self) -> None:
+        while True:
+            try:
+                backlog = sum(queue.qsize() for queue in self._queues.values())
+                if backlog < _POLL_BATCH:
+                    self._finished_during_poll.clear()
+                    for message in await self._spool.due(time.time(), _POLL_BATCH):
+                        if message.id not in self._finished_during_poll:
+                            self._enqueue(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a spool hiccup must not stop scheduling
+                log.exception("queue poll failed; trying again")
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._config().spool.poll_interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+
+    # -- workers ----------------------------------------------------------------------------
+
+    async def _work(self, account_name: str, connection) -> None:
+        queue = self._queues[account_name]
+        try:
+            while True:
+                job = await queue.get()
+                if job is None:
+                    return
+                try:
+                    await self._deliver(job.message, connection)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the message stays pending and is retried
+                    log.exception("%s: delivery failed unexpectedly; will retry", job.message.id)
+                finally:
+                    self._in_flight.discard(job.message.id)
+                    self._finished_during_poll.add(job.message.id)
+        finally:
+            await connection.close()
+
+    async def _deliver(self, message: QueuedMessage, connection) -> None:
+        body = await self._spool.body(message.id)
+        if body is None:  # deleted with `queue delete`, or already final
+            return
+        config = self._config()
+        policy = RetryPolicy(tuple(config.spool.retry), config.spool.retry_jitter, config.spool.max_lifetime)
+        per_transaction = config.upstream.max_recipients_per_transaction
+        updates: list[RecipientUpdate] = []
+        for start in range(0, len(message.recipients), per_transaction):
+            chunk = message.recipients[start : start + per_transaction]
+            addresses = [recipient.address for recipient in chunk]
+            started = time.monotonic()
+            result = await connection.send(Transaction(message.id, message.sender, addresses, body))
+            now = time.time()
+            ids = email_ids(result.upstream_id, addresses) if result.upstream_id else [None] * len(chunk)
+            for recipient, reply, email_id in zip(chunk, result.replies, ids):
+                update = after_attempt(recipient, reply, message.received_at, now, policy, random.random(), email_id)
+                updates.append(update)
+                log.info(
+                    "%s: to=<%s>, relay=%s, delay=%.2f, attempts=%d, status=%s (%s)%s",
+                    message.id, recipient.address, result.relay, now - message.received_at,
+                    update.attempts, _status_word(update.state), update.last_reply,
+                    f", email_id={email_id}" if update.state is State.DELIVERED and email_id else "",
+                )
+            log.debug("%s: transaction of %d took %.3fs", message.id, len(chunk), time.monotonic() - started)
+        bounces = self._bounces(message, updates, body, config)
+        await self._spool.record(updates, bounces)
+        for bounce in bounces:
+            log.info("%s: sender non-delivery notification: %s", message.id, bounce.id)
+            self.submit(bounce)
+
+    def _bounces(self, message: QueuedMessage, updates: list[RecipientUpdate], body: bytes, config: Config) -> list[NewMessage]:
+        failed = [
+            FailedRecipient(recipient.address, update.last_reply)
+            for recipient, update in zip(message.recipients, updates)
+            if update.state is State.FAILED
+        ]
+        if not failed or not message.sender:  # never bounce a bounce
+            return []
+        now = time.time()
+        account = config.accounts.get(message.account)
+        dsn = build_dsn(
+            queue_id=message.id,
+            original_sender=message.sender,
+            recipients=failed,
+            original_headers=header_block(body),
+            reporting_mta=config.server.hostname,
+            from_domain=account.domain if account else config.server.hostname,
+            arrival=message.received_at,
+            now=now,
+        )
+        return [
+            NewMessage(
+                new_queue_id(now), now, message.user, "bounce", "local", message.account,
+                message.channel, "", [message.sender], dsn,
+            )
+        ]
+
+
+def _status_word(state: State) -> str:
+    return {State.DELIVERED: "sent", State.FAILED: "bounced", State.DEFERRED: "deferred"}.get(state, state.value)

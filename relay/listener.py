@@ -1,0 +1,303 @@
+"""The SMTP front end: a thin adapter from aiosmtpd's hooks to policy, routing and the spool.
+
+One :class:`ListenerHandler` per configured listener; the decisions live in
+:mod:`relay.policy` and :mod:`relay.routing`, and this module only asks them and answers.
+``handle_DATA`` does no more than normalise, route, spool (waiting for the group commit's
+fsync) and reply, so the ``250`` is never sent for a message that is not on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import logging
+import ssl
+import time
+import warnings
+from base64 import b64decode
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+
+from relay.auth import Authenticator, FailureDelay
+from relay.config import Config, Listener
+from relay.delivery import Scheduler
+from relay.errors import SMTPReply, spool_unavailable
+from relay.policy import check_recipient, check_relay, check_sender, identify
+from relay.rewrite import header_reader, normalise_line_endings
+from relay.routing import Envelope as RouteEnvelope
+from relay.routing import choose_route
+from relay.spool import NewMessage, new_queue_id
+from relay.spool.sqlite import SqliteSpool
+
+log = logging.getLogger("relay.smtpd")
+
+# aiosmtpd logs every command line at INFO, AUTH PLAIN's base64 credentials included: keep
+# its logger at WARNING. It also warns, per connection, about AUTH without STARTTLS, which on
+# our implicit-TLS listeners is wrong and on `allow_plaintext_auth` ones is the operator's
+# explicit choice (checked at config time), so those two warnings are dropped.
+_aiosmtpd_log = logging.getLogger("mail.log")
+_aiosmtpd_log.setLevel(logging.WARNING)
+_aiosmtpd_log.addFilter(lambda record: "auth_require_tls == False" not in record.getMessage())
+warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+
+
+@dataclass
+class Services:
+    """What every listener shares; ``config`` is a callable so a reload is seen at once."""
+
+    config: Callable[[], Config]
+    spool: SqliteSpool
+    scheduler: Scheduler
+    authenticator: Authenticator
+    failures: FailureDelay
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with two additions a hook cannot make.
+
+    - aiosmtpd's built-in replies for size and STARTTLS problems lack the enhanced status
+      codes (RFC 3463) that the spec promises and that smarthosts log; ``push`` adds them.
+    - Open connections are tracked so shutdown can say ``421`` to idle clients and wait
+      for the ones in a transaction.
+    """
+
+    _WITH_ENHANCED_CODE = {
+        "552 Error: Too much mail data": "552 5.3.4 Message size exceeds fixed maximum message size",
+        "552 Error: message size exceeds fixed maximum message size": "552 5.3.4 Message size exceeds fixed maximum message size",
+        "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
+        "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)",
+    }
+
+    def __init__(self, handler: ListenerHandler, connections: set[RelaySMTP], **kwargs):
+        super().__init__(handler, **kwargs)
+        self._connections = connections
+
+    async def push(self, status):
+        if isinstance(status, str):
+            status = self._WITH_ENHANCED_CODE.get(status, status)
+        await super().push(status)
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._connections.add(self)
+
+    def connection_lost(self, error) -> None:
+        self._connections.discard(self)
+        super().connection_lost(error)
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.envelope is not None and self.envelope.mail_from)
+
+    def close_idle(self) -> bool:
+        """Say goodbye to a client between transactions; False if it is in one."""
+        if self.in_transaction or self.transport is None:
+            return False
+        self.transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+        self.transport.close()
+        return True
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class ListenerHandler:
+    def __init__(self, listener: Listener, services: Services):
+        self.listener = listener
+        self.services = services
+
+    # -- identity ---------------------------------------------------------------------------
+
+    def _user(self, session: Session) -> str | None:
+        authenticated = session.auth_data if session.authenticated else None
+        return identify(self.services.config(), self.listener, authenticated, session.peer[0])
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        session.host_name = hostname
+        if self.listener.auth == "none":
+            responses = [line for line in responses if not line[4:].startswith("AUTH")]
+        return responses
+
+    # -- AUTH: our own PLAIN and LOGIN, so the hash check runs off the event loop ----------
+
+    async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await server.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            blob = await self._decode(server, args[1])
+            if blob is None:
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await server.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, parts[1], parts[2])
+
+    async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await server.challenge_auth(SMTP.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            login = await self._decode(server, args[1])
+            if login is None:
+                return AuthResult(success=False, handled=True)
+        password = await server.challenge_auth(SMTP.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._check(server, login, password)
+
+    @staticmethod
+    async def _decode(server: SMTP, text: str) -> bytes | None:
+        try:
+            return b64decode(text.encode(), validate=True)
+        except binascii.Error:
+            await server.push("501 5.5.2 Can't decode base64")
+            return None
+
+    async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+        username = login.decode("utf-8", "replace")
+        client = server.session.peer[0]
+        if await self.services.authenticator.check(username, password.decode("utf-8", "replace")):
+            log.info("client=[%s], listener=%s, sasl_username=%s: authenticated", client, self.listener.name, username)
+            return AuthResult(success=True, auth_data=username)
+        delay = self.services.failures.record_failure(client)
+        log.warning(
+            "client=[%s], listener=%s, sasl_username=%s: authentication failed (reply delayed %.1fs)",
+            client, self.listener.name, username, delay,
+        )
+        await asyncio.sleep(delay)
+        return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
+
+    # -- the transaction --------------------------------------------------------------------
+
+    async def handle_MAIL(self, server, session, envelope: Envelope, address: str, mail_options):
+        user = self._user(session)
+        if user is not None:
+            refusal = check_sender(user, self.services.config().users[user], address)
+            if refusal:
+                log.info("client=[%s], user=%s: reject MAIL: %s", session.peer[0], user, refusal)
+                return str(refusal)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server, session, envelope: Envelope, address: str, rcpt_options):
+        user = self._user(session)
+        refusal = check_relay(user, address) or check_recipient(
+            address, len(envelope.rcpt_tos), self.services.config().server.max_recipients
+        )
+        if refusal:
+            log.info("client=[%s], user=%s: reject RCPT <%s>: %s", session.peer[0], user, address, refusal)
+            return str(refusal)
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server, session, envelope: Envelope):
+        user = self._user(session)
+        if user is None:  # the user was removed by a reload mid-session
+            return str(check_relay(None, envelope.rcpt_tos[0]))
+        config = self.services.config()
+        body = normalise_line_endings(envelope.original_content)
+        route = choose_route(
+            config,
+            RouteEnvelope(user, self.listener.name, envelope.mail_from, envelope.rcpt_tos),
+            header_reader(body),
+        )
+        now = time.time()
+        message = NewMessage(
+            id=new_queue_id(now),
+            received_at=now,
+            user=user,
+            listener=self.listener.name,
+            client=session.peer[0],
+            account=route.account,
+            channel=route.channel,
+            sender=envelope.mail_from,
+            recipients=list(envelope.rcpt_tos),
+            body=body,
+        )
+        try:
+            await self.services.spool.store(message)
+        except Exception:  # noqa: BLE001 - whatever went wrong, the message is not on disk
+            log.exception("%s: could not spool message from client=[%s]", message.id, session.peer[0])
+            return str(spool_unavailable())
+        log.info(
+            "%s: client=[%s], listener=%s, user=%s, from=<%s>, size=%d, nrcpt=%d, channel=%s, account=%s%s (queued)",
+            message.id, message.client, message.listener, user, message.sender, len(body),
+            len(message.recipients), route.channel, route.account,
+            f", rule={route.rule}" if route.rule is not None else "",
+        )
+        self.services.scheduler.submit(message)
+        return f"250 2.0.0 Ok: queued as {message.id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.exception("SMTP session error on listener %s", self.listener.name)
+        if isinstance(error, SMTPReply):
+            return str(error)
+        return "451 4.3.0 Internal error, try again later"
+
+
+class ListenerGroup:
+    """All listening sockets, and the sessions they opened, for start and orderly shutdown."""
+
+    def __init__(self, services: Services, tls_context: ssl.SSLContext | None):
+        self.services = services
+        self.tls_context = tls_context
+        self.connections: set[RelaySMTP] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+
+    def _factory(self, listener: Listener) -> Callable[[], RelaySMTP]:
+        config = self.services.config()
+        handler = ListenerHandler(listener, self.services)
+        starttls = self.tls_context if listener.tls == "starttls" else None
+        # On an implicit-TLS socket aiosmtpd cannot tell TLS is up and would hide AUTH (#274).
+        auth_require_tls = not (listener.allow_plaintext_auth or listener.tls == "implicit")
+        excluded = ["PLAIN", "LOGIN"] if listener.auth == "none" else []
+
+        def factory() -> RelaySMTP:
+            return RelaySMTP(
+                handler,
+                self.connections,
+                hostname=config.server.hostname,  # else aiosmtpd calls getfqdn() per connection
+                data_size_limit=config.server.max_message_size,
+                tls_context=starttls,
+                timeout=config.server.idle_timeout,
+                auth_required=listener.auth == "required",
+                auth_require_tls=auth_require_tls,
+                auth_exclude_mechanism=excluded,
+            )
+
+        return factory
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for listener in self.services.config().server.listeners:
+            server = await loop.create_server(
+                self._factory(listener),
+                host=listener.bind,
+                port=listener.port,
+                ssl=self.tls_context if listener.tls == "implicit" else None,
+                reuse_address=True,
+            )
+            self._servers.append(server)
+            log.info("listening on %s:%d (%s, tls=%s, auth=%s)", listener.bind, listener.port, listener.name, listener.tls, listener.auth)
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting; close idle sessions; give busy ones ``grace`` seconds to finish."""
+        for server in self._servers:
+            server.close()
+        deadline = time.monotonic() + grace
+        while self.connections and time.monotonic() < deadline:
+            for connection in list(self.connections):
+                connection.close_idle()
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.abort()
+        self._servers.clear()

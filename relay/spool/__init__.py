@@ -1,0 +1,105 @@
+"""The durable queue between the SMTP side and the delivery side.
+
+A message is a row with its body and the facts routing decided (user, account); each
+recipient is a row with its own state, so a partly delivered message resumes where it stopped.
+The records below are what every backend speaks; :mod:`relay.spool.sqlite` is the embedded
+backend.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class State(StrEnum):
+    QUEUED = "queued"  # accepted, not yet tried
+    DEFERRED = "deferred"  # tried, temporary failure, will be tried again
+    DELIVERED = "delivered"  # upstream took it
+    FAILED = "failed"  # permanent failure or lifetime exceeded; a DSN was queued
+
+    @property
+    def final(self) -> bool:
+        return self in (State.DELIVERED, State.FAILED)
+
+
+_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: IDs never spell words
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A short, time-ordered ID like Postfix's long queue IDs (e.g. ``3ZK7Q9M2XD4HWT``)."""
+    number = int((now if now is not None else time.time()) * 1000)
+    chars = []
+    while number:
+        number, digit = divmod(number, len(_ALPHABET))
+        chars.append(_ALPHABET[digit])
+    stamp = "".join(reversed(chars))
+    return stamp + "".join(secrets.choice(_ALPHABET) for _ in range(5))
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """What the listener hands to the spool after DATA, already routed."""
+
+    id: str
+    received_at: float
+    user: str
+    listener: str
+    client: str
+    account: str
+    channel: str
+    sender: str
+    recipients: list[str]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Recipient:
+    message_id: str
+    idx: int
+    address: str
+    state: State
+    attempts: int
+    next_attempt: float
+    last_reply: str | None = None
+    email_id: str | None = None  # SendCloud's per-recipient emailId, once delivered
+
+
+@dataclass(frozen=True)
+class QueuedMessage:
+    """A message as the spool holds it: metadata plus its recipients (not the body)."""
+
+    id: str
+    received_at: float
+    user: str
+    listener: str
+    client: str
+    account: str
+    channel: str
+    sender: str
+    size: int
+    recipients: list[Recipient] = field(default_factory=list)
+
+    @property
+    def state(self) -> str:
+        """One word for `queue list`: the least advanced recipient's state."""
+        states = {recipient.state for recipient in self.recipients}
+        for state in (State.QUEUED, State.DEFERRED, State.FAILED, State.DELIVERED):
+            if state in states:
+                return state.value
+        return "empty"
+
+
+@dataclass(frozen=True)
+class RecipientUpdate:
+    """The outcome of one delivery attempt for one recipient, as delivery decided it."""
+
+    message_id: str
+    idx: int
+    state: State
+    attempts: int
+    next_attempt: float
+    last_reply: str
+    email_id: str | None = None

@@ -1,0 +1,333 @@
+"""The embedded spool: SQLite in WAL mode with ``synchronous=FULL`` and group commit.
+
+Every write goes through one writer thread. While it waits for one commit's fsync, new
+operations pile up in its queue; the next transaction takes all of them, so N concurrent
+sessions share one fsync instead of paying N (the idea of PostgreSQL's group commit, sized by
+load with no timer). A failed operation is rolled back to its own savepoint and only its
+caller sees the error: one bad message never costs the others their ``250``.
+
+Reads run on a second connection in a single reader thread: WAL lets them proceed while the
+writer commits, and neither ever blocks the event loop. :class:`SpoolStore` holds all SQL as
+plain synchronous methods, so the CLI's ``queue`` commands use the very same code on their
+own connection while the server runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from relay.spool import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id          TEXT PRIMARY KEY,
+    received_at REAL NOT NULL,
+    user        TEXT NOT NULL,
+    listener    TEXT NOT NULL,
+    client      TEXT NOT NULL,
+    account     TEXT NOT NULL,
+    channel     TEXT NOT NULL,
+    sender      TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    body        BLOB            -- NULL once every recipient is final
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    message_id   TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
+    idx          INTEGER NOT NULL,
+    address      TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL NOT NULL,
+    last_reply   TEXT,
+    email_id     TEXT,
+    PRIMARY KEY (message_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS recipients_pending
+    ON recipients (next_attempt) WHERE state IN ('queued', 'deferred');
+"""
+
+_PENDING = (State.QUEUED.value, State.DEFERRED.value)
+_MESSAGE_COLUMNS = "id, received_at, user, listener, client, account, channel, sender, size"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """A connection with the durability settings every user of the spool must share."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+class SpoolStore:
+    """All SQL of the spool, as synchronous methods on one connection."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn = conn
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def insert(self, message: NewMessage) -> None:
+        self.conn.execute(
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                message.id, message.received_at, message.user, message.listener, message.client,
+                message.account, message.channel, message.sender, len(message.body), message.body,
+            ),
+        )
+        self.conn.executemany(
+            "INSERT INTO recipients (message_id, idx, address, state, next_attempt) VALUES (?,?,?,?,?)",
+            [
+                (message.id, idx, address, State.QUEUED.value, message.received_at)
+                for idx, address in enumerate(message.recipients)
+            ],
+        )
+
+    def record(self, updates: Iterable[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> None:
+        """Store delivery outcomes and the DSNs they caused, in one transaction."""
+        touched = set()
+        for update in updates:
+            self.conn.execute(
+                "UPDATE recipients SET state=?, attempts=?, next_attempt=?, last_reply=?, "
+                "email_id=COALESCE(?, email_id) WHERE message_id=? AND idx=?",
+                (
+                    update.state.value, update.attempts, update.next_attempt, update.last_reply,
+                    update.email_id, update.message_id, update.idx,
+                ),
+            )
+            touched.add(update.message_id)
+        for message in new_messages:
+            self.insert(message)
+        for message_id in touched:
+            self.conn.execute(
+                "UPDATE messages SET body=NULL WHERE id=? AND NOT EXISTS "
+                "(SELECT 1 FROM recipients WHERE message_id=? AND state IN (?,?))",
+                (message_id, message_id, *_PENDING),
+            )
+
+    def retry(self, message_id: str | None = None) -> int:
+        """Make pending recipients due now (one message, or every deferred one): `flush`."""
+        if message_id is None:
+            cursor = self.conn.execute(
+                "UPDATE recipients SET next_attempt=0 WHERE state=?", (State.DEFERRED.value,)
+            )
+        else:
+            cursor = self.conn.execute(
+                "UPDATE recipients SET next_attempt=0 WHERE message_id=? AND state IN (?,?)",
+                (message_id, *_PENDING),
+            )
+        return cursor.rowcount
+
+    def delete(self, message_id: str) -> bool:
+        return self.conn.execute("DELETE FROM messages WHERE id=?", (message_id,)).rowcount > 0
+
+    def purge_final(self, older_than: float) -> int:
+        """Forget messages whose recipients are all final and that arrived before ``older_than``."""
+        return self.conn.execute(
+            "DELETE FROM messages WHERE received_at < ? AND body IS NULL", (older_than,)
+        ).rowcount
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def due(self, now: float, limit: int) -> list[QueuedMessage]:
+        """Messages with at least one recipient due, carrying only their due recipients."""
+        rows = self.conn.execute(
+            "SELECT message_id, idx, address, state, attempts, next_attempt, last_reply, email_id "
+            "FROM recipients WHERE state IN (?,?) AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
+            (*_PENDING, now, limit),
+        ).fetchall()
+        recipients: dict[str, list[Recipient]] = {}
+        for row in rows:
+            recipients.setdefault(row[0], []).append(_recipient(row))
+        return self._messages(recipients)
+
+    def body(self, message_id: str) -> bytes | None:
+        row = self.conn.execute("SELECT body FROM messages WHERE id=?", (message_id,)).fetchone()
+        return row[0] if row else None
+
+    def get(self, message_id: str) -> QueuedMessage | None:
+        rows = self.conn.execute(
+            "SELECT message_id, idx, address, state, attempts, next_attempt, last_reply, email_id "
+            "FROM recipients WHERE message_id=? ORDER BY idx",
+            (message_id,),
+        ).fetchall()
+        found = self._messages({message_id: [_recipient(row) for row in rows]})
+        return found[0] if found else None
+
+    def list(self, include_final: bool = False) -> list[QueuedMessage]:
+        where = "" if include_final else "WHERE body IS NOT NULL"
+        ids = [row[0] for row in self.conn.execute(f"SELECT id FROM messages {where} ORDER BY id")]
+        if not ids:
+            return []
+        recipients: dict[str, list[Recipient]] = {message_id: [] for message_id in ids}
+        for row in self.conn.execute(
+            "SELECT message_id, idx, address, state, attempts, next_attempt, last_reply, email_id "
+            "FROM recipients ORDER BY message_id, idx"
+        ):
+            if row[0] in recipients:
+                recipients[row[0]].append(_recipient(row))
+        return self._messages(recipients)
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state").fetchall())
+
+    def _messages(self, recipients: dict[str, list[Recipient]]) -> list[QueuedMessage]:
+        if not recipients:
+            return []
+        ids = list(recipients)
+        found = []
+        for start in range(0, len(ids), 500):  # stay under SQLite's bound-variable limit
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in self.conn.execute(
+                f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id IN ({marks})", chunk
+            ):
+                found.append(QueuedMessage(*row, recipients=recipients[row[0]]))
+        found.sort(key=lambda message: message.id)
+        return found
+
+
+def _recipient(row: tuple) -> Recipient:
+    message_id, idx, address, state, attempts, next_attempt, last_reply, email_id = row
+    return Recipient(message_id, idx, address, State(state), attempts, next_attempt, last_reply, email_id)
+
+
+_STOP = object()
+
+
+class SqliteSpool:
+    """Async face of the spool for the server: group-committed writes, threaded reads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.commits = 0  # one fsync of the WAL each: the number `bench/` divides by messages
+        self.operations = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
+        self._read_store: SpoolStore | None = None
+
+    async def open(self) -> None:
+        ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._writer = threading.Thread(target=self._write_loop, args=(ready,), name="spool-writer", daemon=True)
+        self._writer.start()
+        await asyncio.wrap_future(ready)
+        self._read_store = SpoolStore(await self._read(connect, self.path))
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(_STOP)
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        if self._read_store is not None:
+            await self._read(self._read_store.conn.close)
+            self._read_store = None
+        self._reader.shutdown(wait=True)
+
+    # -- writes: each awaits the commit (and fsync) of the group it joined ------------------
+
+    async def store(self, message: NewMessage) -> None:
+        await self._write(SpoolStore.insert, message)
+
+    async def record(self, updates: list[RecipientUpdate], new_messages: list[NewMessage] = ()) -> None:
+        await self._write(SpoolStore.record, updates, list(new_messages))
+
+    async def purge_final(self, older_than: float) -> int:
+        return await self._write(SpoolStore.purge_final, older_than)
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
+        return await self._read(self._store().due, now, limit)
+
+    async def body(self, message_id: str) -> bytes | None:
+        return await self._read(self._store().body, message_id)
+
+    async def counts(self) -> dict[str, int]:
+        return await self._read(self._store().counts)
+
+    def _store(self) -> SpoolStore:
+        assert self._read_store is not None, "spool not open"
+        return self._read_store
+
+    def _read(self, fn: Callable, *args: Any) -> asyncio.Future:
+        return asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
+
+    def _write(self, fn: Callable, *args: Any) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((fn, args, future, loop))
+        return future
+
+    def _write_loop(self, ready: concurrent.futures.Future) -> None:
+        try:
+            store = SpoolStore(connect(self.path))
+        except Exception as error:  # noqa: BLE001 - reported to open()
+            ready.set_exception(error)
+            return
+        ready.set_result(None)
+        while True:
+            batch = [self._queue.get()]
+            while True:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            stop = any(item is _STOP for item in batch)
+            self._commit_group(store, [item for item in batch if item is not _STOP])
+            if stop:
+                store.conn.close()
+                return
+
+    def _commit_group(self, store: SpoolStore, batch: list) -> None:
+        if not batch:
+            return
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            store.conn.execute("BEGIN IMMEDIATE")
+            for fn, args, _, _ in batch:
+                store.conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((fn(store, *args), None))
+                    store.conn.execute("RELEASE op")
+                except Exception as error:  # noqa: BLE001 - only this caller sees it
+                    store.conn.execute("ROLLBACK TO op")
+                    store.conn.execute("RELEASE op")
+                    outcomes.append((None, error))
+            store.conn.execute("COMMIT")
+            self.commits += 1
+            self.operations += len(batch)
+        except sqlite3.Error as error:  # disk full, I/O error: nobody in this group is durable
+            if store.conn.in_transaction:
+                try:
+                    store.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            outcomes = [(None, error)] * len(batch)
+        for (_, _, future, loop), (result, error) in zip(batch, outcomes):
+            loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def open_store(path: Path) -> SpoolStore:
+    """A synchronous store for the CLI's queue commands (safe beside a running server)."""
+    return SpoolStore(connect(path))
+
