@@ -34,12 +34,13 @@ from relay.spool.sqlite import SqliteSpool
 log = logging.getLogger("relay.smtpd")
 
 # aiosmtpd logs every command line at INFO, AUTH PLAIN's base64 credentials included: keep
-# its logger at WARNING. It also warns, per connection, about AUTH without STARTTLS, which on
-# our implicit-TLS listeners is wrong and on `allow_plaintext_auth` ones is the operator's
-# explicit choice (checked at config time), so those two warnings are dropped.
+# its logger at WARNING. Two of its warnings repeat on every session and say nothing: AUTH
+# without STARTTLS (on our implicit-TLS listeners TLS is up; on `allow_plaintext_auth` ones it
+# is the operator's explicit choice) and its own use of the deprecated Session.login_data.
+_AIOSMTPD_NOISE = ("auth_require_tls == False", "Session.login_data is deprecated")
 _aiosmtpd_log = logging.getLogger("mail.log")
 _aiosmtpd_log.setLevel(logging.WARNING)
-_aiosmtpd_log.addFilter(lambda record: "auth_require_tls == False" not in record.getMessage())
+_aiosmtpd_log.addFilter(lambda record: not any(noise in record.getMessage() for noise in _AIOSMTPD_NOISE))
 warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
 
 
@@ -179,7 +180,7 @@ class ListenerHandler:
     async def handle_MAIL(self, server, session, envelope: Envelope, address: str, mail_options):
         user = self._user(session)
         if user is not None:
-            refusal = check_sender(user, self.services.config().users[user], address)
+            refusal = check_sender(user, self.services.config().users[user], _reverse_path(address))
             if refusal:
                 log.info("client=[%s], user=%s: reject MAIL: %s", session.peer[0], user, refusal)
                 return str(refusal)
@@ -219,7 +220,7 @@ class ListenerHandler:
             client=session.peer[0],
             account=route.account,
             channel=route.channel,
-            sender=envelope.mail_from,
+            sender=_reverse_path(envelope.mail_from),
             recipients=list(envelope.rcpt_tos),
             body=body,
         )
@@ -244,6 +245,11 @@ class ListenerHandler:
         return "451 4.3.0 Internal error, try again later"
 
 
+def _reverse_path(address: str) -> str:
+    """aiosmtpd keeps the null sender as ``<>`` (an empty string would read as "no MAIL yet")."""
+    return "" if address == "<>" else address
+
+
 class ListenerGroup:
     """All listening sockets, and the sessions they opened, for start and orderly shutdown."""
 
@@ -257,8 +263,11 @@ class ListenerGroup:
         config = self.services.config()
         handler = ListenerHandler(listener, self.services)
         starttls = self.tls_context if listener.tls == "starttls" else None
-        # On an implicit-TLS socket aiosmtpd cannot tell TLS is up and would hide AUTH (#274).
-        auth_require_tls = not (listener.allow_plaintext_auth or listener.tls == "implicit")
+        # On an implicit-TLS socket aiosmtpd cannot tell TLS is up and would hide AUTH (#274);
+        # with `auth: none` there is no mechanism, and AUTH should say so (504), not ask for TLS.
+        auth_require_tls = not (
+            listener.allow_plaintext_auth or listener.tls == "implicit" or listener.auth == "none"
+        )
         excluded = ["PLAIN", "LOGIN"] if listener.auth == "none" else []
 
         def factory() -> RelaySMTP:

@@ -1,0 +1,220 @@
+"""End to end: real clients → relay process → fake SendCloud, asserting on what arrives there."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import socket
+import ssl
+
+from tests.e2e.conftest import PASSWORD, TRUSTED_SOURCE, USER
+from tests.support.relay import wait_until
+
+
+def message(subject: str = "hello", extra_headers: str = "", body: str = "Body line one.\r\nBody line two.\r\n") -> bytes:
+    return (
+        f"From: App <app@acme.com>\r\nTo: someone@example.net\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{subject.replace(' ', '.')}@acme.com>\r\n{extra_headers}\r\n{body}"
+    ).encode()
+
+
+def submit(relay, client_tls, rcpts, data, sender="app@acme.com", listener="submission") -> str:
+    """STARTTLS + AUTH on the submission port, as an application does; returns the queue ID."""
+    with smtplib.SMTP("127.0.0.1", relay.port(listener), timeout=20) as client:
+        client.starttls(context=client_tls)
+        client.login(USER, PASSWORD)
+        client.mail(sender)
+        for rcpt in rcpts:
+            assert client.rcpt(rcpt)[0] == 250
+        code, reply = client.data(data)
+    assert code == 250, reply
+    assert reply.startswith(b"2.0.0 Ok: queued as ")
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def submit_trusted(relay, rcpts, data, sender="app@acme.com") -> None:
+    """No AUTH, from the trusted network: a legacy app or an internal mail hub."""
+    with smtplib.SMTP("127.0.0.1", relay.port("smtp"), timeout=20, source_address=(TRUSTED_SOURCE, 0)) as client:
+        assert client.sendmail(sender, rcpts, data) == {}
+
+
+def read_reply(stream) -> bytes:
+    """The last line of one (possibly multi-line) SMTP reply."""
+    while True:
+        line = stream.readline()
+        if line[3:4] != b"-":
+            return line
+
+
+def test_starttls_auth_relays_to_the_trigger_account(relay, sendcloud, client_tls):
+    data = message("transactional")
+    queue_id = submit(relay, client_tls, ["someone@example.net", "other@example.org"], data)
+    [received] = sendcloud.wait_for(1)
+    assert received.login == "acme_trigger"
+    assert received.tls
+    assert received.mail_from == "app@acme.com"
+    assert received.rcpt_tos == ["someone@example.net", "other@example.org"]
+    assert received.data == data  # untouched, byte for byte
+    # SendCloud's messageId and the per-recipient emailIds are kept for its webhook events.
+    assert wait_until(lambda: "SendCloud emailId" in relay.cli("queue", "show", queue_id).stdout, 10)
+    shown = relay.cli("queue", "show", queue_id).stdout
+    for email_id in received.email_ids:
+        assert email_id in shown
+    assert f"{queue_id}: to=<someone@example.net>" in relay.log()
+
+
+def test_newsletter_header_routes_to_the_batch_account(relay, sendcloud, client_tls):
+    submit(relay, client_tls, ["a@example.net"], message("news", "X-Mail-Type: Newsletter\r\n"))
+    [received] = sendcloud.wait_for(1)
+    assert received.login == "acme_batch"  # key came from api_key_file
+
+
+def test_many_recipients_rule_routes_to_batch(relay, sendcloud, client_tls):
+    submit(relay, client_tls, [f"r{i}@example.net" for i in range(4)], message("many"))
+    [received] = sendcloud.wait_for(1)
+    assert received.login == "acme_batch"
+
+
+def test_implicit_tls_listener(relay, sendcloud, client_tls):
+    with smtplib.SMTP_SSL("127.0.0.1", relay.port("smtps"), context=client_tls, timeout=20) as client:
+        client.login(USER, PASSWORD)
+        client.sendmail("app@acme.com", ["x@example.net"], message("implicit"))
+    assert sendcloud.wait_for(1)[0].rcpt_tos == ["x@example.net"]
+
+
+def test_trusted_network_relays_without_auth(relay, sendcloud):
+    submit_trusted(relay, ["t@example.net"], message("trusted"), sender="cron@anywhere.example")
+    [received] = sendcloud.wait_for(1)
+    assert received.login == "acme_trigger" and received.mail_from == "cron@anywhere.example"
+
+
+def test_bare_lf_is_normalised_and_cannot_smuggle_a_second_message(relay, sendcloud):
+    """A `\\n.\\n` inside DATA must not end the message upstream: exactly one message arrives."""
+    smuggled = (
+        b"Subject: smuggle\n\nfirst part\n.\nMAIL FROM:<evil@example.org>\nRCPT TO:<victim@example.net>\n"
+        b"DATA\nSubject: second\n\nsmuggled\n.\n"
+    )
+    with socket.create_connection(("127.0.0.1", relay.port("smtp")), source_address=(TRUSTED_SOURCE, 0), timeout=10) as sock:
+        stream = sock.makefile("rwb")
+        assert read_reply(stream).startswith(b"220")
+        for command, expected in ((b"EHLO x", b"250"), (b"MAIL FROM:<a@acme.com>", b"250"),
+                                  (b"RCPT TO:<b@example.net>", b"250"), (b"DATA", b"354")):
+            stream.write(command + b"\r\n")
+            stream.flush()
+            assert read_reply(stream).startswith(expected)
+        stream.write(smuggled + b"\r\n.\r\n")
+        stream.flush()
+        assert read_reply(stream).startswith(b"250 2.0.0")
+    [received] = sendcloud.wait_for(1)
+    assert b"\r\n..\r\nMAIL FROM:<evil@example.org>" not in received.data  # dot-unstuffed by the fake
+    assert b"first part\r\n.\r\nMAIL FROM:<evil@example.org>\r\n" in received.data
+    assert b"\n" not in received.data.replace(b"\r\n", b"")
+    assert wait_until(lambda: len(sendcloud.messages) > 1, 1.5) is False
+
+
+def test_upstream_down_still_accepts_and_delivers_when_it_returns(relay, sendcloud, client_tls):
+    sendcloud.stop()
+    queue_id = submit(relay, client_tls, ["later@example.net"], message("outage"))
+    assert wait_until(lambda: "deferred" in relay.cli("queue", "show", queue_id).stdout, 10)
+    shown = relay.cli("queue", "show", queue_id).stdout
+    assert "waits: connect to 127.0.0.1" in shown
+    sendcloud.restart()
+    [received] = sendcloud.wait_for(1, timeout=30)
+    assert received.rcpt_tos == ["later@example.net"]
+
+
+def test_temporary_4xx_is_retried(relay, sendcloud, client_tls):
+    sendcloud.data_reply = "451 4.3.0 try again later"
+    queue_id = submit(relay, client_tls, ["retry@example.net"], message("tempfail"))
+    assert wait_until(lambda: "451 4.3.0 try again later" in relay.cli("queue", "show", queue_id).stdout, 10)
+    sendcloud.data_reply = None
+    assert sendcloud.wait_for(1, timeout=30)[0].rcpt_tos == ["retry@example.net"]
+
+
+def test_permanent_5xx_fails_the_recipient_and_sends_a_dsn(relay, sendcloud, client_tls):
+    sendcloud.rcpt_replies["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: user unknown"
+    queue_id = submit(relay, client_tls, ["ok@example.net", "nobody@example.net"], message("partly"))
+    original, dsn = sendcloud.wait_for(2)
+    assert original.rcpt_tos == ["ok@example.net"]
+    assert dsn.mail_from == "<>" and dsn.rcpt_tos == ["app@acme.com"]  # aiosmtpd's null sender
+    report = email.message_from_bytes(dsn.data, policy=email.policy.default)
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    status = report.get_payload()[1].as_string()
+    assert "Final-Recipient: rfc822; nobody@example.net" in status
+    assert "Status: 5.1.1" in status and "Action: failed" in status
+    assert "ok@example.net" not in status
+    assert "Subject: partly" in report.get_payload()[2].as_string()
+    assert str(report["From"]).endswith("@info.acme.com>")  # aligned with the account's domain
+    shown = relay.cli("queue", "show", queue_id).stdout
+    assert "<nobody@example.net>  failed" in shown and "<ok@example.net>  delivered" in shown
+
+
+def test_queue_commands_while_running(make_relay, sendcloud, client_tls):
+    """list / show / delete / retry / flush against the live spool of a running relay."""
+    relay = make_relay(config_patch=lambda c: c["spool"].update(retry=["1h"]))
+    sendcloud.stop()
+    first = submit(relay, client_tls, ["one@example.net"], message("first"))
+    second = submit(relay, client_tls, ["two@example.net"], message("second"))
+    third = submit(relay, client_tls, ["three@example.net"], message("third"))
+    assert wait_until(lambda: relay.cli("queue", "list").stdout.count("deferred") == 3, 15), relay.cli("queue", "list").stdout
+    listing = relay.cli("queue", "list").stdout
+    for queue_id in (first, second, third):
+        assert queue_id in listing
+    assert f"{USER}" in listing and "acme_trigger" in listing
+
+    deleted = relay.cli("queue", "delete", second)
+    assert deleted.returncode == 0 and second not in relay.cli("queue", "list").stdout
+    assert relay.cli("queue", "delete", second).returncode == 1
+
+    sendcloud.restart()
+    assert relay.cli("queue", "retry", first).returncode == 0  # retry is 1h away: only this makes it go
+    [received] = sendcloud.wait_for(1, timeout=15)
+    assert received.rcpt_tos == ["one@example.net"]
+
+    assert "1 deferred recipient(s)" in relay.cli("queue", "flush").stdout
+    received = sendcloud.wait_for(2, timeout=15)
+    assert sorted(m.rcpt_tos[0] for m in received) == ["one@example.net", "three@example.net"]
+    assert wait_until(lambda: "0 message(s)" in relay.cli("queue", "list").stdout, 10)
+    assert "delivered" in relay.cli("queue", "list", "--all").stdout
+    assert relay.cli("queue", "show", "NOSUCHID").returncode == 1
+
+
+def test_sigterm_shuts_down_cleanly_and_restart_resumes(make_relay, sendcloud, client_tls):
+    relay = make_relay()
+    sendcloud.stop()
+    queue_id = submit(relay, client_tls, ["resume@example.net"], message("resume"))
+    assert relay.stop() == 0
+    assert "spool closed cleanly" in relay.log()
+    sendcloud.restart()
+    relay.start()
+    assert sendcloud.wait_for(1, timeout=30)[0].rcpt_tos == ["resume@example.net"]
+    assert wait_until(lambda: "delivered" in relay.cli("queue", "show", queue_id).stdout, 10)
+
+
+def test_send_test_command_prints_each_reply(relay, sendcloud, ca_file):
+    result = relay.cli(
+        "send-test", "--server", f"127.0.0.1:{relay.port('submission')}", "--user", USER,
+        "--password", PASSWORD, "--from", "app@acme.com", "--to", "st@example.net", "--ca-file", str(ca_file),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    for step in ("EHLO", "STARTTLS", "AUTH as billing", "MAIL FROM:<app@acme.com>", "RCPT TO:<st@example.net>", "DATA"):
+        assert step in result.stdout
+    assert "250 2.0.0 Ok: queued as" in result.stdout
+    assert sendcloud.wait_for(1)[0].rcpt_tos == ["st@example.net"]
+
+
+def test_no_secret_reaches_the_log(relay, sendcloud, client_tls):
+    submit(relay, client_tls, ["s@example.net"], message("secret"))
+    sendcloud.wait_for(1)
+    with smtplib.SMTP("127.0.0.1", relay.port("submission"), timeout=20) as client:
+        client.starttls(context=client_tls)
+        try:
+            client.login(USER, "wrong-password-xyz")
+        except smtplib.SMTPAuthenticationError:
+            pass
+    log = relay.log()
+    for secret in (PASSWORD, "wrong-password-xyz", "trigger-key-123", "batch-key-456", "YmlsbGluZy1zZWNyZXQ"):
+        assert secret not in log
+    assert "authentication failed" in log
