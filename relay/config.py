@@ -144,6 +144,7 @@ class Spool(_Model):
     retry_jitter: float = Field(default=0.1, ge=0, lt=1)
     max_lifetime: Duration = 5 * 86400.0
     poll_interval: Duration = 1.0
+    keep_final: Duration = 7 * 86400.0  # delivered/failed records kept for `queue list --all`
 
 
 class Upstream(_Model):

@@ -28,6 +28,7 @@ from relay.tls import upstream_context
 log = logging.getLogger("relay.delivery")
 
 _POLL_BATCH = 500  # recipients fetched per poll; more come on the next poll
+_PURGE_EVERY = 3600.0  # seconds between sweeps of records older than spool.keep_final
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,14 @@ class Scheduler:
         queue.put_nowait(Job(message))
 
     async def _poll(self) -> None:
+        last_purge = 0.0
         while True:
             try:
+                if time.monotonic() - last_purge > _PURGE_EVERY:
+                    last_purge = time.monotonic()
+                    purged = await self._spool.purge_final(time.time() - self._config().spool.keep_final)
+                    if purged:
+                        log.info("forgot %d delivered or failed message(s) older than spool.keep_final", purged)
                 backlog = sum(queue.qsize() for queue in self._queues.values())
                 if backlog < _POLL_BATCH:
                     self._finished_during_poll.clear()
