@@ -44,9 +44,13 @@ def _parse_scrypt(value: str) -> tuple[int, int, int, bytes, bytes] | None:
         return None
     try:
         params = dict(item.split("=", 1) for item in parts[2].split(","))
-        return int(params["ln"]), int(params["r"]), int(params["p"]), _b64decode(parts[3]), _b64decode(parts[4])
+        parsed = int(params["ln"]), int(params["r"]), int(params["p"]), _b64decode(parts[3]), _b64decode(parts[4])
     except (KeyError, ValueError):
         return None
+    log_n, r, p, _, expected = parsed
+    if log_n < 1 or r < 1 or p < 1 or not expected:
+        return None
+    return parsed
 
 
 def verify_password(password_hash: str, password: str) -> bool:
@@ -62,9 +66,12 @@ def verify_password(password_hash: str, password: str) -> bool:
     if parsed is None:
         return False
     log_n, r, p, salt, expected = parsed
-    actual = hashlib.scrypt(
-        password.encode(), salt=salt, n=1 << log_n, r=r, p=p, dklen=len(expected), maxmem=1 << 28
-    )
+    try:
+        actual = hashlib.scrypt(
+            password.encode(), salt=salt, n=1 << log_n, r=r, p=p, dklen=len(expected), maxmem=1 << 28
+        )
+    except (ValueError, OverflowError, MemoryError):  # parameters OpenSSL refuses: never a match
+        return False
     return hmac.compare_digest(actual, expected)
 
 

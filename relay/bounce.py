@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-_ENHANCED = re.compile(r"\b([245])\.(\d{1,3})\.(\d{1,3})\b")
+_ENHANCED = re.compile(r"^(?:\d{3}[ -])?([245]\.\d{1,3}\.\d{1,3})\b")
 
 
 @dataclass(frozen=True)
@@ -23,9 +23,9 @@ class FailedRecipient:
 
 def status_code(reply: str) -> str:
     """The RFC 3463 status for a DSN: the reply's own enhanced code, else a generic one."""
-    match = _ENHANCED.search(reply)
+    match = _ENHANCED.match(reply)
     if match:
-        return match.group(0)
+        return match.group(1)
     return "4.4.7" if "gave up" in reply else "5.0.0"  # 4.4.7: delivery time expired
 
 
@@ -42,7 +42,7 @@ def build_dsn(
 ) -> bytes:
     """A multipart/report DSN as CRLF bytes, ready to spool."""
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
-    listing = "\r\n".join(f"<{r.address}>: {r.reply}" for r in recipients)
+    listing = "\r\n".join(f"<{r.address}>: {_one_line(r.reply)}" for r in recipients)
     per_recipient = "\r\n\r\n".join(
         f"Final-Recipient: rfc822; {r.address}\r\n"
         f"Original-Recipient: rfc822; {r.address}\r\n"

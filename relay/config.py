@@ -39,6 +39,19 @@ class ConfigError(Exception):
     """A configuration problem, already phrased for the operator (``file:line: key: why``)."""
 
 
+class _Misreference(Exception):
+    """A cross-reference error with the key path it belongs to.
+
+    Not a ValueError, so pydantic lets it through untouched and ``parse_config`` can turn it
+    into ``file:line: key: why`` (pydantic would report it with no location at all).
+    """
+
+    def __init__(self, loc: tuple, message: str):
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
 # ---------------------------------------------------------------------------------------------
 # Scalar types: durations and sizes as operators write them
 
@@ -206,31 +219,33 @@ class Config(_Model):
         for name, user in self.users.items():
             for channel, account_name in user.channels.items():
                 account = self.accounts.get(account_name)
+                loc = ("users", name, "channels", channel)
                 if account is None:
-                    raise ValueError(
-                        f"users.{name}.channels.{channel}: no account named {account_name!r}"
-                    )
+                    raise _Misreference(loc, f"no account named {account_name!r}")
                 if account.type != channel:
-                    raise ValueError(
-                        f"users.{name}.channels.{channel}: account {account_name!r} is of "
-                        f"type {account.type}; a {channel} channel needs a {channel} account"
+                    raise _Misreference(
+                        loc,
+                        f"account {account_name!r} is of type {account.type}; "
+                        f"a {channel} channel needs a {channel} account",
                     )
-        for network in self.server.trusted_networks:
+        for index, network in enumerate(self.server.trusted_networks):
             if network.user not in self.users:
-                raise ValueError(f"server.trusted_networks {network.cidr}: no user {network.user!r}")
+                raise _Misreference(
+                    ("server", "trusted_networks", index, "user"), f"{network.cidr}: no user {network.user!r}"
+                )
         for name, account in self.accounts.items():
             if account.api_key is None and self.upstream.kind == "sendcloud":
-                raise ValueError(f"accounts.{name}: api_key (or api_key_file) is required")
+                raise _Misreference(("accounts", name), "api_key (or api_key_file) is required")
             if (
                 account.api_key is not None
                 and self.upstream.kind == "smtp"
                 and self.upstream.tls == "none"
                 and not self.upstream.allow_plaintext_auth
             ):
-                raise ValueError(
-                    f"accounts.{name}: an api_key would cross upstream in plaintext "
-                    "(upstream.tls: none); set upstream.allow_plaintext_auth: true for a "
-                    "local staging relay, or use TLS"
+                raise _Misreference(
+                    ("accounts", name),
+                    "an api_key would cross upstream in plaintext (upstream.tls: none); set "
+                    "upstream.allow_plaintext_auth: true for a local staging relay, or use TLS",
                 )
         return self
 
@@ -350,6 +365,8 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
                 message = "unknown key (misspelt, or not supported by this version)"
             problems.append(_where(source, data, loc, message))
         raise ConfigError("\n".join(problems)) from None
+    except _Misreference as error:
+        raise ConfigError(_where(source, data, error.loc, error.message)) from None
 
 
 def load_config(path: Path | str) -> Config:

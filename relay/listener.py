@@ -92,13 +92,12 @@ class RelaySMTP(SMTP):
     def in_transaction(self) -> bool:
         return bool(self.envelope is not None and self.envelope.mail_from)
 
-    def close_idle(self) -> bool:
-        """Say goodbye to a client between transactions; False if it is in one."""
-        if self.in_transaction or self.transport is None:
-            return False
+    def close_idle(self) -> None:
+        """Say goodbye to a client between transactions; one inside a transaction may finish."""
+        if self.transport is None or self.transport.is_closing() or self.in_transaction:
+            return
         self.transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
         self.transport.close()
-        return True
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -13,14 +13,17 @@ from relay.errors import SMTPReply
 
 
 def check_sender(user_name: str, user: User, sender: str) -> SMTPReply | None:
-    """``allowed_senders`` globs (case-insensitive); an empty list allows any sender."""
-    if not user.allowed_senders:
+    """``allowed_senders`` globs (case-insensitive); an empty list allows any sender.
+
+    The null sender is always allowed: a smarthost relays its own bounces with it, and it
+    claims no address a team could be impersonating.
+    """
+    if not user.allowed_senders or not sender:
         return None
     address = sender.lower()
-    if address and any(fnmatchcase(address, pattern.lower()) for pattern in user.allowed_senders):
+    if any(fnmatchcase(address, pattern.lower()) for pattern in user.allowed_senders):
         return None
-    shown = sender or "<>"
-    return SMTPReply(553, "5.7.1", f"<{shown}>: Sender address rejected: not owned by user {user_name}")
+    return SMTPReply(553, "5.7.1", f"<{sender}>: Sender address rejected: not owned by user {user_name}")
 
 
 def check_relay(user_name: str | None, recipient: str) -> SMTPReply | None:

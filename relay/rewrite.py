@@ -24,6 +24,8 @@ def normalise_line_endings(data: bytes) -> bytes:
 
 def header_block(data: bytes) -> bytes:
     """The header section of a message (up to the first empty line)."""
+    if data.startswith(b"\r\n"):
+        return b""
     end = data.find(b"\r\n\r\n")
     return data if end < 0 else data[: end + 2]
 

@@ -26,9 +26,10 @@ class Reply:
         return f"{self.code} {self.text}" if self.code is not None else self.text
 
 
-# SendCloud answers 536 "Frequency limited" past 20,000 calls a minute, and quota exhaustion
-# with "Request quota exceeded" under an undocumented code: both pass with time.
-_TEMPORARY_DESPITE_5XX = re.compile(r"frequency limited|quota exceeded", re.IGNORECASE)
+# SendCloud answers 536 "Frequency limited" past 20,000 calls a minute, and daily quota
+# exhaustion with "Request quota exceeded" under an undocumented code: both pass with time.
+# (A recipient's "mailbox quota exceeded" does not match: that one bounces.)
+_TEMPORARY_DESPITE_5XX = re.compile(r"frequency limited|request quota exceeded", re.IGNORECASE)
 
 
 def is_temporary(reply: Reply) -> bool:

@@ -9,6 +9,7 @@ backend.
 from __future__ import annotations
 
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,15 +29,36 @@ class State(StrEnum):
 _ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"  # no vowels: IDs never spell words
 
 
-def new_queue_id(now: float | None = None) -> str:
-    """A short, time-ordered ID like Postfix's long queue IDs (e.g. ``3ZK7Q9M2XD4HWT``)."""
-    number = int((now if now is not None else time.time()) * 1000)
+_SUFFIX = len(_ALPHABET) ** 5
+_sequence_lock = threading.Lock()
+_last_ms = -1
+_sequence = 0
+
+
+def _encode(number: int, width: int = 0) -> str:
     chars = []
     while number:
         number, digit = divmod(number, len(_ALPHABET))
         chars.append(_ALPHABET[digit])
-    stamp = "".join(reversed(chars))
-    return stamp + "".join(secrets.choice(_ALPHABET) for _ in range(5))
+    return "".join(reversed(chars)).rjust(width, _ALPHABET[0])
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A short, time-ordered ID like Postfix's long queue IDs (e.g. ``3ZK7Q9M2XD4HWT``).
+
+    Milliseconds, then a 5-character sequence: it starts at a random point in each new
+    millisecond (so two processes rarely meet) and counts up within it, so IDs made by one
+    process in the same millisecond are distinct and still sort in the order they were made.
+    """
+    global _last_ms, _sequence
+    ms = int((now if now is not None else time.time()) * 1000)
+    with _sequence_lock:
+        if ms == _last_ms:
+            _sequence += 1
+        else:
+            _last_ms, _sequence = ms, secrets.randbelow(_SUFFIX // 2)
+        sequence = _sequence % _SUFFIX
+    return _encode(ms) + _encode(sequence, 5)
 
 
 @dataclass(frozen=True)

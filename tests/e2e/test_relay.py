@@ -218,3 +218,24 @@ def test_no_secret_reaches_the_log(relay, sendcloud, client_tls):
     for secret in (PASSWORD, "wrong-password-xyz", "trigger-key-123", "batch-key-456", "YmlsbGluZy1zZWNyZXQ"):
         assert secret not in log
     assert "authentication failed" in log
+
+
+def test_sigterm_lets_a_transaction_in_progress_finish_and_says_421_to_idle_sessions(make_relay, sendcloud):
+    relay = make_relay()
+    busy = smtplib.SMTP("127.0.0.1", relay.port("smtp"), timeout=20, source_address=(TRUSTED_SOURCE, 0))
+    idle = smtplib.SMTP("127.0.0.1", relay.port("smtp"), timeout=20, source_address=(TRUSTED_SOURCE, 0))
+    busy.ehlo()
+    idle.ehlo()
+    busy.mail("app@acme.com")
+    busy.rcpt("inflight@example.net")
+    relay.process.terminate()
+    assert wait_until(lambda: "shutting down" in relay.log(), 10)
+    assert idle.noop()[0] == 421  # told to come back later, not cut off silently
+    code, reply = busy.data(b"Subject: in flight\r\n\r\nfinished during shutdown\r\n")
+    assert code == 250, reply
+    busy.close()
+    assert relay.process.wait(30) == 0
+    relay.process = None
+    relay.start()
+    [received] = sendcloud.wait_for(1, timeout=30)
+    assert received.rcpt_tos == ["inflight@example.net"]

@@ -1,0 +1,176 @@
+"""relay.delivery.retry: a recipient's next state after one attempt, as a table."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.delivery.retry import Reply, RetryPolicy, after_attempt, is_temporary, retry_delay
+from relay.spool import Recipient, State
+
+SCHEDULE = (60.0, 300.0, 900.0)
+POLICY = RetryPolicy(schedule=SCHEDULE, jitter=0.1, max_lifetime=86400.0)
+EXACT = RetryPolicy(schedule=SCHEDULE, jitter=0.0, max_lifetime=86400.0)
+RECEIVED = 1_700_000_000.0
+NOW = RECEIVED + 3600.0
+
+
+def recipient(attempts: int = 0) -> Recipient:
+    return Recipient("3ZK7Q9M2XD4HWT", 1, "someone@example.org", State.QUEUED, attempts, RECEIVED)
+
+
+OUTCOMES = {
+    "250_delivered": (Reply(250, "#1426390015358_15_6484_8661.sc-10_10_127_51-inbound#Queued"), State.DELIVERED),
+    "251_delivered": (Reply(251, "2.1.5 forwarded"), State.DELIVERED),
+    "550_failed": (Reply(550, "5.1.1 user unknown"), State.FAILED),
+    "554_failed": (Reply(554, "5.7.1 rejected"), State.FAILED),
+    "535_bad_api_key_failed": (Reply(535, "5.7.8 authentication failed"), State.FAILED),
+    "451_deferred": (Reply(451, "4.7.1 try again later"), State.DEFERRED),
+    "421_deferred": (Reply(421, "4.4.2 closing connection"), State.DEFERRED),
+    "452_deferred": (Reply(452, "4.5.3 too many recipients"), State.DEFERRED),
+    "536_frequency_limited_deferred": (Reply(536, "Frequency limited"), State.DEFERRED),
+    "5xx_request_quota_exceeded_deferred": (Reply(550, "Request quota exceeded"), State.DEFERRED),
+    "5xx_quota_text_any_case_deferred": (Reply(554, "request QUOTA exceeded for today"), State.DEFERRED),
+    "5xx_mailbox_quota_still_bounces": (Reply(552, "5.2.2 mailbox quota exceeded"), State.FAILED),
+    "connection_error_deferred": (Reply(None, "connect to smtp.sendcloud.net[587]: Connection refused"), State.DEFERRED),
+    "login_refused_without_code_deferred": (Reply(None, "upstream refused login or greeting: 535 bad"), State.DEFERRED),
+}
+
+
+@pytest.mark.parametrize("reply, state", OUTCOMES.values(), ids=OUTCOMES.keys())
+def test_after_attempt_state(reply, state):
+    """2xx delivers, 5xx fails, 4xx and no reply defer; SendCloud's 536 and quota replies defer."""
+    update = after_attempt(recipient(attempts=2), reply, RECEIVED, NOW, POLICY, 0.5)
+    assert update.state is state
+    assert (update.message_id, update.idx) == ("3ZK7Q9M2XD4HWT", 1)
+    assert update.attempts == 3
+    assert update.last_reply == str(reply)
+    if state is not State.DEFERRED:
+        assert update.next_attempt == NOW
+
+
+def test_delivered_keeps_the_email_id():
+    update = after_attempt(recipient(), Reply(250, "#mid#Queued"), RECEIVED, NOW, POLICY, 0.5, email_id="mid0$someone@example.org")
+    assert update.state is State.DELIVERED
+    assert update.email_id == "mid0$someone@example.org"
+    assert update.last_reply == "250 #mid#Queued"
+
+
+def test_failed_and_deferred_carry_no_email_id():
+    for reply in (Reply(550, "no"), Reply(451, "later")):
+        assert after_attempt(recipient(), reply, RECEIVED, NOW, POLICY, 0.5, email_id="x").email_id is None
+
+
+def test_reply_without_code_is_recorded_as_its_text():
+    update = after_attempt(recipient(), Reply(None, "connect to x[25]: timed out"), RECEIVED, NOW, POLICY, 0.5)
+    assert update.last_reply == "connect to x[25]: timed out"
+
+
+# -- when the next attempt happens ------------------------------------------------------------------
+
+DEFERRALS = {
+    "first_failure": (0, 60.0),
+    "second_failure": (1, 300.0),
+    "third_failure": (2, 900.0),
+    "last_delay_repeats": (3, 900.0),
+    "last_delay_repeats_forever": (20, 900.0),
+}
+FRACTIONS = {"low": 0.0, "middle": 0.5, "high": 0.999999}
+
+
+@pytest.mark.parametrize("fraction", FRACTIONS.values(), ids=FRACTIONS.keys())
+@pytest.mark.parametrize("attempts_before, base", DEFERRALS.values(), ids=DEFERRALS.keys())
+def test_deferred_next_attempt_follows_schedule_within_jitter(attempts_before, base, fraction):
+    """next_attempt = now + the schedule's delay for this failure, ± jitter; the last delay repeats."""
+    update = after_attempt(recipient(attempts_before), Reply(451, "later"), RECEIVED, NOW, POLICY, fraction)
+    assert update.state is State.DEFERRED
+    assert NOW + base * 0.9 <= update.next_attempt <= NOW + base * 1.1
+
+
+@pytest.mark.parametrize("attempts_before, base", DEFERRALS.values(), ids=DEFERRALS.keys())
+def test_deferred_next_attempt_exact_without_jitter(attempts_before, base):
+    update = after_attempt(recipient(attempts_before), Reply(None, "timeout"), RECEIVED, NOW, EXACT, 0.123)
+    assert update.next_attempt == NOW + base
+
+
+RETRY_DELAYS = {
+    "after_1": (1, 60.0),
+    "after_2": (2, 300.0),
+    "after_3": (3, 900.0),
+    "after_4_repeats_last": (4, 900.0),
+    "after_100_repeats_last": (100, 900.0),
+}
+
+
+@pytest.mark.parametrize("attempts, expected", RETRY_DELAYS.values(), ids=RETRY_DELAYS.keys())
+def test_retry_delay_without_jitter_is_exact(attempts, expected):
+    for fraction in (0.0, 0.5, 0.99):
+        assert retry_delay(attempts, EXACT, fraction) == expected
+
+
+JITTERED = {"fraction_0_is_lowest": (0.0, 54.0), "fraction_half_is_base": (0.5, 60.0)}
+
+
+@pytest.mark.parametrize("fraction, expected", JITTERED.values(), ids=JITTERED.keys())
+def test_retry_delay_jitter_bounds(fraction, expected):
+    assert retry_delay(1, POLICY, fraction) == pytest.approx(expected)
+
+
+def test_retry_delay_jitter_stays_below_upper_bound():
+    assert retry_delay(1, POLICY, 0.999999) < 66.0
+
+
+# -- lifetime -----------------------------------------------------------------------------------
+
+EXPIRED = {
+    "exactly_at_deadline": RECEIVED + 86400.0,
+    "past_deadline": RECEIVED + 10 * 86400.0,
+}
+
+
+@pytest.mark.parametrize("now", EXPIRED.values(), ids=EXPIRED.keys())
+def test_temporary_failure_past_lifetime_fails_for_good(now):
+    """Past max_lifetime a temporary failure becomes final, and says why."""
+    update = after_attempt(recipient(7), Reply(451, "4.7.1 greylisted"), RECEIVED, now, POLICY, 0.5)
+    assert update.state is State.FAILED
+    assert "gave up" in update.last_reply
+    assert "451 4.7.1 greylisted" in update.last_reply
+    assert update.attempts == 8
+
+
+def test_success_past_lifetime_is_still_delivered():
+    update = after_attempt(recipient(7), Reply(250, "ok"), RECEIVED, RECEIVED + 10 * 86400, POLICY, 0.5)
+    assert update.state is State.DELIVERED
+
+
+CLAMPS = {
+    "delay_would_pass_deadline": (RECEIVED + 86400.0 - 10.0, RECEIVED + 86400.0),
+    "one_second_left": (RECEIVED + 86400.0 - 1.0, RECEIVED + 86400.0),
+}
+
+
+@pytest.mark.parametrize("now, expected", CLAMPS.values(), ids=CLAMPS.keys())
+def test_next_attempt_is_clamped_to_the_deadline(now, expected):
+    """The last try happens at the deadline, not one full delay after it."""
+    update = after_attempt(recipient(), Reply(451, "later"), RECEIVED, now, POLICY, 0.999)
+    assert update.state is State.DEFERRED
+    assert update.next_attempt == expected
+
+
+def test_deferral_well_before_deadline_is_not_clamped():
+    update = after_attempt(recipient(), Reply(451, "later"), RECEIVED, NOW, EXACT, 0.5)
+    assert update.next_attempt == NOW + 60.0 < RECEIVED + 86400.0
+
+
+TEMPORARY = {
+    "none": (Reply(None, "x"), True),
+    "4xx": (Reply(450, "mailbox busy"), True),
+    "536": (Reply(536, "Frequency limited"), True),
+    "frequency_text_other_code": (Reply(550, "frequency limited"), True),
+    "5xx": (Reply(550, "5.1.1 user unknown"), False),
+    "2xx": (Reply(250, "ok"), False),
+}
+
+
+@pytest.mark.parametrize("reply, temporary", TEMPORARY.values(), ids=TEMPORARY.keys())
+def test_is_temporary(reply, temporary):
+    assert is_temporary(reply) is temporary

@@ -1,0 +1,296 @@
+"""relay.spool and relay.spool.sqlite: durable queue, group commit, queue IDs."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sqlite3
+
+import pytest
+
+from relay.spool import NewMessage, RecipientUpdate, State, new_queue_id
+from relay.spool.sqlite import SqliteSpool, open_store
+
+RECEIVED = 1_700_000_000.0
+_ids = itertools.count()
+
+
+def new_message(message_id: str | None = None, recipients=("a@example.org", "b@example.org"),
+                received_at: float = RECEIVED, sender: str = "billing@acme.com") -> NewMessage:
+    message_id = message_id or f"M{next(_ids):08d}"
+    body = f"From: {sender}\r\nSubject: {message_id}\r\n\r\nhello\r\n".encode()
+    return NewMessage(message_id, received_at, "billing", "smtp", "10.20.0.5", "acme_trigger", "trigger",
+                      sender, list(recipients), body)
+
+
+def update(message_id: str, idx: int, state: State, next_attempt: float = RECEIVED, attempts: int = 1,
+           reply: str = "250 ok", email_id: str | None = None) -> RecipientUpdate:
+    return RecipientUpdate(message_id, idx, state, attempts, next_attempt, reply, email_id)
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "spool" / "spool.db"
+
+
+@pytest.fixture
+async def spool(path):
+    spool = SqliteSpool(path)
+    await spool.open()
+    yield spool
+    await spool.close()
+
+
+@pytest.fixture
+def store(spool, path):
+    """A second, synchronous connection, as the CLI's `queue` commands use beside the server."""
+    store = open_store(path)
+    yield store
+    store.conn.close()
+
+
+# -- store and due ---------------------------------------------------------------------------------
+
+
+async def test_stored_message_is_due_with_all_recipients(spool):
+    """What was stored comes back from due(), every recipient queued and untried."""
+    message = new_message()
+    await spool.store(message)
+    (due,) = await spool.due(RECEIVED, 100)
+    assert due.id == message.id
+    assert (due.user, due.account, due.channel, due.sender) == ("billing", "acme_trigger", "trigger", "billing@acme.com")
+    assert due.size == len(message.body)
+    assert [(r.idx, r.address, r.state, r.attempts) for r in due.recipients] == [
+        (0, "a@example.org", State.QUEUED, 0),
+        (1, "b@example.org", State.QUEUED, 0),
+    ]
+    assert await spool.body(message.id) == message.body
+
+
+async def test_message_is_not_due_before_it_arrived(spool):
+    await spool.store(new_message())
+    assert await spool.due(RECEIVED - 1, 100) == []
+
+
+async def test_null_sender_and_binary_body_survive(spool):
+    message = new_message(sender="")
+    message = NewMessage(**{**message.__dict__, "body": message.body + bytes(range(256))})
+    await spool.store(message)
+    assert await spool.body(message.id) == message.body
+    assert (await spool.due(RECEIVED, 10))[0].sender == ""
+
+
+async def test_body_of_unknown_message_is_none(spool):
+    assert await spool.body("NOSUCHID") is None
+
+
+# -- record ------------------------------------------------------------------------------------------
+
+
+async def test_all_delivered_nulls_body_and_leaves_the_list(spool, store):
+    """Once every recipient is final the body is dropped and `queue list` no longer shows it."""
+    message = new_message()
+    await spool.store(message)
+    await spool.record([
+        update(message.id, 0, State.DELIVERED, email_id="mid0$a@example.org"),
+        update(message.id, 1, State.DELIVERED, email_id="mid1$b@example.org"),
+    ])
+    assert await spool.body(message.id) is None
+    assert await spool.due(RECEIVED + 10**6, 100) == []
+    assert [m.id for m in store.list()] == []
+    (kept,) = store.list(include_final=True)
+    assert [(r.state, r.email_id) for r in kept.recipients] == [
+        (State.DELIVERED, "mid0$a@example.org"),
+        (State.DELIVERED, "mid1$b@example.org"),
+    ]
+
+
+async def test_partly_delivered_message_keeps_body_and_only_pending_recipient_is_due(spool, store):
+    """A partly delivered message resumes where it stopped."""
+    message = new_message()
+    await spool.store(message)
+    await spool.record([
+        update(message.id, 0, State.DELIVERED),
+        update(message.id, 1, State.DEFERRED, next_attempt=RECEIVED + 60, reply="451 later"),
+    ])
+    assert await spool.body(message.id) == message.body
+    assert await spool.due(RECEIVED + 59, 100) == []
+    (due,) = await spool.due(RECEIVED + 60, 100)
+    assert [(r.idx, r.state, r.attempts, r.last_reply) for r in due.recipients] == [(1, State.DEFERRED, 1, "451 later")]
+    assert [m.id for m in store.list()] == [message.id]
+
+
+async def test_failed_update_and_dsn_are_stored_together(spool, store):
+    """A permanent failure and the DSN it causes land in one transaction."""
+    message = new_message(recipients=("a@example.org",))
+    await spool.store(message)
+    dsn = new_message("DSN0001", recipients=("billing@acme.com",), sender="")
+    await spool.record([update(message.id, 0, State.FAILED, reply="550 5.1.1 user unknown")], [dsn])
+    assert store.get(message.id).recipients[0].state is State.FAILED
+    assert await spool.body(message.id) is None
+    assert await spool.body(dsn.id) == dsn.body
+    assert [m.id for m in await spool.due(RECEIVED, 100)] == [dsn.id]
+
+
+async def test_failed_update_is_rolled_back_when_its_dsn_cannot_be_stored(spool, store):
+    """Atomic: if the DSN insert fails, the recipient is not marked failed (no bounce is lost)."""
+    message = new_message(recipients=("a@example.org",))
+    await spool.store(message)
+    clashing_dsn = new_message(message.id, recipients=("billing@acme.com",), sender="")  # same id: fails
+    with pytest.raises(sqlite3.IntegrityError):
+        await spool.record([update(message.id, 0, State.FAILED, reply="550 no")], [clashing_dsn])
+    recipient = store.get(message.id).recipients[0]
+    assert (recipient.state, recipient.attempts, recipient.last_reply) == (State.QUEUED, 0, None)
+    assert await spool.body(message.id) == message.body
+
+
+# -- retry, flush, delete (the CLI's store) --------------------------------------------------------------
+
+
+async def deferred(spool, count: int = 1) -> list[str]:
+    ids = []
+    for _ in range(count):
+        message = new_message(recipients=("a@example.org",))
+        await spool.store(message)
+        await spool.record([update(message.id, 0, State.DEFERRED, next_attempt=RECEIVED + 3600, reply="451 later")])
+        ids.append(message.id)
+    return ids
+
+
+async def test_retry_one_message_makes_it_due_now(spool, store):
+    """`queue retry ID` delivers now: its deferred recipients become due."""
+    first, second = await deferred(spool, 2)
+    assert await spool.due(RECEIVED + 1, 100) == []
+    assert store.retry(first) == 1
+    assert [m.id for m in await spool.due(RECEIVED + 1, 100)] == [first]
+
+
+async def test_retry_unknown_message_changes_nothing(spool, store):
+    await deferred(spool)
+    assert store.retry("NOSUCHID") == 0
+    assert await spool.due(RECEIVED + 1, 100) == []
+
+
+async def test_flush_makes_every_deferred_recipient_due(spool, store):
+    """`queue flush` (retry without an ID) is Postfix's `postqueue -f`."""
+    ids = await deferred(spool, 3)
+    assert store.retry() == 3
+    assert sorted(m.id for m in await spool.due(RECEIVED + 1, 100)) == sorted(ids)
+
+
+async def test_flush_leaves_final_recipients_alone(spool, store):
+    message = new_message()
+    await spool.store(message)
+    await spool.record([update(message.id, 0, State.DELIVERED), update(message.id, 1, State.FAILED, reply="550")])
+    assert store.retry() == 0
+    assert store.retry(message.id) == 0
+
+
+async def test_delete_removes_message_and_recipients(spool, store):
+    (message_id,) = await deferred(spool)
+    assert store.delete(message_id) is True
+    assert store.get(message_id) is None
+    assert await spool.body(message_id) is None
+    assert store.counts() == {}
+    assert store.delete(message_id) is False
+
+
+# -- group commit ----------------------------------------------------------------------------------------
+
+
+async def test_concurrent_stores_share_commits_and_all_are_durable(spool, path):
+    """200 sessions storing at once pay fewer than 200 fsyncs, and every message is on disk."""
+    messages = [new_message() for _ in range(200)]
+    commits_before = spool.commits
+    await asyncio.gather(*(spool.store(message) for message in messages))
+    assert spool.commits - commits_before < 200
+    fresh = open_store(path)
+    try:
+        listed = fresh.list()
+        assert sorted(m.id for m in listed) == sorted(m.id for m in messages)
+        assert all(fresh.body(m.id) == m.body for m in messages)
+        assert fresh.counts() == {"queued": 400}
+    finally:
+        fresh.conn.close()
+
+
+async def test_failing_operation_fails_only_its_own_caller(spool, path, store):
+    """A bad operation in a group rolls back alone: the others in the same group get their commit."""
+    original = new_message()
+    await spool.store(original)
+    batch = [new_message() for _ in range(20)]
+    batch.insert(10, new_message(original.id, recipients=("x@example.org",)))  # duplicate id
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # hold the write lock so all 21 queue up behind it
+        commits_before = spool.commits
+        tasks = [asyncio.ensure_future(spool.store(message)) for message in batch]
+        await asyncio.sleep(0)  # let every task enqueue its write (no time passes)
+        blocker.execute("COMMIT")
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        blocker.close()
+    assert spool.commits - commits_before < len(batch)  # they really shared a group
+    errors = [index for index, result in enumerate(results) if isinstance(result, BaseException)]
+    assert errors == [10]
+    assert isinstance(results[10], sqlite3.IntegrityError)
+    stored = {m.id for m in store.list()}
+    assert stored == {original.id} | {m.id for i, m in enumerate(batch) if i != 10}
+    assert store.body(original.id) == original.body
+    assert [r.address for r in store.get(original.id).recipients] == ["a@example.org", "b@example.org"]
+
+
+async def test_spool_reopens_with_what_was_committed(path):
+    """After close (or a crash after the commit), a new spool on the same file sees everything."""
+    first = SqliteSpool(path)
+    await first.open()
+    message = new_message()
+    await first.store(message)
+    await first.close()
+    second = SqliteSpool(path)
+    await second.open()
+    try:
+        assert [m.id for m in await second.due(RECEIVED, 10)] == [message.id]
+    finally:
+        await second.close()
+
+
+# -- queue IDs ---------------------------------------------------------------------------------------------
+
+
+def test_new_queue_id_unique_over_10000_calls():
+    ids = [new_queue_id() for _ in range(10_000)]
+    clashes = len(ids) - len(set(ids))
+    assert clashes == 0
+
+
+def test_new_queue_id_unique_for_a_burst_within_one_millisecond():
+    """Sessions finishing DATA in the same millisecond must still get distinct IDs
+    (the listener calls new_queue_id(now); a clash fails the insert and costs the client a 451)."""
+    ids = [new_queue_id(RECEIVED) for _ in range(50_000)]
+    clashes = len(ids) - len(set(ids))
+    assert clashes == 0
+
+
+_MS = int(RECEIVED * 1000)
+_CARRY = (_MS - _MS % 31 + 31) / 1000  # a millisecond whose base-31 last digit is 0
+
+TIMES = {
+    "milliseconds_apart": (RECEIVED, RECEIVED + 0.001),
+    "seconds_apart": (RECEIVED, RECEIVED + 1),
+    "years_apart": (RECEIVED, RECEIVED + 10 * 365 * 86400),
+    "across_a_digit_carry": (_CARRY - 0.0005, _CARRY + 0.0005),  # ...Z then ...0 in the last place
+}
+
+
+@pytest.mark.parametrize("earlier, later", TIMES.values(), ids=TIMES.keys())
+def test_new_queue_id_sorts_by_time(earlier, later):
+    """IDs sort in time order (to the millisecond), so `queue list` reads oldest first."""
+    assert new_queue_id(earlier) < new_queue_id(later)
+
+
+def test_new_queue_id_shape():
+    """Short, upper-case, no vowels (never spells a word), fixed length for current times."""
+    ids = [new_queue_id(RECEIVED + i * 12345.678) for i in range(100)]
+    assert {len(i) for i in ids} == {14}
+    assert all(set(i) <= set("0123456789BCDFGHJKLMNPQRSTVWXYZ") for i in ids)
