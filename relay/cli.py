@@ -153,7 +153,10 @@ def cmd_send_test(args: argparse.Namespace) -> int:
         context.verify_mode = ssl.CERT_NONE
 
     def show(step: str, reply: tuple[int, bytes]) -> None:
-        print(f"{step:<22} -> {reply[0]} {reply[1].decode(errors='replace')}")
+        lines = reply[1].decode(errors="replace").splitlines() or [""]
+        print(f"{step:<28} -> {reply[0]} {lines[0]}")
+        for line in lines[1:]:
+            print(f"{'':<28}    {reply[0]} {line}")
 
     message = EmailMessage()
     message["From"] = args.sender

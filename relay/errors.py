@@ -14,10 +14,6 @@ class SMTPReply(Exception):
         self.enhanced = enhanced
         self.text = text
 
-    @property
-    def temporary(self) -> bool:
-        return 400 <= self.code < 500
-
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"
 

@@ -13,7 +13,6 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from relay.bounce import FailedRecipient, build_dsn
 from relay.config import Config
@@ -31,22 +30,16 @@ _POLL_BATCH = 500  # recipients fetched per poll; more come on the next poll
 _PURGE_EVERY = 3600.0  # seconds between sweeps of records older than spool.keep_final
 
 
-@dataclass(frozen=True)
-class Job:
-    message: QueuedMessage  # carries only the recipients to try now
-
-
 class Scheduler:
     def __init__(self, config: Callable[[], Config], spool: SqliteSpool):
         self._config = config
         self._spool = spool
-        self._queues: dict[str, asyncio.Queue[Job]] = {}
+        self._queues: dict[str, asyncio.Queue[QueuedMessage | None]] = {}  # None: stop
         self._workers: list[asyncio.Task] = []
         self._in_flight: set[str] = set()
         # Finished while a poll's read was under way: that read may show them stale.
         self._finished_during_poll: set[str] = set()
         self._unroutable: set[str] = set()
-        self._wake = asyncio.Event()
         self._poller: asyncio.Task | None = None
         self._stopping = False
         self._workers_per_queue = 0
@@ -73,9 +66,9 @@ class Scheduler:
             self._poller.cancel()
         for queue in self._queues.values():
             while not queue.empty():
-                self._in_flight.discard(queue.get_nowait().message.id)
+                self._in_flight.discard(queue.get_nowait().id)
             for _ in range(self._workers_per_queue):
-                queue.put_nowait(None)  # type: ignore[arg-type] - a stop marker
+                queue.put_nowait(None)
         if self._workers:
             _, pending = await asyncio.wait(self._workers, timeout=grace)
             for task in pending:
@@ -96,9 +89,6 @@ class Scheduler:
         )
         self._enqueue(queued)
 
-    def wake(self) -> None:
-        self._wake.set()
-
     def _enqueue(self, message: QueuedMessage) -> None:
         if self._stopping or message.id in self._in_flight:
             return
@@ -109,7 +99,7 @@ class Scheduler:
                 log.warning("%s: account %s is not configured; message waits", message.id, message.account)
             return
         self._in_flight.add(message.id)
-        queue.put_nowait(Job(message))
+        queue.put_nowait(message)  # carries only the recipients to try now
 
     async def _poll(self) -> None:
         last_purge = 0.0
@@ -130,11 +120,7 @@ class Scheduler:
                 raise
             except Exception:  # noqa: BLE001 - a spool hiccup must not stop scheduling
                 log.exception("queue poll failed; trying again")
-            try:
-                await asyncio.wait_for(self._wake.wait(), self._config().spool.poll_interval)
-            except asyncio.TimeoutError:
-                pass
-            self._wake.clear()
+            await asyncio.sleep(self._config().spool.poll_interval)
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -142,18 +128,18 @@ class Scheduler:
         queue = self._queues[account_name]
         try:
             while True:
-                job = await queue.get()
-                if job is None:
+                message = await queue.get()
+                if message is None:
                     return
                 try:
-                    await self._deliver(job.message, connection)
+                    await self._deliver(message, connection)
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # noqa: BLE001 - the message stays pending and is retried
-                    log.exception("%s: delivery failed unexpectedly; will retry", job.message.id)
+                    log.exception("%s: delivery failed unexpectedly; will retry", message.id)
                 finally:
-                    self._in_flight.discard(job.message.id)
-                    self._finished_during_poll.add(job.message.id)
+                    self._in_flight.discard(message.id)
+                    self._finished_during_poll.add(message.id)
         finally:
             await connection.close()
 
@@ -172,7 +158,7 @@ class Scheduler:
             result = await connection.send(Transaction(message.id, message.sender, addresses, body))
             now = time.time()
             ids = email_ids(result.upstream_id, addresses) if result.upstream_id else [None] * len(chunk)
-            for recipient, reply, email_id in zip(chunk, result.replies, ids):
+            for recipient, reply, email_id in zip(chunk, result.replies, ids, strict=True):
                 update = after_attempt(recipient, reply, message.received_at, now, policy, random.random(), email_id)
                 updates.append(update)
                 log.info(
@@ -191,7 +177,7 @@ class Scheduler:
     def _bounces(self, message: QueuedMessage, updates: list[RecipientUpdate], body: bytes, config: Config) -> list[NewMessage]:
         failed = [
             FailedRecipient(recipient.address, update.last_reply)
-            for recipient, update in zip(message.recipients, updates)
+            for recipient, update in zip(message.recipients, updates, strict=True)
             if update.state is State.FAILED
         ]
         if not failed or not message.sender:  # never bounce a bounce

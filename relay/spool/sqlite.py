@@ -314,7 +314,7 @@ class SqliteSpool:
                 except sqlite3.Error:
                     pass
             outcomes = [(None, error)] * len(batch)
-        for (_, _, future, loop), (result, error) in zip(batch, outcomes):
+        for (_, _, future, loop), (result, error) in zip(batch, outcomes, strict=True):
             loop.call_soon_threadsafe(_settle, future, result, error)
 
 

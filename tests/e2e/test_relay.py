@@ -6,7 +6,6 @@ import email
 import email.policy
 import smtplib
 import socket
-import ssl
 
 from tests.e2e.conftest import PASSWORD, TRUSTED_SOURCE, USER
 from tests.support.relay import wait_until
