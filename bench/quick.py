@@ -12,6 +12,7 @@ with Postfix is the job of the benchmark suite (issue #6); this is the yardstick
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import signal
@@ -99,7 +100,12 @@ def main() -> int:
             time.sleep(0.02)
         end_to_end = time.monotonic() - started
     finally:
-        relay.send_signal(signal.SIGTERM)
+        # Under strace the relay is strace's child: signal it, and strace exits after it.
+        target = relay.pid
+        if args.strace:
+            children = Path(f"/proc/{relay.pid}/task/{relay.pid}/children").read_text().split()
+            target = int(children[0]) if children else relay.pid
+        os.kill(target, signal.SIGTERM)
         relay.wait(60)
         sink.terminate()
         sink.wait(10)
