@@ -23,7 +23,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from relay.auth import Authenticator, FailureDelay
 from relay.config import Config, Listener
 from relay.delivery import Scheduler
-from relay.errors import SMTPReply, spool_unavailable
+from relay.errors import spool_unavailable
 from relay.policy import check_recipient, check_relay, check_sender, identify
 from relay.rewrite import header_reader, normalise_line_endings
 from relay.routing import Envelope as RouteEnvelope
@@ -205,10 +205,9 @@ class ListenerHandler:
             return str(check_relay(None, envelope.rcpt_tos[0]))
         config = self.services.config()
         body = normalise_line_endings(envelope.original_content)
+        sender = _reverse_path(envelope.mail_from)
         route = choose_route(
-            config,
-            RouteEnvelope(user, self.listener.name, envelope.mail_from, envelope.rcpt_tos),
-            header_reader(body),
+            config, RouteEnvelope(user, self.listener.name, sender, envelope.rcpt_tos), header_reader(body)
         )
         now = time.time()
         message = NewMessage(
@@ -219,7 +218,7 @@ class ListenerHandler:
             client=session.peer[0],
             account=route.account,
             channel=route.channel,
-            sender=_reverse_path(envelope.mail_from),
+            sender=sender,
             recipients=list(envelope.rcpt_tos),
             body=body,
         )
@@ -238,9 +237,8 @@ class ListenerHandler:
         return f"250 2.0.0 Ok: queued as {message.id}"
 
     async def handle_exception(self, error: Exception) -> str:
+        """A bug must cost the client a retry, never a 500 that reads as a permanent refusal."""
         log.exception("SMTP session error on listener %s", self.listener.name)
-        if isinstance(error, SMTPReply):
-            return str(error)
         return "451 4.3.0 Internal error, try again later"
 
 
