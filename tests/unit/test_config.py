@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from relay.auth import verify_password
 from relay.config import ConfigError, load_config, load_demo_config, parse_config
@@ -430,17 +431,24 @@ def test_config_demo_yaml_matches_the_embedded_demo():
     assert load_config(path).users.keys() == load_demo_config().users.keys()
 
 
-def test_example_config_validates(tmp_path, monkeypatch):
-    """``config/relay.example.yaml`` documents every key and must itself be valid."""
-    path = REPO / "config" / "relay.example.yaml"
-    if not path.exists():
-        pytest.skip("config/relay.example.yaml not written yet")
-    text = path.read_text()
-    for name in set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text)):
-        monkeypatch.setenv(name, f"test-{name.lower()}")
+def _shipped_configs() -> dict[str, str]:
+    """Every config the project ships: the documented example and the deployment samples."""
+    configs = {"config/relay.example.yaml": (REPO / "config" / "relay.example.yaml").read_text()}
+    configs["deploy/relay.yaml"] = (REPO / "deploy" / "relay.yaml").read_text()
+    configmap = yaml.safe_load((REPO / "deploy" / "kubernetes" / "configmap.yaml").read_text())
+    configs["deploy/kubernetes/configmap.yaml"] = configmap["data"]["relay.yaml"]
+    return configs
+
+
+@pytest.mark.parametrize("name", list(_shipped_configs()))
+def test_shipped_configs_validate(name, tmp_path, monkeypatch):
+    """The example documents every key, and the deploy samples must start as shipped."""
+    text = _shipped_configs()[name]
+    for variable in set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", text)):
+        monkeypatch.setenv(variable, f"test-{variable.lower()}")
     secret = tmp_path / "secret"
     secret.write_text("test-secret\n")
-    # Secret files named in the example do not exist here: point every *_file (but ca_file) at one.
+    # Secret files named in them do not exist here: point every *_file (but ca_file) at one.
     text = re.sub(r"(\b(?!ca_)\w+_file:\s*)[^\s,}#]+", lambda m: f"{m.group(1)}{secret}", text)
-    config = parse_config(text, source=str(path), base=path.parent)
+    config = parse_config(text, source=name, base=tmp_path)
     assert config.accounts and config.users
