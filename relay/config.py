@@ -33,6 +33,9 @@ from pydantic import (
 )
 
 Channel = Literal["trigger", "batch"]
+SenderMode = Literal["align", "rewrite", "keep"]
+TLSPolicy = Literal["may", "encrypt", "verify"]
+_LOCAL_PART = r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$"
 
 
 class ConfigError(Exception):
@@ -186,7 +189,34 @@ class Account(_Model):
     domain: str
 
 
-class User(_Model):
+class Tracking(_Model):
+    """SendCloud's tracking switches; an unset one is left to the client's X-SMTPAPI (or the console)."""
+
+    open: bool | None = None
+    click: bool | None = None
+    unsubscribe: bool | None = None
+
+
+class SenderOverride(_Model):
+    mode: SenderMode | None = None
+    from_local: str | None = Field(default=None, pattern=_LOCAL_PART)
+
+
+class Sender(_Model):
+    mode: SenderMode = "align"
+    from_local: str = Field(default="noreply", pattern=_LOCAL_PART)  # local part `rewrite` uses
+
+
+class MessageOptions(_Model):
+    """What a user or a rule may set for its messages; unset values are inherited (rule > user > global)."""
+
+    ad_marker: Literal["prefix", "suffix"] | None = None
+    label: int | None = Field(default=None, ge=1)  # SendCloud label ID: AUTH LOGIN as api_user#label
+    tracking: Tracking | None = None
+    sender: SenderOverride | None = None
+
+
+class User(MessageOptions):
     password_hash: PasswordHash | None = None
     channels: dict[Channel, str] = Field(min_length=1)
     allowed_senders: list[str] = []
@@ -201,9 +231,37 @@ class RuleMatch(_Model):
     recipients_more_than: int | None = Field(default=None, ge=0)
 
 
-class Rule(_Model):
+class Rule(MessageOptions):
     match: RuleMatch = RuleMatch()
     channel: Channel
+
+
+class TLSRule(_Model):
+    """Upstream TLS for an account (any, when omitted) and recipient domains (any, when omitted)."""
+
+    account: str | None = None
+    domains: list[str] | None = None  # a domain matches itself and its subdomains
+    rule: TLSPolicy
+
+
+def _dkim_key(value: SecretStr) -> SecretStr:
+    from relay.signing import key_algorithm  # signing owns the key formats
+
+    key_algorithm(value.get_secret_value().encode())
+    return value
+
+
+class DkimKey(_Model):
+    selector: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    key: Annotated[SecretStr, AfterValidator(_dkim_key)]  # usually key_file: written by `dkim keygen`
+
+
+class Resolver(_Model):
+    """DNS for `domain check`; no nameservers means the system's (/etc/resolv.conf)."""
+
+    nameservers: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
+    port: int = Field(default=53, ge=1, le=65535)
+    timeout: Duration = 5.0
 
 
 class Config(_Model):
@@ -213,6 +271,11 @@ class Config(_Model):
     accounts: dict[str, Account] = Field(min_length=1)
     users: dict[str, User] = Field(min_length=1)
     rules: list[Rule] = []
+    sender: Sender = Sender()
+    ad_marker_text: str = Field(default="(AD)", min_length=1)
+    tls_rules: list[TLSRule] = []
+    dkim: dict[str, DkimKey] = {}  # signing domain → selector and private key
+    resolver: Resolver = Resolver()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
@@ -232,6 +295,13 @@ class Config(_Model):
             if network.user not in self.users:
                 raise _Misreference(
                     ("server", "trusted_networks", index, "user"), f"{network.cidr}: no user {network.user!r}"
+                )
+        for index, tls_rule in enumerate(self.tls_rules):
+            if tls_rule.account is not None and tls_rule.account not in self.accounts:
+                raise _Misreference(("tls_rules", index, "account"), f"no account named {tls_rule.account!r}")
+            if tls_rule.rule != "may" and self.upstream.kind == "smtp" and self.upstream.tls == "none":
+                raise _Misreference(
+                    ("tls_rules", index, "rule"), f"{tls_rule.rule} can never be met: upstream.tls is none"
                 )
         for name, account in self.accounts.items():
             if account.api_key is None and self.upstream.kind == "sendcloud":

@@ -2,8 +2,8 @@
 
 One :class:`ListenerHandler` per configured listener; the decisions live in
 :mod:`relay.policy` and :mod:`relay.routing`, and this module only asks them and answers.
-``handle_DATA`` does no more than normalise, route, spool (waiting for the group commit's
-fsync) and reply, so the ``250`` is never sent for a message that is not on disk.
+``handle_DATA`` does no more than prepare (:mod:`relay.prepare`: route, rewrite, sign), spool
+(waiting for the group commit's fsync) and reply, so the ``250`` is never sent for a message that is not on disk.
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from relay.auth import Authenticator, FailureDelay
 from relay.config import Config, Listener
 from relay.delivery import Scheduler
-from relay.errors import spool_unavailable
+from relay.errors import SMTPReply, spool_unavailable
 from relay.policy import check_recipient, check_relay, check_sender, identify
-from relay.rewrite import header_reader, normalise_line_endings
-from relay.routing import Envelope as RouteEnvelope
-from relay.routing import choose_route
+from relay.prepare import Preparer, Submission
 from relay.spool import NewMessage, new_queue_id
 from relay.spool.sqlite import SqliteSpool
 
@@ -53,6 +51,7 @@ class Services:
     scheduler: Scheduler
     authenticator: Authenticator
     failures: FailureDelay
+    preparer: Preparer
 
 
 class RelaySMTP(SMTP):
@@ -69,6 +68,9 @@ class RelaySMTP(SMTP):
         "552 Error: message size exceeds fixed maximum message size": "552 5.3.4 Message size exceeds fixed maximum message size",
         "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
         "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)",
+        # No SMTPUTF8 (SendCloud does not offer it): say why a non-ASCII address is refused.
+        "500 Error: strict ASCII mode": "553 5.6.7 Non-ASCII commands and addresses need SMTPUTF8, which SendCloud does not support",
+        "501 Error: SMTPUTF8 disabled": "555 5.6.7 SMTPUTF8 is not supported (SendCloud does not offer it)",
     }
 
     def __init__(self, handler: ListenerHandler, connections: set[RelaySMTP], **kwargs):
@@ -204,23 +206,40 @@ class ListenerHandler:
         if user is None:  # the user was removed by a reload mid-session
             return str(check_relay(None, envelope.rcpt_tos[0]))
         config = self.services.config()
-        body = normalise_line_endings(envelope.original_content)
-        sender = _reverse_path(envelope.mail_from)
-        route = choose_route(
-            config, RouteEnvelope(user, self.listener.name, sender, envelope.rcpt_tos), header_reader(body)
-        )
         now = time.time()
+        queue_id = new_queue_id(now)
+        ssl_object = server.transport.get_extra_info("ssl_object") if server.transport else None
+        submission = Submission(
+            user=user,
+            listener=self.listener.name,
+            sender=_reverse_path(envelope.mail_from),
+            recipients=list(envelope.rcpt_tos),
+            data=envelope.original_content,
+            helo=session.host_name or "",
+            client_ip=session.peer[0],
+            esmtp=session.extended_smtp,
+            tls=(ssl_object.version(), *ssl_object.cipher()[::2]) if ssl_object else None,
+            authenticated_user=session.auth_data if session.authenticated else None,
+        )
+        try:
+            prepared = await self.services.preparer.prepare(config, submission, queue_id, now)
+        except SMTPReply as refusal:
+            log.info("%s: client=[%s], user=%s: reject DATA: %s", queue_id, session.peer[0], user, refusal)
+            return str(refusal)
+        route = prepared.route
         message = NewMessage(
-            id=new_queue_id(now),
+            id=queue_id,
             received_at=now,
             user=user,
             listener=self.listener.name,
             client=session.peer[0],
             account=route.account,
             channel=route.channel,
-            sender=sender,
-            recipients=list(envelope.rcpt_tos),
-            body=body,
+            sender=submission.sender,
+            recipients=submission.recipients,
+            body=prepared.body,
+            label=route.options.label,
+            mail_from=prepared.mail_from if prepared.mail_from != submission.sender else None,
         )
         try:
             await self.services.spool.store(message)
@@ -228,10 +247,11 @@ class ListenerHandler:
             log.exception("%s: could not spool message from client=[%s]", message.id, session.peer[0])
             return str(spool_unavailable())
         log.info(
-            "%s: client=[%s], listener=%s, user=%s, from=<%s>, size=%d, nrcpt=%d, channel=%s, account=%s%s (queued)",
-            message.id, message.client, message.listener, user, message.sender, len(body),
+            "%s: client=[%s], listener=%s, user=%s, from=<%s>, size=%d, nrcpt=%d, channel=%s, account=%s%s%s (queued)",
+            message.id, message.client, message.listener, user, message.sender, len(message.body),
             len(message.recipients), route.channel, route.account,
             f", rule={route.rule}" if route.rule is not None else "",
+            f", label={message.label}" if message.label is not None else "",
         )
         self.services.scheduler.submit(message)
         return f"250 2.0.0 Ok: queued as {message.id}"

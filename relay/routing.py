@@ -1,9 +1,12 @@
-"""Which channel, and so which SendCloud account, carries a message: one pure function.
+"""Which channel, and so which SendCloud account, carries a message, with which options.
 
-Rules are tried in order and the first that matches picks the channel; a rule naming a
-channel the user does not have is skipped, so bulk mail never falls onto a transactional
-account by a rule written for other teams. Without a matching rule a message goes on the
-user's ``trigger`` channel, or on its only channel.
+Pure functions, tested as tables. Rules are tried in order and the first that matches picks
+the channel; a rule naming a channel the user does not have is skipped, so bulk mail never
+falls onto a transactional account by a rule written for other teams. Without a matching rule
+a message goes on the user's ``trigger`` channel, or on its only channel.
+
+The options a message travels with (sender mode, subject marker, label, tracking) are the
+matching rule's, else the user's, else the global defaults — field by field.
 """
 
 from __future__ import annotations
@@ -12,7 +15,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from relay.config import Config, Rule
+from relay.config import Config, MessageOptions, Rule, TLSPolicy, Tracking
+
+
+@dataclass(frozen=True)
+class Options:
+    sender_mode: str
+    from_local: str
+    ad_marker: str | None
+    label: int | None
+    tracking: Tracking
 
 
 @dataclass(frozen=True)
@@ -20,6 +32,7 @@ class Route:
     channel: str
     account: str
     rule: int | None  # index of the rule that decided, None for the default
+    options: Options
 
 
 @dataclass(frozen=True)
@@ -36,30 +49,94 @@ def _one_of(value: str, wanted: str | list[str] | None) -> bool:
     return value in ([wanted] if isinstance(wanted, str) else wanted)
 
 
-def rule_matches(rule: Rule, envelope: Envelope, header: Callable[[str], str | None]) -> bool:
+def rule_mismatch(rule: Rule, envelope: Envelope, header: Callable[[str], str | None]) -> str | None:
+    """Why ``rule`` does not match (the first condition that fails), or None when it matches."""
     match = rule.match
-    if not _one_of(envelope.user, match.user) or not _one_of(envelope.listener, match.listener):
-        return False
+    if not _one_of(envelope.user, match.user):
+        return f"user {envelope.user} is not {match.user}"
+    if not _one_of(envelope.listener, match.listener):
+        return f"listener {envelope.listener} is not {match.listener}"
     if match.sender is not None and not fnmatchcase(envelope.sender.lower(), match.sender.lower()):
-        return False
+        return f"sender <{envelope.sender}> does not match {match.sender}"
     if match.recipient_domains is not None:
         domains = {domain.lower() for domain in match.recipient_domains}
         if not any(rcpt.rpartition("@")[2].lower() in domains for rcpt in envelope.recipients):
-            return False
+            return f"no recipient in {', '.join(match.recipient_domains)}"
     if match.recipients_more_than is not None and len(envelope.recipients) <= match.recipients_more_than:
-        return False
+        return f"{len(envelope.recipients)} recipient(s), not more than {match.recipients_more_than}"
     for name, pattern in (match.header or {}).items():
         value = header(name)
-        if value is None or not fnmatchcase(value.strip().lower(), pattern.lower()):
-            return False
-    return True
+        if value is None:
+            return f"no {name} header"
+        if not fnmatchcase(value.strip().lower(), pattern.lower()):
+            return f"{name}: {value.strip()!r} does not match {pattern!r}"
+    return None
+
+
+def trace_route(
+    config: Config, envelope: Envelope, header: Callable[[str], str | None]
+) -> tuple[Route, list[str]]:
+    """The route, and one line per rule tried saying why it did or did not decide."""
+    user = config.users[envelope.user]
+    channels = user.channels
+    trace = []
+    for index, rule in enumerate(config.rules):
+        if rule.channel not in channels:
+            trace.append(f"rule {index}: skipped: user {envelope.user} has no {rule.channel} channel")
+            continue
+        reason = rule_mismatch(rule, envelope, header)
+        if reason is None:
+            trace.append(f"rule {index}: matches -> {rule.channel}")
+            options = resolve_options(config, rule, user)
+            return Route(rule.channel, channels[rule.channel], index, options), trace
+        trace.append(f"rule {index}: no match: {reason}")
+    channel = "trigger" if "trigger" in channels else next(iter(channels))
+    trace.append(f"no rule matched: default channel {channel}")
+    return Route(channel, channels[channel], None, resolve_options(config, None, user)), trace
 
 
 def choose_route(config: Config, envelope: Envelope, header: Callable[[str], str | None]) -> Route:
     """The route for a message; ``header(name)`` gives a header's value (parsed lazily)."""
-    channels = config.users[envelope.user].channels
-    for index, rule in enumerate(config.rules):
-        if rule.channel in channels and rule_matches(rule, envelope, header):
-            return Route(rule.channel, channels[rule.channel], index)
-    channel = "trigger" if "trigger" in channels else next(iter(channels))
-    return Route(channel, channels[channel], None)
+    return trace_route(config, envelope, header)[0]
+
+
+def resolve_options(config: Config, rule: MessageOptions | None, user: MessageOptions) -> Options:
+    layers = [layer for layer in (rule, user) if layer is not None]
+
+    def first(get):
+        return next((value for value in map(get, layers) if value is not None), None)
+
+    tracking = {
+        key: first(lambda layer, key=key: getattr(layer.tracking, key) if layer.tracking else None)
+        for key in Tracking.model_fields
+    }
+    mode = first(lambda layer: layer.sender.mode if layer.sender else None)
+    from_local = first(lambda layer: layer.sender.from_local if layer.sender else None)
+    return Options(
+        sender_mode=mode or config.sender.mode,
+        from_local=from_local or config.sender.from_local,
+        ad_marker=first(lambda layer: layer.ad_marker),
+        label=first(lambda layer: layer.label),
+        tracking=Tracking(**tracking),
+    )
+
+
+def tls_policy(config: Config, account: str, recipient: str) -> TLSPolicy:
+    """The upstream hop's TLS policy for one recipient, as Postfix's smtp_tls_policy_maps.
+
+    The first ``tls_rules`` entry for this account (or any) and the recipient's domain (or a
+    parent of it) wins; otherwise ``verify``, except ``may`` when the upstream is plaintext
+    (``kind: smtp`` with ``tls: none``, a local staging relay).
+    """
+    domain = recipient.rpartition("@")[2].lower().rstrip(".")
+    for rule in config.tls_rules:
+        if rule.account is not None and rule.account != account:
+            continue
+        if rule.domains is None or any(_within(domain, wanted) for wanted in rule.domains):
+            return rule.rule
+    return "may" if config.upstream.tls == "none" else "verify"
+
+
+def _within(domain: str, parent: str) -> bool:
+    parent = parent.lower().strip(".")
+    return domain == parent or domain.endswith("." + parent)

@@ -16,6 +16,7 @@ from relay.auth import Authenticator, FailureDelay
 from relay.config import Config
 from relay.delivery import Scheduler
 from relay.listener import ListenerGroup, Services
+from relay.prepare import Preparer
 from relay.spool.sqlite import SqliteSpool
 from relay.tls import server_context
 
@@ -27,6 +28,7 @@ class Relay:
         self.config = config
         self.spool = SqliteSpool(config.spool.path)
         self.scheduler = Scheduler(lambda: self.config, self.spool)
+        self.preparer = Preparer()
         services = Services(
             config=lambda: self.config,
             spool=self.spool,
@@ -35,6 +37,7 @@ class Relay:
                 lambda: {name: user.password_hash for name, user in self.config.users.items()}
             ),
             failures=FailureDelay(config.server.auth_failure_delay),
+            preparer=self.preparer,
         )
         tls = server_context(config.server.tls, config.server.hostname) if config.server.tls else None
         self.listeners = ListenerGroup(services, tls)
@@ -55,6 +58,7 @@ class Relay:
         log.info("shutting down: no new connections, %d open sessions get %.0fs", len(self.listeners.connections), grace)
         await self.listeners.stop(grace)
         await self.scheduler.stop(grace)
+        await asyncio.to_thread(self.preparer.close)
         await self.spool.close()
         log.info(
             "stopped; spool closed cleanly after %d writes in %d commits (fsyncs)",

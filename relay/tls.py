@@ -32,6 +32,15 @@ def upstream_context(upstream: Upstream) -> ssl.SSLContext:
     return context
 
 
+def unverified_upstream_context() -> ssl.SSLContext:
+    """Encryption without authentication: Postfix's ``may`` and ``encrypt`` TLS policies."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 def make_self_signed(cert_path: Path, key_path: Path, hostname: str) -> None:
     """An EC key and a one-year certificate for ``hostname``, localhost and 127.0.0.1."""
     from cryptography import x509

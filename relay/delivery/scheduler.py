@@ -18,11 +18,13 @@ from relay.bounce import FailedRecipient, build_dsn
 from relay.config import Config
 from relay.delivery.retry import RetryPolicy, after_attempt
 from relay.delivery.sendcloud import email_ids
-from relay.delivery.transport import Transaction, open_connection
+from relay.delivery.transport import AccountPool, Key, TLSContexts, Transaction, open_connection
 from relay.rewrite import header_block
+from relay.routing import tls_policy
 from relay.spool import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, new_queue_id
 from relay.spool.sqlite import SqliteSpool
-from relay.tls import upstream_context
+from relay.tls import unverified_upstream_context, upstream_context
+from relay.xsmtpapi import for_transaction
 
 log = logging.getLogger("relay.delivery")
 
@@ -36,6 +38,7 @@ class Scheduler:
         self._spool = spool
         self._queues: dict[str, asyncio.Queue[QueuedMessage | None]] = {}  # None: stop
         self._workers: list[asyncio.Task] = []
+        self._pools: dict[str, AccountPool] = {}
         self._in_flight: set[str] = set()
         # Finished while a poll's read was under way: that read may show them stale.
         self._finished_during_poll: set[str] = set()
@@ -49,14 +52,17 @@ class Scheduler:
     async def start(self) -> None:
         config = self._config()
         self._workers_per_queue = config.upstream.connections_per_account
-        tls = upstream_context(config.upstream) if config.upstream.kind != "capture" else None
+        tls = None
+        if config.upstream.kind != "capture":
+            tls = TLSContexts(verify=upstream_context(config.upstream), encrypt=unverified_upstream_context())
         for name, account in config.accounts.items():
             self._queues[name] = asyncio.Queue()
+            self._pools[name] = AccountPool(
+                config.upstream.connections_per_account,
+                lambda key, account=account: open_connection(config.upstream, account, key, config.server.hostname, tls),
+            )
             for number in range(config.upstream.connections_per_account):
-                connection = open_connection(config.upstream, account, config.server.hostname, tls)
-                self._workers.append(
-                    asyncio.create_task(self._work(name, connection), name=f"deliver-{name}-{number}")
-                )
+                self._workers.append(asyncio.create_task(self._work(name), name=f"deliver-{name}-{number}"))
         self._poller = asyncio.create_task(self._poll(), name="queue-poller")
 
     async def stop(self, grace: float) -> None:
@@ -74,6 +80,8 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._workers, return_exceptions=True)
+        for pool in self._pools.values():
+            await pool.close()
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -85,7 +93,8 @@ class Scheduler:
         ]
         queued = QueuedMessage(
             message.id, message.received_at, message.user, message.listener, message.client,
-            message.account, message.channel, message.sender, len(message.body), recipients,
+            message.account, message.channel, message.sender, len(message.body), message.label,
+            message.mail_from, recipients,
         )
         self._enqueue(queued)
 
@@ -124,26 +133,23 @@ class Scheduler:
 
     # -- workers ----------------------------------------------------------------------------
 
-    async def _work(self, account_name: str, connection) -> None:
+    async def _work(self, account_name: str) -> None:
         queue = self._queues[account_name]
-        try:
-            while True:
-                message = await queue.get()
-                if message is None:
-                    return
-                try:
-                    await self._deliver(message, connection)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # noqa: BLE001 - the message stays pending and is retried
-                    log.exception("%s: delivery failed unexpectedly; will retry", message.id)
-                finally:
-                    self._in_flight.discard(message.id)
-                    self._finished_during_poll.add(message.id)
-        finally:
-            await connection.close()
+        while True:
+            message = await queue.get()
+            if message is None:
+                return
+            try:
+                await self._deliver(message, self._pools[account_name])
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the message stays pending and is retried
+                log.exception("%s: delivery failed unexpectedly; will retry", message.id)
+            finally:
+                self._in_flight.discard(message.id)
+                self._finished_during_poll.add(message.id)
 
-    async def _deliver(self, message: QueuedMessage, connection) -> None:
+    async def _deliver(self, message: QueuedMessage, pool: AccountPool) -> None:
         body = await self._spool.body(message.id)
         if body is None:  # deleted with `queue delete`, or already final
             return
@@ -151,11 +157,15 @@ class Scheduler:
         policy = RetryPolicy(tuple(config.spool.retry), config.spool.retry_jitter, config.spool.max_lifetime)
         per_transaction = config.upstream.max_recipients_per_transaction
         updates: list[RecipientUpdate] = []
-        for start in range(0, len(message.recipients), per_transaction):
-            chunk = message.recipients[start : start + per_transaction]
+        for chunk, key in _transactions(message, config, per_transaction):
             addresses = [recipient.address for recipient in chunk]
             started = time.monotonic()
-            result = await connection.send(Transaction(message.id, message.sender, addresses, body))
+            data = body if len(chunk) == len(message.recipients) else for_transaction(body, addresses)
+            connection = await pool.acquire(key)
+            try:
+                result = await connection.send(Transaction(message.id, message.upstream_sender, addresses, data))
+            finally:
+                pool.release(connection)
             now = time.time()
             ids = email_ids(result.upstream_id, addresses) if result.upstream_id else [None] * len(chunk)
             for recipient, reply, email_id in zip(chunk, result.replies, ids, strict=True):
@@ -175,10 +185,9 @@ class Scheduler:
             self.submit(bounce)
 
     def _bounces(self, message: QueuedMessage, updates: list[RecipientUpdate], body: bytes, config: Config) -> list[NewMessage]:
+        addresses = {recipient.idx: recipient.address for recipient in message.recipients}
         failed = [
-            FailedRecipient(recipient.address, update.last_reply)
-            for recipient, update in zip(message.recipients, updates, strict=True)
-            if update.state is State.FAILED
+            FailedRecipient(addresses[update.idx], update.last_reply) for update in updates if update.state is State.FAILED
         ]
         if not failed or not message.sender:  # never bounce a bounce
             return []
@@ -200,6 +209,22 @@ class Scheduler:
                 message.channel, "", [message.sender], dsn,
             )
         ]
+
+
+def _transactions(message: QueuedMessage, config: Config, size: int) -> list[tuple[list[Recipient], Key]]:
+    """Recipients grouped by upstream TLS policy, in RCPT order, then in chunks of ``size``.
+
+    Recipients whose rules ask for different TLS never share a transaction: one that needs
+    ``verify`` must not ride on a connection opened under ``may``.
+    """
+    groups: dict[str, list[Recipient]] = {}
+    for recipient in message.recipients:
+        groups.setdefault(tls_policy(config, message.account, recipient.address), []).append(recipient)
+    return [
+        (recipients[start : start + size], Key(message.label, policy))
+        for policy, recipients in groups.items()
+        for start in range(0, len(recipients), size)
+    ]
 
 
 def _status_word(state: State) -> str:

@@ -1,9 +1,12 @@
-"""The upstream hop: one SMTP transaction at a time on a connection that is kept and reused.
+"""The upstream hop: one SMTP transaction at a time on connections that are kept and reused.
 
-Each delivery worker owns one :class:`Connection`, so ``upstream.connections_per_account``
-workers are the account's pool. ``send`` never raises for what the upstream says: it returns
-one :class:`~relay.delivery.retry.Reply` per recipient, and connection-level failures become
-replies without a code (temporary), as Postfix's ``status=deferred (connect to ...)``.
+A connection is bound to a :class:`Key`: the SendCloud label it logged in with (the login is
+``api_user#label``, so a connection without a label cannot carry labelled mail) and the TLS
+policy it was opened under. :class:`AccountPool` keeps each account's connections by key,
+never more than ``upstream.connections_per_account`` open. ``send`` never raises for what
+the upstream says: it returns one :class:`~relay.delivery.retry.Reply` per recipient, and
+connection-level failures become replies without a code (temporary), as Postfix's
+``status=deferred (connect to ...)``.
 """
 
 from __future__ import annotations
@@ -14,18 +17,35 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiosmtplib
 
-from relay.config import Account, Upstream
+from relay.config import Account, TLSPolicy, Upstream
 from relay.delivery.retry import Reply
 from relay.delivery.sendcloud import queued_message_id
 
 log = logging.getLogger("relay.delivery")
 
 _IDLE_CHECK = 15.0  # seconds idle after which a kept connection is probed with NOOP
+
+
+@dataclass(frozen=True)
+class Key:
+    label: int | None
+    tls: TLSPolicy
+
+
+@dataclass(frozen=True)
+class TLSContexts:
+    verify: ssl.SSLContext  # the system store or upstream.ca_file, host name checked
+    encrypt: ssl.SSLContext  # encryption without authentication (Postfix's may and encrypt)
+
+
+class TLSRequired(Exception):
+    """The connection cannot meet the key's TLS policy, or would send credentials in plaintext."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +64,10 @@ class Result:
 
 
 class Connection:
-    def __init__(self, upstream: Upstream, account: Account, local_hostname: str, tls: ssl.SSLContext | None):
+    def __init__(self, upstream: Upstream, account: Account, key: Key, local_hostname: str, tls: TLSContexts):
         self._upstream = upstream
         self._account = account
+        self.key = key
         self._local_hostname = local_hostname
         self._tls = tls
         self._client: aiosmtplib.SMTP | None = None
@@ -56,14 +77,24 @@ class Connection:
     async def send(self, transaction: Transaction) -> Result:
         try:
             client = await self._ready_client()
+        except TLSRequired as error:
+            await self.close()
+            return self._all(transaction, Reply(None, str(error)))
         except aiosmtplib.SMTPResponseException as error:  # e.g. 535 for a wrong api_key
             await self.close()
             return self._all(transaction, Reply(None, f"upstream refused login or greeting: {error.code} {error.message}"))
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
             await self.close()
             return self._all(transaction, Reply(None, f"connect to {self.relay}: {_describe(error)}"))
+        options = []
+        if not transaction.body.isascii():
+            if not client.supports_extension("8BITMIME"):
+                return self._all(transaction, Reply(554, f"5.6.3 {self.relay} does not offer 8BITMIME for this 8-bit message"))
+            options.append("BODY=8BITMIME")
         try:
-            refused, reply_text = await client.sendmail(transaction.sender, transaction.recipients, transaction.body)
+            refused, reply_text = await client.sendmail(
+                transaction.sender, transaction.recipients, transaction.body, mail_options=options
+            )
         except aiosmtplib.SMTPRecipientsRefused as error:
             by_address = {refusal.recipient: Reply(refusal.code, refusal.message) for refusal in error.recipients}
             return Result([by_address[address] for address in transaction.recipients], None, self.relay)
@@ -93,22 +124,44 @@ class Connection:
                 return client
             except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
                 await self.close()
-        upstream = self._upstream
+        upstream, policy = self._upstream, self.key.tls
+        if policy != "may" and upstream.tls == "none":
+            raise TLSRequired(f"TLS required by tls_rules ({policy}) but upstream.tls is none; waiting")
         client = aiosmtplib.SMTP(
             hostname=upstream.host,
             port=upstream.port,
             local_hostname=self._local_hostname,
             use_tls=upstream.tls == "implicit",
-            start_tls=upstream.tls == "starttls",
-            tls_context=self._tls if upstream.tls != "none" else None,
+            # may: STARTTLS when offered; encrypt and verify: STARTTLS or nothing.
+            start_tls=(None if policy == "may" else True) if upstream.tls == "starttls" else False,
+            tls_context=self._tls.verify if policy == "verify" else self._tls.encrypt,
             timeout=upstream.timeout,
         )
-        await client.connect()
         self._client = client
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPException as error:
+            if "STARTTLS" in str(error) or "starttls" in str(error):
+                raise TLSRequired(f"TLS required by tls_rules ({policy}) but {self.relay} offers no STARTTLS; waiting") from None
+            raise
+        if client.is_ehlo_or_helo_needed:
+            await client.ehlo()
         if self._account.api_key is not None:
+            encrypted = client.get_transport_info("sslcontext") is not None
+            if not encrypted and not upstream.allow_plaintext_auth:
+                raise TLSRequired(
+                    f"{self.relay} offers no STARTTLS and credentials never cross in plaintext "
+                    "(upstream.allow_plaintext_auth is off); waiting"
+                )
             # SendCloud offers only AUTH LOGIN; aiosmtplib picks it from EHLO.
-            await client.login(self._account.api_user, self._account.api_key.get_secret_value())
+            await client.login(self.username, self._account.api_key.get_secret_value())
         return client
+
+    @property
+    def username(self) -> str:
+        """SendCloud reads a label from the login: ``api_user#label_id``."""
+        api_user = self._account.api_user
+        return api_user if self.key.label is None else f"{api_user}#{self.key.label}"
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -130,9 +183,10 @@ class CaptureConnection:
     The demo's upstream, and a way to see exactly what would have gone to SendCloud.
     """
 
-    def __init__(self, upstream: Upstream, account: Account):
+    def __init__(self, upstream: Upstream, account: Account, key: Key):
         self._folder = upstream.path
         self._account = account
+        self.key = key
         self.relay = f"capture[{upstream.path}]"
 
     async def send(self, transaction: Transaction) -> Result:
@@ -148,6 +202,7 @@ class CaptureConnection:
         envelope = {
             "queue_id": transaction.queue_id,
             "api_user": self._account.api_user,
+            "label": self.key.label,
             "mail_from": transaction.sender,
             "rcpt_to": transaction.recipients,
         }
@@ -174,8 +229,43 @@ def _describe(error: BaseException) -> str:
     return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
-def open_connection(upstream: Upstream, account: Account, local_hostname: str, tls: ssl.SSLContext | None):
-    """A connection of the configured kind for one delivery worker."""
+def open_connection(upstream: Upstream, account: Account, key: Key, local_hostname: str, tls: TLSContexts | None):
+    """A connection of the configured kind for one key of an account's pool."""
     if upstream.kind == "capture":
-        return CaptureConnection(upstream, account)
-    return Connection(upstream, account, local_hostname, tls)
+        return CaptureConnection(upstream, account, key)
+    assert tls is not None, "network upstreams need TLS contexts"
+    return Connection(upstream, account, key, local_hostname, tls)
+
+
+class AccountPool:
+    """One account's kept connections by key, at most ``size`` open.
+
+    Each of the account's ``size`` workers holds at most one connection at a time, so only
+    idle ones need limiting: when a key needs a new connection and the account is at its
+    limit, the longest idle connection of another key is closed first.
+    """
+
+    def __init__(self, size: int, factory: Callable[[Key], Connection | CaptureConnection]):
+        self._size = size
+        self._factory = factory
+        self._idle: list = []  # oldest first
+        self._busy = 0
+
+    async def acquire(self, key: Key):
+        self._busy += 1
+        for connection in reversed(self._idle):
+            if connection.key == key:
+                self._idle.remove(connection)
+                return connection
+        if self._idle and self._busy + len(self._idle) > self._size:
+            await self._idle.pop(0).close()
+        return self._factory(key)
+
+    def release(self, connection) -> None:
+        self._busy -= 1
+        self._idle.append(connection)
+
+    async def close(self) -> None:
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await connection.close()

@@ -75,6 +75,8 @@ class NewMessage:
     sender: str
     recipients: list[str]
     body: bytes
+    label: int | None = None  # SendCloud label: the upstream login is api_user#label
+    mail_from: str | None = None  # upstream envelope sender when the sender mode changed it
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,14 @@ class QueuedMessage:
     channel: str
     sender: str
     size: int
+    label: int | None = None
+    mail_from: str | None = None
     recipients: list[Recipient] = field(default_factory=list)
+
+    @property
+    def upstream_sender(self) -> str:
+        """MAIL FROM upstream; ``sender`` stays the original, where DSNs go."""
+        return self.sender if self.mail_from is None else self.mail_from
 
     @property
     def state(self) -> str:

@@ -53,8 +53,11 @@ CREATE INDEX IF NOT EXISTS recipients_pending
     ON recipients (next_attempt) WHERE state IN ('queued', 'deferred');
 """
 
+# Columns added after the first release: added to an existing spool.db when it is opened.
+_ADDED_COLUMNS = {"label": "INTEGER", "mail_from": "TEXT"}
+
 _PENDING = (State.QUEUED.value, State.DEFERRED.value)
-_MESSAGE_COLUMNS = "id, received_at, user, listener, client, account, channel, sender, size"
+_MESSAGE_COLUMNS = "id, received_at, user, listener, client, account, channel, sender, size, label, mail_from"
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -66,6 +69,14 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
     conn.executescript(_SCHEMA)
+    present = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    for column, kind in _ADDED_COLUMNS.items():
+        if column not in present:
+            try:
+                conn.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
+            except sqlite3.OperationalError as error:  # another process added it meanwhile
+                if "duplicate column" not in str(error):
+                    raise
     return conn
 
 
@@ -79,10 +90,11 @@ class SpoolStore:
 
     def insert(self, message: NewMessage) -> None:
         self.conn.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}, body) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 message.id, message.received_at, message.user, message.listener, message.client,
-                message.account, message.channel, message.sender, len(message.body), message.body,
+                message.account, message.channel, message.sender, len(message.body),
+                message.label, message.mail_from, message.body,
             ),
         )
         self.conn.executemany(

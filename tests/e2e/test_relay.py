@@ -8,6 +8,7 @@ import smtplib
 import socket
 
 from tests.e2e.conftest import PASSWORD, TRUSTED_SOURCE, USER
+from tests.support.mail import added_fields
 from tests.support.relay import wait_until
 
 
@@ -47,14 +48,17 @@ def read_reply(stream) -> bytes:
 
 
 def test_starttls_auth_relays_to_the_trigger_account(relay, sendcloud, client_tls):
-    data = message("transactional")
-    queue_id = submit(relay, client_tls, ["someone@example.net", "other@example.org"], data)
+    data = message("transactional").replace(b"app@acme.com", b"app@info.acme.com")  # aligned From
+    queue_id = submit(relay, client_tls, ["someone@example.net", "other@example.org"], data, sender="app@info.acme.com")
     [received] = sendcloud.wait_for(1)
     assert received.login == "acme_trigger"
     assert received.tls
-    assert received.mail_from == "app@acme.com"
+    assert received.mail_from == "app@info.acme.com"
     assert received.rcpt_tos == ["someone@example.net", "other@example.org"]
-    assert received.data == data  # untouched, byte for byte
+    # The client's headers and body pass byte for byte; the relay only adds its own.
+    assert added_fields(data, received.data) == [
+        "Received", "Date", "SC-Custom-Relay-Id", "SC-Custom-Relay-User",
+    ]
     # SendCloud's messageId and the per-recipient emailIds are kept for its webhook events.
     assert wait_until(lambda: "SendCloud emailId" in relay.cli("queue", "show", queue_id).stdout, 10)
     shown = relay.cli("queue", "show", queue_id).stdout
@@ -85,7 +89,8 @@ def test_implicit_tls_listener(relay, sendcloud, client_tls):
 def test_trusted_network_relays_without_auth(relay, sendcloud):
     submit_trusted(relay, ["t@example.net"], message("trusted"), sender="cron@anywhere.example")
     [received] = sendcloud.wait_for(1)
-    assert received.login == "acme_trigger" and received.mail_from == "cron@anywhere.example"
+    # From app@acme.com is outside the account's domain info.acme.com: `align` rewrites it.
+    assert received.login == "acme_trigger" and received.mail_from == "noreply@info.acme.com"
 
 
 def test_bare_lf_is_normalised_and_cannot_smuggle_a_second_message(relay, sendcloud):

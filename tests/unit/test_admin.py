@@ -41,7 +41,7 @@ def message(message_id: str, age: float, recipients: list[Recipient], user: str 
             account: str = "acme_trigger") -> QueuedMessage:
     return QueuedMessage(
         message_id, NOW - age, user, "smtp", "10.20.0.5", account, "trigger",
-        "billing@acme.com", 1234, recipients,
+        "billing@acme.com", 1234, recipients=recipients,
     )
 
 

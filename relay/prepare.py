@@ -1,0 +1,82 @@
+"""Between DATA and the spool: route, rewrite, sign — the one call the listener makes.
+
+Routing and rewriting are pure and fast (they touch headers only); DKIM signing, the one
+CPU-heavy step, runs in :class:`relay.signing.Signer`'s process pool.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from relay.config import Config
+from relay.rewrite import Arrival, header_reader, normalise_line_endings, rewrite_message
+from relay.routing import Envelope, Route, choose_route
+from relay.signing import Signer, signing_domain
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One DATA as the listener saw it."""
+
+    user: str
+    listener: str
+    sender: str  # "" for the null sender
+    recipients: Sequence[str]
+    data: bytes
+    helo: str
+    client_ip: str
+    esmtp: bool
+    tls: tuple[str, str, int] | None
+    authenticated_user: str | None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    route: Route
+    body: bytes
+    mail_from: str  # upstream envelope sender
+
+
+class Preparer:
+    def __init__(self) -> None:
+        self.signer = Signer()
+
+    async def prepare(self, config: Config, submission: Submission, queue_id: str, now: float) -> Prepared:
+        """The message as it will be spooled; raises SMTPReply when it must be refused."""
+        data = normalise_line_endings(submission.data)
+        route = choose_route(
+            config,
+            Envelope(submission.user, submission.listener, submission.sender, submission.recipients),
+            header_reader(data),
+        )
+        arrival = Arrival(
+            helo=submission.helo,
+            client_ip=submission.client_ip,
+            esmtp=submission.esmtp,
+            tls=submission.tls,
+            authenticated_user=submission.authenticated_user,
+            hostname=config.server.hostname,
+            queue_id=queue_id,
+            recipients=tuple(submission.recipients),
+            when=datetime.datetime.fromtimestamp(now).astimezone(),
+        )
+        rewritten = rewrite_message(
+            data,
+            options=route.options,
+            account_domain=config.accounts[route.account].domain,
+            ad_marker_text=config.ad_marker_text,
+            envelope_sender=submission.sender,
+            recipients=submission.recipients,
+            user=submission.user,
+            arrival=arrival,
+        )
+        body = rewritten.body
+        domain = signing_domain(config.dkim, rewritten.from_domain) if rewritten.from_domain else None
+        if domain is not None:
+            body = await self.signer.sign(body, domain, config.dkim[domain])
+        return Prepared(route, body, rewritten.mail_from)
+
+    def close(self) -> None:
+        self.signer.close()
