@@ -62,11 +62,22 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for channel, account_name in user.channels.items():
             account = config.accounts[account_name]
             print(f"    {channel:<8} -> {account_name} (api_user {account.api_user}, type {account.type}, domain {account.domain})")
+    print(f"\nsender mode: {config.sender.mode} (rewrite uses {config.sender.from_local}@<account domain>)")
+    for name, user in config.users.items():
+        if _options_text(user):
+            print(f"  user {name}: {_options_text(user)}")
     if config.rules:
         print("\nrules (first match wins):")
         for index, rule in enumerate(config.rules):
             conditions = rule.match.model_dump(exclude_none=True) or "always"
-            print(f"  {index}: {conditions} -> {rule.channel}")
+            print(f"  {index}: {conditions} -> {rule.channel}" + (f"; {_options_text(rule)}" if _options_text(rule) else ""))
+    if config.tls_rules:
+        print("\nupstream TLS rules (first match wins; default verify):")
+        for index, tls_rule in enumerate(config.tls_rules):
+            domains = ", ".join(tls_rule.domains) if tls_rule.domains else "any domain"
+            print(f"  {index}: account {tls_rule.account or 'any'}, {domains} -> {tls_rule.rule}")
+    if config.dkim:
+        print("\nDKIM signing: " + ", ".join(f"{domain} (selector {key.selector})" for domain, key in config.dkim.items()))
     upstream = config.upstream
     target = str(upstream.path) if upstream.kind == "capture" else f"{upstream.host}:{upstream.port} tls={upstream.tls}"
     print(f"\nupstream: {upstream.kind} {target}, {upstream.connections_per_account} connection(s) per account")
@@ -75,6 +86,110 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  retry {', '.join(f'{s:g}s' for s in config.spool.retry)}; max_lifetime {config.spool.max_lifetime:g}s")
     print(f"spool: {config.spool.backend} {config.spool.path}")
     return 0
+
+
+def _options_text(options) -> str:
+    """A rule's or user's own options in one line (unset ones are inherited, so not shown)."""
+    parts = []
+    if options.sender and options.sender.mode:
+        parts.append(f"sender {options.sender.mode}")
+    if options.sender and options.sender.from_local:
+        parts.append(f"from_local {options.sender.from_local}")
+    if options.ad_marker:
+        parts.append(f"ad_marker {options.ad_marker}")
+    if options.label is not None:
+        parts.append(f"label {options.label}")
+    if options.tracking:
+        parts.append("tracking " + ", ".join(f"{k}={'on' if v else 'off'}" for k, v in options.tracking.model_dump(exclude_none=True).items()))
+    return "; ".join(parts)
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """Which rule a sample message hits, and everything that follows from it."""
+    from email.parser import BytesHeaderParser
+    from email.policy import default
+
+    from relay.routing import Envelope, tls_policy, trace_route
+
+    config = _config(args)
+    if args.user not in config.users:
+        print(f"no user {args.user!r} (users: {', '.join(config.users)})", file=sys.stderr)
+        return 2
+    headers = args.message.read_bytes() if args.message else b""
+    headers = b"".join(line.encode() + b"\r\n" for line in args.header) + headers
+    parsed = BytesHeaderParser(policy=default).parsebytes(headers)
+    listener = args.listener or config.server.listeners[0].name
+    envelope = Envelope(args.user, listener, args.sender, args.to)
+    route, trace = trace_route(config, envelope, lambda name: None if parsed.get(name) is None else str(parsed.get(name)))
+    for line in trace:
+        print(line)
+    account = config.accounts[route.account]
+    options = route.options
+    login = account.api_user + (f"#{options.label}" if options.label is not None else "")
+    print(f"\nroute:     channel {route.channel} -> account {route.account} (AUTH LOGIN as {login}, domain {account.domain})")
+    from_local = f" (from_local {options.from_local})" if options.sender_mode != "keep" else ""
+    print(f"sender:    {options.sender_mode}{from_local}")
+    marker = f"{options.ad_marker} {config.ad_marker_text!r}" if options.ad_marker else "none"
+    print(f"ad_marker: {marker}")
+    tracking = options.tracking.model_dump()
+    print("tracking:  " + ", ".join(f"{k}={'client' if v is None else 'on' if v else 'off'}" for k, v in tracking.items()))
+    print("upstream TLS:")
+    for recipient in args.to:
+        print(f"  <{recipient}> {tls_policy(config, route.account, recipient)}")
+    return 0
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    from relay.signing import dns_record, generate
+
+    path = Path(args.out) / f"{args.domain}.{args.selector}.key"
+    if path.exists():
+        print(f"{path} exists; not overwriting a key that may be published", file=sys.stderr)
+        return 1
+    key = generate(args.algorithm, args.bits)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key)
+    record = dns_record(key)
+    print(f"wrote {path} ({args.algorithm})\n")
+    print("publish this DNS TXT record:")
+    print(f'  {args.selector}._domainkey.{args.domain}. IN TXT "{record}"\n')
+    print("and add to the config:")
+    print(f"  dkim:\n    {args.domain}: {{selector: {args.selector}, key_file: {path.resolve()}}}")
+    return 0
+
+
+def cmd_domain_check(args: argparse.Namespace) -> int:
+    import json
+
+    from relay.config import Resolver
+    from relay.domaincheck import Expected, check_domain, make_resolver, table
+    from relay.signing import dns_record
+
+    config = load_config(args.config) if args.config else None
+    settings = config.resolver if config else Resolver()
+    if args.nameserver:
+        host, _, port = args.nameserver.rpartition(":") if args.nameserver.count(":") == 1 else (args.nameserver, "", "")
+        settings = Resolver(nameservers=[host], port=int(port) if port else 53, timeout=settings.timeout)
+    own = config.dkim.get(args.domain) if config else None
+    selector = args.selector or (own.selector if own else "mail")
+    expected = Expected(
+        spf_include=args.spf_include,
+        mx=args.mx,
+        dkim_selector=selector,
+        dkim_value=dns_record(own.key.get_secret_value().encode()) if own and own.selector == selector else None,
+    )
+    records = asyncio.run(check_domain(args.domain, make_resolver(settings), expected))
+    if args.json:
+        print(json.dumps({"domain": args.domain, "records": [record.as_dict() for record in records]}, indent=2))
+    else:
+        for line in table(records):
+            print(line)
+    failed = [record.name for record in records if record.required and record.status != "ok"]
+    if failed and not args.json:
+        print(f"\nrequired record(s) not in place: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_hash_password(args: argparse.Namespace) -> int:
@@ -215,6 +330,35 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_check_config
     )
     sub.add_parser("hash-password", help="read a password on stdin, print its hash").set_defaults(func=cmd_hash_password)
+
+    route = with_config(sub.add_parser("route", help="show which rule a sample message hits, and its options"))
+    route.add_argument("--user", required=True)
+    route.add_argument("--listener", help="listener name (default: the first)")
+    route.add_argument("--from", dest="sender", default="", help="envelope sender")
+    route.add_argument("--to", action="append", required=True, help="recipient (repeatable)")
+    route.add_argument("--header", action="append", default=[], help="'Name: value' (repeatable)")
+    route.add_argument("--message", type=Path, help="a message file whose headers are used")
+    route.set_defaults(func=cmd_route)
+
+    dkim = sub.add_parser("dkim", help="DKIM keys").add_subparsers(dest="dkim_command", required=True)
+    keygen = dkim.add_parser("keygen", help="write a private key and print its DNS TXT record")
+    keygen.add_argument("domain")
+    keygen.add_argument("--selector", required=True)
+    keygen.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size")
+    keygen.add_argument("--out", default=".", help="folder for DOMAIN.SELECTOR.key")
+    keygen.set_defaults(func=cmd_dkim_keygen)
+
+    domain = sub.add_parser("domain", help="sending domain DNS").add_subparsers(dest="domain_command", required=True)
+    check = domain.add_parser("check", help="check SPF, DKIM, MX and DMARC as SendCloud's domain page does")
+    check.add_argument("domain")
+    check.add_argument("-c", "--config", type=Path, help="config: resolver settings and own DKIM keys")
+    check.add_argument("--json", action="store_true")
+    check.add_argument("--nameserver", help="IP[:PORT] to ask instead of the system resolver")
+    check.add_argument("--selector", help="DKIM selector (default: the config's for this domain, else mail)")
+    check.add_argument("--spf-include", default="spf.sendcloud.org")
+    check.add_argument("--mx", default="mx.sendcloud.org")
+    check.set_defaults(func=cmd_domain_check)
 
     queue = with_config(sub.add_parser("queue", help="inspect and act on the spool"))
     queue.add_argument("action", choices=["list", "show", "retry", "delete", "flush"])

@@ -30,7 +30,7 @@ def key_algorithm(key: bytes) -> bytes:
     if b"-----BEGIN" in key:
         try:
             parse_pem_private_key(key)
-        except UnparsableKeyError:
+        except (UnparsableKeyError, ValueError):  # bad base64 inside the PEM is a ValueError
             raise ValueError(
                 "not an RSA private key dkimpy can read: use a PKCS#1 PEM key "
                 "('BEGIN RSA PRIVATE KEY', as `sendcloud-relay dkim keygen` writes)"
@@ -63,22 +63,33 @@ def signing_domain(keys: dict[str, DkimKey], from_domain: str) -> str | None:
     return max(candidates, key=len) if candidates else None
 
 
-def generate(algorithm: str, bits: int = 2048) -> tuple[bytes, str]:
-    """A new private key (in the format :func:`sign` reads) and its DNS TXT value."""
+def generate(algorithm: str, bits: int = 2048) -> bytes:
+    """A new private key in the format :func:`sign` reads (``dkim keygen``)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
     if algorithm == "ed25519":
-        private = ed25519.Ed25519PrivateKey.generate()
-        seed = private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-        public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return base64.b64encode(seed) + b"\n", f"v=DKIM1; k=ed25519; p={base64.b64encode(public).decode()}"
-    private = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    pem = private.private_bytes(
+        seed = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        return base64.b64encode(seed) + b"\n"
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
     )
+
+
+def dns_record(key: bytes) -> str:
+    """The DNS TXT value (``v=DKIM1; k=...; p=...``) that publishes a private key's public half."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    if key_algorithm(key) == b"ed25519-sha256":
+        private = ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(key.strip()))
+        public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return f"v=DKIM1; k=ed25519; p={base64.b64encode(public).decode()}"
+    private = serialization.load_pem_private_key(key, password=None)
     public = private.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return pem, f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}"
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(public).decode()}"
 
 
 class Signer:

@@ -11,7 +11,8 @@ _FIELD = re.compile(rb"^[!-9;-~]+:")
 
 def fields(data: bytes) -> list[bytes]:
     """The raw header fields (continuation lines included, CRLF kept), in order."""
-    head = data.split(b"\r\n\r\n", 1)[0] + b"\r\n"
+    head = data.split(b"\r\n\r\n", 1)[0]
+    head += b"" if head.endswith(b"\r\n") else b"\r\n"
     found: list[bytes] = []
     for line in head.splitlines(keepends=True):
         if line[:1] in (b" ", b"\t") and found:

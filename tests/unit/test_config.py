@@ -452,3 +452,31 @@ def test_shipped_configs_validate(name, tmp_path, monkeypatch):
     text = re.sub(r"(\b(?!ca_)\w+_file:\s*)[^\s,}#]+", lambda m: f"{m.group(1)}{secret}", text)
     config = parse_config(text, source=name, base=tmp_path)
     assert config.accounts and config.users
+
+
+# -- routing options, TLS rules, DKIM -------------------------------------------------------
+
+
+def test_tls_rule_naming_an_unknown_account_points_at_it():
+    text = BASE + "tls_rules:\n  - {account: acme_trigerr, domains: [qq.com], rule: verify}\n"
+    assert_points_at(config_error(text), text, "acme_trigerr", "tls_rules.0.account")
+
+
+def test_rule_options_are_validated():
+    text = BASE + "rules:\n  - channel: trigger\n    ad_marker: middle\n    label: x12\n"
+    message = config_error(text)
+    assert_points_at(message, text, "ad_marker: middle", "rules.0.ad_marker")
+    assert_points_at(message, text, "label: x12", "rules.0.label")
+
+
+def test_dkim_key_file_is_read_and_checked(tmp_path):
+    from relay.signing import generate
+
+    (tmp_path / "good.key").write_bytes(generate("ed25519"))
+    (tmp_path / "bad.key").write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    good = BASE + "dkim:\n  acme.com: {selector: s1, key_file: good.key}\n"
+    assert parse_config(good, source=SOURCE, base=tmp_path).dkim["acme.com"].selector == "s1"
+    bad = BASE + "dkim:\n  acme.com: {selector: s1, key_file: bad.key}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(bad, source=SOURCE, base=tmp_path)
+    assert "dkim.acme.com.key" in str(caught.value) and "PKCS#1" in str(caught.value)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import pytest
 
 from relay.rewrite import header_reader
-from relay.routing import Envelope, choose_route
+from relay.routing import Envelope, choose_route, tls_policy, trace_route
 from tests.unit.helpers import config_from
 
 BASE = """
@@ -146,3 +146,82 @@ def test_headers_are_not_parsed_when_no_rule_asks():
 
     route = choose_route(config, Envelope("billing", "smtp", "a@acme.com", ["x@example.org"]), header)
     assert (route.channel, route.account, route.rule) == ("batch", "acme_batch", 0)
+
+
+# -- options: rule > user > global, field by field ------------------------------------------
+
+OPTIONS_CONFIG = BASE.replace(
+    "  billing: {channels: {trigger: acme_trigger, batch: acme_batch}}",
+    "  billing:\n"
+    "    channels: {trigger: acme_trigger, batch: acme_batch}\n"
+    "    label: 11\n"
+    "    tracking: {open: true, click: true}\n"
+    "    sender: {mode: rewrite}\n",
+) + """
+sender: {mode: align, from_local: mailer}
+rules:
+  - match: {header: {X-Mail-Type: newsletter}}
+    channel: batch
+    ad_marker: prefix
+    label: 22
+    tracking: {click: false, unsubscribe: true}
+    sender: {from_local: news}
+"""
+
+
+def test_options_inherit_field_by_field():
+    config = config_from(OPTIONS_CONFIG)
+    rule_route = choose_route(config, Envelope("billing", "smtp", "a@acme.com", ["x@example.org"]), header_reader(NEWSLETTER))
+    assert rule_route.rule == 0
+    options = rule_route.options
+    assert (options.sender_mode, options.from_local, options.ad_marker, options.label) == ("rewrite", "news", "prefix", 22)
+    assert options.tracking.model_dump() == {"open": True, "click": False, "unsubscribe": True}
+    default_route = choose_route(config, Envelope("billing", "smtp", "a@acme.com", ["x@example.org"]), header_reader(PLAIN))
+    options = default_route.options
+    assert (options.sender_mode, options.from_local, options.ad_marker, options.label) == ("rewrite", "mailer", None, 11)
+    assert options.tracking.model_dump() == {"open": True, "click": True, "unsubscribe": None}
+    ops = choose_route(config, Envelope("ops", "smtp", "a@acme.com", ["x@example.org"]), header_reader(PLAIN)).options
+    assert (ops.sender_mode, ops.from_local, ops.label) == ("align", "mailer", None)
+
+
+def test_trace_says_why_each_rule_did_not_decide():
+    config = config_from(BASE + "rules:\n"
+                         "  - {match: {user: ops}, channel: trigger}\n"
+                         "  - {channel: batch, match: {recipients_more_than: 5}}\n"
+                         "  - {channel: batch, match: {header: {X-Mail-Type: 'news*'}}}\n")
+    route, trace = trace_route(config, Envelope("billing", "smtp", "a@acme.com", ["x@example.org"]), header_reader(PLAIN))
+    assert trace == [
+        "rule 0: no match: user billing is not ops",
+        "rule 1: no match: 1 recipient(s), not more than 5",
+        "rule 2: no match: no X-Mail-Type header",
+        "no rule matched: default channel trigger",
+    ]
+    route, trace = trace_route(config, Envelope("promo", "smtp", "a@acme.com", ["x@example.org"]), header_reader(NEWSLETTER))
+    assert trace[0] == "rule 0: skipped: user promo has no trigger channel"
+    assert trace[-1] == "rule 2: matches -> batch" and route.rule == 2
+
+
+TLS_CONFIG = BASE + """
+tls_rules:
+  - {account: acme_trigger, domains: [qq.com], rule: encrypt}
+  - {domains: [Example.NET], rule: may}
+"""
+
+TLS_CASES = {
+    "account_and_domain": ("acme_trigger", "a@qq.com", "encrypt"),
+    "subdomain": ("acme_trigger", "a@vip.qq.com", "encrypt"),
+    "other_account_falls_through": ("acme_batch", "a@qq.com", "verify"),
+    "any_account_rule": ("acme_batch", "a@EXAMPLE.net", "may"),
+    "not_a_suffix_match": ("acme_trigger", "a@notqq.com", "verify"),
+    "default_verify": ("acme_trigger", "a@gmail.com", "verify"),
+}
+
+
+@pytest.mark.parametrize("account, recipient, expected", TLS_CASES.values(), ids=TLS_CASES.keys())
+def test_tls_policy(account, recipient, expected):
+    assert tls_policy(config_from(TLS_CONFIG), account, recipient) == expected
+
+
+def test_tls_policy_default_is_may_for_a_plaintext_staging_upstream():
+    config = config_from(BASE.replace("upstream: {kind: capture}", "upstream: {kind: smtp, tls: none}"))
+    assert tls_policy(config, "acme_trigger", "a@gmail.com") == "may"
