@@ -45,8 +45,10 @@ def show_lines(message: QueuedMessage, config: Config | None, now: float | None 
         f"id:        {message.id}",
         f"received:  {time.strftime('%Y-%m-%d %H:%M:%S %z', time.localtime(message.received_at))} ({format_age(now - message.received_at)} ago)",
         f"user:      {message.user} via listener {message.listener} from [{message.client}]",
-        f"route:     channel {message.channel} -> account {message.account}{api_user}",
-        f"sender:    <{message.sender}>",
+        f"route:     channel {message.channel} -> account {message.account}{api_user}"
+        + (f", label {message.label}" if message.label is not None else ""),
+        f"sender:    <{message.sender}>"
+        + (f" (upstream MAIL FROM <{message.mail_from}>, sender mode)" if message.mail_from is not None else ""),
         f"size:      {message.size} bytes",
         "recipients:",
     ]

@@ -210,8 +210,13 @@ class FakeSendCloud:
     - ``logins``: every AUTH username attempted (successful or not), in order.
     """
 
-    def __init__(self, ca: trustme.CA, accounts: dict[str, str], host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self, ca: trustme.CA, accounts: dict[str, str], host: str = "127.0.0.1", port: int = 0, starttls: bool = True
+    ):
+        """``starttls=False`` makes a plaintext endpoint (no STARTTLS; AUTH offered in the clear),
+        for testing that the relay never sends mail or credentials where TLS is required."""
         self.host = host
+        self.starttls = starttls
         self.port = port
         self.accounts = dict(accounts)
         self.messages: list[ReceivedMessage] = []
@@ -241,9 +246,9 @@ class FakeSendCloud:
             ready_timeout=10.0,
             server_hostname=HOSTNAME,
             ident="ESMTP fake SendCloud (Haraka)",
-            tls_context=self._tls_context,
+            tls_context=self._tls_context if self.starttls else None,
             auth_required=True,
-            auth_require_tls=True,
+            auth_require_tls=self.starttls,
             auth_exclude_mechanism=["PLAIN"],
             authenticator=self._authenticate,
             data_size_limit=SIZE_LIMIT,
