@@ -160,7 +160,7 @@ class Scheduler:
         for chunk, key in _transactions(message, config, per_transaction):
             addresses = [recipient.address for recipient in chunk]
             started = time.monotonic()
-            data = body if len(chunk) == len(message.recipients) else for_transaction(body, addresses)
+            data = for_transaction(body, addresses)  # X-SMTPAPI "to" may name only these recipients
             connection = await pool.acquire(key)
             try:
                 result = await connection.send(Transaction(message.id, message.upstream_sender, addresses, data))

@@ -87,9 +87,23 @@ def test_client_x_smtpapi_is_merged_and_split_per_transaction(make_relay, sendcl
             "open_tracking": {"settings": {"enable": "1"}},  # the client's, the user set nothing
             "subscription_tracking": {"settings": {"enable": "0"}},  # the user's
         }
-        seen.update(zip(value["to"], value["sub"]["%name%"]))
+        seen.update(zip(value["to"], value["sub"]["%name%"], strict=True))
     assert seen == {"a@example.net": "A", "b@example.net": "B", "c@example.net": "C"}
     assert sorted(len(m.rcpt_tos) for m in (first, second)) == [1, 2]
+
+
+def test_retry_after_partial_delivery_names_only_the_remaining_recipient(relay, sendcloud, client_tls):
+    """SendCloud sends to X-SMTPAPI "to", not to the envelope: a retry must not resend to everyone."""
+    sendcloud.rcpt_replies["b@example.net"] = "451 4.2.0 try again later"
+    client = {"to": ["a@example.net", "b@example.net"]}
+    data = b"From: app@info.acme.com\r\nX-SMTPAPI: " + base64.b64encode(json.dumps(client).encode()) + b"\r\n\r\nbody\r\n"
+    submit(relay, client_tls, ["a@example.net", "b@example.net"], data, sender="app@info.acme.com")
+    [first] = sendcloud.wait_for(1)
+    assert first.rcpt_tos == ["a@example.net"]  # b was refused with 451 and is deferred
+    sendcloud.rcpt_replies.clear()
+    retried = sendcloud.wait_for(2, timeout=30)[1]
+    assert retried.rcpt_tos == ["b@example.net"]
+    assert json.loads(base64.b64decode(fields(retried.data)[-1][len(b"X-SMTPAPI: "):]))["to"] == ["b@example.net"]
 
 
 @pytest.mark.parametrize("value, reply", [

@@ -30,7 +30,10 @@ ARRIVAL = Arrival(
 BODY = b"\r\nline one\r\n\r\nX-Not-A-Header: body\r\n\xe4\xb8\xad\xe6\x96\x87 8-bit body\r\n"
 
 
-def options(mode="align", ad_marker=None, tracking=Tracking(), label=None) -> Options:
+NO_TRACKING = Tracking()
+
+
+def options(mode="align", ad_marker=None, tracking=NO_TRACKING, label=None) -> Options:
     return Options(sender_mode=mode, from_local="noreply", ad_marker=ad_marker, label=label, tracking=tracking)
 
 
