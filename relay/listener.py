@@ -3,7 +3,8 @@
 One :class:`ListenerHandler` per configured listener; the decisions live in
 :mod:`relay.policy` and :mod:`relay.routing`, and this module only asks them and answers.
 ``handle_DATA`` does no more than prepare (:mod:`relay.prepare`: route, rewrite, sign), spool
-(waiting for the group commit's fsync) and reply, so the ``250`` is never sent for a message that is not on disk.
+(waiting for the group commit's fsync) and reply, so the ``250`` is never sent for a message
+that is not on disk.
 """
 
 from __future__ import annotations
