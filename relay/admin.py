@@ -1,7 +1,8 @@
-"""What operators see of the queue: the text of `queue list` and `queue show`.
+"""What operators see of the queue: `queue list` and `queue show`, as text and as JSON.
 
-Pure formatting of spool records, shared by the CLI (and later the admin HTTP endpoint),
-so the two never disagree.
+Pure formatting of spool records, shared by the CLI and the admin HTTP endpoint
+(``/api/queue``), so the two never disagree: :func:`list_record` is one line of `queue list`
+as data, and :func:`list_lines` prints those records.
 """
 
 from __future__ import annotations
@@ -24,17 +25,53 @@ def format_age(seconds: float) -> str:
     return f"{seconds}s"
 
 
+def list_record(message: QueuedMessage, now: float) -> dict:
+    """One line of `queue list` as data (``/api/queue``)."""
+    return {
+        "id": message.id,
+        "received_at": message.received_at,
+        "age": format_age(now - message.received_at),
+        "user": message.user,
+        "account": message.account,
+        "channel": message.channel,
+        "recipients_pending": sum(1 for r in message.recipients if not r.state.final),
+        "recipients_total": len(message.recipients),
+        "state": message.state,
+    }
+
+
 def list_lines(messages: list[QueuedMessage], now: float | None = None) -> list[str]:
     now = time.time() if now is None else now
     lines = [f"{'ID':<16} {'AGE':>6} {'USER':<12} {'ACCOUNT':<16} {'RCPTS':>5} STATE"]
-    for message in messages:
-        pending = sum(1 for r in message.recipients if not r.state.final)
+    for record in (list_record(message, now) for message in messages):
         lines.append(
-            f"{message.id:<16} {format_age(now - message.received_at):>6} {message.user:<12} "
-            f"{message.account:<16} {pending:>2}/{len(message.recipients):<2} {message.state}"
+            f"{record['id']:<16} {record['age']:>6} {record['user']:<12} {record['account']:<16} "
+            f"{record['recipients_pending']:>2}/{record['recipients_total']:<2} {record['state']}"
         )
     lines.append(f"-- {len(messages)} message(s)")
     return lines
+
+
+def show_record(message: QueuedMessage, now: float) -> dict:
+    """`queue show` as data (``/api/queue/ID``): the message and every recipient's state."""
+    record = list_record(message, now) | {
+        "listener": message.listener,
+        "client": message.client,
+        "sender": message.sender,
+        "size": message.size,
+    }
+    record["recipients"] = [
+        {
+            "address": r.address,
+            "state": r.state.value,
+            "attempts": r.attempts,
+            "next_attempt": r.next_attempt if not r.state.final else None,
+            "last_reply": r.last_reply,
+            "email_id": r.email_id,
+        }
+        for r in message.recipients
+    ]
+    return record
 
 
 def show_lines(message: QueuedMessage, config: Config | None, now: float | None = None) -> list[str]:

@@ -109,6 +109,16 @@ class _Model(BaseModel):
 # Sections
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ProxyProtocol(_Model):
+    """HAProxy's PROXY protocol (v1 or v2) in front of a listener: the header names the client."""
+
+    proxies: list[Network] = Field(min_length=1)  # who may send the header; others are cut off
+    timeout: Duration = 5.0  # for the header to arrive after connect
+
+
 class Listener(_Model):
     name: str
     bind: str = "0.0.0.0"
@@ -116,6 +126,14 @@ class Listener(_Model):
     tls: Literal["none", "starttls", "implicit"] = "starttls"
     auth: Literal["required", "optional", "none"] = "optional"
     allow_plaintext_auth: bool = False
+    proxy_protocol: ProxyProtocol | None = None
+
+    @model_validator(mode="after")
+    def _proxy_protocol_without_implicit_tls(self) -> Listener:
+        if self.proxy_protocol is not None and self.tls == "implicit":
+            # aiosmtpd would expect the header inside TLS, where no load balancer puts it (#559).
+            raise ValueError("proxy_protocol does not work with tls: implicit; use starttls or none")
+        return self
 
 
 class TLSFiles(_Model):
@@ -125,7 +143,7 @@ class TLSFiles(_Model):
 
 
 class TrustedNetwork(_Model):
-    cidr: ipaddress.IPv4Network | ipaddress.IPv6Network
+    cidr: Network
     user: str
 
 
@@ -264,10 +282,40 @@ class Resolver(_Model):
     timeout: Duration = 5.0
 
 
+def _host_port(value: str) -> str:
+    host, port = split_host_port(value)
+    if not host or not 1 <= port <= 65535:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8025 or [::1]:8025")
+    return value
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``127.0.0.1:8025`` / ``[::1]:8025`` → (host, port); port 0 when it does not parse."""
+    host, _, port = value.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host, int(port) if port.isdigit() else 0
+
+
+class Admin(_Model):
+    """The admin HTTP endpoint: /metrics, /healthz, /readyz, /api/queue, /api/reload."""
+
+    listen: Annotated[str, AfterValidator(_host_port)] | None = "127.0.0.1:8025"  # null: off
+    token: SecretStr | None = None  # bearer token for /metrics and /api/* (probes need none)
+    upstream_unready_after: Duration | None = 900.0  # /readyz fails once upstream fails this long
+
+
+class Logging(_Model):
+    format: Literal["plain", "json"] = "plain"
+    level: Literal["debug", "info", "warning"] = "info"
+    mask_addresses: bool = False  # j***@example.com in every log line
+
+
 class Config(_Model):
     server: Server
     spool: Spool = Spool()
     upstream: Upstream = Upstream()
+    admin: Admin = Admin()
+    logging: Logging = Logging()
     accounts: dict[str, Account] = Field(min_length=1)
     users: dict[str, User] = Field(min_length=1)
     rules: list[Rule] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import ipaddress
 import logging
 import ssl
 import time
@@ -19,12 +20,15 @@ from base64 import b64decode
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
+from relay import metrics
 from relay.auth import Authenticator, FailureDelay
 from relay.config import Config, Listener
 from relay.delivery import Scheduler
 from relay.errors import SMTPReply, spool_unavailable
+from relay.logs import event
 from relay.policy import check_recipient, check_relay, check_sender, identify
 from relay.prepare import Preparer, Submission
 from relay.spool import NewMessage, new_queue_id
@@ -56,12 +60,16 @@ class Services:
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with two additions a hook cannot make.
+    """aiosmtpd's SMTP with three additions a hook cannot make.
 
     - aiosmtpd's built-in replies for size and STARTTLS problems lack the enhanced status
-      codes (RFC 3463) that the spec promises and that smarthosts log; ``push`` adds them.
+      codes (RFC 3463) that the spec promises and that smarthosts log; ``push`` adds them,
+      and logs and counts those refusals, which no hook sees.
     - Open connections are tracked so shutdown can say ``421`` to idle clients and wait
       for the ones in a transaction.
+    - ``client_ip`` is the real client: the TCP peer, or the address a PROXY header named.
+      It lives here, not on the session, because STARTTLS makes a new session (aiosmtpd
+      #287) and would fall back to the load balancer's address.
     """
 
     _WITH_ENHANCED_CODE = {
@@ -74,21 +82,39 @@ class RelaySMTP(SMTP):
         "501 Error: SMTPUTF8 disabled": "555 5.6.7 SMTPUTF8 is not supported (SendCloud does not offer it)",
     }
 
+    # aiosmtpd's own refusals of a transaction, with the command they refuse.
+    _BUILTIN_REFUSALS = {
+        "552 Error: Too much mail data": "DATA",
+        "552 Error: message size exceeds fixed maximum message size": "MAIL",
+        "500 Line too long (see RFC5321 4.5.3.1.6)": "DATA",
+        "530 5.7.0 Authentication required": "MAIL",
+    }
+
     def __init__(self, handler: ListenerHandler, connections: set[RelaySMTP], **kwargs):
         super().__init__(handler, **kwargs)
         self._connections = connections
+        self.client_ip = ""
 
     async def push(self, status):
         if isinstance(status, str):
+            stage = self._BUILTIN_REFUSALS.get(status)
             status = self._WITH_ENHANCED_CODE.get(status, status)
+            if stage is not None:
+                self.event_handler.refused_by_aiosmtpd(self, stage, status)
         await super().push(status)
 
     def connection_made(self, transport) -> None:
+        first = self._original_transport is None  # STARTTLS calls this again
         super().connection_made(transport)
-        self._connections.add(self)
+        if first:
+            self.client_ip = (transport.get_extra_info("peername") or ("",))[0]
+            self._connections.add(self)
+            self.event_handler.connected(transport)
 
     def connection_lost(self, error) -> None:
-        self._connections.discard(self)
+        if self in self._connections:
+            self._connections.discard(self)
+            metrics.SESSIONS.labels(self.event_handler.listener.name).dec()
         super().connection_lost(error)
 
     @property
@@ -114,9 +140,49 @@ class ListenerHandler:
 
     # -- identity ---------------------------------------------------------------------------
 
-    def _user(self, session: Session) -> str | None:
+    def _user(self, server: RelaySMTP, session: Session) -> str | None:
         authenticated = session.auth_data if session.authenticated else None
-        return identify(self.services.config(), self.listener, authenticated, session.peer[0])
+        return identify(self.services.config(), self.listener, authenticated, server.client_ip)
+
+    def _refused(self, server: RelaySMTP, stage: str, user: str | None, reply: str, **fields) -> None:
+        """One ``NOQUEUE`` line and one count per refused command: how a refused transaction ends."""
+        reason = metrics.reason_for(reply)
+        metrics.rejected(self.listener.name, user, reason)
+        event(log, "NOQUEUE", {
+            "reject": stage, "client": server.client_ip, "listener": self.listener.name, "user": user or "-",
+            **fields, "reason": reason,
+        }, reply)
+
+    def refused_by_aiosmtpd(self, server: RelaySMTP, stage: str, reply: str) -> None:
+        user = self._user(server, server.session) if server.session else None
+        self._refused(server, stage, user, reply, **{"from": server.envelope.mail_from if server.envelope else None})
+
+    # -- connection: the real client address, TLS -------------------------------------------
+
+    def connected(self, transport) -> None:
+        metrics.SESSIONS.labels(self.listener.name).inc()
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:  # implicit TLS: the handshake is done before this
+            metrics.tls_session(self.listener.name, ssl_object.version())
+
+    async def handle_PROXY(self, server: RelaySMTP, session: Session, envelope: Envelope, proxy: ProxyData) -> bool:
+        """Take the client address from a PROXY header, but only from a configured proxy."""
+        try:
+            peer = ipaddress.ip_address(server.client_ip)
+        except ValueError:
+            return False
+        if not any(peer.version == net.version and peer in net for net in self.listener.proxy_protocol.proxies):
+            log.warning("client=[%s], listener=%s: PROXY header from outside proxy_protocol.proxies; closed",
+                        server.client_ip, self.listener.name)
+            return False
+        if proxy.src_addr is not None:  # v1 UNKNOWN and v2 LOCAL (a balancer's health check) name nobody
+            server.client_ip = str(proxy.src_addr)
+        return True
+
+    def handle_STARTTLS(self, server: RelaySMTP, session: Session, envelope: Envelope) -> bool:
+        ssl_object = server.transport.get_extra_info("ssl_object") if server.transport else None
+        metrics.tls_session(self.listener.name, ssl_object.version() if ssl_object else None)
+        return True
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
@@ -165,47 +231,50 @@ class ListenerHandler:
 
     async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
         username = login.decode("utf-8", "replace")
-        client = server.session.peer[0]
+        client = server.client_ip
+        fields = {"client": client, "listener": self.listener.name, "sasl_username": username}
         if await self.services.authenticator.check(username, password.decode("utf-8", "replace")):
-            log.info("client=[%s], listener=%s, sasl_username=%s: authenticated", client, self.listener.name, username)
+            metrics.auth(self.listener.name, True)
+            event(log, None, fields, "authenticated")
             return AuthResult(success=True, auth_data=username)
+        metrics.auth(self.listener.name, False)
         delay = self.services.failures.record_failure(client)
-        log.warning(
-            "client=[%s], listener=%s, sasl_username=%s: authentication failed (reply delayed %.1fs)",
-            client, self.listener.name, username, delay,
-        )
+        event(log, None, fields, f"authentication failed, reply delayed {delay:.1f}s", logging.WARNING)
         await asyncio.sleep(delay)
         return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
 
     # -- the transaction --------------------------------------------------------------------
 
     async def handle_MAIL(self, server, session, envelope: Envelope, address: str, mail_options):
-        user = self._user(session)
+        user = self._user(server, session)
         if user is not None:
             refusal = check_sender(user, self.services.config().users[user], _reverse_path(address))
             if refusal:
-                log.info("client=[%s], user=%s: reject MAIL: %s", session.peer[0], user, refusal)
+                self._refused(server, "MAIL", user, str(refusal), **{"from": address})
                 return str(refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(self, server, session, envelope: Envelope, address: str, rcpt_options):
-        user = self._user(session)
+        user = self._user(server, session)
         refusal = check_relay(user, address) or check_recipient(
             address, len(envelope.rcpt_tos), self.services.config().server.max_recipients
         )
         if refusal:
-            log.info("client=[%s], user=%s: reject RCPT <%s>: %s", session.peer[0], user, address, refusal)
+            self._refused(server, "RCPT", user, str(refusal), **{"from": envelope.mail_from, "to": address})
             return str(refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server, session, envelope: Envelope):
-        user = self._user(session)
+        started = time.monotonic()
+        user = self._user(server, session)
         if user is None:  # the user was removed by a reload mid-session
-            return str(check_relay(None, envelope.rcpt_tos[0]))
+            refusal = str(check_relay(None, envelope.rcpt_tos[0]))
+            self._refused(server, "DATA", None, refusal, **{"from": envelope.mail_from})
+            return refusal
         config = self.services.config()
         now = time.time()
         queue_id = new_queue_id(now)
@@ -217,7 +286,7 @@ class ListenerHandler:
             recipients=list(envelope.rcpt_tos),
             data=envelope.original_content,
             helo=session.host_name or "",
-            client_ip=session.peer[0],
+            client_ip=server.client_ip,
             esmtp=session.extended_smtp,
             tls=(ssl_object.version(), *ssl_object.cipher()[::2]) if ssl_object else None,
             authenticated_user=session.auth_data if session.authenticated else None,
@@ -225,7 +294,7 @@ class ListenerHandler:
         try:
             prepared = await self.services.preparer.prepare(config, submission, queue_id, now)
         except SMTPReply as refusal:
-            log.info("%s: client=[%s], user=%s: reject DATA: %s", queue_id, session.peer[0], user, refusal)
+            self._refused(server, "DATA", user, str(refusal), **{"from": submission.sender})
             return str(refusal)
         route = prepared.route
         message = NewMessage(
@@ -233,7 +302,7 @@ class ListenerHandler:
             received_at=now,
             user=user,
             listener=self.listener.name,
-            client=session.peer[0],
+            client=server.client_ip,
             account=route.account,
             channel=route.channel,
             sender=submission.sender,
@@ -245,15 +314,16 @@ class ListenerHandler:
         try:
             await self.services.spool.store(message)
         except Exception:  # noqa: BLE001 - whatever went wrong, the message is not on disk
-            log.exception("%s: could not spool message from client=[%s]", message.id, session.peer[0])
-            return str(spool_unavailable())
-        log.info(
-            "%s: client=[%s], listener=%s, user=%s, from=<%s>, size=%d, nrcpt=%d, channel=%s, account=%s%s%s (queued)",
-            message.id, message.client, message.listener, user, message.sender, len(message.body),
-            len(message.recipients), route.channel, route.account,
-            f", rule={route.rule}" if route.rule is not None else "",
-            f", label={message.label}" if message.label is not None else "",
-        )
+            log.exception("could not spool a message from client=[%s]", server.client_ip)
+            refusal = str(spool_unavailable())
+            self._refused(server, "DATA", user, refusal, **{"from": submission.sender, "nrcpt": len(message.recipients)})
+            return refusal
+        metrics.accepted(user, route.account, route.channel, self.listener.name, time.monotonic() - started)
+        event(log, message.id, {
+            "client": message.client, "listener": message.listener, "user": user, "from": message.sender,
+            "size": len(message.body), "nrcpt": len(message.recipients), "channel": route.channel,
+            "account": route.account, "rule": route.rule, "label": message.label, "status": "queued",
+        })
         self.services.scheduler.submit(message)
         return f"250 2.0.0 Ok: queued as {message.id}"
 
@@ -278,7 +348,8 @@ class ListenerGroup:
         self._servers: list[asyncio.AbstractServer] = []
 
     def _factory(self, listener: Listener) -> Callable[[], RelaySMTP]:
-        config = self.services.config()
+        """Sockets keep their listener's settings until a restart; each new connection takes
+        the server-wide ones (hostname, size limit, timeout) from the current config."""
         handler = ListenerHandler(listener, self.services)
         starttls = self.tls_context if listener.tls == "starttls" else None
         # On an implicit-TLS socket aiosmtpd cannot tell TLS is up and would hide AUTH (#274);
@@ -288,10 +359,14 @@ class ListenerGroup:
         )
         excluded = ["PLAIN", "LOGIN"] if listener.auth == "none" else []
 
+        proxy_timeout = listener.proxy_protocol.timeout if listener.proxy_protocol else None
+
         def factory() -> RelaySMTP:
+            config = self.services.config()
             return RelaySMTP(
                 handler,
                 self.connections,
+                proxy_protocol_timeout=proxy_timeout,
                 hostname=config.server.hostname,  # else aiosmtpd calls getfqdn() per connection
                 data_size_limit=config.server.max_message_size,
                 tls_context=starttls,
@@ -314,7 +389,8 @@ class ListenerGroup:
                 reuse_address=True,
             )
             self._servers.append(server)
-            log.info("listening on %s:%d (%s, tls=%s, auth=%s)", listener.bind, listener.port, listener.name, listener.tls, listener.auth)
+            log.info("listening on %s:%d (%s, tls=%s, auth=%s%s)", listener.bind, listener.port, listener.name,
+                     listener.tls, listener.auth, ", PROXY protocol" if listener.proxy_protocol else "")
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; close idle sessions; give busy ones ``grace`` seconds to finish."""

@@ -25,6 +25,28 @@ def server_context(files: TLSFiles, hostname: str) -> ssl.SSLContext:
     return context
 
 
+class ServerTLS:
+    """The listeners' TLS, whose certificate a reload replaces without touching open sessions.
+
+    Sockets and STARTTLS keep the first context; its SNI callback (called for every
+    handshake, with or without SNI) hands each new handshake to the newest context. A
+    certificate that fails to load raises in :meth:`reload` and the current one stays.
+    """
+
+    def __init__(self, files: TLSFiles, hostname: str):
+        self.context = server_context(files, hostname)
+        self._current = self.context
+        self.context.sni_callback = self._select
+
+    def _select(self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext) -> None:
+        if self._current is not context:
+            ssl_object.context = self._current
+
+    def reload(self, files: TLSFiles, hostname: str) -> None:
+        """Blocking (reads files): call it in a thread."""
+        self._current = server_context(files, hostname)
+
+
 def upstream_context(upstream: Upstream) -> ssl.SSLContext:
     """Verifying client context: the system store, or ``upstream.ca_file`` for a private CA."""
     context = ssl.create_default_context(cafile=str(upstream.ca_file) if upstream.ca_file else None)

@@ -143,6 +143,11 @@ class SpoolStore:
     def delete(self, message_id: str) -> bool:
         return self.conn.execute("DELETE FROM messages WHERE id=?", (message_id,)).rowcount > 0
 
+    def probe(self, now: float) -> None:
+        """A real write for /readyz: it is committed and fsynced like a message would be."""
+        self.conn.execute("CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL)")
+        self.conn.execute("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (now,))
+
     def purge_final(self, older_than: float) -> int:
         """Forget messages whose recipients are all final and that arrived before ``older_than``."""
         return self.conn.execute(
@@ -192,6 +197,20 @@ class SpoolStore:
 
     def counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state").fetchall())
+
+    def pending_summary(self) -> tuple[int, dict[str, int], float | None]:
+        """For metrics on every scrape, so from the pending index only: messages not final,
+        recipients waiting by state, and the arrival of the oldest waiting message (queue IDs
+        sort by time). Literal states, so SQLite sees that the partial index applies."""
+        count, oldest_id = self.conn.execute(
+            "SELECT COUNT(DISTINCT message_id), MIN(message_id) FROM recipients "
+            "WHERE state IN ('queued', 'deferred')"
+        ).fetchone()
+        by_state = dict(self.conn.execute(
+            "SELECT state, COUNT(*) FROM recipients WHERE state IN ('queued', 'deferred') GROUP BY state"
+        ).fetchall())
+        row = self.conn.execute("SELECT received_at FROM messages WHERE id=?", (oldest_id,)).fetchone()
+        return count, by_state, row[0] if row else None
 
     def _messages(self, recipients: dict[str, list[Recipient]]) -> list[QueuedMessage]:
         if not recipients:
@@ -267,6 +286,22 @@ class SqliteSpool:
 
     async def counts(self) -> dict[str, int]:
         return await self._read(self._store().counts)
+
+    async def pending_summary(self) -> tuple[int, dict[str, int], float | None]:
+        return await self._read(self._store().pending_summary)
+
+    async def list(self, include_final: bool = False) -> list[QueuedMessage]:
+        return await self._read(self._store().list, include_final)
+
+    async def get(self, message_id: str) -> QueuedMessage | None:
+        return await self._read(self._store().get, message_id)
+
+    async def probe(self, now: float) -> None:
+        await self._write(SpoolStore.probe, now)
+
+    @property
+    def writer_alive(self) -> bool:
+        return self._writer is not None and self._writer.is_alive()
 
     def _store(self) -> SpoolStore:
         assert self._read_store is not None, "spool not open"

@@ -1,0 +1,134 @@
+"""Log lines as a mail operator reads them: Postfix's maillog shape, plain text or JSON.
+
+Every line about a message starts with its queue ID (the one the client saw in
+``250 ... queued as ID``), so ``grep ID`` follows it from SMTP to SendCloud; refusals before a
+message exists start with ``NOQUEUE``, as in Postfix. :func:`event` takes the facts as fields
+once; the plain formatter shows them as ``key=value`` and the JSON formatter as keys of one
+object per line.
+
+Two protections run on every line, whatever logger wrote it: configured secrets (API keys,
+the admin token) are replaced by ``***`` — defence in depth, since no code logs them — and,
+with ``logging.mask_addresses``, local parts of mail addresses become ``j***``.
+
+The standard library's logging, not structlog: every library here (aiosmtpd, aiosmtplib,
+asyncio, aiohttp) logs through it, so one handler with one formatter sees every line; what
+structlog would add (key-value events, JSON rendering) is the few lines below.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from relay.config import Config, Logging
+
+# A local part: a run of characters that may appear in one, ending at "@" before a domain.
+# "=" and "$" end a run so that `sasl_username=j***@x` keeps its key and SendCloud's emailIds
+# (`<messageId><n>$<address>`) keep their messageId; "\" and quotes so JSON escapes survive.
+_LOCAL_PART = re.compile(r"""([^\s<>()\[\],;:"'@$=\\/])[^\s<>()\[\],;:"'@$=\\/]*@(?=[\w.-])""")
+_MIN_SECRET = 4  # shorter "secrets" would blank out ordinary words
+
+
+def mask_addresses(text: str) -> str:
+    """``john.doe@example.com`` → ``j***@example.com``, anywhere in ``text``."""
+    return _LOCAL_PART.sub(r"\1***@", text)
+
+
+def render(prefix: str | None, fields: Mapping[str, Any], note: str | None = None) -> str:
+    """``ID: key=value, key=value (note)``: addresses in <>, clients in [], delays to 10 ms."""
+    parts = []
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key in ("from", "to"):
+            value = f"<{value}>"
+        elif key == "client":
+            value = f"[{value}]"
+        elif isinstance(value, float):
+            value = f"{value:.2f}"
+        parts.append(f"{key}={value}")
+    text = ", ".join(parts)
+    if prefix:
+        text = f"{prefix}: {text}"
+    return f"{text} ({note})" if note else text
+
+
+def event(logger: logging.Logger, prefix: str | None, fields: Mapping[str, Any], note: str | None = None,
+          level: int = logging.INFO) -> None:
+    """Log one transaction or delivery fact; ``prefix`` is the queue ID, ``NOQUEUE`` or None."""
+    if logger.isEnabledFor(level):
+        queue_id = prefix if prefix and prefix != "NOQUEUE" else None
+        logger.log(level, "%s", render(prefix, fields, note),
+                   extra={"queue_id": queue_id, "fields": dict(fields), "note": note})
+
+
+class Formatter(logging.Formatter):
+    """Plain (timestamp level logger: text) or JSON lines, scrubbed and optionally masked."""
+
+    def __init__(self, json_lines: bool = False, mask: bool = False, secrets: Iterable[str] = ()):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.json_lines = json_lines
+        self.mask = mask
+        self.secrets = sorted({s for s in secrets if len(s) >= _MIN_SECRET}, key=len, reverse=True)
+
+    def clean(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return mask_addresses(text) if self.mask else text
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not self.json_lines:
+            return self.clean(super().format(record))
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if getattr(record, "queue_id", None):
+            entry["queue_id"] = record.queue_id
+        for key, value in (getattr(record, "fields", None) or {}).items():
+            if value is not None and key not in entry:
+                entry[key] = value
+        if getattr(record, "note", None):
+            entry["detail"] = record.note
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(self._cleaned(entry), ensure_ascii=False, default=str)
+
+    def _cleaned(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.clean(value)
+        if isinstance(value, dict):
+            return {key: self._cleaned(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._cleaned(item) for item in value]
+        return value
+
+
+def secrets_of(config: Config) -> list[str]:
+    """Every secret the config holds: what must never appear in a log line."""
+    found = [account.api_key.get_secret_value() for account in config.accounts.values() if account.api_key]
+    if config.admin.token is not None:
+        found.append(config.admin.token.get_secret_value())
+    return found
+
+
+_handler: logging.Handler | None = None
+
+
+def configure(settings: Logging | None = None, secrets: Iterable[str] = (), verbose: bool = False) -> None:
+    """Install (or, on reload, adjust) the one stderr handler all loggers write through."""
+    global _handler
+    settings = settings or Logging()
+    root = logging.getLogger()
+    if _handler is None:
+        _handler = logging.StreamHandler(sys.stderr)
+        root.addHandler(_handler)
+    _handler.setFormatter(Formatter(settings.format == "json", settings.mask_addresses, secrets))
+    root.setLevel(logging.DEBUG if verbose else getattr(logging, settings.level.upper()))

@@ -1,0 +1,119 @@
+"""Prometheus metrics (prometheus-client): what the relay counts, and the calls that count it.
+
+The listener and the scheduler call the small functions below at the moment a fact is known;
+gauges that describe state rather than events (queue depth, oldest message, open sessions)
+are set by the admin endpoint just before each scrape, from the spool itself. Label values
+are configured names (users, accounts, listeners, channels) and fixed reason words, never
+addresses, so the number of series stays bounded.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest
+
+_P = "sendcloud_relay_"
+
+ACCEPTED = Counter(_P + "messages_accepted", "Messages accepted (on disk, 250 sent)", ["user", "account", "channel"])
+REJECTED = Counter(
+    _P + "rejected",
+    "Commands refused at MAIL, RCPT or DATA (one per refused recipient at RCPT), by reason",
+    ["listener", "user", "reason"],
+)
+DELIVERY = Counter(
+    _P + "recipients",
+    "Delivery attempt outcomes per recipient: delivered, deferred (will retry) or failed (bounced)",
+    ["user", "account", "channel", "result"],
+)
+ACCEPTANCE_SECONDS = Histogram(
+    _P + "acceptance_seconds",
+    "End of DATA to the reply: routing and the spool's fsync",
+    ["listener"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+DELIVERY_DELAY_SECONDS = Histogram(
+    _P + "delivery_delay_seconds",
+    "Arrival to delivery upstream, per delivered recipient (Postfix's delay=)",
+    ["account"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400),
+)
+UPSTREAM_SECONDS = Histogram(
+    _P + "upstream_transaction_seconds",
+    "One SMTP transaction upstream (connect and login included when needed)",
+    ["account"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+UPSTREAM_IN_USE = Gauge(_P + "upstream_connections_in_use", "Delivery workers in an upstream transaction now", ["account"])
+UPSTREAM_FAILING_SINCE = Gauge(
+    _P + "upstream_failing_since_seconds",
+    "Unix time of the first failed upstream attempt in an unbroken run of failures; 0 when the last attempt worked",
+    ["account"],
+)
+AUTH = Counter(_P + "auth_attempts", "SMTP AUTH attempts by result", ["listener", "result"])
+TLS_SESSIONS = Counter(_P + "tls_sessions", "TLS handshakes completed (STARTTLS or implicit)", ["listener", "version"])
+SESSIONS = Gauge(_P + "smtp_sessions", "Open SMTP connections", ["listener"])
+QUEUE_MESSAGES = Gauge(_P + "queue_messages", "Messages with at least one recipient not yet final")
+QUEUE_RECIPIENTS = Gauge(_P + "queue_recipients", "Recipients waiting, by state", ["state"])
+QUEUE_OLDEST_SECONDS = Gauge(_P + "queue_oldest_message_age_seconds", "Age of the oldest message still waiting (0: queue empty)")
+RELOADS = Counter(_P + "config_reloads", "Config reloads by result", ["result"])
+LAST_RELOAD_OK = Gauge(_P + "config_last_reload_successful", "1 if the last reload succeeded (or none was tried)")
+LAST_RELOAD_OK.set(1)
+
+
+# Reason words for refusals, by reply code and enhanced status code (RFC 3463).
+_REASONS = {
+    ("554", "5.7.1"): "relay_denied",
+    ("553", "5.7.1"): "sender_not_allowed",
+    ("501", "5.1.3"): "bad_recipient_syntax",
+    ("452", "4.5.3"): "too_many_recipients",
+    ("451", "4.3.0"): "spool_unavailable",
+    ("552", "5.3.4"): "message_too_big",
+    ("500", "5.5.2"): "line_too_long",
+    ("530", "5.7.0"): "auth_required",
+    ("451", "4.7.1"): "rate_limited",
+    ("550", "5.1.1"): "suppressed",
+}
+_REPLY = re.compile(r"^(\d{3})(?:[ -](\d\.\d{1,3}\.\d{1,3}))?")
+
+
+def reason_for(reply: str) -> str:
+    """A fixed word for a refusal reply; unknown ones by their codes (``smtp_550_5.7.0``)."""
+    match = _REPLY.match(reply)
+    if match is None:
+        return "other"
+    code, enhanced = match.groups()
+    return _REASONS.get((code, enhanced)) or f"smtp_{code}_{enhanced or 'x'}"
+
+
+def accepted(user: str, account: str, channel: str, listener: str, seconds: float) -> None:
+    ACCEPTED.labels(user, account, channel).inc()
+    ACCEPTANCE_SECONDS.labels(listener).observe(seconds)
+
+
+def rejected(listener: str, user: str | None, reason: str) -> None:
+    REJECTED.labels(listener, user or "", reason).inc()
+
+
+def delivery_result(user: str, account: str, channel: str, result: str, delay: float | None = None) -> None:
+    DELIVERY.labels(user, account, channel, result).inc()
+    if delay is not None:
+        DELIVERY_DELAY_SECONDS.labels(account).observe(delay)
+
+
+def auth(listener: str, success: bool) -> None:
+    AUTH.labels(listener, "success" if success else "failure").inc()
+
+
+def tls_session(listener: str, version: str | None) -> None:
+    TLS_SESSIONS.labels(listener, version or "unknown").inc()
+
+
+def reload(success: bool) -> None:
+    RELOADS.labels("success" if success else "failure").inc()
+    LAST_RELOAD_OK.set(1 if success else 0)
+
+
+def exposition() -> bytes:
+    """The text format Prometheus scrapes (process_* and python_* collectors included)."""
+    return generate_latest(REGISTRY)
