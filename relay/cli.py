@@ -5,43 +5,75 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
+import json
 import logging
 import os
 import smtplib
 import ssl
 import sys
 import time
+import urllib.error
+import urllib.request
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
 
-from relay import admin
-from relay.config import Config, ConfigError, load_config, load_demo_config
+from relay import admin, logs
+from relay.config import Config, ConfigError, load_config, load_demo_config, split_host_port
 
 
 def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config) if args.config else load_demo_config()
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-# -- serve / check-config / hash-password -----------------------------------------------------
+# -- serve / reload / check-config / hash-password --------------------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay.server import serve
 
-    _setup_logging(args.verbose)
     config = _config(args)
+    logs.configure(config.logging, logs.secrets_of(config), args.verbose)
     if not args.config:
         logging.getLogger("relay").info("no -c given: running the embedded demo config (capture upstream)")
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, args.config, args.verbose))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running relay, through its admin endpoint, to re-read its config; print the outcome.
+
+    The admin endpoint rather than a pid file and a signal: the relay answers whether the new
+    config was taken, and why not, and it works the same in a container. (SIGHUP does the same
+    reload, for `systemctl reload` and `docker kill -s HUP`, but its outcome is only logged.)
+    """
+    config = _config(args)
+    if not config.admin.listen:
+        print("admin.listen is off in this config: send SIGHUP to the relay's process instead", file=sys.stderr)
+        return 1
+    host, port = split_host_port(config.admin.listen)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}/api/reload"
+    request = urllib.request.Request(url, method="POST", data=b"")
+    if config.admin.token is not None:
+        request.add_header("Authorization", f"Bearer {config.admin.token.get_secret_value()}")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            answer = json.load(response)
+    except urllib.error.HTTPError as error:
+        try:
+            answer = json.load(error)
+        except ValueError:
+            answer = {"error": f"HTTP {error.code}"}
+    except OSError as error:
+        print(f"cannot reach the relay's admin endpoint at {url}: {error}", file=sys.stderr)
+        return 1
+    if not answer.get("reloaded"):
+        print(f"reload refused, the relay keeps its running config:\n{answer.get('error')}", file=sys.stderr)
+        return 1
+    print("reloaded")
+    for setting in answer.get("restart_needed", []):
+        print(f"  {setting} changed: takes effect at the next restart")
     return 0
 
 
@@ -325,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = with_config(sub.add_parser("serve", help="run listeners and delivery"))
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     serve.set_defaults(func=cmd_serve)
+
+    reload = with_config(sub.add_parser("reload", help="make the running relay re-read its config (via admin.listen)"))
+    reload.add_argument("--timeout", type=float, default=30)
+    reload.set_defaults(func=cmd_reload)
 
     with_config(sub.add_parser("check-config", help="validate and print the effective routing table")).set_defaults(
         func=cmd_check_config

@@ -9,8 +9,10 @@ tasks) live in the admin endpoint; the rules live here so they are tested as tab
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
-from relay.delivery.retry import Reply
+if TYPE_CHECKING:  # relay.delivery imports this module
+    from relay.delivery.retry import Reply
 
 
 def attempt_failed(replies: Iterable[Reply]) -> bool:

@@ -1,9 +1,15 @@
-"""`serve`: wires config, spool, delivery and listeners together, and shuts them down in order.
+"""`serve`: wires config, spool, delivery, listeners and the admin endpoint; reloads; stops in order.
 
 Shutdown order matters for "never lose mail": stop accepting, let sessions in a
 transaction finish (bounded), then stop delivery workers, then close the spool. A SIGKILL at
 any point instead loses nothing either: whatever got a ``250`` is committed, and on start
 every recipient that is not final is picked up again by the scheduler's first poll.
+
+Reload (SIGHUP, or ``POST /api/reload`` from `sendcloud-relay reload`): the new config is read
+and everything fallible about it — validation, TLS files, the upstream CA — is done first, off
+the event loop; only then is it swapped in, in one step, so a session sees either the old
+config or the new one. Listeners and the scheduler read the config through a callable, so
+open sessions and queued mail carry on; a config that fails is refused and the old one kept.
 """
 
 from __future__ import annotations
@@ -11,24 +17,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
+from collections.abc import Callable
+from pathlib import Path
 
+from relay import logs, metrics
+from relay.admin_http import AdminServer
 from relay.auth import Authenticator, FailureDelay
-from relay.config import Config
+from relay.config import Config, ConfigError, load_config, load_demo_config
 from relay.delivery import Scheduler
+from relay.delivery.scheduler import upstream_tls
 from relay.listener import ListenerGroup, Services
 from relay.prepare import Preparer
+from relay.reload import restart_needed
 from relay.spool.sqlite import SqliteSpool
-from relay.tls import server_context
+from relay.tls import ServerTLS, server_context
 
 log = logging.getLogger("relay")
 
 
 class Relay:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, load: Callable[[], Config] = load_demo_config, verbose: bool = False):
         self.config = config
+        self._load = load
+        self._verbose = verbose
+        self.stopping = False
         self.spool = SqliteSpool(config.spool.path)
         self.scheduler = Scheduler(lambda: self.config, self.spool)
         self.preparer = Preparer()
+        self.failures = FailureDelay(config.server.auth_failure_delay)
         services = Services(
             config=lambda: self.config,
             spool=self.spool,
@@ -36,16 +53,20 @@ class Relay:
             authenticator=Authenticator(
                 lambda: {name: user.password_hash for name, user in self.config.users.items()}
             ),
-            failures=FailureDelay(config.server.auth_failure_delay),
+            failures=self.failures,
             preparer=self.preparer,
         )
-        tls = server_context(config.server.tls, config.server.hostname) if config.server.tls else None
-        self.listeners = ListenerGroup(services, tls)
+        self.tls = ServerTLS(config.server.tls, config.server.hostname) if config.server.tls else None
+        self.listeners = ListenerGroup(services, self.tls.context if self.tls else None)
+        self.admin = AdminServer(self)
+        self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self.spool.open()
         await self.scheduler.start()
         await self.listeners.start()
+        if self.config.admin.listen:
+            await self.admin.start(self.config.admin.listen)
         pending = await self.spool.counts()
         log.info(
             "sendcloud-relay started: upstream=%s, spool=%s (%d queued, %d deferred)",
@@ -53,26 +74,61 @@ class Relay:
             pending.get("queued", 0), pending.get("deferred", 0),
         )
 
+    async def reload(self) -> tuple[str | None, list[str]]:
+        """Re-read the config; returns (why it was refused, or None; settings needing a restart)."""
+        async with self._reload_lock:
+            try:
+                new = await asyncio.to_thread(self._load)
+                tls = None
+                if self.tls is not None and new.server.tls is not None:
+                    tls = await asyncio.to_thread(server_context, new.server.tls, new.server.hostname)
+                client_tls = await asyncio.to_thread(upstream_tls, new)
+            except (ConfigError, OSError, ssl.SSLError, ValueError) as error:
+                metrics.reload(False)
+                log.error("config reload refused, the running config stays:\n%s", error)
+                return str(error), []
+            old, self.config = self.config, new
+            if tls is not None:
+                self.tls.install(tls)
+            self.failures.base_delay = new.server.auth_failure_delay
+            logs.configure(new.logging, logs.secrets_of(new), self._verbose)
+            self.scheduler.reconfigure(client_tls)
+            waiting = restart_needed(old, new)
+            metrics.reload(True)
+            log.info("config reloaded%s", f"; these changes need a restart: {', '.join(waiting)}" if waiting else "")
+            return None, waiting
+
     async def stop(self) -> None:
+        self.stopping = True
         grace = self.config.server.shutdown_grace
         log.info("shutting down: no new connections, %d open sessions get %.0fs", len(self.listeners.connections), grace)
         await self.listeners.stop(grace)
         await self.scheduler.stop(grace)
         await asyncio.to_thread(self.preparer.close)
         await self.spool.close()
+        await self.admin.stop()
         log.info(
             "stopped; spool closed cleanly after %d writes in %d commits (fsyncs)",
             self.spool.operations, self.spool.commits,
         )
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT."""
-    relay = Relay(config)
+async def serve(config: Config, config_path: Path | None = None, verbose: bool = False) -> None:
+    """Run until SIGTERM or SIGINT; SIGHUP reloads the config."""
+    load = (lambda: load_config(config_path)) if config_path else load_demo_config
+    relay = Relay(config, load, verbose)
     await relay.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def reload() -> None:
+        task = asyncio.create_task(relay.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
     await relay.stop()

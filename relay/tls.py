@@ -30,7 +30,7 @@ class ServerTLS:
 
     Sockets and STARTTLS keep the first context; its SNI callback (called for every
     handshake, with or without SNI) hands each new handshake to the newest context. A
-    certificate that fails to load raises in :meth:`reload` and the current one stays.
+    certificate that fails to load fails in :func:`server_context`, before anything changes.
     """
 
     def __init__(self, files: TLSFiles, hostname: str):
@@ -42,9 +42,9 @@ class ServerTLS:
         if self._current is not context:
             ssl_object.context = self._current
 
-    def reload(self, files: TLSFiles, hostname: str) -> None:
-        """Blocking (reads files): call it in a thread."""
-        self._current = server_context(files, hostname)
+    def install(self, context: ssl.SSLContext) -> None:
+        """Serve new handshakes with ``context`` (made by :func:`server_context`)."""
+        self._current = context
 
 
 def upstream_context(upstream: Upstream) -> ssl.SSLContext:

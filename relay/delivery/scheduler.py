@@ -13,12 +13,16 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+from relay import metrics
 from relay.bounce import FailedRecipient, build_dsn
 from relay.config import Config
 from relay.delivery.retry import RetryPolicy, after_attempt
 from relay.delivery.sendcloud import email_ids
 from relay.delivery.transport import AccountPool, Key, TLSContexts, Transaction, open_connection
+from relay.health import UpstreamHealth, attempt_failed
+from relay.logs import event
 from relay.rewrite import header_block
 from relay.routing import tls_policy
 from relay.spool import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, new_queue_id
@@ -32,56 +36,114 @@ _POLL_BATCH = 500  # recipients fetched per poll; more come on the next poll
 _PURGE_EVERY = 3600.0  # seconds between sweeps of records older than spool.keep_final
 
 
+def upstream_tls(config: Config) -> TLSContexts | None:
+    """The upstream client contexts (blocking: they load the CA store)."""
+    if config.upstream.kind == "capture":
+        return None
+    return TLSContexts(verify=upstream_context(config.upstream), encrypt=unverified_upstream_context())
+
+
+@dataclass
+class _Account:
+    """One account's queue, its workers, and the kept connections they share."""
+
+    queue: asyncio.Queue[QueuedMessage | None]  # None: a worker's signal to stop
+    workers: list[asyncio.Task]
+    connections: AccountPool
+    settings: tuple  # what the connections are made from: a change means new workers
+
+
 class Scheduler:
     def __init__(self, config: Callable[[], Config], spool: SqliteSpool):
         self._config = config
         self._spool = spool
-        self._queues: dict[str, asyncio.Queue[QueuedMessage | None]] = {}  # None: stop
-        self._workers: list[asyncio.Task] = []
-        self._pools: dict[str, AccountPool] = {}
+        self._accounts: dict[str, _Account] = {}
+        self._retiring: list[asyncio.Task] = []  # workers finishing their last transaction
+        self.upstream_health = UpstreamHealth()
         self._in_flight: set[str] = set()
         # Finished while a poll's read was under way: that read may show them stale.
         self._finished_during_poll: set[str] = set()
         self._unroutable: set[str] = set()
         self._poller: asyncio.Task | None = None
         self._stopping = False
-        self._workers_per_queue = 0
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.reconfigure(await asyncio.to_thread(upstream_tls, self._config()))
+        self._poller = asyncio.create_task(self._poll(), name="queue-poller")
+
+    def reconfigure(self, tls: TLSContexts | None) -> None:
+        """Match the workers to the current config (at start and after a reload).
+
+        A new account gets workers; a removed account's workers stop and its mail waits in
+        the spool; an account whose connection settings changed (API key, upstream, ...)
+        gets new workers and the old ones stop after their current transaction. ``tls`` is
+        :func:`upstream_tls` of the current config, made beforehand off the event loop.
+        """
         config = self._config()
-        self._workers_per_queue = config.upstream.connections_per_account
-        tls = None
-        if config.upstream.kind != "capture":
-            tls = TLSContexts(verify=upstream_context(config.upstream), encrypt=unverified_upstream_context())
+        self._retiring = [task for task in self._retiring if not task.done()]
+        for name in [name for name in self._accounts if name not in config.accounts]:
+            self._retire(self._accounts.pop(name), None)
+            log.warning("account %s was removed: its workers stop, its mail waits in the spool", name)
         for name, account in config.accounts.items():
-            self._queues[name] = asyncio.Queue()
-            self._pools[name] = AccountPool(
+            settings = (account, config.upstream, config.server.hostname)
+            old = self._accounts.get(name)
+            if old is not None and old.settings == settings:
+                continue
+            connections = AccountPool(
                 config.upstream.connections_per_account,
                 lambda key, account=account: open_connection(config.upstream, account, key, config.server.hostname, tls),
             )
-            for number in range(config.upstream.connections_per_account):
-                self._workers.append(asyncio.create_task(self._work(name), name=f"deliver-{name}-{number}"))
-        self._poller = asyncio.create_task(self._poll(), name="queue-poller")
+            new = _Account(asyncio.Queue(), [], connections, settings)
+            new.workers = [
+                asyncio.create_task(self._work(new), name=f"deliver-{name}-{number}")
+                for number in range(config.upstream.connections_per_account)
+            ]
+            self._accounts[name] = new
+            if old is not None:
+                self._retire(old, new.queue)
+                log.info("account %s: connection settings changed, new workers started", name)
+
+    def _retire(self, account: _Account, successor: asyncio.Queue | None) -> None:
+        """Stop an account's workers after their current transaction, then close its
+        connections; its waiting mail moves to ``successor`` or, with none, back to the spool."""
+        while not account.queue.empty():
+            message = account.queue.get_nowait()
+            if successor is not None:
+                successor.put_nowait(message)
+            else:
+                self._in_flight.discard(message.id)
+        for _ in account.workers:
+            account.queue.put_nowait(None)
+
+        async def close_when_done() -> None:
+            await asyncio.gather(*account.workers, return_exceptions=True)
+            await account.connections.close()
+
+        self._retiring.extend([*account.workers, asyncio.create_task(close_when_done())])
+
+    def dead_workers(self) -> list[str]:
+        """Accounts with a worker that ended while it should run (for /readyz)."""
+        if self._stopping:
+            return []
+        dead = [name for name, account in self._accounts.items() if any(task.done() for task in account.workers)]
+        if self._poller is not None and self._poller.done():
+            dead.append("queue poller")
+        return dead
 
     async def stop(self, grace: float) -> None:
         """Let workers finish the transaction they are in (bounded), then stop them."""
         self._stopping = True
         if self._poller:
             self._poller.cancel()
-        for queue in self._queues.values():
-            while not queue.empty():
-                self._in_flight.discard(queue.get_nowait().id)
-            for _ in range(self._workers_per_queue):
-                queue.put_nowait(None)
-        if self._workers:
-            _, pending = await asyncio.wait(self._workers, timeout=grace)
+        for account in self._accounts.values():
+            self._retire(account, None)
+        if self._retiring:
+            _, pending = await asyncio.wait(self._retiring, timeout=grace)
             for task in pending:
                 task.cancel()
-            await asyncio.gather(*self._workers, return_exceptions=True)
-        for pool in self._pools.values():
-            await pool.close()
+            await asyncio.gather(*self._retiring, return_exceptions=True)
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -101,14 +163,14 @@ class Scheduler:
     def _enqueue(self, message: QueuedMessage) -> None:
         if self._stopping or message.id in self._in_flight:
             return
-        queue = self._queues.get(message.account)
-        if queue is None:
+        account = self._accounts.get(message.account)
+        if account is None:
             if message.id not in self._unroutable:
                 self._unroutable.add(message.id)
                 log.warning("%s: account %s is not configured; message waits", message.id, message.account)
             return
         self._in_flight.add(message.id)
-        queue.put_nowait(message)  # carries only the recipients to try now
+        account.queue.put_nowait(message)  # carries only the recipients to try now
 
     async def _poll(self) -> None:
         last_purge = 0.0
@@ -119,7 +181,7 @@ class Scheduler:
                     purged = await self._spool.purge_final(time.time() - self._config().spool.keep_final)
                     if purged:
                         log.info("forgot %d delivered or failed message(s) older than spool.keep_final", purged)
-                backlog = sum(queue.qsize() for queue in self._queues.values())
+                backlog = sum(account.queue.qsize() for account in self._accounts.values())
                 if backlog < _POLL_BATCH:
                     self._finished_during_poll.clear()
                     for message in await self._spool.due(time.time(), _POLL_BATCH):
@@ -133,14 +195,13 @@ class Scheduler:
 
     # -- workers ----------------------------------------------------------------------------
 
-    async def _work(self, account_name: str) -> None:
-        queue = self._queues[account_name]
+    async def _work(self, account: _Account) -> None:
         while True:
-            message = await queue.get()
+            message = await account.queue.get()
             if message is None:
                 return
             try:
-                await self._deliver(message, self._pools[account_name])
+                await self._deliver(message, account.connections)
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the message stays pending and is retried
@@ -163,20 +224,26 @@ class Scheduler:
             data = for_transaction(body, addresses)  # X-SMTPAPI "to" may name only these recipients
             connection = await pool.acquire(key)
             try:
-                result = await connection.send(Transaction(message.id, message.upstream_sender, addresses, data))
+                with metrics.UPSTREAM_IN_USE.labels(message.account).track_inprogress():
+                    result = await connection.send(Transaction(message.id, message.upstream_sender, addresses, data))
             finally:
                 pool.release(connection)
+            metrics.UPSTREAM_SECONDS.labels(message.account).observe(time.monotonic() - started)
             now = time.time()
+            failing_since = self.upstream_health.record(message.account, attempt_failed(result.replies), now)
+            metrics.UPSTREAM_FAILING_SINCE.labels(message.account).set(failing_since or 0)
             ids = email_ids(result.upstream_id, addresses) if result.upstream_id else [None] * len(chunk)
             for recipient, reply, email_id in zip(chunk, result.replies, ids, strict=True):
                 update = after_attempt(recipient, reply, message.received_at, now, policy, random.random(), email_id)
                 updates.append(update)
-                log.info(
-                    "%s: to=<%s>, relay=%s, delay=%.2f, attempts=%d, status=%s (%s)%s",
-                    message.id, recipient.address, result.relay, now - message.received_at,
-                    update.attempts, _status_word(update.state), update.last_reply,
-                    f", email_id={email_id}" if update.state is State.DELIVERED and email_id else "",
-                )
+                delivered = update.state is State.DELIVERED
+                metrics.delivery_result(message.user, message.account, message.channel, update.state.value,
+                                        now - message.received_at if delivered else None)
+                event(log, message.id, {
+                    "to": recipient.address, "relay": result.relay, "delay": now - message.received_at,
+                    "attempts": update.attempts, "email_id": email_id if delivered else None,
+                    "status": _status_word(update.state),
+                }, update.last_reply)
             log.debug("%s: transaction of %d took %.3fs", message.id, len(chunk), time.monotonic() - started)
         bounces = self._bounces(message, updates, body, config)
         await self._spool.record(updates, bounces)

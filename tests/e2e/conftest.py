@@ -104,6 +104,7 @@ def relay_config(workdir: Path, ca, ca_file: Path, upstream_port: int, **server_
             {"match": {"header": {"X-Mail-Type": "newsletter"}}, "channel": "batch"},
             {"match": {"recipients_more_than": 3}, "channel": "batch"},
         ],
+        "admin": {"listen": f"127.0.0.1:{free_port()}"},
     }
 
 

@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -69,11 +71,35 @@ class RelayProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
-        for listener in self.config["server"]["listeners"]:
-            if not wait_for_port("127.0.0.1", listener["port"], timeout, self.process):
+        ports = [listener["port"] for listener in self.config["server"]["listeners"]]
+        if self.admin_address:
+            ports.append(self.admin_address[1])
+        for port in ports:
+            if not wait_for_port("127.0.0.1", port, timeout, self.process):
                 self.kill()
-                raise AssertionError(f"relay did not start listening on {listener['port']}:\n{self.log()}")
+                raise AssertionError(f"relay did not start listening on {port}:\n{self.log()}")
         return self
+
+    @property
+    def admin_address(self) -> tuple[str, int] | None:
+        listen = self.config.get("admin", {}).get("listen")
+        if not listen:
+            return None
+        host, _, port = listen.rpartition(":")
+        return host, int(port)
+
+    def http(self, path: str, method: str = "GET", token: str | None = None) -> tuple[int, str]:
+        """One request to the admin endpoint: (status, body), errors included."""
+        host, port = self.admin_address
+        request = urllib.request.Request(f"http://{host}:{port}{path}", method=method,
+                                         data=b"" if method == "POST" else None)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=20) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM and wait: the orderly shutdown path."""
@@ -97,7 +123,7 @@ class RelayProcess:
     def cli(self, *args: str, input: str | None = None, check: bool = False) -> subprocess.CompletedProcess:
         """Run another `sendcloud-relay` command against this relay's config."""
         command = [sys.executable, "-m", "relay", *args]
-        if args and args[0] in ("queue", "check-config"):
+        if args and args[0] in ("queue", "check-config", "reload"):
             command += ["-c", str(self.config_path)]
         return subprocess.run(
             command, cwd=self.workdir, env=self.env, input=input, capture_output=True, text=True, timeout=60, check=check

@@ -1,0 +1,153 @@
+"""The admin HTTP endpoint (``admin.listen``, loopback by default), served by aiohttp.
+
+| path | what | token |
+| --- | --- | --- |
+| ``GET /healthz`` | 200 while the process and its event loop answer (liveness) | never |
+| ``GET /readyz`` | 200, or 503 with the reasons: spool write, workers, upstream (readiness) | never |
+| ``GET /metrics`` | Prometheus text format | if set |
+| ``GET /api/queue[?all=1]`` | `queue list` as JSON | if set |
+| ``GET /api/queue/ID`` | `queue show ID` as JSON | if set |
+| ``POST /api/reload`` | reload the config now; the answer says whether it was taken | if set |
+
+It runs on the relay's own event loop, so a wedged loop fails ``/healthz`` as it should.
+The probes never need the token, so Kubernetes and Docker can call them without a secret;
+what they reveal is "ok" or which part is failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from relay import admin, metrics
+from relay.config import split_host_port
+from relay.health import readiness_problems
+
+if TYPE_CHECKING:
+    from relay.server import Relay
+
+log = logging.getLogger("relay.admin")
+
+_PROBE_TIMEOUT = 5.0  # a spool write slower than this counts as failing
+_PROBE_REUSE = 1.0  # seconds a spool probe's result answers further /readyz calls
+
+
+class AdminServer:
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self._runner: web.AppRunner | None = None
+        self._probe: asyncio.Task | None = None
+        self._probe_done_at = 0.0
+
+    def _app(self) -> web.Application:
+        app = web.Application(middlewares=[self._token_check])
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/api/queue", self.queue_list)
+        app.router.add_get("/api/queue/{id}", self.queue_show)
+        app.router.add_post("/api/reload", self.reload)
+        return app
+
+    async def start(self, listen: str) -> None:
+        host, port = split_host_port(listen)
+        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        log.info("admin endpoint on http://%s/ (/metrics, /healthz, /readyz, /api/queue, /api/reload)", listen)
+        if self.relay.config.admin.token is None and host not in ("127.0.0.1", "::1", "localhost"):
+            log.warning("admin endpoint on %s has no admin.token: anyone who reaches it can read the queue", listen)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _token_check(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+        token = self.relay.config.admin.token
+        if token is not None and request.path not in ("/healthz", "/readyz"):
+            expected = f"Bearer {token.get_secret_value()}".encode()
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return web.json_response({"error": "a valid bearer token is required"}, status=401,
+                                         headers={"WWW-Authenticate": 'Bearer realm="sendcloud-relay"'})
+        return await handler(request)
+
+    # -- probes -----------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        relay = self.relay
+        if relay.stopping:
+            return web.Response(status=503, text="not ready\nshutting down\n")
+        problems = readiness_problems(
+            await self._spool_error(),
+            relay.scheduler.dead_workers(),
+            relay.scheduler.upstream_health.failing_since,
+            relay.config.admin.upstream_unready_after,
+            time.time(),
+        )
+        if problems:
+            return web.Response(status=503, text="not ready\n" + "".join(f"{p}\n" for p in problems))
+        return web.Response(text="ready\n")
+
+    async def _spool_error(self) -> str | None:
+        """Whether a real spool write (committed and fsynced) works now.
+
+        Concurrent or back-to-back probes share one write, so a load balancer polling from
+        many nodes costs at most one fsync a second.
+        """
+        if not self.relay.spool.writer_alive:
+            return "the spool writer thread is not running"
+        if self._probe is None or (self._probe.done() and time.monotonic() - self._probe_done_at > _PROBE_REUSE):
+            self._probe = asyncio.create_task(self._probe_spool())
+        return await asyncio.shield(self._probe)
+
+    async def _probe_spool(self) -> str | None:
+        try:
+            await asyncio.wait_for(self.relay.spool.probe(time.time()), _PROBE_TIMEOUT)
+            return None
+        except asyncio.TimeoutError:
+            return f"a write did not complete within {_PROBE_TIMEOUT:.0f}s"
+        except Exception as error:  # noqa: BLE001 - any failure is the answer
+            return f"write failed: {error}"
+        finally:
+            self._probe_done_at = time.monotonic()
+
+    # -- metrics and queue ------------------------------------------------------------------
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        messages, by_state, oldest = await self.relay.spool.pending_summary()
+        metrics.QUEUE_MESSAGES.set(messages)
+        for state in ("queued", "deferred"):
+            metrics.QUEUE_RECIPIENTS.labels(state).set(by_state.get(state, 0))
+        metrics.QUEUE_OLDEST_SECONDS.set(max(0.0, time.time() - oldest) if oldest else 0)
+        body = metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def queue_list(self, request: web.Request) -> web.Response:
+        include_final = request.query.get("all", "") not in ("", "0", "false", "no")
+        messages = await self.relay.spool.list(include_final)
+        now = time.time()
+        return web.json_response({"messages": [admin.list_record(m, now) for m in messages], "count": len(messages)})
+
+    async def queue_show(self, request: web.Request) -> web.Response:
+        message = await self.relay.spool.get(request.match_info["id"])
+        if message is None:
+            return web.json_response({"error": "no such message"}, status=404)
+        return web.json_response(admin.show_record(message, time.time()))
+
+    async def reload(self, request: web.Request) -> web.Response:
+        error, restart_needed = await self.relay.reload()
+        if error is not None:
+            return web.json_response({"reloaded": False, "error": error}, status=422)
+        return web.json_response({"reloaded": True, "restart_needed": restart_needed})

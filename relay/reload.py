@@ -1,0 +1,26 @@
+"""What a config reload can change in a running relay, and what waits for a restart.
+
+Everything the relay reads per message or per connection changes at once: users and their
+passwords, rules, accounts and their API keys, limits, TLS certificates, logging. What is
+fixed when a socket or file is opened — the listeners, the spool's file, the admin address —
+keeps its old value until a restart; :func:`restart_needed` names those settings so the
+operator is told instead of left wondering.
+"""
+
+from __future__ import annotations
+
+from relay.config import Config
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """Dotted names of changed settings that a reload cannot apply."""
+    changed = []
+    if old.server.listeners != new.server.listeners:
+        changed.append("server.listeners")
+    if (old.server.tls is None) != (new.server.tls is None):
+        changed.append("server.tls")  # turning TLS on or off, as opposed to a new certificate
+    if (old.spool.backend, old.spool.path) != (new.spool.backend, new.spool.path):
+        changed.append("spool.path")
+    if old.admin.listen != new.admin.listen:
+        changed.append("admin.listen")
+    return changed
