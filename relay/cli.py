@@ -19,7 +19,7 @@ from email.utils import make_msgid
 from pathlib import Path
 
 from relay import admin, logs
-from relay.config import Config, ConfigError, load_config, load_demo_config, split_host_port
+from relay.config import Config, ConfigError, load_admin_settings, load_config, load_demo_config, split_host_port
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -44,19 +44,20 @@ def cmd_reload(args: argparse.Namespace) -> int:
     """Ask the running relay, through its admin endpoint, to re-read its config; print the outcome.
 
     The admin endpoint rather than a pid file and a signal: the relay answers whether the new
-    config was taken, and why not, and it works the same in a container. (SIGHUP does the same
+    config was taken, and why not, and it works the same in a container. Only the file's
+    ``admin`` section is read here; the relay validates the rest. (SIGHUP does the same
     reload, for `systemctl reload` and `docker kill -s HUP`, but its outcome is only logged.)
     """
-    config = _config(args)
-    if not config.admin.listen:
+    settings = load_admin_settings(args.config) if args.config else load_demo_config().admin
+    if not settings.listen:
         print("admin.listen is off in this config: send SIGHUP to the relay's process instead", file=sys.stderr)
         return 1
-    host, port = split_host_port(config.admin.listen)
+    host, port = split_host_port(settings.listen)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/api/reload"
     request = urllib.request.Request(url, method="POST", data=b"")
-    if config.admin.token is not None:
-        request.add_header("Authorization", f"Bearer {config.admin.token.get_secret_value()}")
+    if settings.token is not None:
+        request.add_header("Authorization", f"Bearer {settings.token.get_secret_value()}")
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as response:
             answer = json.load(response)

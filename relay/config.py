@@ -475,16 +475,38 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
     try:
         return Config.model_validate(data)
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            loc = tuple(part for part in item["loc"] if not str(part).startswith("function-"))
-            message = item["msg"].removeprefix("Value error, ")
-            if item["type"] == "extra_forbidden":
-                message = "unknown key (misspelt, or not supported by this version)"
-            problems.append(_where(source, data, loc, message))
-        raise ConfigError("\n".join(problems)) from None
+        raise ConfigError(_problems(error, source, data)) from None
     except _Misreference as error:
         raise ConfigError(_where(source, data, error.loc, error.message)) from None
+
+
+def _problems(error: ValidationError, source: str, data: Any, prefix: tuple = ()) -> str:
+    problems = []
+    for item in error.errors():
+        loc = prefix + tuple(part for part in item["loc"] if not str(part).startswith("function-"))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (misspelt, or not supported by this version)"
+        problems.append(_where(source, data, loc, message))
+    return "\n".join(problems)
+
+
+def load_admin_settings(path: Path | str) -> Admin:
+    """Only the ``admin`` section, for `sendcloud-relay reload`: the rest of the file may be
+    exactly what is broken, and the running relay is the one to judge it."""
+    path = Path(path)
+    try:
+        raw = yaml.load(path.read_text(), Loader=_LineLoader)  # noqa: S506 - a SafeLoader
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {getattr(error, 'problem', error)}") from None
+    section = raw.get("admin") if isinstance(raw, dict) else None
+    data = _resolve_secrets(section or {}, ("admin",), str(path), raw, path.parent)
+    try:
+        return Admin.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_problems(error, str(path), raw, ("admin",))) from None
 
 
 def load_config(path: Path | str) -> Config:

@@ -81,9 +81,12 @@ class Relay:
                 new = await asyncio.to_thread(self._load)
                 tls = None
                 if self.tls is not None and new.server.tls is not None:
-                    tls = await asyncio.to_thread(server_context, new.server.tls, new.server.hostname)
-                client_tls = await asyncio.to_thread(upstream_tls, new)
-            except (ConfigError, OSError, ssl.SSLError, ValueError) as error:
+                    files = new.server.tls
+                    tls = await asyncio.to_thread(_loading, "server.tls", f"{files.cert} and {files.key}",
+                                                  server_context, files, new.server.hostname)
+                client_tls = await asyncio.to_thread(_loading, "upstream.ca_file", str(new.upstream.ca_file),
+                                                     upstream_tls, new)
+            except ConfigError as error:
                 metrics.reload(False)
                 log.error("config reload refused, the running config stays:\n%s", error)
                 return str(error), []
@@ -111,6 +114,14 @@ class Relay:
             "stopped; spool closed cleanly after %d writes in %d commits (fsyncs)",
             self.spool.operations, self.spool.commits,
         )
+
+
+def _loading(key: str, what: str, make: Callable, *args):
+    """Make a TLS context, turning a file problem into a config error that names the key."""
+    try:
+        return make(*args)
+    except (OSError, ssl.SSLError, ValueError) as error:
+        raise ConfigError(f"{key}: cannot load {what}: {getattr(error, 'strerror', None) or error}") from None
 
 
 async def serve(config: Config, config_path: Path | None = None, verbose: bool = False) -> None:
