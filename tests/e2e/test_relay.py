@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.policy
 import smtplib
@@ -209,19 +210,34 @@ def test_send_test_command_prints_each_reply(relay, sendcloud, ca_file):
     assert sendcloud.wait_for(1)[0].rcpt_tos == ["st@example.net"]
 
 
-def test_no_secret_reaches_the_log(relay, sendcloud, client_tls):
-    submit(relay, client_tls, ["s@example.net"], message("secret"))
-    sendcloud.wait_for(1)
-    with smtplib.SMTP("127.0.0.1", relay.port("submission"), timeout=20) as client:
-        client.starttls(context=client_tls)
-        try:
-            client.login(USER, "wrong-password-xyz")
-        except smtplib.SMTPAuthenticationError:
-            pass
+def test_no_secret_reaches_the_log(make_relay, sendcloud, client_tls):
+    """A full run at debug level: AUTH PLAIN and LOGIN (good and bad), both accounts' upstream
+    logins, a reload and admin requests with the token. No secret, plain or base64, is logged."""
+    token = "admin-token-3c9d"
+    relay = make_relay(lambda config: config.update(logging={"level": "debug"}, admin={**config["admin"], "token": token}))
+    submit(relay, client_tls, ["s@example.net"], message("secret"))  # smtplib: AUTH PLAIN
+    submit(relay, client_tls, ["n@example.net"], message("news", "X-Mail-Type: newsletter\r\n"))
+    sendcloud.wait_for(2)
+    for mechanism in ("LOGIN", "PLAIN"):
+        with smtplib.SMTP("127.0.0.1", relay.port("submission"), timeout=20) as client:
+            client.starttls(context=client_tls)
+            client.ehlo()
+            client.user, client.password = USER, "wrong-password-xyz"
+            try:
+                client.auth(mechanism, getattr(client, f"auth_{mechanism.lower()}"))
+            except smtplib.SMTPAuthenticationError:
+                pass
+    assert relay.cli("reload").returncode == 0
+    assert relay.http("/metrics", token=token)[0] == 200
+    assert relay.http("/api/queue", token=token)[0] == 200
+    assert wait_until(lambda: "config reloaded" in relay.log(), 10)
     log = relay.log()
-    for secret in (PASSWORD, "wrong-password-xyz", "trigger-key-123", "batch-key-456", "YmlsbGluZy1zZWNyZXQ"):
-        assert secret not in log
-    assert "authentication failed" in log
+    secrets = [PASSWORD, "wrong-password-xyz", "trigger-key-123", "batch-key-456", token]
+    encoded = [base64.b64encode(s.encode()).decode() for s in secrets]
+    encoded += [base64.b64encode(f"\0{USER}\0{s}".encode()).decode() for s in (PASSWORD, "wrong-password-xyz")]
+    for secret in secrets + encoded:
+        assert secret not in log, secret
+    assert "DEBUG" in log and log.count("authentication failed") == 2
 
 
 def test_sigterm_lets_a_transaction_in_progress_finish_and_says_421_to_idle_sessions(make_relay, sendcloud):

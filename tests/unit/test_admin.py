@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.admin import format_age, list_lines, show_lines
+from relay.admin import format_age, list_lines, list_record, show_lines, show_record
 from relay.spool import QueuedMessage, Recipient, State
 from tests.unit.helpers import BASE, config_from
 
@@ -143,3 +143,25 @@ def test_show_lines_final_recipients_show_last_reply_and_email_id():
     assert "<r0@example.org>  failed, 1 attempt(s)" in failed
     assert "last reply: 550 5.1.1 user unknown" in failed
     assert "waits:" not in failed
+
+
+def test_list_record_is_the_data_behind_a_list_line():
+    """/api/queue and `queue list` come from the same record."""
+    record = list_record(DEFERRED, NOW)
+    assert record == {
+        "id": "238CF37BF6FPHX", "received_at": NOW - 250, "age": "4m10s", "user": "billing",
+        "account": "acme_trigger", "channel": "trigger", "recipients_pending": 1, "recipients_total": 2,
+        "state": "deferred",
+    }
+    assert list_lines([DEFERRED], now=NOW)[1].split() == [
+        record["id"], record["age"], record["user"], record["account"], "1/2", record["state"],
+    ]
+
+
+def test_show_record_has_every_recipient():
+    record = show_record(DEFERRED, NOW)
+    assert record["client"] == "10.20.0.5" and record["sender"] == "billing@acme.com" and record["size"] == 1234
+    delivered, deferred = record["recipients"]
+    assert delivered == {"address": "r0@example.org", "state": "delivered", "attempts": 1, "next_attempt": None,
+                         "last_reply": "250 #mid#Queued", "email_id": "mid0$r0@example.org"}
+    assert deferred["next_attempt"] == NOW + 300 and deferred["last_reply"] == "451 4.7.1 greylisted"

@@ -480,3 +480,53 @@ def test_dkim_key_file_is_read_and_checked(tmp_path):
     with pytest.raises(ConfigError) as caught:
         parse_config(bad, source=SOURCE, base=tmp_path)
     assert "dkim.acme.com.key" in str(caught.value) and "PKCS#1" in str(caught.value)
+
+
+# -- admin, logging, PROXY protocol ----------------------------------------------------------------
+
+
+def test_admin_and_logging_defaults():
+    config = parse(BASE)
+    assert config.admin.listen == "127.0.0.1:8025" and config.admin.token is None
+    assert config.admin.upstream_unready_after == 900.0
+    assert (config.logging.format, config.logging.level, config.logging.mask_addresses) == ("plain", "info", False)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8025", "[::1]:9100", "0.0.0.0:80", None])
+def test_admin_listen_accepts_host_port_or_null(listen):
+    text = BASE + f"admin: {{listen: {listen if listen else 'null'}}}\n"
+    assert parse(text.replace("[::1]:9100", "'[::1]:9100'")).admin.listen == listen
+
+
+@pytest.mark.parametrize("listen", ["8025", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000"])
+def test_admin_listen_refuses_what_is_not_host_port(listen):
+    message = config_error(BASE + f"admin:\n  listen: '{listen}'\n")
+    assert f"{SOURCE}:{line_of(BASE + 'admin:', 'admin:') + 1}: admin.listen: must be HOST:PORT" in message
+
+
+def test_proxy_protocol_per_listener():
+    text = BASE.replace("auth: optional}", "auth: optional, proxy_protocol: {proxies: [10.0.0.0/8, 'fd00::/8']}}")
+    proxy = parse(text).server.listeners[0].proxy_protocol
+    assert [str(n) for n in proxy.proxies] == ["10.0.0.0/8", "fd00::/8"] and proxy.timeout == 5.0
+    assert parse(BASE).server.listeners[0].proxy_protocol is None
+
+
+def test_proxy_protocol_needs_proxies_and_refuses_implicit_tls():
+    assert "proxy_protocol.proxies" in config_error(BASE.replace("auth: optional}", "proxy_protocol: {proxies: []}}"))
+    text = BASE.replace("tls: none, auth: optional}", "tls: implicit, proxy_protocol: {proxies: [10.0.0.0/8]}}")
+    text = text.replace("upstream:", "  tls: {cert: c.pem, key: k.pem}\nupstream:")
+    assert "proxy_protocol does not work with tls: implicit" in config_error(text)
+
+
+def test_reload_reads_only_the_admin_section(tmp_path, monkeypatch):
+    """`sendcloud-relay reload` must reach the relay even when the rest of the file is broken."""
+    from relay.config import load_admin_settings
+
+    monkeypatch.setenv("ADMIN_TOKEN", "t0ken-from-env")
+    path = tmp_path / "relay.yaml"
+    path.write_text("server: {broken: yes}\nadmin: {listen: '127.0.0.1:9025', token: '${ADMIN_TOKEN}'}\n")
+    settings = load_admin_settings(path)
+    assert settings.listen == "127.0.0.1:9025" and settings.token.get_secret_value() == "t0ken-from-env"
+    path.write_text("server: {}\nadmin:\n  listen: nowhere\n")
+    with pytest.raises(ConfigError, match=r"relay.yaml:3: admin.listen: must be HOST:PORT"):
+        load_admin_settings(path)
