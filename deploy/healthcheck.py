@@ -1,19 +1,22 @@
 #!/usr/bin/env python3
-"""Health check for sendcloud-relay: connect to an SMTP listener, expect a 220 greeting, QUIT.
+"""Health check for sendcloud-relay: an admin endpoint URL must answer 200, or an SMTP
+listener must greet with 220.
 
-    healthcheck.py [--timeout SECONDS] [--wait SECONDS] [HOST:PORT]     (default 127.0.0.1:25)
+    healthcheck.py [--timeout SECONDS] [--wait SECONDS] [URL | HOST:PORT]
+                                                (default http://127.0.0.1:8025/healthz)
 
-Exit status 0 when the listener greets with 220 within the timeout, 1 otherwise (and on a usage
-error: Docker reserves exit status 2 in HEALTHCHECK). One line says why, on stdout when healthy
-and on stderr when not. ``--wait`` retries until the listener answers or the time is up; the
-systemd unit uses it to hold ``systemctl start`` until the relay is serving.
+Exit status 0 when healthy within the timeout, 1 otherwise (and on a usage error: Docker
+reserves exit status 2 in HEALTHCHECK). One line says why, on stdout when healthy and on
+stderr when not. ``--wait`` retries until healthy or the time is up; the systemd unit uses it
+to hold ``systemctl start`` until the relay is serving.
 
-Used by all three deployment styles (Docker HEALTHCHECK, Kubernetes exec probes, systemd
-ExecStartPost). Standard library only, so any python3 runs it. It stands in until the admin
-HTTP endpoint (/healthz, /readyz) exists; then HTTP probes replace it.
+Used where an HTTP probe cannot be declared: the Docker HEALTHCHECK (the image has no curl)
+and the systemd unit's ExecStartPost. Kubernetes probes use httpGet directly. Standard
+library only, so any python3 runs it.
 
-Point it at a listener with ``tls: none`` or ``starttls`` (the greeting comes before TLS);
-a ``tls: implicit`` listener would need a TLS handshake first and is not supported here.
+``http://.../healthz`` (liveness) or ``http://.../readyz`` (readiness) on ``admin.listen``.
+``HOST:PORT`` checks an SMTP listener's greeting instead: point it at a ``tls: none`` or
+``starttls`` listener (a ``tls: implicit`` one would need a TLS handshake first).
 """
 
 from __future__ import annotations
@@ -22,8 +25,10 @@ import argparse
 import smtplib
 import sys
 import time
+import urllib.error
+import urllib.request
 
-DEFAULT_ADDRESS = "127.0.0.1:25"
+DEFAULT_ADDRESS = "http://127.0.0.1:8025/healthz"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,8 +48,20 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def check_http(url: str, timeout: float) -> tuple[bool, str]:
+    """One attempt at an admin endpoint probe: 200 is healthy; 503 says why not."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return True, f"{url}: {response.status}"
+    except urllib.error.HTTPError as error:
+        reasons = " ".join(error.read().decode(errors="replace").split())
+        return False, f"{url}: {error.code} {reasons}"
+    except (OSError, ValueError) as error:  # refused, timeout, bad URL
+        return False, f"{url}: {getattr(error, 'reason', None) or error}"
+
+
 def check(host: str, port: int, timeout: float) -> tuple[bool, str]:
-    """One attempt: (healthy, what happened)."""
+    """One attempt at an SMTP listener: (healthy, what happened)."""
     where = f"{host}:{port}"
     try:
         # smtplib reads the (possibly multi-line) greeting and raises unless it is 220.
@@ -65,20 +82,24 @@ def check(host: str, port: int, timeout: float) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(description="Exit 0 if an SMTP listener answers with a 220 greeting, else 1.")
+    parser = _Parser(description="Exit 0 if the admin URL answers 200 (or an SMTP HOST:PORT greets with 220), else 1.")
     parser.add_argument("address", nargs="?", default=DEFAULT_ADDRESS,
-                        help=f"HOST:PORT (default {DEFAULT_ADDRESS})")
+                        help=f"http://HOST:PORT/healthz|readyz or an SMTP HOST:PORT (default {DEFAULT_ADDRESS})")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds for each attempt (default 5)")
     parser.add_argument("--wait", type=float, default=0.0,
                         help="keep trying for up to this many seconds (default: one try)")
     args = parser.parse_args(argv)
-    try:
-        host, port = parse_address(args.address)
-    except ValueError as error:
-        parser.error(str(error))
+    if args.address.startswith(("http://", "https://")):
+        attempt = lambda: check_http(args.address, args.timeout)  # noqa: E731
+    else:
+        try:
+            host, port = parse_address(args.address)
+        except ValueError as error:
+            parser.error(str(error))
+        attempt = lambda: check(host, port, args.timeout)  # noqa: E731
     deadline = time.monotonic() + args.wait
     while True:
-        healthy, detail = check(host, port, args.timeout)
+        healthy, detail = attempt()
         if healthy:
             print(f"healthy: {detail}")
             return 0

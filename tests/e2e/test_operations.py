@@ -13,6 +13,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from relay.auth import hash_password
 from tests.e2e.conftest import PASSWORD, TRUSTED_SOURCE, USER
 from tests.e2e.test_relay import message, submit
 from tests.support import free_port, require_peer
-from tests.support.relay import wait_until
+from tests.support.relay import REPO, wait_until
 
 TOKEN = "admin-token-7f3a9c"
 
@@ -161,6 +162,12 @@ def test_readiness_flips_when_the_spool_disk_is_full(make_relay, client_tls, sen
         status, body = relay.http("/readyz")
         assert status == 503 and "spool: write failed" in body, body
         assert relay.http("/healthz")[0] == 200  # alive: no reason to restart it
+        host, port = relay.admin_address  # what Docker's HEALTHCHECK and systemd run:
+        checks = {path: subprocess.run([sys.executable, str(REPO / "deploy" / "healthcheck.py"),
+                                        f"http://{host}:{port}{path}"], capture_output=True, text=True, timeout=30)
+                  for path in ("/readyz", "/healthz")}
+        assert checks["/readyz"].returncode == 1 and "503 not ready spool: write failed" in checks["/readyz"].stderr
+        assert checks["/healthz"].returncode == 0, checks["/healthz"].stderr
 
         # Meanwhile a client is told to come back, never given a 250 for a message not on disk.
         with smtplib.SMTP("127.0.0.1", relay.port("submission"), timeout=20) as client:
