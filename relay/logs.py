@@ -114,6 +114,7 @@ class Formatter(logging.Formatter):
 def secrets_of(config: Config) -> list[str]:
     """Every secret the config holds: what must never appear in a log line."""
     found = [account.api_key.get_secret_value() for account in config.accounts.values() if account.api_key]
+    found += [key.key.get_secret_value() for key in config.dkim.values()]
     if config.admin.token is not None:
         found.append(config.admin.token.get_secret_value())
     return found

@@ -119,7 +119,7 @@ def test_client_x_smtpapi_violating_policy_is_refused_at_data(relay, sendcloud, 
         client.rcpt("a@example.net")
         code, text = client.data(data)
     assert code == 550 and text.startswith(reply)
-    assert "reject DATA" in relay.log()
+    assert "NOQUEUE: reject=DATA" in relay.log()
     assert sendcloud.messages == []
 
 
