@@ -87,7 +87,7 @@ class RelaySMTP(SMTP):
         "552 Error: Too much mail data": "DATA",
         "552 Error: message size exceeds fixed maximum message size": "MAIL",
         "500 Line too long (see RFC5321 4.5.3.1.6)": "DATA",
-        "530 5.7.0 Authentication required": "MAIL",
+        "530 5.7.0 Authentication required": "command",  # HELP, VRFY, MAIL, RCPT or DATA
     }
 
     def __init__(self, handler: ListenerHandler, connections: set[RelaySMTP], **kwargs):

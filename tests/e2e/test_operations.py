@@ -10,7 +10,6 @@ import json
 import signal
 import smtplib
 import socket
-import ssl
 import struct
 import subprocess
 import sys
