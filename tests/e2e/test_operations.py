@@ -82,6 +82,8 @@ def test_metrics_follow_mail_through_real_smtp(relay, sendcloud, client_tls):
     sendcloud.stop()
     queue_id = submit(relay, client_tls, ["d@example.net"], message("deferred"))
     assert wait_until(lambda: value(scrape(relay), "sendcloud_relay_recipients_total", result="deferred", **trigger) >= 1, 10)
+    # The counter moves when the attempt ends, the queue gauges once its outcome is committed.
+    assert wait_until(lambda: value(scrape(relay), "sendcloud_relay_queue_recipients", state="deferred") == 1, 10)
     down = scrape(relay)
     assert value(down, "sendcloud_relay_queue_messages") == 1
     assert value(down, "sendcloud_relay_queue_recipients", state="deferred") == 1
