@@ -86,6 +86,7 @@ class Authenticator:
         self._cache_ttl = cache_ttl
         self._cache_key = secrets.token_bytes(32)
         self._verified: dict[bytes, tuple[str, float]] = {}
+        self._verifying: dict[bytes, asyncio.Future[bool]] = {}
 
     def _fingerprint(self, username: str, password: str, password_hash: str) -> bytes:
         material = "\0".join((username, password, password_hash)).encode()
@@ -102,7 +103,16 @@ class Authenticator:
         now = time.monotonic()
         if cached and cached[1] > now:
             return True
-        ok = await asyncio.to_thread(verify_password, password_hash, password)
+        # A smarthost reconnecting after a restart logs in on all its connections at once:
+        # one hash verification answers them all instead of one each (argon2 costs ~50 ms).
+        running = self._verifying.get(fingerprint)
+        if running is not None:
+            return await asyncio.shield(running)
+        running = self._verifying[fingerprint] = asyncio.ensure_future(asyncio.to_thread(verify_password, password_hash, password))
+        try:
+            ok = await asyncio.shield(running)
+        finally:
+            self._verifying.pop(fingerprint, None)
         if ok:
             if len(self._verified) > 10_000:
                 self._verified.clear()

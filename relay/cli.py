@@ -29,6 +29,16 @@ def _config(args: argparse.Namespace) -> Config:
 # -- serve / reload / check-config / hash-password --------------------------------------------
 
 
+def run_event_loop(main):
+    """Run ``main`` on uvloop when it is installed (the ``fast`` extra), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from relay.server import serve
 
@@ -36,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(config.logging, logs.secrets_of(config), args.verbose)
     if not args.config:
         logging.getLogger("relay").info("no -c given: running the embedded demo config (capture upstream)")
-    asyncio.run(serve(config, args.config, args.verbose))
+    run_event_loop(serve(config, args.config, args.verbose))
     return 0
 
 

@@ -157,6 +157,9 @@ class Server(_Model):
     idle_timeout: Duration = 300.0
     auth_failure_delay: Duration = 1.0
     shutdown_grace: Duration = 30.0
+    # SMTP acceptor processes sharing the listening sockets and one spool (relay/workers.py):
+    # 1 runs everything in one process; "auto" one per CPU (at least 2).
+    processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
 
     @model_validator(mode="after")
     def _listeners_consistent(self) -> Server:

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import ipaddress
 import logging
+import re
+import socket
 import ssl
 import time
 import warnings
@@ -59,6 +62,17 @@ class Services:
     preparer: Preparer
 
 
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+
+
+@functools.cache
+def _hook_names(cls: type) -> list[str]:
+    """What aiosmtpd looks for in dir() of its protocol and of the handler, for every connection."""
+    prefixes = ("smtp_", "auth_", "handle_")
+    return sorted({name for klass in cls.__mro__ for name in vars(klass) if name.startswith(prefixes)})
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with three additions a hook cannot make.
 
@@ -94,6 +108,26 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._connections = connections
         self.client_ip = ""
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd's __init__ looks for smtp_*, auth_* and handle_* methods in dir() of this
+        # object and of the handler on every connection (inspect.getmembers); listing only
+        # those names, once per class, cuts the ~120 µs it took per connection to ~35 µs.
+        return _hook_names(type(self))
+
+    _SIMPLE_PATH = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>[ \t]*+(?!\()")
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses every MAIL/RCPT address with the email package's RFC 5322 header
+        # parser (~35 µs, and it defines a class per call). The plain ``<dot-atom@dot-atom>``
+        # of nearly every client gives the very same result from one regular expression.
+        match = self._SIMPLE_PATH.match(arg)
+        if match is None:
+            return super()._getaddr(arg)
+        address = match[1]
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, arg[match.end():]
 
     async def push(self, status):
         if isinstance(status, str):
@@ -137,6 +171,9 @@ class ListenerHandler:
     def __init__(self, listener: Listener, services: Services):
         self.listener = listener
         self.services = services
+
+    def __dir__(self) -> list[str]:
+        return _hook_names(type(self))  # see RelaySMTP.__dir__
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -378,15 +415,17 @@ class ListenerGroup:
 
         return factory
 
-    async def start(self) -> None:
+    async def start(self, bound: dict[str, list[socket.socket]] | None = None) -> None:
+        """Listen as configured, or on the sockets already ``bound`` per listener name (acceptor processes)."""
         loop = asyncio.get_running_loop()
         for listener in self.services.config().server.listeners:
+            tls = self.tls_context if listener.tls == "implicit" else None
+            if bound is not None:
+                for sock in bound[listener.name]:
+                    self._servers.append(await loop.create_server(self._factory(listener), sock=sock, ssl=tls))
+                continue
             server = await loop.create_server(
-                self._factory(listener),
-                host=listener.bind,
-                port=listener.port,
-                ssl=self.tls_context if listener.tls == "implicit" else None,
-                reuse_address=True,
+                self._factory(listener), host=listener.bind, port=listener.port, ssl=tls, reuse_address=True
             )
             self._servers.append(server)
             log.info("listening on %s:%d (%s, tls=%s, auth=%s%s)", listener.bind, listener.port, listener.name,

@@ -32,6 +32,7 @@ from relay.prepare import Preparer
 from relay.reload import restart_needed
 from relay.spool.sqlite import SqliteSpool
 from relay.tls import ServerTLS, server_context
+from relay.workers import AcceptorPool, acceptor_count
 
 log = logging.getLogger("relay")
 
@@ -57,7 +58,9 @@ class Relay:
             preparer=self.preparer,
         )
         self.tls = ServerTLS(config.server.tls, config.server.hostname) if config.server.tls else None
-        self.listeners = ListenerGroup(services, self.tls.context if self.tls else None)
+        acceptors = acceptor_count(config)
+        self.acceptors = AcceptorPool(config, self.spool, self.scheduler, acceptors) if acceptors > 1 else None
+        self.listeners = self.acceptors or ListenerGroup(services, self.tls.context if self.tls else None)
         self.admin = AdminServer(self)
         self._reload_lock = asyncio.Lock()
 
@@ -96,6 +99,8 @@ class Relay:
             self.failures.base_delay = new.server.auth_failure_delay
             logs.configure(new.logging, logs.secrets_of(new), self._verbose)
             self.scheduler.reconfigure(client_tls)
+            if self.acceptors:
+                self.acceptors.reconfigure(new)
             waiting = restart_needed(old, new)
             metrics.reload(True)
             log.info("config reloaded%s", f"; these changes need a restart: {', '.join(waiting)}" if waiting else "")
@@ -104,7 +109,7 @@ class Relay:
     async def stop(self) -> None:
         self.stopping = True
         grace = self.config.server.shutdown_grace
-        log.info("shutting down: no new connections, %d open sessions get %.0fs", len(self.listeners.connections), grace)
+        log.info("shutting down: no new connections, sessions in a transaction get %.0fs", grace)
         await self.listeners.stop(grace)
         await self.scheduler.stop(grace)
         await asyncio.to_thread(self.preparer.close)
@@ -128,11 +133,11 @@ async def serve(config: Config, config_path: Path | None = None, verbose: bool =
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config."""
     load = (lambda: load_config(config_path)) if config_path else load_demo_config
     relay = Relay(config, load, verbose)
-    await relay.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before start: clients may connect (and a
+        loop.add_signal_handler(signum, stop.set)   # supervisor signal) as soon as one listens
+    await relay.start()
     reloads: set[asyncio.Task] = set()
 
     def reload() -> None:

@@ -33,6 +33,18 @@ _SUFFIX = len(_ALPHABET) ** 5
 _sequence_lock = threading.Lock()
 _last_ms = -1
 _sequence = 0
+_partition_start, _partition_size = 0, _SUFFIX
+
+
+def use_queue_id_partition(index: int, count: int) -> None:
+    """Make this process's IDs come from part ``index`` of ``count`` of the sequence space.
+
+    Processes that share one spool (``server.processes``) each get their own part, so two of
+    them can never make the same ID in the same millisecond.
+    """
+    global _partition_start, _partition_size
+    _partition_size = _SUFFIX // count
+    _partition_start = index * _partition_size
 
 
 def _encode(number: int, width: int = 0) -> str:
@@ -46,9 +58,10 @@ def _encode(number: int, width: int = 0) -> str:
 def new_queue_id(now: float | None = None) -> str:
     """A short, time-ordered ID like Postfix's long queue IDs (e.g. ``3ZK7Q9M2XD4HWT``).
 
-    Milliseconds, then a 5-character sequence: it starts at a random point in each new
-    millisecond (so two processes rarely meet) and counts up within it, so IDs made by one
-    process in the same millisecond are distinct and still sort in the order they were made.
+    Milliseconds, then a 5-character sequence: it starts at a random point in the first half
+    of this process's part of the sequence space in each new millisecond (so two processes
+    rarely meet, and processes of one relay never do) and counts up within it, so IDs made by
+    one process in the same millisecond are distinct and sort in the order they were made.
     """
     global _last_ms, _sequence
     ms = int((now if now is not None else time.time()) * 1000)
@@ -56,7 +69,7 @@ def new_queue_id(now: float | None = None) -> str:
         if ms == _last_ms:
             _sequence += 1
         else:
-            _last_ms, _sequence = ms, secrets.randbelow(_SUFFIX // 2)
+            _last_ms, _sequence = ms, _partition_start + secrets.randbelow(_partition_size // 2)
         sequence = _sequence % _SUFFIX
     return _encode(ms) + _encode(sequence, 5)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import types
@@ -152,6 +153,15 @@ async def test_good_credentials_are_cached(hashes, verify_calls):
     assert await auth.check("billing", "billing-secret")
     assert await auth.check("billing", "billing-secret")
     assert len(verify_calls) == 1
+
+
+async def test_simultaneous_logins_share_one_verification(hashes, verify_calls):
+    """A smarthost opening 20 connections at once after a restart pays for one hash, not 20."""
+    auth = Authenticator(lambda: hashes)
+    results = await asyncio.gather(*(auth.check("billing", "billing-secret") for _ in range(20)))
+    wrong = await asyncio.gather(*(auth.check("billing", "wrong") for _ in range(3)))
+    assert results == [True] * 20 and wrong == [False] * 3
+    assert len(verify_calls) == 2
 
 
 async def test_cache_does_not_serve_a_different_password(hashes, verify_calls):

@@ -1,0 +1,366 @@
+"""The benchmark: our relay against a Postfix relay on the same machine, in one run.
+
+    .venv/bin/python bench/run.py [--reps 3] [--only relay,sweep,submission,sizes,idle,fsync]
+
+Everything runs on 127.0.0.1: ``smtp-sink`` is the upstream, a private Postfix (own config,
+queue and data directories, durable queue as shipped, ``relayhost`` = the sink) and our
+relay (``python -m relay serve``, trusted network, SQLite spool fsynced before every 250)
+take the same loads from ``smtp-source``, alternating which goes first in each repetition,
+and every figure is the median of ``--reps`` runs. Each run gets a fresh relay or Postfix.
+The STARTTLS+AUTH scenario and the idle-sessions scenario use ``bench/loadgen.py``
+(aiosmtplib) and ``bench/tls_sink.py`` (aiosmtpd), since smtp-source and smtp-sink speak no
+TLS. It prints a table, writes ``bench/results/<time>.json`` and a PNG of throughput against
+parallel sessions. See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from peers import (
+    SMTP_SOURCE, OurRelay, PostfixRelay, RssSampler, SmtpSink, TlsSink, free_port, tree_pids, wait_until,
+)
+
+from relay.auth import hash_password
+from relay.tls import make_self_signed
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SENDER, RECIPIENT = "bench@bench.test", "sink@example.net"
+MAX_MESSAGE_SIZE = 32 * 2**20
+SUBMIT_USER, SUBMIT_PASSWORD = "submitter", "bench-password-1"
+UPSTREAM_USER, UPSTREAM_PASSWORD = "sink_user", "sink-password-1"
+MiB = 2**20
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path):
+        self.args = args
+        self.workdir = workdir
+        self.cert, self.key = workdir / "tls" / "cert.pem", workdir / "tls" / "key.pem"
+        make_self_signed(self.cert, self.key, "localhost")
+        self.password_hash = hash_password(SUBMIT_PASSWORD)
+        self.overrides = [setting.split("=", 1) for setting in args.relay_set]
+
+    # -- the two relays ---------------------------------------------------------------------
+
+    def relay_config(self, port: int, upstream_port: int, *, submission_port: int | None = None, upstream_tls: bool = False) -> dict:
+        listeners = [{"name": "smtp", "bind": "127.0.0.1", "port": port, "tls": "none", "auth": "none"}]
+        if submission_port:
+            listeners.append({"name": "submission", "bind": "127.0.0.1", "port": submission_port, "tls": "starttls", "auth": "required"})
+        account = {"api_user": UPSTREAM_USER, "type": "trigger", "domain": "bench.test"}
+        if upstream_tls:
+            account["api_key"] = UPSTREAM_PASSWORD
+        config = {
+            "server": {
+                "hostname": "relay.bench.test",
+                "listeners": listeners,
+                "tls": {"cert": str(self.cert), "key": str(self.key)},
+                "trusted_networks": [{"cidr": "127.0.0.0/8", "user": "trusted"}],
+                "max_message_size": MAX_MESSAGE_SIZE,
+            },
+            "spool": {"path": "spool.db"},
+            "upstream": {
+                "kind": "smtp", "host": "127.0.0.1", "port": upstream_port,
+                "tls": "starttls" if upstream_tls else "none", "ca_file": str(self.cert),
+                "connections_per_account": 8,
+            },
+            "accounts": {"sink": account},
+            "users": {
+                "trusted": {"channels": {"trigger": "sink"}},
+                SUBMIT_USER: {"password_hash": self.password_hash, "channels": {"trigger": "sink"}},
+            },
+        }
+        for key, value in self.overrides:
+            *path, last = key.split(".")
+            section = config
+            for part in path:
+                section = section.setdefault(part, {})
+            section[last] = json.loads(value) if value[:1] in "0123456789[{tf" else value
+        return config
+
+    def relay(self, upstream_port: int, **kwargs) -> OurRelay:
+        port = free_port()
+        submission = free_port() if kwargs.pop("submission", False) else None
+        relay = OurRelay(self.workdir, self.relay_config(port, upstream_port, submission_port=submission, **kwargs), port)
+        relay.submission_port = submission
+        return relay
+
+    def postfix(self, upstream_port: int) -> PostfixRelay:
+        return PostfixRelay(self.workdir, upstream_port, MAX_MESSAGE_SIZE)
+
+    def targets(self, sink: SmtpSink, rep: int) -> list:
+        """Both relays, the first one alternating between repetitions."""
+        pair = [lambda: self.relay(sink.port), lambda: self.postfix(sink.port)]
+        return pair if rep % 2 == 0 else pair[::-1]
+
+    # -- one load ---------------------------------------------------------------------------
+
+    def smtp_source(self, target, sink, messages: int, sessions: int, size: int, strace: bool = False) -> dict:
+        """Start ``target``, drive it with smtp-source, wait for the sink to count every message."""
+        with target as running:
+            counted = sink.count()
+            tracer = _strace(tree_pids(running.pid()), self.workdir / f"strace-{running.name}.txt") if strace else None
+            with RssSampler(running.pid()) as rss:
+                idle_rss = rss.peak
+                started = time.monotonic()
+                subprocess.run(
+                    [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size),
+                     "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{running.port}"],
+                    check=True, stdout=subprocess.DEVNULL,
+                )
+                accepted = time.monotonic() - started
+                wait_until(lambda: sink.count() >= counted + messages, 600, f"{messages} messages at the sink")
+                end_to_end = time.monotonic() - started
+            fsyncs = _strace_stop(tracer) if tracer else None
+        result = {
+            "relay": running.name, "messages": messages, "sessions": sessions, "size": size,
+            "accepted_per_s": messages / accepted, "end_to_end_per_s": messages / end_to_end,
+            "mb_per_s": messages * size / end_to_end / 1e6,
+            "idle_rss_mb": idle_rss / MiB, "peak_rss_mb": rss.peak / MiB, "peak_pss_mb": rss.peak_pss / MiB,
+        }
+        if getattr(running, "spool_stats", None):
+            result["spool_commits_per_message"] = running.spool_stats[1] / messages
+        if fsyncs is not None:
+            result["strace_fsyncs_per_message"] = fsyncs / messages
+        self.say(result)
+        return result
+
+    def say(self, result: dict) -> None:
+        print("  " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()), flush=True)
+
+    # -- scenarios --------------------------------------------------------------------------
+
+    def scenario_relay(self, sink: SmtpSink) -> dict:
+        """Trusted-network relay, 5 KB, 20 sessions: accepted and end-to-end msgs/s."""
+        runs = []
+        for rep in range(self.args.reps):
+            for target in self.targets(sink, rep):
+                runs.append(self.smtp_source(target(), sink, self.args.messages, 20, 5120))
+        return summarise(runs, ("accepted_per_s", "end_to_end_per_s", "peak_rss_mb", "peak_pss_mb", "spool_commits_per_message"))
+
+    def scenario_sweep(self, sink: SmtpSink) -> dict:
+        """End-to-end msgs/s against parallel sessions, for the plot."""
+        points = {}
+        for sessions in self.args.sweep:
+            runs = []
+            messages = min(self.args.messages, 300 * sessions)
+            for rep in range(self.args.reps):
+                for target in self.targets(sink, rep):
+                    runs.append(self.smtp_source(target(), sink, messages, sessions, 5120))
+            points[str(sessions)] = summarise(runs, ("accepted_per_s", "end_to_end_per_s"))
+        return points
+
+    def scenario_sizes(self, sink: SmtpSink) -> dict:
+        """1 KB, 100 KB and 10 MB messages: msgs/s, MB/s, peak RSS."""
+        plan = [(1024, self.args.messages, 20), (100 * 1024, self.args.messages // 5, 20), (10 * MiB, 20, 1)]
+        out = {}
+        for size, messages, sessions in plan:
+            runs = []
+            for rep in range(self.args.reps):
+                for target in self.targets(sink, rep):
+                    runs.append(self.smtp_source(target(), sink, messages, sessions, size))
+            summary = summarise(runs, ("end_to_end_per_s", "mb_per_s", "peak_rss_mb", "peak_pss_mb", "idle_rss_mb"))
+            for name, runs_of in summary.items():
+                runs_of["median"]["rss_growth_per_message_size"] = (
+                    (runs_of["median"]["peak_rss_mb"] - runs_of["median"]["idle_rss_mb"]) * MiB / size
+                )
+            out[_size_name(size)] = {"messages": messages, "sessions": sessions, **summary}
+        return out
+
+    def scenario_fsync(self, sink: SmtpSink) -> dict:
+        """fsync + fdatasync calls per accepted message, counted by strace for both relays."""
+        runs = [self.smtp_source(target(), sink, self.args.messages // 2, 20, 5120, strace=True) for target in self.targets(sink, 0)]
+        return summarise(runs, ("strace_fsyncs_per_message", "spool_commits_per_message", "end_to_end_per_s"))
+
+    def scenario_submission(self) -> dict:
+        """STARTTLS + AUTH on both sides of our relay against the same load in plaintext."""
+        runs = []
+        for rep in range(self.args.reps):
+            for tls in ((False, True) if rep % 2 == 0 else (True, False)):
+                with TlsSink(self.workdir, self.cert, self.key, tls, UPSTREAM_USER, UPSTREAM_PASSWORD) as sink:
+                    with self.relay(sink.port, submission=True, upstream_tls=tls) as relay:
+                        load = ["--port", str(relay.submission_port if tls else relay.port)]
+                        if tls:
+                            load += ["--starttls", "--cafile", str(self.cert), "--user", SUBMIT_USER, "--password", SUBMIT_PASSWORD]
+                        messages = self.args.messages // 2
+                        load += ["--messages", str(messages), "--sessions", "20", "--per-connection", str(self.args.per_connection)]
+                        started = time.monotonic()
+                        result = _loadgen("load", *load)
+                        accepted = time.monotonic() - started
+                        wait_until(lambda: sink.count() >= messages, 600, f"{messages} messages at the TLS sink")
+                        end_to_end = time.monotonic() - started
+                run = {"relay": "relay+tls+auth" if tls else "relay plain", "messages": messages, "errors": result["errors"],
+                       "accepted_per_s": messages / accepted, "end_to_end_per_s": messages / end_to_end}
+                self.say(run)
+                runs.append(run)
+        summary = summarise(runs, ("accepted_per_s", "end_to_end_per_s"))
+        plain, tls = summary["relay plain"]["median"], summary["relay+tls+auth"]["median"]
+        summary["tls_cost"] = {key: 1 - tls[key] / plain[key] for key in ("accepted_per_s", "end_to_end_per_s")}
+        summary["messages_per_connection"] = self.args.per_connection
+        return summary
+
+    def scenario_idle(self, sink: SmtpSink) -> dict:
+        """1,000 idle sessions: the relay's RSS, and the latency of messages sent meanwhile."""
+        runs = []
+        for rep in range(self.args.reps):
+            with self.relay(sink.port) as relay, RssSampler(relay.pid()) as rss:
+                before = rss.now()
+                gen = subprocess.Popen(
+                    [sys.executable, str(Path(__file__).parent / "loadgen.py"), "idle", "--port", str(relay.port),
+                     "--idle", str(self.args.idle), "--probes", "200"],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                )
+                assert gen.stdout.readline().strip() == "READY"
+                time.sleep(1)
+                with_idle = rss.now()
+                out, _ = gen.communicate("go\n", timeout=600)
+                result = json.loads(out.strip().splitlines()[-1])
+            run = {"relay": "relay", **result, "rss_before_mb": before / MiB, "rss_idle_mb": with_idle / MiB, "peak_rss_mb": rss.peak / MiB}
+            self.say(run)
+            runs.append(run)
+        return summarise(runs, ("rss_idle_mb", "peak_rss_mb", "p50_ms", "p99_ms", "max_ms"))
+
+
+def summarise(runs: list[dict], keys: tuple[str, ...]) -> dict:
+    """Per relay: the runs as measured, and the median of each key."""
+    out: dict = {}
+    for name in dict.fromkeys(run["relay"] for run in runs):
+        mine = [run for run in runs if run["relay"] == name]
+        median = {key: statistics.median(run[key] for run in mine) for key in keys if all(key in run for run in mine)}
+        out[name] = {"median": median, "runs": mine}
+    return out
+
+
+def _size_name(size: int) -> str:
+    return f"{size // MiB} MB" if size >= MiB else f"{size // 1024} KB"
+
+
+def _loadgen(*args: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "loadgen.py"), *args], check=True, capture_output=True, text=True, timeout=900
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _strace(pids: list[int], output: Path) -> subprocess.Popen:
+    command = ["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", str(output)]
+    for pid in pids:
+        command += ["-p", str(pid)]
+    tracer = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    time.sleep(1)  # attaching takes a moment
+    tracer.output = output
+    return tracer
+
+
+def _strace_stop(tracer: subprocess.Popen) -> int:
+    tracer.send_signal(2)
+    tracer.wait(30)
+    text = tracer.output.read_text()
+    return sum(int(m) for m in re.findall(r"^\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:\d+\s+)?f(?:data)?sync\s*$", text, re.M))
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def table(results: dict) -> str:
+    s = results["scenarios"]
+    rows = [("scenario", "relay", "postfix", "relay/postfix")]
+
+    def both(label, data, key, fmt="{:.0f}"):
+        relay, postfix = data.get("relay", {}).get("median", {}).get(key), data.get("postfix", {}).get("median", {}).get(key)
+        ratio = f"{relay / postfix:.2f}x" if relay and postfix else ""
+        rows.append((label, fmt.format(relay) if relay is not None else "", fmt.format(postfix) if postfix is not None else "", ratio))
+
+    if "relay" in s:
+        both("relay 5 KB x20: accepted msgs/s", s["relay"], "accepted_per_s")
+        both("relay 5 KB x20: end-to-end msgs/s", s["relay"], "end_to_end_per_s")
+        both("relay 5 KB x20: peak RSS MB (sum)", s["relay"], "peak_rss_mb")
+        both("relay 5 KB x20: peak PSS MB (sum)", s["relay"], "peak_pss_mb")
+        both("relay 5 KB x20: spool commits (fsyncs)/msg", s["relay"], "spool_commits_per_message", "{:.2f}")
+    if "fsync" in s:
+        both("fsync+fdatasync per msg (strace)", s["fsync"], "strace_fsyncs_per_message", "{:.2f}")
+    for size, data in s.get("sizes", {}).items():
+        both(f"{size} x{data['sessions']}: end-to-end msgs/s", data, "end_to_end_per_s", "{:.1f}")
+        both(f"{size} x{data['sessions']}: MB/s", data, "mb_per_s", "{:.1f}")
+        both(f"{size} x{data['sessions']}: peak RSS MB (sum)", data, "peak_rss_mb", "{:.0f}")
+        both(f"{size} x{data['sessions']}: peak PSS MB", data, "peak_pss_mb", "{:.0f}")
+        if size == "10 MB":
+            both(f"{size} x{data['sessions']}: RSS growth / msg size", data, "rss_growth_per_message_size", "{:.1f}")
+    if "submission" in s:
+        sub = s["submission"]
+        per = sub["messages_per_connection"]
+        for name in ("relay plain", "relay+tls+auth"):
+            rows.append((f"{name} ({per} msg/conn): end-to-end msgs/s", f"{sub[name]['median']['end_to_end_per_s']:.0f}", "", ""))
+        rows.append(("STARTTLS+AUTH cost vs plain (end to end)", f"{100 * sub['tls_cost']['end_to_end_per_s']:.0f} %", "", ""))
+    if "idle" in s:
+        idle = s["idle"]["relay"]["median"]
+        rows.append((f"{results['config']['idle']} idle sessions: RSS MB (peak)", f"{idle['rss_idle_mb']:.0f} ({idle['peak_rss_mb']:.0f})", "", ""))
+        rows.append(("  latency meanwhile p50 / p99 ms", f"{idle['p50_ms']:.1f} / {idle['p99_ms']:.1f}", "", ""))
+    for sessions, data in s.get("sweep", {}).items():
+        both(f"sweep {sessions} sessions: end-to-end msgs/s", data, "end_to_end_per_s")
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3, help="repetitions per load (medians are reported)")
+    parser.add_argument("--messages", type=int, default=5000, help="messages per run of the 5 KB loads")
+    parser.add_argument("--only", default="relay,fsync,submission,sizes,idle,sweep", help="comma-separated scenarios")
+    parser.add_argument("--sweep", default="1,5,10,20,50,100", help="parallel sessions for the plot")
+    parser.add_argument("--idle", type=int, default=1000, help="idle sessions")
+    parser.add_argument("--per-connection", type=int, default=1, help="messages per connection in the submission scenario")
+    parser.add_argument("--relay-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a relay config key, e.g. server.processes=1 (repeatable)")
+    args = parser.parse_args()
+    args.sweep = [int(n) for n in args.sweep.split(",")]
+    scenarios = args.only.split(",")
+    if os.geteuid() != 0 or not Path(SMTP_SOURCE).exists():
+        raise SystemExit("run as root with Debian's postfix package installed (apt-get install postfix): "
+                         "Postfix must start as root, and smtp-source/smtp-sink come with it")
+    started = datetime.datetime.now()
+    results = {
+        "started": started.isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": os.getloadavg()},
+        "config": {key: value for key, value in vars(args).items()},
+        "scenarios": {},
+    }
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        bench = Bench(args, Path(tmp))
+        with SmtpSink(Path(tmp)) as sink:
+            for name in scenarios:
+                print(f"== {name}", flush=True)
+                method = getattr(bench, f"scenario_{name}")
+                results["scenarios"][name] = method() if name == "submission" else method(sink)
+    results["machine"]["loadavg_after"] = os.getloadavg()
+    results["seconds"] = (datetime.datetime.now() - started).total_seconds()
+    RESULTS.mkdir(exist_ok=True)
+    stem = RESULTS / started.strftime("%Y%m%d-%H%M%S")
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    print(f"\nload average after: {os.getloadavg()}; {results['seconds']:.0f} s")
+    print(table(results))
+    print(f"\nwrote {stem}.json")
+    if "sweep" in results["scenarios"]:
+        from plot import plot_sweep
+
+        plot_sweep(results, stem.with_suffix(".png"))
+        print(f"wrote {stem}.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

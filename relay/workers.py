@@ -1,0 +1,372 @@
+"""Several SMTP acceptor processes in front of one spool and one scheduler (``server.processes``).
+
+One Python process saturates one core with SMTP parsing alone; Postfix uses every core by
+running many ``smtpd`` processes that all accept on sockets the master bound, and hand mail
+to one ``cleanup``/``qmgr`` side. This is the same shape:
+
+- The **main process** binds every listener once (so "address in use" is still an error at
+  start, and no stranger can join the port the way ``SO_REUSEPORT`` would allow), owns the
+  SQLite spool (one writer, so one group commit serves every acceptor) and the scheduler
+  (one in-flight set, so no message is ever delivered twice), and supervises the children.
+- Each **acceptor process** inherits the listening sockets and runs the ordinary listeners
+  (:mod:`relay.listener`). Its spool is a :class:`SpoolClient`: ``store`` sends the message
+  over a private socketpair to the main process, which commits it (fsync) in the group
+  committing at that moment, hands it to the scheduler in memory (no poll latency), and
+  only then answers; the acceptor says ``250`` after that answer. Any failure of that path is
+  an exception in ``store``, so the listener answers ``451 4.3.0`` as for a local spool error.
+
+Frames on the socketpair are an 8-byte header (metadata length, body length) then a pickle
+of the message without its body, then the body bytes (sent without re-encoding). Pickle is
+safe here: both ends are this program, and the socketpair is reachable by nobody else. The
+main process's first frame is the config, and a reload sends the new one the same way, so
+every process runs the config the main process validated.
+
+Acceptors keep their own Prometheus counters, which the main process's ``/metrics`` does not
+include: with ``server.processes`` above 1 it shows delivery, spool and queue metrics only.
+
+Lifecycle: SIGTERM to the main process (or to the whole group, as systemd does) stops the
+acceptors first (each closes its sockets, says ``421`` to idle sessions and lets sessions in
+a transaction finish within ``server.shutdown_grace``), while the main process keeps storing
+for them; then delivery and the spool stop. An acceptor that dies is restarted; if the main
+process dies, each acceptor sees its socketpair close, stops accepting and exits, so nothing
+is ever answered ``250`` without the spool. ``kill -9`` of any process loses nothing that got
+a ``250``: the main process answers only after the commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+from relay import logs
+from relay.auth import Authenticator, FailureDelay
+from relay.config import Config
+from relay.delivery import Scheduler
+from relay.listener import ListenerGroup, Services
+from relay.prepare import Preparer
+from relay.spool import NewMessage, use_queue_id_partition
+from relay.spool.sqlite import SqliteSpool
+from relay.tls import ServerTLS, server_context
+
+log = logging.getLogger("relay.workers")
+
+_HEADER = struct.Struct("!II")  # metadata length, body length
+_RESTART_DELAY = 1.0  # seconds before an acceptor that died is started again
+_READY = "ready"  # an acceptor's first frame: its listeners are serving
+
+
+def acceptor_count(config: Config) -> int:
+    """How many acceptor processes ``server.processes`` asks for (1 means none: all in one process)."""
+    wanted = config.server.processes
+    return max(2, os.cpu_count() or 1) if wanted == "auto" else wanted
+
+
+# -- frames ------------------------------------------------------------------------------------
+
+
+def write_frame(writer: asyncio.StreamWriter, meta: object, body: bytes = b"") -> None:
+    encoded = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
+    writer.write(_HEADER.pack(len(encoded), len(body)) + encoded)
+    if body:
+        writer.write(body)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> tuple[object, bytes]:
+    """The next frame; ``asyncio.IncompleteReadError`` when the other side is gone."""
+    meta_length, body_length = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    meta = pickle.loads(await reader.readexactly(meta_length))
+    body = await reader.readexactly(body_length) if body_length else b""
+    return meta, body
+
+
+# -- the acceptor's side ------------------------------------------------------------------------
+
+
+class SpoolUnreachable(Exception):
+    """The main process did not take the message (it is gone, or its spool failed)."""
+
+
+class SpoolClient:
+    """The acceptor's spool: ``store`` returns once the main process has the message on disk.
+
+    It also receives the configs the main process sends on reload, for ``reconfigure``.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reconfigure):
+        self._reader = reader
+        self._writer = writer
+        self._reconfigure = reconfigure
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._sequence = 0
+        self.closed = asyncio.Event()
+        self._replies = asyncio.create_task(self._read_replies(), name="spool-replies")
+
+    async def store(self, message: NewMessage) -> None:
+        if self.closed.is_set():
+            raise SpoolUnreachable("main process gone")
+        self._sequence += 1
+        future = asyncio.get_running_loop().create_future()
+        self._waiting[self._sequence] = future
+        write_frame(self._writer, (self._sequence, dataclasses.replace(message, body=b"")), message.body)
+        await future
+
+    async def _read_replies(self) -> None:
+        try:
+            while True:
+                frame, _ = await read_frame(self._reader)
+                if isinstance(frame, Config):
+                    self._reconfigure(frame)
+                    continue
+                sequence, error = frame
+                future = self._waiting.pop(sequence, None)
+                if future is not None and not future.done():
+                    future.set_exception(SpoolUnreachable(error)) if error else future.set_result(None)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.closed.set()
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(SpoolUnreachable("main process gone"))
+            self._waiting.clear()
+
+
+class _SubmittedByMain:
+    """The acceptor's scheduler: the main process submits each message it stores."""
+
+    def submit(self, message: NewMessage) -> None:
+        pass
+
+
+async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, list[socket.socket]], verbose: bool) -> None:
+    """An acceptor process: the listeners on inherited sockets, storing through the main process."""
+    current = config
+    failures = FailureDelay(config.server.auth_failure_delay)
+    tls = ServerTLS(config.server.tls, config.server.hostname) if config.server.tls else None
+
+    def reconfigure(new: Config) -> None:
+        """A reload in the main process, applied here as the main process applied it."""
+        nonlocal current
+        try:
+            context = server_context(new.server.tls, new.server.hostname) if tls and new.server.tls else None
+        except (OSError, ValueError) as error:  # the main process loaded these files a moment ago
+            log.error("acceptor %d: reload: cannot load server.tls: %s; keeping the old certificate", os.getpid(), error)
+            context = None
+        current = new
+        if context is not None:
+            tls.install(context)
+        failures.base_delay = new.server.auth_failure_delay
+        logs.configure(new.logging, logs.secrets_of(new), verbose)
+
+    reader, writer = await asyncio.open_unix_connection(sock=ipc)
+    spool = SpoolClient(reader, writer, reconfigure)
+    preparer = Preparer()
+    services = Services(
+        config=lambda: current,
+        spool=spool,
+        scheduler=_SubmittedByMain(),
+        authenticator=Authenticator(lambda: {name: user.password_hash for name, user in current.users.items()}),
+        failures=failures,
+        preparer=preparer,
+    )
+    listeners = ListenerGroup(services, tls.context if tls else None)
+    await listeners.start(listening)
+    write_frame(writer, _READY)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    gone = asyncio.create_task(spool.closed.wait())
+    await asyncio.wait([gone, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+    if gone.done():
+        log.error("acceptor %d: lost the main process; no longer accepting mail", os.getpid())
+    await listeners.stop(0 if gone.done() else current.server.shutdown_grace)
+    writer.close()
+    await asyncio.to_thread(preparer.close)
+
+
+def acceptor_main() -> None:
+    """Entry point of ``python -m relay.workers`` (started by :class:`AcceptorPool` only)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ipc", type=int, required=True)
+    parser.add_argument("--listen", action="append", default=[], help="LISTENER=FD")
+    parser.add_argument("--partition", type=int, required=True)
+    parser.add_argument("--partitions", type=int, required=True)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args()
+    from relay.cli import run_event_loop
+
+    use_queue_id_partition(args.partition, args.partitions)
+    ipc = socket.socket(fileno=args.ipc)
+    meta_length, _ = _HEADER.unpack(_receive(ipc, _HEADER.size))  # the first frame: the config
+    config = pickle.loads(_receive(ipc, meta_length))
+    logs.configure(config.logging, logs.secrets_of(config), args.verbose)
+    listening: dict[str, list[socket.socket]] = {}
+    for item in args.listen:
+        name, fd = item.rsplit("=", 1)
+        listening.setdefault(name, []).append(socket.socket(fileno=int(fd)))
+    run_event_loop(run_acceptor(config, ipc, listening, args.verbose))
+
+
+def _receive(sock: socket.socket, length: int) -> bytes:
+    data = b""
+    while len(data) < length:
+        chunk = sock.recv(length - len(data))
+        if not chunk:
+            raise SystemExit("the main process went away before sending the config")
+        data += chunk
+    return data
+
+
+# -- the main process's side --------------------------------------------------------------------
+
+
+class AcceptorPool:
+    """Binds the listeners, starts the acceptor processes, stores what they send, restarts them."""
+
+    def __init__(self, config: Config, spool: SqliteSpool, scheduler: Scheduler, count: int):
+        self._config = config
+        self._spool = spool
+        self._scheduler = scheduler
+        self._count = count
+        self._servers: list[tuple[str, asyncio.AbstractServer]] = []
+        self._supervisors: list[asyncio.Task] = []
+        self._processes: dict[int, subprocess.Popen] = {}
+        self._writers: dict[int, asyncio.StreamWriter] = {}
+        self._stopping = False
+
+    async def start(self) -> None:
+        use_queue_id_partition(0, self._count + 1)
+        loop = asyncio.get_running_loop()
+        for listener in self._config.server.listeners:
+            # Bound here exactly as a one-process relay binds them, but never served here.
+            server = await loop.create_server(
+                asyncio.Protocol, host=listener.bind, port=listener.port, reuse_address=True, start_serving=False
+            )
+            self._servers.append((listener.name, server))
+            log.info("listening on %s:%d (%s, tls=%s, auth=%s) in %d acceptor processes",
+                     listener.bind, listener.port, listener.name, listener.tls, listener.auth, self._count)
+        started = [loop.create_future() for _ in range(self._count)]
+        self._supervisors = [
+            asyncio.create_task(self._supervise(index, started[index]), name=f"acceptor-{index}")
+            for index in range(self._count)
+        ]
+        try:
+            await asyncio.gather(*started)
+        except BaseException:
+            await self.stop()
+            raise
+
+    def reconfigure(self, config: Config) -> None:
+        """Send a reloaded config to every acceptor (and to those started from now on)."""
+        self._config = config
+        for writer in self._writers.values():
+            if not writer.is_closing():
+                write_frame(writer, config)
+
+    async def stop(self, grace: float = 0) -> None:
+        """SIGTERM every acceptor and keep storing for them until they have all exited.
+
+        Each acceptor applies ``server.shutdown_grace`` to its own sessions.
+        """
+        self._stopping = True
+        for process in self._processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        await asyncio.gather(*self._supervisors, return_exceptions=True)
+        for _, server in self._servers:
+            server.close()
+        self._servers.clear()
+
+    async def _supervise(self, index: int, started: asyncio.Future) -> None:
+        while not self._stopping:
+            began = time.monotonic()
+            try:
+                await self._run_child(index, started)
+            except Exception as error:  # noqa: BLE001 - a child that cannot start
+                if not started.done():
+                    started.set_exception(error)
+                    return
+                log.exception("acceptor %d failed", index)
+            if self._stopping:
+                return
+            log.error("acceptor %d exited; starting it again", index)
+            await asyncio.sleep(max(0.0, _RESTART_DELAY - (time.monotonic() - began)))
+
+    async def _run_child(self, index: int, started: asyncio.Future) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds = [theirs.fileno()]
+        command = [sys.executable, "-m", "relay.workers", "--ipc", str(theirs.fileno()),
+                   "--partition", str(index + 1), "--partitions", str(self._count + 1)]
+        for name, server in self._servers:
+            for sock in server.sockets:
+                command += ["--listen", f"{name}={sock.fileno()}"]
+                fds.append(sock.fileno())
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            command.append("-v")
+        try:
+            process = subprocess.Popen(command, pass_fds=fds)
+        finally:
+            theirs.close()
+        self._processes[index] = process
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        try:
+            write_frame(writer, self._config)
+            try:
+                ready, _ = await read_frame(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                raise RuntimeError(f"acceptor {index} (pid {process.pid}) exited while starting") from None
+            assert ready == _READY, ready
+            log.info("acceptor %d started (pid %d)", index, process.pid)
+            if not started.done():
+                started.set_result(None)
+            self._writers[index] = writer
+            await self._serve(reader, writer)
+        finally:
+            self._writers.pop(index, None)
+            writer.close()
+            code = await asyncio.to_thread(process.wait)
+            if code and not self._stopping:
+                log.error("acceptor %d (pid %d) exited with %d", index, process.pid, code)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Store every message an acceptor sends, each in its own task (they share group commits)."""
+        pending: set[asyncio.Task] = set()
+        try:
+            while True:
+                try:
+                    (sequence, message), body = await read_frame(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                task = asyncio.create_task(self._store(writer, sequence, dataclasses.replace(message, body=body)))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        finally:
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _store(self, writer: asyncio.StreamWriter, sequence: int, message: NewMessage) -> None:
+        try:
+            await self._spool.store(message)
+        except Exception as error:  # noqa: BLE001 - the acceptor answers 451 and logs it
+            log.exception("%s: could not spool message from an acceptor", message.id)
+            reply = (sequence, f"{type(error).__name__}: {error}")
+        else:
+            self._scheduler.submit(message)
+            reply = (sequence, None)
+        if not writer.is_closing():
+            write_frame(writer, reply)
+
+
+if __name__ == "__main__":
+    acceptor_main()
