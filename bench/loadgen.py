@@ -95,7 +95,7 @@ async def idle(args: argparse.Namespace) -> dict:
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     latencies = []
     body = message(args.size, 1)
-    for number in range(args.probes):
+    for _ in range(args.probes):
         started = time.monotonic()
         smtp = client(args)
         await smtp.connect()

@@ -171,7 +171,7 @@ class Bench:
                 for target in self.targets(sink, rep):
                     runs.append(self.smtp_source(target(), sink, messages, sessions, size))
             summary = summarise(runs, ("end_to_end_per_s", "mb_per_s", "peak_rss_mb", "peak_pss_mb", "idle_rss_mb"))
-            for name, runs_of in summary.items():
+            for runs_of in summary.values():
                 runs_of["median"]["rss_growth_per_message_size"] = (
                     (runs_of["median"]["peak_rss_mb"] - runs_of["median"]["idle_rss_mb"]) * MiB / size
                 )
@@ -198,7 +198,7 @@ class Bench:
                         started = time.monotonic()
                         result = _loadgen("load", *load)
                         accepted = time.monotonic() - started
-                        wait_until(lambda: sink.count() >= messages, 600, f"{messages} messages at the TLS sink")
+                        wait_until(lambda n=messages: sink.count() >= n, 600, f"{messages} messages at the TLS sink")
                         end_to_end = time.monotonic() - started
                 run = {"relay": "relay+tls+auth" if tls else "relay plain", "messages": messages, "errors": result["errors"],
                        "accepted_per_s": messages / accepted, "end_to_end_per_s": messages / end_to_end}
@@ -213,7 +213,7 @@ class Bench:
     def scenario_idle(self, sink: SmtpSink) -> dict:
         """1,000 idle sessions: the relay's RSS, and the latency of messages sent meanwhile."""
         runs = []
-        for rep in range(self.args.reps):
+        for _ in range(self.args.reps):
             with self.relay(sink.port) as relay, RssSampler(relay.pid()) as rss:
                 before = rss.now()
                 gen = subprocess.Popen(

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tests.e2e.conftest import TRUSTED_SOURCE
 from tests.e2e.test_crash import send_batch
+from tests.support.mail import parsed
 from tests.support.relay import wait_until
 
 
@@ -37,8 +38,8 @@ def test_two_acceptors_deliver_every_message_exactly_once_and_stop_on_sigterm(ma
         ids = [i for chunk in pool.map(lambda n: send_batch(port, range(n, n + 10)), range(0, 40, 10)) for i in chunk]
     assert len(set(ids)) == 40
     received = sendcloud.wait_for(40, timeout=30)
-    subjects = [m.data.split(b"\r\n", 1)[0] for m in received]
-    assert sorted(subjects) == sorted(f"Subject: crash test {n}".encode() for n in range(40))  # no duplicates
+    subjects = [parsed(m.data)["Subject"] for m in received]
+    assert sorted(subjects) == sorted(f"crash test {n}" for n in range(40))  # no duplicates
     assert wait_until(lambda: "0 message(s)" in relay.cli("queue", "list").stdout, 15)
     assert relay.stop() == 0
     assert not any(alive(pid) for pid in acceptors)
@@ -69,3 +70,17 @@ def test_kill_9_of_the_main_process_stops_the_acceptors_and_loses_nothing(make_r
     relay.start()
     received = sendcloud.wait_for(20, timeout=30)
     assert len(set(ids)) == 20 and len(received) == 20
+
+
+def test_a_reload_reaches_every_acceptor(make_relay, sendcloud):
+    relay = make_relay(processes=2, max_recipients=5)
+    relay.config["server"]["max_recipients"] = 1
+    relay.write_config(relay.config)
+    relay.process.send_signal(signal.SIGHUP)
+    assert wait_until(lambda: "config reloaded" in relay.log(), 10), relay.log()
+    for _ in range(6):  # new connections land on either acceptor: each has the new limit
+        with smtplib.SMTP("127.0.0.1", relay.port("smtp"), timeout=10, source_address=(TRUSTED_SOURCE, 0)) as client:
+            client.ehlo()
+            client.mail("app@acme.com")
+            assert client.rcpt("one@example.net")[0] == 250
+            assert client.rcpt("two@example.net")[0] == 452
