@@ -245,5 +245,5 @@ def test_frequency_limited_pauses_the_account_without_spending_retries(make_rela
     assert sorted(m.rcpt_tos[0] for m in received) == sorted(f"q{n}@example.net" for n in range(6))
     ids = [line.split()[0] for line in listing.splitlines() if "acme_trigger" in line]
     for queue_id in ids:  # the 536 replies were not counted: only the attempt that delivered
-        assert wait_until(lambda: "delivered, 1 attempt(s)" in relay.cli("queue", "show", queue_id).stdout, 10)
+        assert wait_until(lambda q=queue_id: "delivered, 1 attempt(s)" in relay.cli("queue", "show", q).stdout, 10)
     assert "resuming" in relay.log()
