@@ -102,5 +102,16 @@ def auth_locked_out(seconds_left: float) -> SMTPReply:
     )
 
 
+def check_auth_allowed(in_transaction: bool) -> SMTPReply | None:
+    """No AUTH inside a mail transaction (RFC 4954 section 4).
+
+    Otherwise a client could give a MAIL FROM while nobody owns the session (no sender check
+    applies then), log in, and have that sender relayed as the user it logged in as.
+    """
+    if in_transaction:
+        return SMTPReply(503, "5.5.1", "AUTH not permitted during a mail transaction")
+    return None
+
+
 def auth_failed() -> SMTPReply:
     return SMTPReply(535, "5.7.8", "Authentication credentials invalid")
