@@ -118,11 +118,11 @@ class RateCounter:
         unsaved, self._unsaved = self._unsaved, Counter()
         return unsaved
 
-    def replace(self, stored: dict[_WindowKey, int], unsaved: Counter[_WindowKey] | None = None) -> None:
-        """Adopt stored totals (plus increments made since they were read); drop old windows."""
+    def replace(self, stored: dict[_WindowKey, int]) -> None:
+        """Adopt stored totals (plus the increments made since they were read); drop old windows."""
         now = self._clock()
         counts = {slot: count for slot, count in stored.items() if slot[2] >= int(now // slot[1]) - 1}
-        for slot, amount in (unsaved or self._unsaved).items():
+        for slot, amount in self._unsaved.items():
             counts[slot] = counts.get(slot, 0) + amount
         self._counts = counts
 
@@ -269,10 +269,6 @@ class RecentEvents:
             self._forget_older_than(now - window)
         self._events[key] = recent[-self._keep :]
         return len(recent)
-
-    def count(self, key: str, window: float) -> int:
-        now = self._clock()
-        return sum(1 for t in self._events.get(key, ()) if now - t < window)
 
     def _forget_older_than(self, cutoff: float) -> None:
         self._events = {key: times for key, times in self._events.items() if times[-1] > cutoff}

@@ -205,11 +205,15 @@ async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: 
 
 
 async def _reset(client: aiosmtplib.SMTP) -> None:
-    """RSET after a failed transaction, so the kept connection is clean for the next one."""
+    """RSET after a failed transaction, so the kept connection is clean for the next one.
+
+    If that fails the connection is dropped (the next send reconnects); the replies already
+    given stand either way.
+    """
     try:
         await client.rset()
-    except aiosmtplib.SMTPResponseException:
-        await client.quit()
+    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+        client.close()
 
 
 class CaptureConnection:
