@@ -35,7 +35,8 @@ def live(tmp_path_factory, ca, ca_file):
     with FakeSendCloud(ca, KEYS) as fake:
         config = relay_config(
             workdir, ca, ca_file, fake.port,
-            auth_failure_delay="1ms", auth_lockout_failures=1_000_000,
+            # Thousands of deliberate bad logins: keep their delay at 1 ms and never lock out.
+            auth_failure_delay="1ms", auth_failure_window="1ms", auth_lockout_failures=1_000_000,
             max_connections_per_address=1000, idle_timeout="20s",
         )
         with RelayProcess(workdir, config, env={"SC_TRIGGER_KEY": KEYS["acme_trigger"]}) as relay:
