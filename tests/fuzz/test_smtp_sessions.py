@@ -104,6 +104,8 @@ class SMTPSessions(RuleBasedStateMachine):
     live: tuple[RelayProcess, FakeSendCloud]
     tls: ssl.SSLContext
     accepted: set[str] = set()
+    sessions = 0
+    commands = 0
     tokens = iter(range(10**9))
     lock = threading.Lock()
 
@@ -125,6 +127,7 @@ class SMTPSessions(RuleBasedStateMachine):
         self.rcpts = 0
 
     def _say(self, line: bytes) -> list[str]:
+        SMTPSessions.commands += 1
         self.talk.send(line + b"\r\n")
         reply = self.talk.read_reply()
         well_formed(reply)
@@ -143,6 +146,7 @@ class SMTPSessions(RuleBasedStateMachine):
     def connect(self, trusted):
         relay, _ = self.live
         self.talk = open_session(relay, source=TRUSTED_SOURCE if trusted else "127.0.0.1")
+        SMTPSessions.sessions += 1
         self.trusted = trusted
         self._reset_session()
         self.user = "mailhub" if trusted else None
@@ -296,7 +300,10 @@ def test_random_smtp_sessions(live, client_tls):
     assert wait_until(lambda: SMTPSessions.accepted <= arrived(), 30), SMTPSessions.accepted - arrived()
     tokens = [match.group(1) for m in fake.messages if (match := TOKEN.search(m.data))]
     assert len(tokens) == len(set(tokens))  # each accepted message arrived once
-    print(f"\n[fuzz figures] stateful sessions: {len(SMTPSessions.accepted)} messages accepted and delivered")
+    print(
+        f"\n[fuzz figures] state machine: {SMTPSessions.sessions} SMTP sessions, {SMTPSessions.commands} commands, "
+        f"{len(SMTPSessions.accepted)} messages accepted and delivered exactly once"
+    )
     talk = open_session(relay)
     assert talk.read_reply()[-1].startswith("220")  # still serving
     talk.sock.close()
