@@ -108,7 +108,7 @@ def test_connections_per_address_and_in_total(make_relay, sendcloud):
 
     assert say(first, "QUIT").startswith("221")
     assert wait_until(lambda: connect(relay).read_reply()[-1].startswith("220"), 5)  # a slot came free
-    assert "connection refused: 421 4.7.1" in relay.log()
+    assert "NOQUEUE: reject=CONNECT, client=[127.0.0.1], listener=smtp (421 4.7.1" in relay.log()
 
 
 # -- AUTH lockout ----------------------------------------------------------------------------------
