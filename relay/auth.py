@@ -1,4 +1,4 @@
-"""Credentials: password hashes, verification off the event loop, and slowing down guessers.
+"""Credentials: password hashes, verification off the event loop, and stopping guessers.
 
 Hashes are argon2id (argon2-cffi, what `hash-password` prints) or scrypt in the same PHC
 string form (``$scrypt$ln=15,r=8,p=1$<salt>$<hash>``, verified with the standard library) for
@@ -16,11 +16,21 @@ import base64
 import functools
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import argon2
+
+from relay.limits import RecentEvents
+
+if TYPE_CHECKING:
+    from relay.config import Server
+
+log = logging.getLogger("relay.auth")
 
 _argon2 = argon2.PasswordHasher()  # argon2id, RFC 9106 "second recommended" parameters
 
@@ -125,25 +135,66 @@ def _dummy_hash() -> str:
     return hash_password(secrets.token_urlsafe(16))
 
 
-class FailureDelay:
-    """Failed logins per client address raise the delay before the ``535`` reply.
+@dataclass(frozen=True)
+class GuardSettings:
+    base_delay: float  # the first failure's reply waits this long; each further one doubles it
+    window: float  # failures older than this are forgotten
+    lockout_failures: int  # this many failures within the window lock the address or username
+    lockout_duration: float
+    max_delay: float = 30.0
 
-    The delay doubles with each recent failure (capped), so a script guessing passwords
-    slows to a crawl while a person who mistyped once barely notices.
+    @classmethod
+    def from_server(cls, server: Server) -> GuardSettings:
+        return cls(server.auth_failure_delay, server.auth_failure_window, server.auth_lockout_failures, server.auth_lockout_duration)
+
+
+class AuthGuard:
+    """Failed logins counted per client address AND per username: a growing delay, then a lockout.
+
+    Per address stops one machine guessing many passwords; per username stops a botnet
+    guessing one account's password from many addresses. While locked, AUTH is refused
+    without checking the password, so guesses teach nothing. So that a stranger cannot lock a
+    team out of its own account, an address that logged in as a user recently is exempt from
+    that user's lockout (not from its own address's).
     """
 
-    def __init__(self, base_delay: float, window: float = 600.0, max_delay: float = 30.0):
-        self.base_delay = base_delay
-        self._window = window
-        self._max_delay = max_delay
-        self._failures: dict[str, list[float]] = {}
+    def __init__(self, settings: Callable[[], GuardSettings], clock: Callable[[], float] = time.monotonic):
+        self._settings = settings
+        self._clock = clock
+        self._failures = RecentEvents(clock=clock)
+        self._locked_until: dict[str, float] = {}
+        self._known_good: dict[tuple[str, str], float] = {}  # (address, username) → until
 
-    def record_failure(self, address: str) -> float:
-        """Note a failure; return how long to wait before answering it."""
-        now = time.monotonic()
-        recent = [t for t in self._failures.get(address, []) if now - t < self._window]
-        recent.append(now)
-        self._failures[address] = recent[-32:]
-        if len(self._failures) > 50_000:
-            self._failures = {address: recent}
-        return min(self.base_delay * 2 ** (len(recent) - 1), self._max_delay)
+    def locked_for(self, address: str, username: str) -> float | None:
+        """Seconds left if this attempt is refused unheard (the address or the username is locked)."""
+        now = self._clock()
+        left = self._locked_until.get(f"address:{address}", 0.0) - now
+        if self._known_good.get((address, username), 0.0) <= now:
+            left = max(left, self._locked_until.get(f"user:{username}", 0.0) - now)
+        return left if left > 0 else None
+
+    def failed(self, address: str, username: str) -> float:
+        """Note a failure; return how long to wait before answering it (lockouts start here)."""
+        settings = self._settings()
+        now = self._clock()
+        recent = 0
+        for key in (f"address:{address}", f"user:{username}"):
+            count = self._failures.record(key, settings.window)
+            recent = max(recent, count)
+            if count >= settings.lockout_failures and self._locked_until.get(key, 0.0) <= now:
+                self._lock(key, now + settings.lockout_duration)
+        return min(settings.base_delay * 2 ** (recent - 1), settings.max_delay)
+
+    def succeeded(self, address: str, username: str) -> None:
+        settings = self._settings()
+        if len(self._known_good) > 50_000:
+            now = self._clock()
+            self._known_good = {pair: until for pair, until in self._known_good.items() if until > now}
+        self._known_good[(address, username)] = self._clock() + max(settings.lockout_duration, settings.window)
+
+    def _lock(self, key: str, until: float) -> None:
+        if len(self._locked_until) > 50_000:
+            now = self._clock()
+            self._locked_until = {k: t for k, t in self._locked_until.items() if t > now}
+        self._locked_until[key] = until
+        log.warning("%s locked out of AUTH for %.0fs after repeated failures", key.replace(":", " ", 1), until - self._clock())

@@ -32,6 +32,8 @@ from pydantic import (
     model_validator,
 )
 
+from relay.limits import Rate, parse_rate
+
 Channel = Literal["trigger", "batch"]
 SenderMode = Literal["align", "rewrite", "keep"]
 TLSPolicy = Literal["may", "encrypt", "verify"]
@@ -101,6 +103,14 @@ def _password_hash(value: str) -> str:
 PasswordHash = Annotated[str, AfterValidator(_password_hash)]
 
 
+def _rate(value: Any) -> Any:
+    return value if isinstance(value, Rate) else parse_rate(value)
+
+
+# "600/hour", "20/minute", "50/10m": recipients accepted per period (limits owns the syntax).
+RateLimit = Annotated[Rate, BeforeValidator(_rate)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -155,7 +165,15 @@ class Server(_Model):
     max_recipients: int = Field(default=100, ge=1)
     trusted_networks: list[TrustedNetwork] = []
     idle_timeout: Duration = 300.0
+    data_timeout: Duration = 600.0  # from 354 to the final dot, however the bytes trickle in
+    session_timeout: Duration = 3600.0  # a whole connection, however busy
+    max_connections: int = Field(default=1000, ge=1)
+    max_connections_per_address: int = Field(default=50, ge=1)  # trusted networks are exempt
+    client_rate_limit: RateLimit | None = None  # recipients per client address; trusted networks exempt
     auth_failure_delay: Duration = 1.0
+    auth_failure_window: Duration = 600.0
+    auth_lockout_failures: int = Field(default=10, ge=1)
+    auth_lockout_duration: Duration = 900.0
     shutdown_grace: Duration = 30.0
     # SMTP acceptor processes sharing the listening sockets and one spool (relay/workers.py):
     # 1 runs everything in one process; "auto" one per CPU (at least 2).
@@ -194,6 +212,8 @@ class Upstream(_Model):
     connections_per_account: int = Field(default=4, ge=1)
     max_recipients_per_transaction: int = Field(default=100, ge=1)
     allow_plaintext_auth: bool = False
+    throttle_pause: Duration = 30.0  # an account told to slow down (536, quota) pauses this long,
+    throttle_max_pause: Duration = 900.0  # doubling while the replies go on, up to this
     path: Path = Path("var/capture")  # where `capture` writes .eml files
 
     @model_validator(mode="after")
@@ -241,6 +261,7 @@ class User(MessageOptions):
     password_hash: PasswordHash | None = None
     channels: dict[Channel, str] = Field(min_length=1)
     allowed_senders: list[str] = []
+    rate_limit: RateLimit | None = None  # recipients accepted per period, e.g. 600/hour
 
 
 class RuleMatch(_Model):

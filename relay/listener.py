@@ -24,15 +24,28 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiosmtpd.proxy_protocol import ProxyData
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from relay import metrics
-from relay.auth import Authenticator, FailureDelay
+from relay.auth import Authenticator, AuthGuard
 from relay.config import Config, Listener
 from relay.delivery import Scheduler
 from relay.errors import SMTPReply, spool_unavailable
 from relay.logs import event
-from relay.policy import check_recipient, check_relay, check_sender, identify
+from relay.limits import Anvil, Rate
+from relay.policy import (
+    auth_failed,
+    auth_locked_out,
+    check_auth_allowed,
+    check_address_connections,
+    check_rate,
+    check_recipient,
+    check_relay,
+    check_sender,
+    check_total_connections,
+    identify,
+    rate_budgets,
+)
 from relay.prepare import Preparer, Submission
 from relay.spool import NewMessage, new_queue_id
 from relay.spool.sqlite import SqliteSpool
@@ -58,7 +71,8 @@ class Services:
     spool: SqliteSpool
     scheduler: Scheduler
     authenticator: Authenticator
-    failures: FailureDelay
+    auth_guard: AuthGuard
+    anvil: Anvil
     preparer: Preparer
 
 
@@ -74,16 +88,22 @@ def _hook_names(cls: type) -> list[str]:
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP with three additions a hook cannot make.
+    """aiosmtpd's SMTP with additions a hook cannot make.
 
     - aiosmtpd's built-in replies for size and STARTTLS problems lack the enhanced status
       codes (RFC 3463) that the spec promises and that smarthosts log; ``push`` adds them,
       and logs and counts those refusals, which no hook sees.
     - Open connections are tracked so shutdown can say ``421`` to idle clients and wait
-      for the ones in a transaction.
+      for the ones in a transaction, and counted so the connection limits can refuse one
+      before aiosmtpd greets it (no hook runs that early; behind a PROXY header the
+      per-address limit waits for the real address, in ``handle_PROXY``).
     - ``client_ip`` is the real client: the TCP peer, or the address a PROXY header named.
       It lives here, not on the session, because STARTTLS makes a new session (aiosmtpd
       #287) and would fall back to the load balancer's address.
+    - Timeouts: aiosmtpd's idle timer restarts only when a command arrives and closes the
+      connection without a word. Here it says ``421 4.4.2`` first, the DATA phase has its
+      own total bound (``data_timeout``: a slow upload is not cut by the idle timer, and a
+      trickling one cannot last for ever), and a whole session has ``session_timeout``.
     """
 
     _WITH_ENHANCED_CODE = {
@@ -104,10 +124,17 @@ class RelaySMTP(SMTP):
         "530 5.7.0 Authentication required": "command",  # HELP, VRFY, MAIL, RCPT or DATA
     }
 
-    def __init__(self, handler: ListenerHandler, connections: set[RelaySMTP], **kwargs):
+    def __init__(
+        self, handler: ListenerHandler, connections: set[RelaySMTP], *, data_timeout: float, session_timeout: float, **kwargs
+    ):
         super().__init__(handler, **kwargs)
         self._connections = connections
         self.client_ip = ""
+        self.counted_address: str | None = None  # the address this connection counts against
+        self._admitted = False
+        self._data_timeout = data_timeout
+        self._session_timeout = session_timeout
+        self._session_timer: asyncio.TimerHandle | None = None
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's __init__ looks for smtp_*, auth_* and handle_* methods in dir() of this
@@ -138,18 +165,52 @@ class RelaySMTP(SMTP):
         await super().push(status)
 
     def connection_made(self, transport) -> None:
-        first = self._original_transport is None  # STARTTLS calls this again
+        if self._original_transport is not None:  # STARTTLS done: same connection, new transport
+            super().connection_made(transport)
+            return
+        self.client_ip = (transport.get_extra_info("peername") or ("",))[0]
+        refusal = self.event_handler.admit(self)
+        if refusal is not None:  # never handed to aiosmtpd: it would greet with 220 first
+            transport.write(f"{refusal}\r\n".encode())
+            transport.close()
+            return
+        self._admitted = True
         super().connection_made(transport)
-        if first:
-            self.client_ip = (transport.get_extra_info("peername") or ("",))[0]
-            self._connections.add(self)
-            self.event_handler.connected(transport)
+        self._connections.add(self)
+        self.event_handler.connected(transport)
+        self._session_timer = self.loop.call_later(self._session_timeout, self._expire, "session time limit exceeded")
 
     def connection_lost(self, error) -> None:
+        if not self._admitted:  # refused in connection_made: aiosmtpd never started
+            return
+        self.event_handler.release(self)
+        if self._session_timer is not None:
+            self._session_timer.cancel()
         if self in self._connections:
             self._connections.discard(self)
             metrics.SESSIONS.labels(self.event_handler.listener.name).dec()
         super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's idle (and our DATA) timer: say why before closing, as Postfix does."""
+        self._expire("timeout exceeded")
+
+    def _expire(self, why: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        reply = f"421 4.4.2 {self.hostname} Error: {why}"
+        self.event_handler.expired(self, reply)
+        self.transport.write(f"{reply}\r\n".encode())
+        self.transport.close()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        self._reset_timeout(self._data_timeout)  # the whole DATA phase, spooling included
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
 
     @property
     def in_transaction(self) -> bool:
@@ -174,6 +235,52 @@ class ListenerHandler:
 
     def __dir__(self) -> list[str]:
         return _hook_names(type(self))  # see RelaySMTP.__dir__
+
+    # -- connection limits -------------------------------------------------------------------
+
+    def admit(self, server: RelaySMTP) -> SMTPReply | None:
+        """Count a new connection, or say why it may not open. Behind a PROXY header the
+        per-address limit waits for the real address (``handle_PROXY``)."""
+        connections = self.services.anvil.connections
+        config = self.services.config()
+        address = None if self.listener.proxy_protocol else server.client_ip
+        refusal = check_total_connections(connections.total, config.server)
+        if refusal is not None:
+            self._connection_refused(server.client_ip, refusal)
+            return refusal
+        if address is not None:
+            refusal = self._check_address(address, config)
+            if refusal is not None:
+                return refusal
+        connections.opened(address)
+        server.counted_address = address
+        return None
+
+    def _admit_proxied(self, server: RelaySMTP) -> SMTPReply | None:
+        refusal = self._check_address(server.client_ip, self.services.config())
+        if refusal is None:
+            self.services.anvil.connections.also_from(server.client_ip)
+            server.counted_address = server.client_ip
+        return refusal
+
+    def _check_address(self, address: str, config: Config) -> SMTPReply | None:
+        trusted = config.user_for_address(address) is not None
+        refusal = check_address_connections(self.services.anvil.connections.by_address[address], trusted, config.server)
+        if refusal is not None:
+            self._connection_refused(address, refusal)
+        return refusal
+
+    def _connection_refused(self, address: str, refusal: SMTPReply) -> None:
+        metrics.rejected(self.listener.name, None, metrics.reason_for(str(refusal)))
+        event(log, "NOQUEUE", {"reject": "CONNECT", "client": address, "listener": self.listener.name},
+              str(refusal), logging.WARNING)
+
+    def release(self, server: RelaySMTP) -> None:
+        self.services.anvil.connections.closed(server.counted_address)
+
+    def expired(self, server: RelaySMTP, reply: str) -> None:
+        metrics.rejected(self.listener.name, None, metrics.reason_for(reply))
+        event(log, None, {"client": server.client_ip, "listener": self.listener.name}, reply)
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -214,6 +321,10 @@ class ListenerHandler:
             return False
         if proxy.src_addr is not None:  # v1 UNKNOWN and v2 LOCAL (a balancer's health check) name nobody
             server.client_ip = str(proxy.src_addr)
+        refusal = self._admit_proxied(server)
+        if refusal is not None:
+            await server.push(str(refusal))
+            return False
         return True
 
     def handle_STARTTLS(self, server: RelaySMTP, session: Session, envelope: Envelope) -> bool:
@@ -228,6 +339,10 @@ class ListenerHandler:
         return responses
 
     # -- AUTH: our own PLAIN and LOGIN, so the hash check runs off the event loop ----------
+
+    async def handle_AUTH(self, server, session, envelope: Envelope, args):
+        refusal = check_auth_allowed(bool(envelope.mail_from))
+        return MISSING if refusal is None else str(refusal)
 
     async def auth_PLAIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -270,15 +385,22 @@ class ListenerHandler:
         username = login.decode("utf-8", "replace")
         client = server.client_ip
         fields = {"client": client, "listener": self.listener.name, "sasl_username": username}
+        guard = self.services.auth_guard
+        locked = guard.locked_for(client, username)
+        if locked is not None:  # refused unheard: guesses during a lockout teach nothing
+            metrics.AUTH.labels(self.listener.name, "locked_out").inc()
+            event(log, None, fields, f"AUTH refused, locked out for {locked:.0f}s more", logging.WARNING)
+            return AuthResult(success=False, handled=False, message=str(auth_locked_out(locked)))
         if await self.services.authenticator.check(username, password.decode("utf-8", "replace")):
+            guard.succeeded(client, username)
             metrics.auth(self.listener.name, True)
             event(log, None, fields, "authenticated")
             return AuthResult(success=True, auth_data=username)
         metrics.auth(self.listener.name, False)
-        delay = self.services.failures.record_failure(client)
+        delay = guard.failed(client, username)
         event(log, None, fields, f"authentication failed, reply delayed {delay:.1f}s", logging.WARNING)
         await asyncio.sleep(delay)
-        return AuthResult(success=False, handled=False, message="535 5.7.8 Authentication credentials invalid")
+        return AuthResult(success=False, handled=False, message=str(auth_failed()))
 
     # -- the transaction --------------------------------------------------------------------
 
@@ -295,8 +417,11 @@ class ListenerHandler:
 
     async def handle_RCPT(self, server, session, envelope: Envelope, address: str, rcpt_options):
         user = self._user(server, session)
-        refusal = check_relay(user, address) or check_recipient(
-            address, len(envelope.rcpt_tos), self.services.config().server.max_recipients
+        config = self.services.config()
+        refusal = (
+            check_relay(user, address)
+            or check_recipient(address, len(envelope.rcpt_tos), config.server.max_recipients)
+            or self._over_rate(rate_budgets(config, user, server.client_ip), len(envelope.rcpt_tos) + 1)
         )
         if refusal:
             self._refused(server, "RCPT", user, str(refusal), **{"from": envelope.mail_from, "to": address})
@@ -348,10 +473,17 @@ class ListenerHandler:
             label=route.options.label,
             mail_from=prepared.mail_from if prepared.mail_from != submission.sender else None,
         )
+        budgets = rate_budgets(config, user, server.client_ip)
+        over = self._over_rate(budgets, len(message.recipients))
+        if over:  # checked at RCPT, but concurrent sessions of the same user may have spent it since
+            self._refused(server, "DATA", user, str(over), **{"from": submission.sender})
+            return str(over)
+        self._charge(budgets, len(message.recipients))  # no await since the check: no session slips in
         try:
             await self.services.spool.store(message)
         except Exception:  # noqa: BLE001 - whatever went wrong, the message is not on disk
             log.exception("could not spool a message from client=[%s]", server.client_ip)
+            self._charge(budgets, -len(message.recipients))
             refusal = str(spool_unavailable())
             self._refused(server, "DATA", user, refusal, **{"from": submission.sender, "nrcpt": len(message.recipients)})
             return refusal
@@ -363,6 +495,20 @@ class ListenerHandler:
         })
         self.services.scheduler.submit(message)
         return f"250 2.0.0 Ok: queued as {message.id}"
+
+    # -- rate limits: checked at RCPT, charged at DATA before spooling, given back if that fails
+
+    def _over_rate(self, budgets: list[tuple[str, str, Rate]], adding: int) -> SMTPReply | None:
+        counter = self.services.anvil.rates.counter
+        for who, key, rate in budgets:
+            refusal = check_rate(who, counter.used(key, rate.period), adding, rate)
+            if refusal is not None:
+                return refusal
+        return None
+
+    def _charge(self, budgets: list[tuple[str, str, Rate]], recipients: int) -> None:
+        for _, key, rate in budgets:
+            self.services.anvil.rates.counter.add(key, rate.period, recipients)
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug must cost the client a retry, never a 500 that reads as a permanent refusal."""
@@ -408,6 +554,8 @@ class ListenerGroup:
                 data_size_limit=config.server.max_message_size,
                 tls_context=starttls,
                 timeout=config.server.idle_timeout,
+                data_timeout=config.server.data_timeout,
+                session_timeout=config.server.session_timeout,
                 auth_required=listener.auth == "required",
                 auth_require_tls=auth_require_tls,
                 auth_exclude_mechanism=excluded,

@@ -6,10 +6,12 @@ the spec's reply table lives here and nowhere else.
 
 from __future__ import annotations
 
+import math
 from fnmatch import fnmatchcase
 
-from relay.config import Config, Listener, User
+from relay.config import Config, Listener, Server, User
 from relay.errors import SMTPReply
+from relay.limits import Rate, would_exceed
 
 
 def check_sender(user_name: str, user: User, sender: str) -> SMTPReply | None:
@@ -53,3 +55,63 @@ def identify(config: Config, listener: Listener, authenticated_user: str | None,
     if listener.auth == "required":
         return None
     return config.user_for_address(client_ip)
+
+
+# -- limits (the counts come from relay.limits) ------------------------------------------------
+
+
+def check_total_connections(open_total: int, server: Server) -> SMTPReply | None:
+    """May one more session open at all? Asked before the greeting, where only ``421`` can refuse."""
+    if open_total >= server.max_connections:
+        return SMTPReply(421, "4.3.2", "Too many connections, try again later")
+    return None
+
+
+def check_address_connections(open_from_address: int, trusted: bool, server: Server) -> SMTPReply | None:
+    """May this address open one more? Trusted networks are exempt (as Postfix exempts
+    ``$mynetworks`` from anvil's limits): a mail hub opens many sessions from one address."""
+    if not trusted and open_from_address >= server.max_connections_per_address:
+        return SMTPReply(421, "4.7.1", "Too many connections from your address, try again later")
+    return None
+
+
+def rate_budgets(config: Config, user: str, client_ip: str) -> list[tuple[str, str, Rate]]:
+    """The rate limits this session's recipients count against, as (who, counter key, rate)."""
+    budgets = []
+    rate = config.users[user].rate_limit if user in config.users else None
+    if rate is not None:
+        budgets.append((f"user {user}", f"user:{user}", rate))
+    client_rate = config.server.client_rate_limit
+    if client_rate is not None and config.user_for_address(client_ip) is None:
+        budgets.append((f"client {client_ip}", f"client:{client_ip}", client_rate))
+    return budgets
+
+
+def check_rate(who: str, used: float, adding: int, rate: Rate) -> SMTPReply | None:
+    """``451 4.7.1`` when ``adding`` more recipients would take ``who`` past its rate limit."""
+    if not would_exceed(used, adding, rate):
+        return None
+    return SMTPReply(451, "4.7.1", f"Rate limit exceeded: {who} may send to {rate} recipients; try again later")
+
+
+def auth_locked_out(seconds_left: float) -> SMTPReply:
+    minutes = max(1, math.ceil(seconds_left / 60))
+    return SMTPReply(
+        454, "4.7.0",
+        f"Too many failed logins from your address or for this user; AUTH refused for {minutes} more minute(s)",
+    )
+
+
+def check_auth_allowed(in_transaction: bool) -> SMTPReply | None:
+    """No AUTH inside a mail transaction (RFC 4954 section 4).
+
+    Otherwise a client could give a MAIL FROM while nobody owns the session (no sender check
+    applies then), log in, and have that sender relayed as the user it logged in as.
+    """
+    if in_transaction:
+        return SMTPReply(503, "5.5.1", "AUTH not permitted during a mail transaction")
+    return None
+
+
+def auth_failed() -> SMTPReply:
+    return SMTPReply(535, "5.7.8", "Authentication credentials invalid")

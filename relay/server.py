@@ -23,10 +23,11 @@ from pathlib import Path
 
 from relay import logs, metrics
 from relay.admin_http import AdminServer
-from relay.auth import Authenticator, FailureDelay
+from relay.auth import Authenticator, AuthGuard, GuardSettings
 from relay.config import Config, ConfigError, load_config, load_demo_config
 from relay.delivery import Scheduler
 from relay.delivery.scheduler import upstream_tls
+from relay.limits import Anvil
 from relay.listener import ListenerGroup, Services
 from relay.prepare import Preparer
 from relay.reload import restart_needed
@@ -46,7 +47,7 @@ class Relay:
         self.spool = SqliteSpool(config.spool.path)
         self.scheduler = Scheduler(lambda: self.config, self.spool)
         self.preparer = Preparer()
-        self.failures = FailureDelay(config.server.auth_failure_delay)
+        self.anvil = Anvil.for_spool(config.spool.path)
         services = Services(
             config=lambda: self.config,
             spool=self.spool,
@@ -54,8 +55,9 @@ class Relay:
             authenticator=Authenticator(
                 lambda: {name: user.password_hash for name, user in self.config.users.items()}
             ),
-            failures=self.failures,
             preparer=self.preparer,
+            auth_guard=AuthGuard(lambda: GuardSettings.from_server(self.config.server)),
+            anvil=self.anvil,
         )
         self.tls = ServerTLS(config.server.tls, config.server.hostname) if config.server.tls else None
         acceptors = acceptor_count(config)
@@ -66,6 +68,7 @@ class Relay:
 
     async def start(self) -> None:
         await self.spool.open()
+        await self.anvil.rates.start()
         await self.scheduler.start()
         await self.listeners.start()
         if self.config.admin.listen:
@@ -96,7 +99,6 @@ class Relay:
             old, self.config = self.config, new
             if tls is not None:
                 self.tls.install(tls)
-            self.failures.base_delay = new.server.auth_failure_delay
             logs.configure(new.logging, logs.secrets_of(new), self._verbose)
             self.scheduler.reconfigure(client_tls)
             if self.acceptors:
@@ -113,6 +115,7 @@ class Relay:
         await self.listeners.stop(grace)
         await self.scheduler.stop(grace)
         await asyncio.to_thread(self.preparer.close)
+        await self.anvil.rates.stop()
         await self.spool.close()
         await self.admin.stop()
         log.info(

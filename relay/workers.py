@@ -49,9 +49,10 @@ import sys
 import time
 
 from relay import logs
-from relay.auth import Authenticator, FailureDelay
+from relay.auth import Authenticator, AuthGuard, GuardSettings
 from relay.config import Config
 from relay.delivery import Scheduler
+from relay.limits import Anvil
 from relay.listener import ListenerGroup, Services
 from relay.prepare import Preparer
 from relay.spool import NewMessage, use_queue_id_partition
@@ -151,7 +152,9 @@ class _SubmittedByMain:
 async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, list[socket.socket]], verbose: bool) -> None:
     """An acceptor process: the listeners on inherited sockets, storing through the main process."""
     current = config
-    failures = FailureDelay(config.server.auth_failure_delay)
+    # Connection counts and AUTH lockouts are this process's own; rate budgets are shared
+    # with the other processes through the spool database (relay.limits.PersistentRates).
+    anvil = Anvil.for_spool(config.spool.path)
     tls = ServerTLS(config.server.tls, config.server.hostname) if config.server.tls else None
 
     def reconfigure(new: Config) -> None:
@@ -165,7 +168,6 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
         current = new
         if context is not None:
             tls.install(context)
-        failures.base_delay = new.server.auth_failure_delay
         logs.configure(new.logging, logs.secrets_of(new), verbose)
 
     reader, writer = await asyncio.open_unix_connection(sock=ipc)
@@ -176,10 +178,12 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
         spool=spool,
         scheduler=_SubmittedByMain(),
         authenticator=Authenticator(lambda: {name: user.password_hash for name, user in current.users.items()}),
-        failures=failures,
         preparer=preparer,
+        auth_guard=AuthGuard(lambda: GuardSettings.from_server(current.server)),
+        anvil=anvil,
     )
     listeners = ListenerGroup(services, tls.context if tls else None)
+    await anvil.rates.start()
     await listeners.start(listening)
     write_frame(writer, _READY)
     stop = asyncio.Event()
@@ -191,6 +195,7 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
     if gone.done():
         log.error("acceptor %d: lost the main process; no longer accepting mail", os.getpid())
     await listeners.stop(0 if gone.done() else current.server.shutdown_grace)
+    await anvil.rates.stop()
     writer.close()
     await asyncio.to_thread(preparer.close)
 

@@ -38,6 +38,22 @@ def is_temporary(reply: Reply) -> bool:
     return reply.code == 536 or bool(_TEMPORARY_DESPITE_5XX.search(reply.text))
 
 
+# Replies about the account's sending rate or quota rather than the recipient: waiting helps
+# every message of the account alike, so the scheduler pauses the account instead of spending
+# each message's retries. (A recipient's "mailbox quota exceeded" is not one of them.)
+_ACCOUNT_THROTTLE = re.compile(
+    r"frequency limited|request quota exceeded|rate limit|too many (?:messages|requests|connections)", re.IGNORECASE
+)
+
+
+def is_account_throttle(reply: Reply) -> bool:
+    return (
+        reply.code is not None
+        and is_temporary(reply)
+        and (reply.code == 536 or bool(_ACCOUNT_THROTTLE.search(reply.text)))
+    )
+
+
 def retry_delay(attempts: int, policy: RetryPolicy, random_fraction: float) -> float:
     """Delay before the next try after ``attempts`` failures; ``random_fraction`` in [0, 1)."""
     base = policy.schedule[min(attempts, len(policy.schedule)) - 1]
@@ -52,8 +68,14 @@ def after_attempt(
     policy: RetryPolicy,
     random_fraction: float,
     email_id: str | None = None,
+    held_until: float | None = None,
 ) -> RecipientUpdate:
-    """The recipient's next state given the reply of one attempt."""
+    """The recipient's next state given the reply of one attempt.
+
+    ``held_until``: the account is paused until then (SendCloud asked it to slow down); a
+    temporary failure waits for the pause to end and does not count as one of the message's
+    attempts, since nothing was wrong with the message.
+    """
     attempts = recipient.attempts + 1
     text = str(reply)
     if reply.code is not None and 200 <= reply.code < 300:
@@ -64,6 +86,9 @@ def after_attempt(
     if now >= deadline:
         expired = f"{text} (gave up: message older than the spool's max_lifetime)"
         return RecipientUpdate(recipient.message_id, recipient.idx, State.FAILED, attempts, now, expired)
+    if held_until is not None:
+        held = f"{text} (account paused; not counted as an attempt)"
+        return RecipientUpdate(recipient.message_id, recipient.idx, State.DEFERRED, recipient.attempts, min(held_until, deadline), held)
     # The last try happens at the deadline rather than one full delay after it.
     next_attempt = min(now + retry_delay(attempts, policy, random_fraction), deadline)
     return RecipientUpdate(recipient.message_id, recipient.idx, State.DEFERRED, attempts, next_attempt, text)

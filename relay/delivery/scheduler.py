@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from relay import metrics
 from relay.bounce import FailedRecipient, build_dsn
 from relay.config import Config
-from relay.delivery.retry import RetryPolicy, after_attempt
+from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle
 from relay.delivery.sendcloud import email_ids
+from relay.delivery.throttle import AccountThrottle
 from relay.delivery.transport import AccountPool, Key, TLSContexts, Transaction, open_connection
 from relay.health import UpstreamHealth, attempt_failed
 from relay.logs import event
@@ -60,6 +61,7 @@ class Scheduler:
         self._accounts: dict[str, _Account] = {}
         self._retiring: list[asyncio.Task] = []  # workers finishing their last transaction
         self.upstream_health = UpstreamHealth()
+        self.throttles: dict[str, AccountThrottle] = {}  # by account name: outlives a reconfigure
         self._in_flight: set[str] = set()
         # Finished while a poll's read was under way: that read may show them stale.
         self._finished_during_poll: set[str] = set()
@@ -87,6 +89,8 @@ class Scheduler:
             self._retire(self._accounts.pop(name), None)
             log.warning("account %s was removed: its workers stop, its mail waits in the spool", name)
         for name, account in config.accounts.items():
+            if name not in self.throttles:
+                self.throttles[name] = AccountThrottle(name, self._throttle_pauses)
             settings = (account, config.upstream, config.server.hostname)
             old = self._accounts.get(name)
             if old is not None and old.settings == settings:
@@ -193,6 +197,10 @@ class Scheduler:
                 log.exception("queue poll failed; trying again")
             await asyncio.sleep(self._config().spool.poll_interval)
 
+    def _throttle_pauses(self) -> tuple[float, float]:
+        upstream = self._config().upstream
+        return upstream.throttle_pause, upstream.throttle_max_pause
+
     # -- workers ----------------------------------------------------------------------------
 
     async def _work(self, account: _Account) -> None:
@@ -217,24 +225,35 @@ class Scheduler:
         config = self._config()
         policy = RetryPolicy(tuple(config.spool.retry), config.spool.retry_jitter, config.spool.max_lifetime)
         per_transaction = config.upstream.max_recipients_per_transaction
+        throttle = self.throttles[message.account]
         updates: list[RecipientUpdate] = []
         for chunk, key in _transactions(message, config, per_transaction):
             addresses = [recipient.address for recipient in chunk]
+            probe = await throttle.acquire()  # waits while SendCloud has asked the account to slow down
             started = time.monotonic()
             data = for_transaction(body, addresses)  # X-SMTPAPI "to" may name only these recipients
-            connection = await pool.acquire(key)
+            throttled = False
             try:
-                with metrics.UPSTREAM_IN_USE.labels(message.account).track_inprogress():
-                    result = await connection.send(Transaction(message.id, message.upstream_sender, addresses, data))
+                connection = await pool.acquire(key)
+                try:
+                    with metrics.UPSTREAM_IN_USE.labels(message.account).track_inprogress():
+                        result = await connection.send(Transaction(message.id, message.upstream_sender, addresses, data))
+                finally:
+                    pool.release(connection)
+                throttled = any(is_account_throttle(reply) for reply in result.replies)
             finally:
-                pool.release(connection)
+                throttle.release(probe, throttled)
             metrics.UPSTREAM_SECONDS.labels(message.account).observe(time.monotonic() - started)
             now = time.time()
             failing_since = self.upstream_health.record(message.account, attempt_failed(result.replies), now)
             metrics.UPSTREAM_FAILING_SINCE.labels(message.account).set(failing_since or 0)
+            held_until = now + throttle.remaining() if throttled else None
             ids = email_ids(result.upstream_id, addresses) if result.upstream_id else [None] * len(chunk)
             for recipient, reply, email_id in zip(chunk, result.replies, ids, strict=True):
-                update = after_attempt(recipient, reply, message.received_at, now, policy, random.random(), email_id)
+                update = after_attempt(
+                    recipient, reply, message.received_at, now, policy, random.random(), email_id,
+                    held_until if is_account_throttle(reply) else None,
+                )
                 updates.append(update)
                 delivered = update.state is State.DELIVERED
                 metrics.delivery_result(message.user, message.account, message.channel, update.state.value,

@@ -92,13 +92,8 @@ class Connection:
                 return self._all(transaction, Reply(554, f"5.6.3 {self.relay} does not offer 8BITMIME for this 8-bit message"))
             options.append("BODY=8BITMIME")
         try:
-            refused, reply_text = await client.sendmail(
-                transaction.sender, transaction.recipients, transaction.body, mail_options=options
-            )
-        except aiosmtplib.SMTPRecipientsRefused as error:
-            by_address = {refusal.recipient: Reply(refusal.code, refusal.message) for refusal in error.recipients}
-            return Result([by_address[address] for address in transaction.recipients], None, self.relay)
-        except aiosmtplib.SMTPResponseException as error:
+            replies, data_reply = await _transact(client, transaction, options)
+        except aiosmtplib.SMTPResponseException as error:  # MAIL refused
             if error.code == 421:
                 await self.close()
             return self._all(transaction, Reply(error.code, error.message))
@@ -107,12 +102,10 @@ class Connection:
             return self._all(transaction, Reply(None, f"lost connection with {self.relay}: {_describe(error)}"))
         finally:
             self._last_used = time.monotonic()
-        accepted = Reply(250, reply_text)
-        replies = [
-            Reply(refused[address].code, refused[address].message) if address in refused else accepted
-            for address in transaction.recipients
-        ]
-        return Result(replies, queued_message_id(reply_text), self.relay)
+        if any(reply.code == 421 for reply in replies):
+            await self.close()
+        upstream_id = queued_message_id(data_reply.text) if data_reply and data_reply.code == 250 else None
+        return Result(replies, upstream_id, self.relay)
 
     async def _ready_client(self) -> aiosmtplib.SMTP:
         client = self._client
@@ -175,6 +168,52 @@ class Connection:
 
     def _all(self, transaction: Transaction, reply: Reply) -> Result:
         return Result([reply] * len(transaction.recipients), None, self.relay)
+
+
+async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: list[str]) -> tuple[list[Reply], Reply | None]:
+    """MAIL, each RCPT, DATA: every recipient ends with the reply that decided its fate.
+
+    Not aiosmtplib's ``sendmail()``: when DATA fails after some RCPTs were refused, it raises
+    the DATA reply alone, and a recipient refused at RCPT for now (451) would be bounced with
+    the others' 550, or one refused for good (550) deferred with their 451. Returns the
+    per-recipient replies and the DATA reply (None when DATA was not reached). After a 421
+    the server is gone: the recipients not yet answered get that 421.
+    """
+    if client.supports_extension("size"):
+        options = [f"SIZE={len(transaction.body)}", *options]
+    await client.mail(transaction.sender, options=options)
+    refused: dict[str, Reply] = {}
+    for address in transaction.recipients:
+        try:
+            await client.rcpt(address)
+        except aiosmtplib.SMTPRecipientRefused as error:
+            refused[address] = Reply(error.code, error.message)
+            if error.code == 421:  # the server closed: the others were not tried
+                closing = refused[address]
+                return [refused.get(other, closing) for other in transaction.recipients], None
+    if len(refused) == len(transaction.recipients):
+        await _reset(client)
+        return [refused[address] for address in transaction.recipients], None
+    try:
+        response = await client.data(transaction.body)
+        data_reply = Reply(response.code, response.message)
+    except aiosmtplib.SMTPResponseException as error:
+        data_reply = Reply(error.code, error.message)
+        if error.code != 421:
+            await _reset(client)
+    return [refused.get(address, data_reply) for address in transaction.recipients], data_reply
+
+
+async def _reset(client: aiosmtplib.SMTP) -> None:
+    """RSET after a failed transaction, so the kept connection is clean for the next one.
+
+    If that fails the connection is dropped (the next send reconnects); the replies already
+    given stand either way.
+    """
+    try:
+        await client.rset()
+    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+        client.close()
 
 
 class CaptureConnection:

@@ -14,7 +14,8 @@ the real service:
 - An accepted DATA is answered ``250 #<messageId>#Queued`` with a SendCloud-shaped,
   unique messageId.
 
-Tests steer failures through ``rcpt_replies`` and ``data_reply``, simulate an outage with
+Tests steer failures through ``rcpt_replies`` and ``data_reply`` (or, for replies that change
+from one attempt to the next, ``rcpt_hook`` and ``data_hook``), simulate an outage with
 ``stop()``/``restart()``, and inspect what arrived through ``messages``, ``logins`` and
 ``wait_for()``.
 
@@ -33,6 +34,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trustme
@@ -173,15 +175,18 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
-        reply = self.fake.rcpt_replies.get(address, "250 OK")
+        reply = self.fake.rcpt_hook(address) if self.fake.rcpt_hook else None
+        reply = reply or self.fake.rcpt_replies.get(address, "250 OK")
         if reply.startswith("2"):
             envelope.rcpt_tos.append(address)
             envelope.rcpt_options.extend(rcpt_options)
         return reply
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        if self.fake.data_reply is not None:
-            return self.fake.data_reply
+        self.fake.data_attempts += 1
+        reply = self.fake.data_hook(list(envelope.rcpt_tos)) if self.fake.data_hook else None
+        if reply or self.fake.data_reply is not None:
+            return reply or self.fake.data_reply
         message_id = make_message_id()
         self.fake._record(
             ReceivedMessage(
@@ -207,6 +212,9 @@ class FakeSendCloud:
     - ``rcpt_replies``: recipient address (as in RCPT TO, without brackets) -> full reply
       line; recipients not listed get ``250 OK``. Only 2xx replies accept the recipient.
     - ``data_reply``: when set, every DATA is answered with this line and nothing is recorded.
+    - ``rcpt_hook(address)`` / ``data_hook(rcpt_tos)``: when set, called for every RCPT / DATA;
+      a reply line they return is given instead (DATA: nothing recorded), None goes on as usual.
+    - ``data_attempts``: how many DATA commands reached the fake, whatever it answered.
     - ``logins``: every AUTH username attempted (successful or not), in order.
     """
 
@@ -222,6 +230,9 @@ class FakeSendCloud:
         self.messages: list[ReceivedMessage] = []
         self.rcpt_replies: dict[str, str] = {}
         self.data_reply: str | None = None
+        self.rcpt_hook: Callable[[str], str | None] | None = None
+        self.data_hook: Callable[[list[str]], str | None] | None = None
+        self.data_attempts = 0
         self.logins: list[str] = []
         self._tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1", "localhost").configure_cert(self._tls_context)

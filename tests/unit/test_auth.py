@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import types
 
 import pytest
 
 import relay.auth
-from relay.auth import Authenticator, FailureDelay, hash_password, is_supported_hash, verify_password
+from relay.auth import Authenticator, AuthGuard, GuardSettings, hash_password, is_supported_hash, verify_password
 
 
 def b64(data: bytes) -> str:
@@ -201,22 +200,21 @@ async def test_expired_cache_entry_verifies_again(hashes, verify_calls):
     assert len(verify_calls) == 2
 
 
-# -- FailureDelay ------------------------------------------------------------------------------------
+# -- AuthGuard: delay, then lockout, per address and per username --------------------------------
 
 
 class Clock:
     def __init__(self):
         self.now = 1000.0
 
-    def monotonic(self) -> float:
+    def __call__(self) -> float:
         return self.now
 
 
-@pytest.fixture
-def clock(monkeypatch):
-    fake = Clock()
-    monkeypatch.setattr(relay.auth, "time", types.SimpleNamespace(monotonic=fake.monotonic))
-    return fake
+def guard(base=1.0, cap=30.0, window=600.0, lockout_failures=1000, lockout_duration=900.0) -> tuple[AuthGuard, Clock]:
+    clock = Clock()
+    settings = GuardSettings(base, window, lockout_failures, lockout_duration, cap)
+    return AuthGuard(lambda: settings, clock=clock), clock
 
 
 DELAYS = {
@@ -227,24 +225,65 @@ DELAYS = {
 
 
 @pytest.mark.parametrize("base, cap, expected", DELAYS.values(), ids=DELAYS.keys())
-def test_failure_delay_doubles_up_to_the_cap(clock, base, cap, expected):
+def test_failure_delay_doubles_up_to_the_cap(base, cap, expected):
     """Each recent failure doubles the delay before the 535; it never exceeds max_delay."""
-    delay = FailureDelay(base, max_delay=cap)
-    assert [delay.record_failure("192.0.2.7") for _ in expected] == expected
+    auth, _ = guard(base, cap)
+    assert [auth.failed("192.0.2.7", "billing") for _ in expected] == expected
 
 
-def test_failure_delay_is_per_client_address(clock):
-    delay = FailureDelay(1.0)
+def test_failure_delay_counts_per_address_and_per_username():
+    auth, _ = guard()
     for _ in range(4):
-        delay.record_failure("192.0.2.7")
-    assert delay.record_failure("192.0.2.8") == 1.0
-    assert delay.record_failure("192.0.2.7") == 16.0
+        auth.failed("192.0.2.7", "billing")
+    assert auth.failed("192.0.2.8", "crm") == 1.0  # a fresh address and a fresh user
+    assert auth.failed("192.0.2.9", "billing") == 16.0  # a fresh address guessing billing
+    assert auth.failed("192.0.2.7", "other") == 16.0  # the guessing address trying another user
 
 
-def test_failures_outside_the_window_are_forgotten(clock):
+def test_failures_outside_the_window_are_forgotten():
     """A person who mistyped yesterday starts again at the base delay."""
-    delay = FailureDelay(1.0, window=600.0)
+    auth, clock = guard(window=600.0)
     for _ in range(3):
-        delay.record_failure("192.0.2.7")
+        auth.failed("192.0.2.7", "billing")
     clock.now += 601
-    assert delay.record_failure("192.0.2.7") == 1.0
+    assert auth.failed("192.0.2.7", "billing") == 1.0
+
+
+LOCKOUTS = {
+    # name: (failures as (address, user), then the attempt asked about, expect locked?)
+    "below_threshold": ([("a1", "billing")] * 2, ("a1", "billing"), False),
+    "address_reaches_threshold": ([("a1", f"user{n}") for n in range(3)], ("a1", "anyone"), True),
+    "username_reaches_threshold": ([(f"a{n}", "billing") for n in range(3)], ("a9", "billing"), True),
+    "other_user_from_other_address_unaffected": ([("a1", "billing")] * 3, ("a2", "crm"), False),
+}
+
+
+@pytest.mark.parametrize("failures, attempt, locked", LOCKOUTS.values(), ids=LOCKOUTS.keys())
+def test_lockout_past_the_threshold(failures, attempt, locked):
+    auth, _ = guard(lockout_failures=3)
+    for address, username in failures:
+        auth.failed(address, username)
+    assert (auth.locked_for(*attempt) is not None) is locked
+
+
+def test_lockout_lasts_its_duration_then_lifts():
+    auth, clock = guard(lockout_failures=3, lockout_duration=900.0, window=60.0)
+    for _ in range(3):
+        auth.failed("192.0.2.7", "billing")
+    assert auth.locked_for("192.0.2.7", "billing") == pytest.approx(900.0)
+    clock.now += 899
+    assert auth.locked_for("192.0.2.7", "billing") == pytest.approx(1.0)
+    clock.now += 2
+    assert auth.locked_for("192.0.2.7", "billing") is None
+
+
+def test_an_address_that_logged_in_recently_is_not_locked_out_by_strangers_guessing_its_user():
+    auth, _ = guard(lockout_failures=3)
+    auth.succeeded("10.0.0.5", "mailhub")  # the team's smarthost
+    for n in range(5):
+        auth.failed(f"203.0.113.{n}", "mailhub")  # a botnet guessing
+    assert auth.locked_for("203.0.113.99", "mailhub") is not None
+    assert auth.locked_for("10.0.0.5", "mailhub") is None
+    for _ in range(3):  # but the smarthost's own address still locks if it keeps failing
+        auth.failed("10.0.0.5", "mailhub")
+    assert auth.locked_for("10.0.0.5", "mailhub") is not None

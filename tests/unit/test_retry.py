@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.delivery.retry import Reply, RetryPolicy, after_attempt, is_temporary, retry_delay
+from relay.delivery.retry import Reply, RetryPolicy, after_attempt, is_account_throttle, is_temporary, retry_delay
 from relay.spool import Recipient, State
 
 SCHEDULE = (60.0, 300.0, 900.0)
@@ -174,3 +174,38 @@ TEMPORARY = {
 @pytest.mark.parametrize("reply, temporary", TEMPORARY.values(), ids=TEMPORARY.keys())
 def test_is_temporary(reply, temporary):
     assert is_temporary(reply) is temporary
+
+
+THROTTLES = {
+    "536_frequency_limited": (Reply(536, "Frequency limited"), True),
+    "request_quota_exceeded": (Reply(550, "Request quota exceeded"), True),
+    "4xx_rate_limit": (Reply(451, "4.7.1 rate limit exceeded for this account"), True),
+    "421_too_many_connections": (Reply(421, "4.7.0 Too many connections"), True),
+    "4xx_other": (Reply(451, "4.3.0 try again later"), False),
+    "mailbox_quota_is_the_recipients": (Reply(452, "4.2.2 mailbox quota exceeded"), False),
+    "5xx_rate_words_are_permanent": (Reply(550, "5.7.1 you are on a rate limit blocklist"), False),
+    "connection_error": (Reply(None, "connect to smtp.sendcloud.net[587]: Connection refused"), False),
+    "delivered": (Reply(250, "#mid#Queued"), False),
+}
+
+
+@pytest.mark.parametrize("reply, throttle", THROTTLES.values(), ids=THROTTLES.keys())
+def test_account_throttle_replies(reply, throttle):
+    """Replies about the account's rate or quota, not the recipient, pause the account."""
+    assert is_account_throttle(reply) is throttle
+
+
+def test_held_recipient_waits_for_the_pause_without_spending_an_attempt():
+    update = after_attempt(recipient(attempts=2), Reply(536, "Frequency limited"), RECEIVED, NOW, POLICY, 0.5, held_until=NOW + 30)
+    assert update.state is State.DEFERRED
+    assert update.attempts == 2
+    assert update.next_attempt == NOW + 30
+    assert "account paused" in update.last_reply
+
+
+def test_held_recipient_still_expires_at_the_end_of_its_lifetime():
+    short = RetryPolicy(schedule=SCHEDULE, jitter=0.0, max_lifetime=3600.0)
+    expired = after_attempt(recipient(), Reply(536, "Frequency limited"), RECEIVED, NOW, short, 0.5, held_until=NOW + 30)
+    assert expired.state is State.FAILED
+    near = after_attempt(recipient(), Reply(536, "Frequency limited"), RECEIVED, NOW - 10, short, 0.5, held_until=NOW + 30)
+    assert near.next_attempt == RECEIVED + 3600.0  # never past the deadline

@@ -1,0 +1,70 @@
+"""An account SendCloud told to slow down (``536 Frequency limited``, a quota reply): pause it.
+
+Every worker of the account waits out the pause instead of each trying its messages and
+spending their retries. The pause doubles while the replies go on (up to a cap); when it
+ends, one worker probes alone, and the others follow only once the probe got through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+log = logging.getLogger("relay.delivery")
+
+
+def pause_length(consecutive: int, base: float, cap: float) -> float:
+    """How long to pause after the ``consecutive``-th throttling reply in a row (1-based)."""
+    return min(base * 2 ** (consecutive - 1), cap)
+
+
+class AccountThrottle:
+    def __init__(self, account: str, pauses: Callable[[], tuple[float, float]], clock: Callable[[], float] = time.monotonic):
+        self.account = account
+        self._pauses = pauses  # (base, cap) from the live config
+        self._clock = clock
+        self.paused_until = 0.0
+        self.consecutive = 0  # throttling replies in a row; 0 = running normally
+        self.pauses = 0  # how many times this account was paused (for logs and tests)
+        self._probing = False
+        self._changed = asyncio.Event()
+
+    def remaining(self) -> float:
+        return max(0.0, self.paused_until - self._clock())
+
+    async def acquire(self) -> bool:
+        """Wait until this worker may send; True when it is the probe after a pause."""
+        while True:
+            wait = self.remaining()
+            if wait > 0:
+                await self._wait(wait)
+            elif self.consecutive and self._probing:
+                await self._wait(None)
+            else:
+                self._probing = self.consecutive > 0
+                return self._probing
+
+    def release(self, probe: bool, throttled: bool) -> None:
+        """Report how the transaction went; a throttling reply starts or extends the pause."""
+        if probe:
+            self._probing = False
+        if throttled:
+            if self.remaining() == 0:  # replies to transactions sent before the pause don't count twice
+                self.consecutive += 1
+                self.pauses += 1
+                pause = pause_length(self.consecutive, *self._pauses())
+                self.paused_until = self._clock() + pause
+                log.warning("account %s asked to slow down: pausing its deliveries for %.0fs", self.account, pause)
+        elif self.consecutive:
+            log.info("account %s: upstream accepts again, resuming", self.account)
+            self.consecutive = 0
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait(self, timeout: float | None) -> None:
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass

@@ -1,0 +1,61 @@
+"""relay.delivery.throttle: an account told to slow down pauses, then resumes with one probe."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from relay.delivery.throttle import AccountThrottle, pause_length
+
+
+@pytest.mark.parametrize(
+    "consecutive, expected", [(1, 30.0), (2, 60.0), (3, 120.0), (5, 480.0), (6, 900.0), (20, 900.0)]
+)
+def test_pause_doubles_up_to_the_cap(consecutive, expected):
+    assert pause_length(consecutive, 30.0, 900.0) == expected
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_throttling_reply_pauses_every_worker_then_one_probes():
+    clock = Clock()
+    throttle = AccountThrottle("acme", lambda: (0.05, 1.0), clock=clock)
+    assert await throttle.acquire() is False  # running normally: nobody is a probe
+    throttle.release(probe=False, throttled=True)
+    assert throttle.remaining() == pytest.approx(0.05)
+    assert throttle.pauses == 1
+
+    # A reply to a transaction sent before the pause does not extend it or count twice.
+    throttle.release(probe=False, throttled=True)
+    assert throttle.consecutive == 1 and throttle.pauses == 1
+
+    waiters = [asyncio.create_task(throttle.acquire()) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert not any(task.done() for task in waiters)  # paused
+    clock.now += 0.05
+    await asyncio.sleep(0.1)
+    done = [task for task in waiters if task.done()]
+    assert [task.result() for task in done] == [True]  # exactly one probe goes
+
+    throttle.release(probe=True, throttled=False)  # the probe got through: everyone resumes
+    await asyncio.sleep(0.01)
+    assert all(task.done() for task in waiters)
+    assert throttle.consecutive == 0
+
+
+async def test_a_probe_throttled_again_doubles_the_pause():
+    clock = Clock()
+    throttle = AccountThrottle("acme", lambda: (10.0, 100.0), clock=clock)
+    throttle.release(probe=False, throttled=True)
+    clock.now += 10
+    assert await throttle.acquire() is True
+    throttle.release(probe=True, throttled=True)
+    assert throttle.remaining() == 20.0
+    assert throttle.consecutive == 2
