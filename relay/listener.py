@@ -100,6 +100,8 @@ class RelaySMTP(SMTP):
     - ``client_ip`` is the real client: the TCP peer, or the address a PROXY header named.
       It lives here, not on the session, because STARTTLS makes a new session (aiosmtpd
       #287) and would fall back to the load balancer's address.
+    - DATA is read by :func:`read_message`: aiosmtpd cuts lines at CRLF only (a bare-LF
+      message past 1,000 bytes became one line "too long") and keeps a list of lines.
     - Timeouts: aiosmtpd's idle timer restarts only when a command arrives and closes the
       connection without a word. Here it says ``421 4.4.2`` first, the DATA phase has its
       own total bound (``data_timeout``: a slow upload is not cut by the idle timer, and a
@@ -205,9 +207,32 @@ class RelaySMTP(SMTP):
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, with :func:`read_message` instead of its CRLF-only line reader."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
         self._reset_timeout(self._data_timeout)  # the whole DATA phase, spooling included
         try:
-            await super().smtp_DATA(arg)
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            try:
+                content = await read_message(self._reader, self.data_size_limit, self.line_length_limit)
+            except asyncio.CancelledError:  # the client went away during DATA
+                self._writer.close()
+                raise
+            if isinstance(content, str):  # the refusal of a message read to its end
+                self._set_post_data_state()
+                await self.push(content)
+                return
+            self.envelope.content = self.envelope.original_content = content
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()
+            await self.push(status)
         finally:
             if self.transport is not None:
                 self._reset_timeout()
@@ -226,6 +251,45 @@ class RelaySMTP(SMTP):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+async def read_message(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> bytes | str:
+    """The message text of one DATA, dot-unstuffed; or aiosmtpd's reply refusing it.
+
+    Only ``CRLF.CRLF`` ends the message (a ``\\n.\\n`` is content, so nothing can be smuggled).
+    Unlike aiosmtpd, which splits on CRLF alone, lines are cut at any LF: a legacy
+    application sending bare-LF text longer than 1,000 bytes has short lines, not one line
+    "too long". The text grows in one buffer instead of a list of line objects, so a message
+    is held once while it arrives (aiosmtpd held about 2.5 times it). A message over a limit
+    is read to its end and discarded, then refused, as RFC 5321 4.2.5 implies.
+    """
+    content = bytearray()
+    size = 0
+    refusal = None
+    partial = b""  # a line longer than the stream's limit, arriving in pieces
+    at_line_start = True  # after CRLF: where SMTP's dot-stuffing applies
+    while True:
+        try:
+            piece = partial + await reader.readuntil(b"\n")
+            partial = b""
+        except asyncio.LimitOverrunError as error:
+            partial += await reader.read(error.consumed)
+            if len(partial) > line_limit:
+                refusal = refusal or "500 Line too long (see RFC5321 4.5.3.1.6)"
+                partial = partial[-1:]  # keep the last byte: a CR the LF may complete
+            continue
+        if at_line_start and piece == b".\r\n":
+            return refusal or bytes(content)
+        size += len(piece)
+        if len(piece) > line_limit:
+            refusal = refusal or "500 Line too long (see RFC5321 4.5.3.1.6)"
+        elif size_limit and size > size_limit:
+            refusal = refusal or "552 Error: Too much mail data"
+        if refusal is None:
+            content += piece[1:] if at_line_start and piece.startswith(b".") else piece
+        else:
+            content.clear()
+        at_line_start = piece.endswith(b"\r\n")
 
 
 class ListenerHandler:

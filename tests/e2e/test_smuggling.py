@@ -81,3 +81,24 @@ def test_a_lenient_terminator_alone_never_ends_data(smuggling_relay):
     assert talk.read_reply()[-1].startswith("421 4.4.2")
     assert closed_by_server(talk)
     assert not any(b"lenient" in m.data for m in fake.messages)
+
+
+def test_a_long_bare_lf_message_from_a_legacy_app_is_accepted(smuggling_relay):
+    """PHP's mail() and old Java send only LF: 6 KB of such lines are short lines, not one
+    line "too long"; they arrive upstream with CRLF, a leading dot intact."""
+    relay, fake = smuggling_relay
+    before = len(fake.messages)
+    talk = connect(relay, source=TRUSTED_SOURCE)
+    talk.read_reply()
+    for command in ("EHLO legacy", "MAIL FROM:<a@acme.com>", "RCPT TO:<legacy@example.net>"):
+        assert say(talk, command).startswith("250")
+    assert say(talk, "DATA").startswith("354")
+    lines = [f"line {number:03d} of a report from a legacy application".encode() for number in range(120)]
+    talk.send(b"Subject: bare LF only\n\n" + b"\n".join(lines) + b"\n.leading dot after LF\n\r\n.\r\n")
+    assert talk.read_reply()[-1].startswith("250 2.0.0 Ok: queued as")
+    say(talk, "QUIT")
+    [received] = fake.wait_for(before + 1)[before:]
+    body = received.data.split(b"\r\n\r\n", 1)[1]
+    assert b"\n" not in body.replace(b"\r\n", b"")
+    assert body.startswith(b"\r\n".join(lines[:3]))
+    assert b"\r\n.leading dot after LF\r\n" in body  # only CRLF starts an SMTP line: not unstuffed
