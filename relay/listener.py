@@ -253,14 +253,15 @@ class RelaySMTP(SMTP):
             self.transport.close()
 
 
-async def read_message(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> bytes | str:
+async def read_message(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> bytearray | str:
     """The message text of one DATA, dot-unstuffed; or aiosmtpd's reply refusing it.
 
     Only ``CRLF.CRLF`` ends the message (a ``\\n.\\n`` is content, so nothing can be smuggled).
     Unlike aiosmtpd, which splits on CRLF alone, lines are cut at any LF: a legacy
     application sending bare-LF text longer than 1,000 bytes has short lines, not one line
     "too long". The text grows in one buffer instead of a list of line objects, so a message
-    is held once while it arrives (aiosmtpd held about 2.5 times it). A message over a limit
+    is held once while it arrives (aiosmtpd held about 2.5 times it), and it is returned as
+    that buffer, not copied to ``bytes``. A message over a limit
     is read to its end and discarded, then refused, as RFC 5321 4.2.5 implies.
     """
     content = bytearray()
@@ -279,7 +280,7 @@ async def read_message(reader: asyncio.StreamReader, size_limit: int | None, lin
                 partial = partial[-1:]  # keep the last byte: a CR the LF may complete
             continue
         if at_line_start and piece == b".\r\n":
-            return refusal or bytes(content)
+            return refusal or content
         size += len(piece)
         if len(piece) > line_limit:
             refusal = refusal or "500 Line too long (see RFC5321 4.5.3.1.6)"
@@ -522,6 +523,9 @@ class ListenerHandler:
         except SMTPReply as refusal:
             self._refused(server, "DATA", user, str(refusal), **{"from": submission.sender})
             return str(refusal)
+        # The text as received is spent (prepare made the message to spool from it): free it
+        # now, so a large message is held twice at most while the spool writes it.
+        envelope.original_content.clear()
         route = prepared.route
         message = NewMessage(
             id=queue_id,

@@ -24,7 +24,7 @@ class Submission:
     listener: str
     sender: str  # "" for the null sender
     recipients: Sequence[str]
-    data: bytes
+    data: bytes | bytearray  # the listener's receive buffer, cleared by it once prepared
     helo: str
     client_ip: str
     esmtp: bool

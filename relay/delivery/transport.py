@@ -24,6 +24,7 @@ from pathlib import Path
 import aiosmtplib
 
 from relay.config import Account, TLSPolicy, Upstream
+from relay.delivery.data import send_data
 from relay.delivery.retry import Reply
 from relay.delivery.sendcloud import queued_message_id
 
@@ -53,7 +54,7 @@ class Transaction:
     queue_id: str
     sender: str
     recipients: list[str]
-    body: bytes
+    body: bytes | bytearray  # as the spool reads it
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,7 @@ async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: 
         await _reset(client)
         return [refused[address] for address in transaction.recipients], None
     try:
-        response = await client.data(transaction.body)
+        response = await send_data(client, transaction.body, client.timeout)
         data_reply = Reply(response.code, response.message)
     except aiosmtplib.SMTPResponseException as error:
         data_reply = Reply(error.code, error.message)

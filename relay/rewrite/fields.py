@@ -60,13 +60,13 @@ def raw_field(name: str, value: bytes) -> Field:
 class Message:
     """Header fields (editable), then the separator and body bytes exactly as received."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes | bytearray):
         self.fields: list[Field] = []
         position = 0
         while position < len(data):
             end = data.find(b"\r\n", position)
             end = len(data) if end < 0 else end + 2
-            line = data[position:end]
+            line = bytes(data[position:end])
             if line == b"\r\n":
                 break
             if line[:1] in (b" ", b"\t") and self.fields:
@@ -76,11 +76,11 @@ class Message:
             else:  # not a header: the header section ended without an empty line
                 break
             position = end
-        rest = data[position:]
         if self.fields and self.fields[-1].raw[-2:] != b"\r\n":  # headers only, no final CRLF
             self.fields[-1].raw += b"\r\n"
         # A body that did not start with an empty line gets one, so it stays the body.
-        self.body = rest if rest.startswith(b"\r\n") or not rest else b"\r\n" + rest
+        self._separator = b"" if data.startswith(b"\r\n", position) or position == len(data) else b"\r\n"
+        self._body = memoryview(data)[position:]  # a view: the body is copied once, by bytes()
 
     def all(self, name: str) -> list[Field]:
         key = name.lower()
@@ -98,4 +98,5 @@ class Message:
         self.fields[self.fields.index(old)] = new
 
     def bytes(self) -> bytes:
-        return b"".join(field.raw for field in self.fields) + self.body
+        """The message with its edited header: the one copy of the body made on the way to the spool."""
+        return b"".join([*(field.raw for field in self.fields), self._separator, self._body])

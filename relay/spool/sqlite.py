@@ -56,6 +56,7 @@ CREATE INDEX IF NOT EXISTS recipients_pending
 # Columns added after the first release: added to an existing spool.db when it is opened.
 _ADDED_COLUMNS = {"label": "INTEGER", "mail_from": "TEXT"}
 
+_BLOB_CHUNK = 256 * 1024  # bodies are written and read in pieces of this size
 _PENDING = (State.QUEUED.value, State.DEFERRED.value)
 _MESSAGE_COLUMNS = "id, received_at, user, listener, client, account, channel, sender, size, label, mail_from"
 
@@ -89,14 +90,21 @@ class SpoolStore:
     # -- writes ---------------------------------------------------------------------------
 
     def insert(self, message: NewMessage) -> None:
-        self.conn.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+        """The body goes in as a zeroblob written in chunks: bound as a parameter, SQLite
+        would copy it whole twice (the bound value, then the record it builds)."""
+        body = memoryview(message.body)
+        cursor = self.conn.execute(
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,zeroblob(?))",
             (
                 message.id, message.received_at, message.user, message.listener, message.client,
-                message.account, message.channel, message.sender, len(message.body),
-                message.label, message.mail_from, message.body,
+                message.account, message.channel, message.sender, len(body),
+                message.label, message.mail_from, len(body),
             ),
         )
+        if len(body):
+            with self.conn.blobopen("messages", "body", cursor.lastrowid) as blob:
+                for start in range(0, len(body), _BLOB_CHUNK):
+                    blob.write(body[start:start + _BLOB_CHUNK])
         self.conn.executemany(
             "INSERT INTO recipients (message_id, idx, address, state, next_attempt) VALUES (?,?,?,?,?)",
             [
@@ -168,9 +176,21 @@ class SpoolStore:
             recipients.setdefault(row[0], []).append(_recipient(row))
         return self._messages(recipients)
 
-    def body(self, message_id: str) -> bytes | None:
-        row = self.conn.execute("SELECT body FROM messages WHERE id=?", (message_id,)).fetchone()
-        return row[0] if row else None
+    def body(self, message_id: str) -> bytearray | None:
+        """Read in chunks into one buffer: a plain SELECT holds the body twice (SQLite's, Python's)."""
+        self.conn.execute("BEGIN")  # one snapshot: the row found is the row read
+        try:
+            row = self.conn.execute("SELECT rowid, length(body) FROM messages WHERE id=?", (message_id,)).fetchone()
+            if row is None or row[1] is None:
+                return None
+            body = bytearray(row[1])
+            if body:
+                with self.conn.blobopen("messages", "body", row[0], readonly=True) as blob:
+                    for start in range(0, len(body), _BLOB_CHUNK):
+                        body[start:start + _BLOB_CHUNK] = blob.read(_BLOB_CHUNK)
+            return body
+        finally:
+            self.conn.execute("COMMIT")
 
     def get(self, message_id: str) -> QueuedMessage | None:
         rows = self.conn.execute(
@@ -281,7 +301,7 @@ class SqliteSpool:
     async def due(self, now: float, limit: int) -> list[QueuedMessage]:
         return await self._read(self._store().due, now, limit)
 
-    async def body(self, message_id: str) -> bytes | None:
+    async def body(self, message_id: str) -> bytearray | None:
         return await self._read(self._store().body, message_id)
 
     async def counts(self) -> dict[str, int]:

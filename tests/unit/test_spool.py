@@ -80,6 +80,14 @@ async def test_null_sender_and_binary_body_survive(spool):
     assert (await spool.due(RECEIVED, 10))[0].sender == ""
 
 
+@pytest.mark.parametrize("size", [0, 1, 256 * 1024, 256 * 1024 + 1, 3 * 256 * 1024 + 7])
+async def test_body_written_and_read_in_pieces_round_trips(spool, size):
+    body = bytes(index % 251 for index in range(size))  # no chunk looks like its neighbour
+    message = NewMessage(**{**new_message().__dict__, "body": body})
+    await spool.store(message)
+    assert await spool.body(message.id) == body
+
+
 async def test_body_of_unknown_message_is_none(spool):
     assert await spool.body("NOSUCHID") is None
 
