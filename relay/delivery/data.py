@@ -51,8 +51,8 @@ async def send_data(client: aiosmtplib.SMTP, body: bytes | bytearray, timeout: f
     """DATA, the body, the final dot; the final reply. Raises aiosmtplib's exceptions as ``data()`` does.
 
     Uses aiosmtplib's protocol internals (the command lock, the "reply expected" flag and
-    the flow-control wait); tests/unit/test_upstream_data.py checks them against the
-    installed version, and the e2e tests send through it.
+    the flow-control wait), hence its upper bound in pyproject.toml; every e2e delivery
+    goes through here, and tests/unit/test_upstream_data.py compares the bytes with its own.
     """
     protocol = client.protocol
     if protocol is None or protocol._command_lock is None:
