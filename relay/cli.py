@@ -29,11 +29,15 @@ def _config(args: argparse.Namespace) -> Config:
 # -- serve / reload / check-config / hash-password --------------------------------------------
 
 
-def run_event_loop(main):
-    """Run ``main`` on uvloop when it is installed (the ``fast`` extra), else on asyncio's loop."""
+def run_event_loop(main, choice: str = "auto"):
+    """Run ``main`` on ``server.event_loop``: uvloop (``auto`` when installed) or asyncio's loop."""
+    if choice == "asyncio":
+        return asyncio.run(main)
     try:
         import uvloop
     except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("server.event_loop: uvloop is not installed (pip install 'sendcloud-relay[fast]')") from None
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
@@ -46,7 +50,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logs.configure(config.logging, logs.secrets_of(config), args.verbose)
     if not args.config:
         logging.getLogger("relay").info("no -c given: running the embedded demo config (capture upstream)")
-    run_event_loop(serve(config, args.config, args.verbose))
+    run_event_loop(serve(config, args.config, args.verbose), config.server.event_loop)
     return 0
 
 

@@ -182,6 +182,16 @@ class RelaySMTP(SMTP):
         self.event_handler.connected(transport)
         self._session_timer = self.loop.call_later(self._session_timeout, self._expire, "session time limit exceeded")
 
+    def eof_received(self) -> bool:
+        """The client closed its side: end the session here and now.
+
+        aiosmtpd cancels the session but asks to keep the transport half-open; asyncio then
+        closes it anyway, uvloop does not, and the connection (and its slot in the
+        connection limits) would leak. Nothing more can be read, so close.
+        """
+        super().eof_received()
+        return False
+
     def connection_lost(self, error) -> None:
         if not self._admitted:  # refused in connection_made: aiosmtpd never started
             return

@@ -74,10 +74,12 @@ class Relay:
         if self.config.admin.listen:
             await self.admin.start(self.config.admin.listen)
         pending = await self.spool.counts()
+        loop_module = type(asyncio.get_running_loop()).__module__
         log.info(
-            "sendcloud-relay started: upstream=%s, spool=%s (%d queued, %d deferred)",
+            "sendcloud-relay started: upstream=%s, spool=%s (%d queued, %d deferred), event loop: %s",
             self.config.upstream.kind, self.config.spool.path,
             pending.get("queued", 0), pending.get("deferred", 0),
+            "uvloop" if loop_module.startswith("uvloop") else "asyncio",
         )
 
     async def reload(self) -> tuple[str | None, list[str]]:

@@ -220,7 +220,7 @@ def acceptor_main() -> None:
     for item in args.listen:
         name, fd = item.rsplit("=", 1)
         listening.setdefault(name, []).append(socket.socket(fileno=int(fd)))
-    run_event_loop(run_acceptor(config, ipc, listening, args.verbose))
+    run_event_loop(run_acceptor(config, ipc, listening, args.verbose), config.server.event_loop)
 
 
 def _receive(sock: socket.socket, length: int) -> bytes:

@@ -9,6 +9,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.conftest import PASSWORD, TRUSTED_SOURCE, USER
 from tests.e2e.test_dialogs import Conversation
 from tests.support.relay import wait_until
@@ -109,6 +111,25 @@ def test_connections_per_address_and_in_total(make_relay, sendcloud):
     assert say(first, "QUIT").startswith("221")
     assert wait_until(lambda: connect(relay).read_reply()[-1].startswith("220"), 5)  # a slot came free
     assert "NOQUEUE: reject=CONNECT, client=[127.0.0.1], listener=smtp (421 4.7.1" in relay.log()
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_clients_that_hang_up_without_quit_free_their_slots(make_relay, sendcloud, event_loop):
+    """Regression: under uvloop a client closing without QUIT kept its connection (and its
+    slot in the limits) for ever, because aiosmtpd asks to keep the transport half-open."""
+    relay = make_relay(max_connections_per_address=2, event_loop=event_loop)
+    for _ in range(5):
+        socket.create_connection(("127.0.0.1", relay.port("smtp"))).close()
+
+    def two_sessions_greeted() -> bool:
+        talks = [connect(relay), connect(relay)]
+        greeted = all(talk.read_reply()[-1].startswith("220") for talk in talks)
+        for talk in talks:
+            talk.sock.close()
+        return greeted
+
+    assert wait_until(two_sessions_greeted, 5)
+    assert f"event loop: {event_loop}" in relay.log()
 
 
 # -- AUTH lockout ----------------------------------------------------------------------------------
