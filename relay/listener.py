@@ -572,7 +572,8 @@ class ListenerHandler:
             return str(refusal)
         # The text as received is spent (prepare made the message to spool from it): free it
         # now, so a large message is held twice at most while the spool writes it.
-        envelope.original_content.clear()
+        if prepared.body is not envelope.original_content:
+            envelope.original_content.clear()
         route = prepared.route
         message = NewMessage(
             id=queue_id,
