@@ -570,9 +570,9 @@ class ListenerHandler:
         except SMTPReply as refusal:
             self._refused(server, "DATA", user, str(refusal), **{"from": submission.sender})
             return str(refusal)
-        # The text as received is spent (prepare made the message to spool from it): free it
-        # now, so a large message is held twice at most while the spool writes it.
-        if prepared.body is not envelope.original_content:
+        # The spooled pieces are views of the text as received, so it is held once while the
+        # spool writes it; if prepare made a new text (bare LFs normalised) it is spent: free it.
+        if not prepared.holds(envelope.original_content):
             envelope.original_content.clear()
         route = prepared.route
         message = NewMessage(
@@ -606,7 +606,7 @@ class ListenerHandler:
         metrics.accepted(user, route.account, route.channel, self.listener.name, time.monotonic() - started)
         event(log, message.id, {
             "client": message.client, "listener": message.listener, "user": user, "from": message.sender,
-            "size": len(message.body), "nrcpt": len(message.recipients), "channel": route.channel,
+            "size": message.size, "nrcpt": len(message.recipients), "channel": route.channel,
             "account": route.account, "rule": route.rule, "label": message.label, "status": "queued",
         })
         self.services.scheduler.submit(message)

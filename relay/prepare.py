@@ -35,8 +35,12 @@ class Submission:
 @dataclass(frozen=True)
 class Prepared:
     route: Route
-    body: bytes
+    body: tuple[bytes | memoryview, ...]  # new header fields, then a view of the received body: never joined
     mail_from: str  # upstream envelope sender
+
+    def holds(self, buffer: bytes | bytearray) -> bool:
+        """Whether the pieces are views of ``buffer``, which must then live until they are spooled."""
+        return any(isinstance(piece, memoryview) and piece.obj is buffer for piece in self.body)
 
 
 class Preparer:
@@ -72,10 +76,10 @@ class Preparer:
             user=submission.user,
             arrival=arrival,
         )
-        body = rewritten.body
+        body: tuple[bytes | memoryview, ...] = rewritten.pieces
         domain = signing_domain(config.dkim, rewritten.from_domain) if rewritten.from_domain else None
         if domain is not None:
-            body = await self.signer.sign(body, domain, config.dkim[domain])
+            body = (await self.signer.sign(body, domain, config.dkim[domain]), *body)
         return Prepared(route, body, rewritten.mail_from)
 
     def close(self) -> None:

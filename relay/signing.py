@@ -12,6 +12,7 @@ import base64
 import binascii
 import multiprocessing
 import os
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 import dkim
@@ -46,12 +47,11 @@ def key_algorithm(key: bytes) -> bytes:
 
 
 def sign(message: bytes, domain: str, selector: str, key: bytes) -> bytes:
-    """``message`` with a DKIM-Signature header prepended (runs in a worker process)."""
-    signature = dkim.sign(
+    """The DKIM-Signature header field for ``message``, to go before it (runs in a worker process)."""
+    return dkim.sign(
         message, selector.encode(), domain.encode(), key,
         canonicalize=_CANONICALIZE, signature_algorithm=key_algorithm(key),
     )
-    return signature + message
 
 
 def signing_domain(keys: dict[str, DkimKey], from_domain: str) -> str | None:
@@ -99,12 +99,17 @@ class Signer:
         self._workers = workers or min(2, os.cpu_count() or 1)
         self._pool: ProcessPoolExecutor | None = None
 
-    async def sign(self, message: bytes, domain: str, key: DkimKey) -> bytes:
+    async def sign(self, pieces: Sequence[bytes | memoryview], domain: str, key: DkimKey) -> bytes:
+        """The signature header for the message made of ``pieces``.
+
+        The worker needs the message as one object: joined here (one copy), pickled to the
+        worker (one more, transient); only the header field comes back.
+        """
         if self._pool is None:
             # forkserver: forking this process (an event loop, the spool's threads) is unsafe.
             self._pool = ProcessPoolExecutor(self._workers, mp_context=multiprocessing.get_context("forkserver"))
         return await asyncio.get_running_loop().run_in_executor(
-            self._pool, sign, message, domain, key.selector, key.key.get_secret_value().encode()
+            self._pool, sign, b"".join(pieces), domain, key.selector, key.key.get_secret_value().encode()
         )
 
     def close(self) -> None:

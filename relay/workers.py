@@ -15,11 +15,16 @@ to one ``cleanup``/``qmgr`` side. This is the same shape:
   only then answers; the acceptor says ``250`` after that answer. Any failure of that path is
   an exception in ``store``, so the listener answers ``451 4.3.0`` as for a local spool error.
 
-Frames on the socketpair are an 8-byte header (metadata length, body length) then a pickle
-of the message without its body, then the body bytes (sent without re-encoding). Pickle is
-safe here: both ends are this program, and the socketpair is reachable by nobody else. The
-main process's first frame is the config, and a reload sends the new one the same way, so
-every process runs the config the main process validated.
+Frames on the socketpair are an 8-byte header (metadata length, data length) then a pickle
+of the metadata, then the data bytes (sent without re-encoding). Pickle is safe here: both
+ends are this program, and the socketpair is reachable by nobody else. The main process's
+first frame is the config, and a reload sends the new one the same way, so every process
+runs the config the main process validated. A message goes as :class:`BodyPiece` frames of
+at most 256 KB, the acceptor waiting for the socket to drain after each, then one frame
+with the message without its body: the main process keeps the pieces as they come and the
+spool writes them as pieces, so a 10 MB message is never a second whole copy on either
+side (nor in a socket buffer), and every frame is written at once, so frames of other
+sessions and control frames may come between the pieces of one message.
 
 Acceptors keep their own Prometheus counters, which the main process's ``/metrics`` does not
 include: with ``server.processes`` above 1 it shows delivery, spool and queue metrics only.
@@ -61,7 +66,8 @@ from relay.tls import ServerTLS, server_context
 
 log = logging.getLogger("relay.workers")
 
-_HEADER = struct.Struct("!II")  # metadata length, body length
+_HEADER = struct.Struct("!II")  # metadata length, data length
+_PIECE = 256 * 1024  # the most of a body one frame carries
 _RESTART_DELAY = 1.0  # seconds before an acceptor that died is started again
 _READY = "ready"  # an acceptor's first frame: its listeners are serving
 
@@ -75,19 +81,37 @@ def acceptor_count(config: Config) -> int:
 # -- frames ------------------------------------------------------------------------------------
 
 
-def write_frame(writer: asyncio.StreamWriter, meta: object, body: bytes = b"") -> None:
+@dataclasses.dataclass(frozen=True)
+class BodyPiece:
+    """Frame metadata: the frame's data is the next piece of the body of message ``sequence``."""
+
+    sequence: int
+
+
+def write_frame(writer: asyncio.StreamWriter, meta: object, data: bytes | memoryview = b"") -> None:
+    """One whole frame, written at once (never interleaved with another); ``data`` at most a piece."""
     encoded = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
-    writer.write(_HEADER.pack(len(encoded), len(body)) + encoded)
-    if body:
-        writer.write(body)
+    writer.write(_HEADER.pack(len(encoded), len(data)) + encoded)
+    if data:
+        writer.write(data)
+
+
+async def write_message(writer: asyncio.StreamWriter, sequence: int, message: NewMessage) -> None:
+    """A message's body as piece frames, draining after each, then the message without its body."""
+    for piece in message.pieces:
+        view = memoryview(piece)
+        for start in range(0, len(view), _PIECE):
+            write_frame(writer, BodyPiece(sequence), view[start:start + _PIECE])
+            await writer.drain()
+    write_frame(writer, (sequence, dataclasses.replace(message, body=())))
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[object, bytes]:
     """The next frame; ``asyncio.IncompleteReadError`` when the other side is gone."""
-    meta_length, body_length = _HEADER.unpack(await reader.readexactly(_HEADER.size))
+    meta_length, data_length = _HEADER.unpack(await reader.readexactly(_HEADER.size))
     meta = pickle.loads(await reader.readexactly(meta_length))
-    body = await reader.readexactly(body_length) if body_length else b""
-    return meta, body
+    data = await reader.readexactly(data_length) if data_length else b""
+    return meta, data
 
 
 # -- the acceptor's side ------------------------------------------------------------------------
@@ -118,7 +142,12 @@ class SpoolClient:
         self._sequence += 1
         future = asyncio.get_running_loop().create_future()
         self._waiting[self._sequence] = future
-        write_frame(self._writer, (self._sequence, dataclasses.replace(message, body=b"")), message.body)
+        try:
+            # Shielded: a session cancelled mid-body must not leave the main process a partial one.
+            await asyncio.shield(write_message(self._writer, self._sequence, message))
+        except ConnectionError as error:
+            self._waiting.pop(self._sequence, None)
+            raise SpoolUnreachable(f"main process gone: {error}") from None
         await future
 
     async def _read_replies(self) -> None:
@@ -347,12 +376,18 @@ class AcceptorPool:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Store every message an acceptor sends, each in its own task (they share group commits)."""
         pending: set[asyncio.Task] = set()
+        bodies: dict[int, list[bytes]] = {}  # by sequence: the pieces received so far
         try:
             while True:
                 try:
-                    (sequence, message), body = await read_frame(reader)
+                    frame, data = await read_frame(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
+                if isinstance(frame, BodyPiece):
+                    bodies.setdefault(frame.sequence, []).append(data)
+                    continue
+                sequence, message = frame
+                body = tuple(bodies.pop(sequence, ()))
                 task = asyncio.create_task(self._store(writer, sequence, dataclasses.replace(message, body=body)))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -374,4 +409,7 @@ class AcceptorPool:
 
 
 if __name__ == "__main__":
-    acceptor_main()
+    # Run as relay.workers, not as __main__, so the frame classes it pickles name their module.
+    from relay.workers import acceptor_main as run_from_module
+
+    run_from_module()

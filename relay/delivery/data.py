@@ -1,54 +1,72 @@
-"""The upstream DATA: the message written dot-stuffed, in chunks, without copying it whole.
+"""The upstream DATA: the message written dot-stuffed, piece by piece, as it is read from the spool.
 
-aiosmtplib's ``data()`` runs two regular expressions over the whole message (line endings,
-then dot-stuffing), appends the final dot (each a full copy) and writes the result at once,
-so the transport buffers most of it (one more). A 10 MB message cost four copies and most
-of its delivery time there. Spooled bodies are already CRLF-normalised, so here the body
-is cut into chunks at line ends, each chunk is passed on as a slice of the body unless a
-line in it starts with a dot (then that chunk alone is copied, stuffed), and the writer
-waits for the transport to drain between chunks. aiosmtplib still holds the conversation:
-its command lock, its reply parser and its exceptions.
+aiosmtplib's ``data()`` takes the whole message, runs two regular expressions over it (line
+endings, then dot-stuffing), appends the final dot (each a full copy) and writes the result
+at once, so the transport buffers most of it (one more): four copies of a 10 MB message.
+Here the message arrives in pieces (the header, then chunks of the spooled blob): each is
+passed on as it is unless a line in it starts with a dot (then that piece alone is copied,
+stuffed), and the writer waits for the transport to drain before asking for the next, so
+only a chunk or two is ever in memory. aiosmtplib still holds the conversation: its command
+lock, its reply parser and its exceptions.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import AsyncIterable
 
 import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
 from relay.rewrite import normalise_line_endings
 
-CHUNK = 256 * 1024
+Piece = bytes | bytearray
 
 
-def dot_stuffed(body: bytes | bytearray, chunk: int = CHUNK) -> Iterator[bytes | memoryview]:
-    """The DATA bytes for ``body``, ending with ``.\\r\\n``: exactly what aiosmtplib would send.
+class DotStuffer:
+    """The DATA bytes for a message given in pieces: exactly what aiosmtplib would send for it whole.
 
-    Bare CR and LF become CRLF first (a no-op, only counted, for spooled bodies), so a
-    ``\\n.\\n`` can never end the upstream DATA early; every line starting with a dot gets
-    a second one; a body not ending in CRLF gets one before the final dot.
+    Bare CR and LF become CRLF (a no-op, only counted, for spooled bodies), so a ``\\n.\\n``
+    can never end the upstream DATA early; every line starting with a dot gets a second one;
+    a message not ending in CRLF gets one before the final dot. What straddles two pieces is
+    settled as if they were one: a CR ending a piece is held back until the next shows
+    whether an LF follows, and a piece after a line end that starts with a dot is stuffed.
     """
-    body = normalise_line_endings(body)
-    view = memoryview(body)
-    start = 0
-    while start < len(body):
-        newline = body.find(b"\n", min(start + chunk, len(body)) - 1)
-        end = len(body) if newline < 0 else newline + 1  # every chunk starts a line
-        if body.startswith(b".", start) or body.find(b"\r\n.", start, end) >= 0:
-            stuffed = view[start:end].tobytes().replace(b"\r\n.", b"\r\n..")
-            yield b"." + stuffed if stuffed.startswith(b".") else stuffed
-        else:
-            yield view[start:end]
-        start = end
-    if not body.endswith(b"\r\n"):
-        yield b"\r\n"
-    yield b".\r\n"
+
+    def __init__(self) -> None:
+        self._held = b""  # a CR that ended the last piece
+        self._line_start = True  # the next byte starts a line (DATA starts with one) ...
+        self._ends_crlf = False  # ... but an empty message still needs its CRLF before the dot
+
+    def feed(self, piece: Piece) -> list[Piece]:
+        if self._held:
+            piece, self._held = self._held + piece, b""
+        if piece.endswith(b"\r"):
+            piece, self._held = piece[:-1], b"\r"
+        return self._stuffed(normalise_line_endings(piece)) if piece else []
+
+    def end(self) -> list[Piece]:
+        """The last bytes: a held CR (a line end of its own), the final CRLF if missing, the dot."""
+        tail = self._stuffed(normalise_line_endings(self._held)) if self._held else []
+        self._held = b""
+        if not self._ends_crlf:
+            tail.append(b"\r\n")
+        return [*tail, b".\r\n"]
+
+    def _stuffed(self, piece: Piece) -> list[Piece]:
+        leading = self._line_start and piece.startswith(b".")
+        self._line_start = self._ends_crlf = piece.endswith(b"\n")
+        if not leading and b"\n." not in piece:
+            return [piece]
+        stuffed = piece.replace(b"\n.", b"\n..")  # after normalising, every LF ends a CRLF
+        return [b"." + stuffed if leading else stuffed]
 
 
-async def send_data(client: aiosmtplib.SMTP, body: bytes | bytearray, timeout: float | None) -> SMTPResponse:
-    """DATA, the body, the final dot; the final reply. Raises aiosmtplib's exceptions as ``data()`` does.
+async def send_data(client: aiosmtplib.SMTP, pieces: AsyncIterable[Piece], timeout: float | None) -> SMTPResponse:
+    """DATA, the message, the final dot; the final reply. Raises aiosmtplib's exceptions as ``data()`` does.
+
+    An exception from ``pieces`` (the message deleted from the spool while it was sent) closes
+    the connection before the final dot, so the upstream discards what it got, and propagates.
 
     Uses aiosmtplib's protocol internals (the command lock, the "reply expected" flag and
     the flow-control wait), hence its upper bound in pyproject.toml; every e2e delivery
@@ -57,6 +75,7 @@ async def send_data(client: aiosmtplib.SMTP, body: bytes | bytearray, timeout: f
     protocol = client.protocol
     if protocol is None or protocol._command_lock is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    stuffer = DotStuffer()
     try:
         async with protocol._command_lock:
             protocol._response_pending = True
@@ -65,12 +84,16 @@ async def send_data(client: aiosmtplib.SMTP, body: bytes | bytearray, timeout: f
             if start.code != 354:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
             protocol._response_pending = True  # an early refusal mid-DATA is kept, not dropped
-            for piece in dot_stuffed(body):
-                protocol.write(piece)
-                await _drained(protocol, timeout)
+            async for piece in pieces:
+                for out in stuffer.feed(piece):
+                    protocol.write(out)
+                    await _drained(protocol, timeout)
+            for out in stuffer.end():
+                protocol.write(out)
             reply = await protocol.read_response(timeout=timeout)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
-        client.close()
+    except BaseException as error:
+        if not isinstance(error, aiosmtplib.SMTPDataError):  # no final dot was sent: the upstream must drop it
+            client.close()
         raise
     if reply.code != 250:
         raise aiosmtplib.SMTPDataError(reply.code, reply.message)

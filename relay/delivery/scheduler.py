@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from relay import metrics
@@ -24,7 +24,7 @@ from relay.delivery.throttle import AccountThrottle
 from relay.delivery.transport import AccountPool, Key, TLSContexts, Transaction, open_connection
 from relay.health import UpstreamHealth, attempt_failed
 from relay.logs import event
-from relay.rewrite import header_block
+from relay.rewrite import header_block, header_length
 from relay.routing import tls_policy
 from relay.spool import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, new_queue_id
 from relay.spool.sqlite import SqliteSpool
@@ -159,8 +159,8 @@ class Scheduler:
         ]
         queued = QueuedMessage(
             message.id, message.received_at, message.user, message.listener, message.client,
-            message.account, message.channel, message.sender, len(message.body), message.label,
-            message.mail_from, recipients,
+            message.account, message.channel, message.sender, message.size, message.label,
+            message.mail_from, message.eight_bit, recipients,
         )
         self._enqueue(queued)
 
@@ -219,9 +219,14 @@ class Scheduler:
                 self._finished_during_poll.add(message.id)
 
     async def _deliver(self, message: QueuedMessage, pool: AccountPool) -> None:
-        body = await self._spool.body(message.id)
-        if body is None:  # deleted with `queue delete`, or already final
+        """Each transaction streams the message from the spool in chunks; only its header
+        section (which X-SMTPAPI splitting rewrites and a DSN quotes) is read whole."""
+        start = await self._spool.start(message.id)
+        if start is None:  # deleted with `queue delete`, or already final
             return
+        first, size = start
+        head_size = header_length(first) or len(first)
+        head, rest = first[:head_size], first[head_size:]
         config = self._config()
         policy = RetryPolicy(tuple(config.spool.retry), config.spool.retry_jitter, config.spool.max_lifetime)
         per_transaction = config.upstream.max_recipients_per_transaction
@@ -231,13 +236,17 @@ class Scheduler:
             addresses = [recipient.address for recipient in chunk]
             probe = await throttle.acquire()  # waits while SendCloud has asked the account to slow down
             started = time.monotonic()
-            data = for_transaction(body, addresses)  # X-SMTPAPI "to" may name only these recipients
+            sent_head = for_transaction(head, addresses)  # X-SMTPAPI "to" may name only these recipients
+            text = self._text(message.id, sent_head, rest, len(first), size)
             throttled = False
             try:
                 connection = await pool.acquire(key)
                 try:
                     with metrics.UPSTREAM_IN_USE.labels(message.account).track_inprogress():
-                        result = await connection.send(Transaction(message.id, message.upstream_sender, addresses, data))
+                        result = await connection.send(Transaction(
+                            message.id, message.upstream_sender, addresses,
+                            size - head_size + len(sent_head), message.eight_bit, text,
+                        ))
                 finally:
                     pool.release(connection)
                 throttled = any(is_account_throttle(reply) for reply in result.replies)
@@ -264,13 +273,21 @@ class Scheduler:
                     "status": _status_word(update.state),
                 }, update.last_reply)
             log.debug("%s: transaction of %d took %.3fs", message.id, len(chunk), time.monotonic() - started)
-        bounces = self._bounces(message, updates, body, config)
+        bounces = self._bounces(message, updates, head, config)
         await self._spool.record(updates, bounces)
         for bounce in bounces:
             log.info("%s: sender non-delivery notification: %s", message.id, bounce.id)
             self.submit(bounce)
 
-    def _bounces(self, message: QueuedMessage, updates: list[RecipientUpdate], body: bytes, config: Config) -> list[NewMessage]:
+    async def _text(self, message_id: str, head: bytes, rest: bytes, offset: int, size: int) -> AsyncIterator[bytes]:
+        """The message for one transaction: its header section, then the body as spooled."""
+        yield head
+        if rest:
+            yield rest
+        async for chunk in self._spool.chunks(message_id, offset, size):
+            yield chunk
+
+    def _bounces(self, message: QueuedMessage, updates: list[RecipientUpdate], head: bytes, config: Config) -> list[NewMessage]:
         addresses = {recipient.idx: recipient.address for recipient in message.recipients}
         failed = [
             FailedRecipient(addresses[update.idx], update.last_reply) for update in updates if update.state is State.FAILED
@@ -283,7 +300,7 @@ class Scheduler:
             queue_id=message.id,
             original_sender=message.sender,
             recipients=failed,
-            original_headers=header_block(body),
+            original_headers=header_block(head),
             reporting_mta=config.server.hostname,
             from_domain=account.domain if account else config.server.hostname,
             arrival=message.received_at,

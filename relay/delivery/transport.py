@@ -17,7 +17,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from relay.config import Account, TLSPolicy, Upstream
 from relay.delivery.data import send_data
 from relay.delivery.retry import Reply
 from relay.delivery.sendcloud import queued_message_id
+from relay.spool.sqlite import BodyGone
 
 log = logging.getLogger("relay.delivery")
 
@@ -54,7 +55,9 @@ class Transaction:
     queue_id: str
     sender: str
     recipients: list[str]
-    body: bytes | bytearray  # as the spool reads it
+    size: int
+    eight_bit: bool  # found when the message was spooled: BODY=8BITMIME
+    text: AsyncIterator[bytes]  # the message, read from the spool piece by piece as it is sent
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class Connection:
             await self.close()
             return self._all(transaction, Reply(None, f"connect to {self.relay}: {_describe(error)}"))
         options = []
-        if not transaction.body.isascii():
+        if transaction.eight_bit:
             if not client.supports_extension("8BITMIME"):
                 return self._all(transaction, Reply(554, f"5.6.3 {self.relay} does not offer 8BITMIME for this 8-bit message"))
             options.append("BODY=8BITMIME")
@@ -101,6 +104,9 @@ class Connection:
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
             await self.close()
             return self._all(transaction, Reply(None, f"lost connection with {self.relay}: {_describe(error)}"))
+        except BodyGone:  # `queue delete` during DATA: the connection was closed before the final dot
+            await self.close()
+            return self._all(transaction, Reply(None, "message deleted from the queue while it was sent; not delivered"))
         finally:
             self._last_used = time.monotonic()
         if any(reply.code == 421 for reply in replies):
@@ -181,7 +187,7 @@ async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: 
     the server is gone: the recipients not yet answered get that 421.
     """
     if client.supports_extension("size"):
-        options = [f"SIZE={len(transaction.body)}", *options]
+        options = [f"SIZE={transaction.size}", *options]
     await client.mail(transaction.sender, options=options)
     refused: dict[str, Reply] = {}
     for address in transaction.recipients:
@@ -196,7 +202,7 @@ async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: 
         await _reset(client)
         return [refused[address] for address in transaction.recipients], None
     try:
-        response = await send_data(client, transaction.body, client.timeout)
+        response = await send_data(client, transaction.text, client.timeout)
         data_reply = Reply(response.code, response.message)
     except aiosmtplib.SMTPResponseException as error:
         data_reply = Reply(error.code, error.message)
@@ -230,14 +236,6 @@ class CaptureConnection:
         self.relay = f"capture[{upstream.path}]"
 
     async def send(self, transaction: Transaction) -> Result:
-        try:
-            name = await asyncio.to_thread(self._write, transaction)
-        except OSError as error:
-            return Result([Reply(None, f"capture to {self._folder}: {error.strerror}")] * len(transaction.recipients), None, self.relay)
-        return Result([Reply(250, f"2.0.0 Ok: captured as {name}")] * len(transaction.recipients), None, self.relay)
-
-    def _write(self, transaction: Transaction) -> str:
-        self._folder.mkdir(parents=True, exist_ok=True)
         name = f"{transaction.queue_id}-{time.time_ns()}"
         envelope = {
             "queue_id": transaction.queue_id,
@@ -246,21 +244,44 @@ class CaptureConnection:
             "mail_from": transaction.sender,
             "rcpt_to": transaction.recipients,
         }
-        _write_durably(self._folder / f"{name}.eml", transaction.body)
-        _write_durably(self._folder / f"{name}.json", json.dumps(envelope, indent=2).encode())
-        return f"{name}.eml"
+        try:
+            await asyncio.to_thread(self._folder.mkdir, parents=True, exist_ok=True)
+            await _write_durably(self._folder / f"{name}.eml", transaction.text)
+            await _write_durably(self._folder / f"{name}.json", _once(json.dumps(envelope, indent=2).encode()))
+        except OSError as error:
+            return Result([Reply(None, f"capture to {self._folder}: {error.strerror}")] * len(transaction.recipients), None, self.relay)
+        except BodyGone:
+            return Result([Reply(None, "message deleted from the queue while it was captured")] * len(transaction.recipients), None, self.relay)
+        return Result([Reply(250, f"2.0.0 Ok: captured as {name}.eml")] * len(transaction.recipients), None, self.relay)
 
     async def close(self) -> None:
         return None
 
 
-def _write_durably(path: Path, data: bytes) -> None:
+async def _write_durably(path: Path, pieces: AsyncIterator[bytes]) -> None:
+    """Write the pieces to a temporary file in a thread each, fsync it, then move it in place."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    out = await asyncio.to_thread(open, tmp, "wb")
+    try:
+        try:
+            async for piece in pieces:
+                await asyncio.to_thread(out.write, piece)
+            await asyncio.to_thread(_sync, out)
+        finally:
+            await asyncio.to_thread(out.close)
+    except BaseException:
+        await asyncio.to_thread(tmp.unlink, missing_ok=True)
+        raise
+    await asyncio.to_thread(os.replace, tmp, path)
+
+
+def _sync(out) -> None:
+    out.flush()
+    os.fsync(out.fileno())
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def _describe(error: BaseException) -> str:

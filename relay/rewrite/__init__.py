@@ -39,12 +39,18 @@ def normalise_line_endings(data: bytes) -> bytes:
     return _LONE_CR_OR_LF.sub(b"\r\n", data)
 
 
+def header_length(data: bytes) -> int | None:
+    """How many bytes the header section and the empty line ending it take; None if ``data`` stops before."""
+    if data.startswith(b"\r\n"):
+        return 2
+    end = data.find(b"\r\n\r\n")
+    return None if end < 0 else end + 4
+
+
 def header_block(data: bytes) -> bytes:
     """The header section of a message (up to the first empty line)."""
-    if data.startswith(b"\r\n"):
-        return b""
-    end = data.find(b"\r\n\r\n")
-    return data if end < 0 else data[: end + 2]
+    length = header_length(data)
+    return data if length is None else data[: length - 2]
 
 
 def header_reader(data: bytes) -> Callable[[str], str | None]:
@@ -63,7 +69,7 @@ def header_reader(data: bytes) -> Callable[[str], str | None]:
 
 @dataclass(frozen=True)
 class Rewritten:
-    body: bytes
+    pieces: tuple[bytes, memoryview]  # the new header section, then a view of the body as received
     mail_from: str  # the upstream envelope sender the sender mode chose
     from_domain: str | None  # the header From's domain after rewriting: the DKIM signing domain
 
@@ -98,4 +104,4 @@ def rewrite_message(
     from_field = message.first("From")
     addresses = from_field.parsed().addresses if from_field is not None else ()
     from_domain = addresses[0].domain if len(addresses) == 1 and addresses[0].domain else None
-    return Rewritten(message.bytes(), mail_from, from_domain)
+    return Rewritten(message.pieces(), mail_from, from_domain)

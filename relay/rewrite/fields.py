@@ -80,7 +80,7 @@ class Message:
             self.fields[-1].raw += b"\r\n"
         # A body that did not start with an empty line gets one, so it stays the body.
         self._separator = b"" if data.startswith(b"\r\n", position) or position == len(data) else b"\r\n"
-        self._body = memoryview(data)[position:]  # a view: the body is copied once, by bytes()
+        self._body = memoryview(data)[position:]  # a view: the body is never copied here
 
     def all(self, name: str) -> list[Field]:
         key = name.lower()
@@ -97,6 +97,11 @@ class Message:
     def replace(self, old: Field, new: Field) -> None:
         self.fields[self.fields.index(old)] = new
 
+    def pieces(self) -> tuple[bytes, memoryview]:
+        """The edited header section (with the separator), and a view of the body as received:
+        the spool writes them one after the other, so a large body is never copied."""
+        return b"".join([*(field.raw for field in self.fields), self._separator]), self._body
+
     def bytes(self) -> bytes:
-        """The message with its edited header: the one copy of the body made on the way to the spool."""
-        return b"".join([*(field.raw for field in self.fields), self._separator, self._body])
+        """The message with its edited header, joined (a copy: for header-sized texts)."""
+        return b"".join(self.pieces())

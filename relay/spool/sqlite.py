@@ -19,11 +19,12 @@ import concurrent.futures
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from relay.spool import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State
+from relay.rewrite import header_length
+from relay.spool import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, is_eight_bit
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -53,12 +54,21 @@ CREATE INDEX IF NOT EXISTS recipients_pending
     ON recipients (next_attempt) WHERE state IN ('queued', 'deferred');
 """
 
-# Columns added after the first release: added to an existing spool.db when it is opened.
-_ADDED_COLUMNS = {"label": "INTEGER", "mail_from": "TEXT"}
+# Columns added after the first release: added to an existing spool.db when it is opened,
+# with the value for the rows already there (SQL over the row; None: the column's default).
+_ADDED_COLUMNS = {
+    "label": ("INTEGER", None),
+    "mail_from": ("TEXT", None),
+    "eight_bit": ("INTEGER NOT NULL DEFAULT 0", "has_eight_bit(body)"),
+}
 
 _BLOB_CHUNK = 256 * 1024  # bodies are written and read in pieces of this size
 _PENDING = (State.QUEUED.value, State.DEFERRED.value)
-_MESSAGE_COLUMNS = "id, received_at, user, listener, client, account, channel, sender, size, label, mail_from"
+_MESSAGE_COLUMNS = "id, received_at, user, listener, client, account, channel, sender, size, label, mail_from, eight_bit"
+
+
+class BodyGone(Exception):
+    """The message was deleted (``queue delete``) while its body was being read."""
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -71,14 +81,25 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=10000")
     conn.executescript(_SCHEMA)
     present = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
-    for column, kind in _ADDED_COLUMNS.items():
+    for column, (kind, existing) in _ADDED_COLUMNS.items():
         if column not in present:
-            try:
-                conn.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
-            except sqlite3.OperationalError as error:  # another process added it meanwhile
-                if "duplicate column" not in str(error):
-                    raise
+            _add_column(conn, column, kind, existing)
     return conn
+
+
+def _add_column(conn: sqlite3.Connection, column: str, kind: str, existing: str | None) -> None:
+    """Add a column and fill it for the rows already there, in one transaction."""
+    conn.create_function("has_eight_bit", 1, lambda body: body is not None and is_eight_bit((body,)))
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"ALTER TABLE messages ADD COLUMN {column} {kind}")
+        if existing is not None:
+            conn.execute(f"UPDATE messages SET {column} = {existing} WHERE body IS NOT NULL")
+        conn.execute("COMMIT")
+    except sqlite3.OperationalError as error:  # another process added it meanwhile
+        conn.execute("ROLLBACK")
+        if "duplicate column" not in str(error):
+            raise
 
 
 class SpoolStore:
@@ -90,21 +111,24 @@ class SpoolStore:
     # -- writes ---------------------------------------------------------------------------
 
     def insert(self, message: NewMessage) -> None:
-        """The body goes in as a zeroblob written in chunks: bound as a parameter, SQLite
-        would copy it whole twice (the bound value, then the record it builds)."""
-        body = memoryview(message.body)
+        """The body goes in as a zeroblob written piece after piece, in chunks: bound as a
+        parameter, it would have to be one object, and SQLite would copy it whole twice (the
+        bound value, then the record it builds)."""
+        size = message.size
         cursor = self.conn.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,zeroblob(?))",
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,zeroblob(?))",
             (
                 message.id, message.received_at, message.user, message.listener, message.client,
-                message.account, message.channel, message.sender, len(body),
-                message.label, message.mail_from, len(body),
+                message.account, message.channel, message.sender, size,
+                message.label, message.mail_from, message.eight_bit, size,
             ),
         )
-        if len(body):
+        if size:
             with self.conn.blobopen("messages", "body", cursor.lastrowid) as blob:
-                for start in range(0, len(body), _BLOB_CHUNK):
-                    blob.write(body[start:start + _BLOB_CHUNK])
+                for piece in message.pieces:
+                    view = memoryview(piece)
+                    for start in range(0, len(view), _BLOB_CHUNK):
+                        blob.write(view[start:start + _BLOB_CHUNK])
         self.conn.executemany(
             "INSERT INTO recipients (message_id, idx, address, state, next_attempt) VALUES (?,?,?,?,?)",
             [
@@ -176,19 +200,27 @@ class SpoolStore:
             recipients.setdefault(row[0], []).append(_recipient(row))
         return self._messages(recipients)
 
-    def body(self, message_id: str) -> bytearray | None:
-        """Read in chunks into one buffer: a plain SELECT holds the body twice (SQLite's, Python's)."""
+    def read(self, message_id: str, offset: int, through_header: bool = False) -> tuple[bytes, int] | None:
+        """A chunk of a body from ``offset``, and the body's size; None if the message is gone or final.
+
+        With ``through_header``, as many chunks as it takes to reach the end of the header
+        section. Each call is one short read transaction that finds the row by its id again,
+        so a message deleted between two calls is seen as gone, never read as another row
+        (rowids are reused), and no snapshot is held open while the chunk is sent upstream.
+        """
         self.conn.execute("BEGIN")  # one snapshot: the row found is the row read
         try:
             row = self.conn.execute("SELECT rowid, length(body) FROM messages WHERE id=?", (message_id,)).fetchone()
             if row is None or row[1] is None:
                 return None
-            body = bytearray(row[1])
-            if body:
-                with self.conn.blobopen("messages", "body", row[0], readonly=True) as blob:
-                    for start in range(0, len(body), _BLOB_CHUNK):
-                        body[start:start + _BLOB_CHUNK] = blob.read(_BLOB_CHUNK)
-            return body
+            if offset >= row[1]:
+                return b"", row[1]
+            with self.conn.blobopen("messages", "body", row[0], readonly=True) as blob:
+                blob.seek(offset)
+                data = blob.read(_BLOB_CHUNK)
+                while through_header and header_length(data) is None and offset + len(data) < row[1]:
+                    data += blob.read(_BLOB_CHUNK)
+            return data, row[1]
         finally:
             self.conn.execute("COMMIT")
 
@@ -301,8 +333,19 @@ class SqliteSpool:
     async def due(self, now: float, limit: int) -> list[QueuedMessage]:
         return await self._read(self._store().due, now, limit)
 
-    async def body(self, message_id: str) -> bytearray | None:
-        return await self._read(self._store().body, message_id)
+    async def start(self, message_id: str) -> tuple[bytes, int] | None:
+        """The first bytes of a body, through the end of its header section, and its size;
+        None if the message is gone or final."""
+        return await self._read(self._store().read, message_id, 0, True)
+
+    async def chunks(self, message_id: str, offset: int, size: int) -> AsyncIterator[bytes]:
+        """The body of ``size`` bytes from ``offset`` on, a chunk per read; BodyGone if it is deleted meanwhile."""
+        while offset < size:
+            read = await self._read(self._store().read, message_id, offset)
+            if read is None or read[1] != size:
+                raise BodyGone(message_id)
+            yield read[0]
+            offset += len(read[0])
 
     async def counts(self) -> dict[str, int]:
         return await self._read(self._store().counts)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import sqlite3
 
 import pytest
 
 from relay.spool import NewMessage, RecipientUpdate, State, new_queue_id
-from relay.spool.sqlite import SqliteSpool, open_store
+from relay.spool.sqlite import BodyGone, SqliteSpool, open_store
 
 RECEIVED = 1_700_000_000.0
 _ids = itertools.count()
@@ -26,6 +27,24 @@ def new_message(message_id: str | None = None, recipients=("a@example.org", "b@e
 def update(message_id: str, idx: int, state: State, next_attempt: float = RECEIVED, attempts: int = 1,
            reply: str = "250 ok", email_id: str | None = None) -> RecipientUpdate:
     return RecipientUpdate(message_id, idx, state, attempts, next_attempt, reply, email_id)
+
+
+async def spooled(spool: SqliteSpool, message_id: str) -> bytes | None:
+    """The whole body as delivery reads it: through the header section, then chunk by chunk."""
+    start = await spool.start(message_id)
+    if start is None:
+        return None
+    first, size = start
+    return first + b"".join([chunk async for chunk in spool.chunks(message_id, len(first), size)])
+
+
+def read_body(store, message_id: str) -> bytes | None:
+    """The same through a synchronous store (as the CLI's connection)."""
+    data, offset = b"", 0
+    while (read := store.read(message_id, offset)) is not None and offset < read[1]:
+        data += read[0]
+        offset += len(read[0])
+    return None if read is None else data
 
 
 @pytest.fixture
@@ -64,7 +83,7 @@ async def test_stored_message_is_due_with_all_recipients(spool):
         (0, "a@example.org", State.QUEUED, 0),
         (1, "b@example.org", State.QUEUED, 0),
     ]
-    assert await spool.body(message.id) == message.body
+    assert await spooled(spool, message.id) == message.body
 
 
 async def test_message_is_not_due_before_it_arrived(spool):
@@ -74,22 +93,80 @@ async def test_message_is_not_due_before_it_arrived(spool):
 
 async def test_null_sender_and_binary_body_survive(spool):
     message = new_message(sender="")
-    message = NewMessage(**{**message.__dict__, "body": message.body + bytes(range(256))})
+    message = dataclasses.replace(message, body=message.body + bytes(range(256)))
     await spool.store(message)
-    assert await spool.body(message.id) == message.body
+    assert await spooled(spool, message.id) == message.body
     assert (await spool.due(RECEIVED, 10))[0].sender == ""
 
 
 @pytest.mark.parametrize("size", [0, 1, 256 * 1024, 256 * 1024 + 1, 3 * 256 * 1024 + 7])
 async def test_body_written_and_read_in_pieces_round_trips(spool, size):
     body = bytes(index % 251 for index in range(size))  # no chunk looks like its neighbour
-    message = NewMessage(**{**new_message().__dict__, "body": body})
+    message = dataclasses.replace(new_message(), body=body)
     await spool.store(message)
-    assert await spool.body(message.id) == body
+    assert await spooled(spool, message.id) == body
+
+
+async def test_body_given_in_pieces_is_stored_as_one_text_with_its_8bit_flag(spool, path):
+    """The listener spools the new header and a view of the received body without joining them."""
+    received = bytearray(b"Subject: old\r\n\r\n" + "Grüße\r\n".encode() * 100_000)
+    pieces = (b"Received: x\r\nSubject: new\r\n\r\n", memoryview(received)[len(b"Subject: old\r\n\r\n"):])
+    message = dataclasses.replace(new_message(), body=pieces)
+    ascii_message = new_message()
+    await spool.store(message)
+    await spool.store(ascii_message)
+    assert await spooled(spool, message.id) == b"".join(pieces)
+    assert [(m.id, m.size, m.eight_bit) for m in await spool.due(RECEIVED, 10)] == sorted([
+        (message.id, len(b"".join(pieces)), True), (ascii_message.id, ascii_message.size, False),
+    ])
+
+
+async def test_start_reads_through_a_header_longer_than_a_chunk(spool):
+    header = b"".join(b"X-Long-%d: %s\r\n" % (n, b"v" * 1000) for n in range(400))  # ~400 KB
+    message = dataclasses.replace(new_message(), body=header + b"\r\n" + b"body\r\n" * 100_000)
+    await spool.store(message)
+    first, size = await spool.start(message.id)
+    assert first.startswith(header + b"\r\n") and len(first) < size == message.size
+
+
+async def test_chunks_stop_with_body_gone_when_the_message_is_deleted_meanwhile(spool, store):
+    """`queue delete` during a delivery: the next chunk read says so, never reads another row."""
+    message = dataclasses.replace(new_message(), body=b"Subject: s\r\n\r\n" + b"x" * (3 * 256 * 1024))
+    await spool.store(message)
+    first, size = await spool.start(message.id)
+    chunks = spool.chunks(message.id, len(first), size)
+    assert len(await anext(chunks)) == 256 * 1024
+    assert store.delete(message.id)
+    await spool.store(dataclasses.replace(new_message(), body=b"y" * size))  # may take the freed rowid
+    with pytest.raises(BodyGone):
+        await anext(chunks)
+
+
+def test_opening_an_old_spool_adds_the_8bit_column_and_fills_it(path):
+    """A spool.db from before the column: its pending messages get their flag once, when opened."""
+    path.parent.mkdir(parents=True)
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE messages (id TEXT PRIMARY KEY, received_at REAL NOT NULL, user TEXT NOT NULL, "
+        "listener TEXT NOT NULL, client TEXT NOT NULL, account TEXT NOT NULL, channel TEXT NOT NULL, "
+        "sender TEXT NOT NULL, size INTEGER NOT NULL, body BLOB, label INTEGER, mail_from TEXT);"
+    )
+    old.executemany(
+        "INSERT INTO messages VALUES (?, 0, 'u', 'l', 'c', 'a', 'ch', 's', 1, ?, NULL, NULL)",
+        [("ASCII", b"plain\r\n"), ("EIGHT", "中文\r\n".encode()), ("FINAL", None)],
+    )
+    old.commit()
+    old.close()
+    store = open_store(path)
+    try:
+        flags = dict(store.conn.execute("SELECT id, eight_bit FROM messages"))
+    finally:
+        store.conn.close()
+    assert flags == {"ASCII": 0, "EIGHT": 1, "FINAL": 0}
 
 
 async def test_body_of_unknown_message_is_none(spool):
-    assert await spool.body("NOSUCHID") is None
+    assert await spooled(spool, "NOSUCHID") is None
 
 
 # -- record ------------------------------------------------------------------------------------------
@@ -103,7 +180,7 @@ async def test_all_delivered_nulls_body_and_leaves_the_list(spool, store):
         update(message.id, 0, State.DELIVERED, email_id="mid0$a@example.org"),
         update(message.id, 1, State.DELIVERED, email_id="mid1$b@example.org"),
     ])
-    assert await spool.body(message.id) is None
+    assert await spooled(spool, message.id) is None
     assert await spool.due(RECEIVED + 10**6, 100) == []
     assert [m.id for m in store.list()] == []
     (kept,) = store.list(include_final=True)
@@ -121,7 +198,7 @@ async def test_partly_delivered_message_keeps_body_and_only_pending_recipient_is
         update(message.id, 0, State.DELIVERED),
         update(message.id, 1, State.DEFERRED, next_attempt=RECEIVED + 60, reply="451 later"),
     ])
-    assert await spool.body(message.id) == message.body
+    assert await spooled(spool, message.id) == message.body
     assert await spool.due(RECEIVED + 59, 100) == []
     (due,) = await spool.due(RECEIVED + 60, 100)
     assert [(r.idx, r.state, r.attempts, r.last_reply) for r in due.recipients] == [(1, State.DEFERRED, 1, "451 later")]
@@ -135,8 +212,8 @@ async def test_failed_update_and_dsn_are_stored_together(spool, store):
     dsn = new_message("DSN0001", recipients=("billing@acme.com",), sender="")
     await spool.record([update(message.id, 0, State.FAILED, reply="550 5.1.1 user unknown")], [dsn])
     assert store.get(message.id).recipients[0].state is State.FAILED
-    assert await spool.body(message.id) is None
-    assert await spool.body(dsn.id) == dsn.body
+    assert await spooled(spool, message.id) is None
+    assert await spooled(spool, dsn.id) == dsn.body
     assert [m.id for m in await spool.due(RECEIVED, 100)] == [dsn.id]
 
 
@@ -149,7 +226,7 @@ async def test_failed_update_is_rolled_back_when_its_dsn_cannot_be_stored(spool,
         await spool.record([update(message.id, 0, State.FAILED, reply="550 no")], [clashing_dsn])
     recipient = store.get(message.id).recipients[0]
     assert (recipient.state, recipient.attempts, recipient.last_reply) == (State.QUEUED, 0, None)
-    assert await spool.body(message.id) == message.body
+    assert await spooled(spool, message.id) == message.body
 
 
 # -- retry, flush, delete (the CLI's store) --------------------------------------------------------------
@@ -198,7 +275,7 @@ async def test_delete_removes_message_and_recipients(spool, store):
     (message_id,) = await deferred(spool)
     assert store.delete(message_id) is True
     assert store.get(message_id) is None
-    assert await spool.body(message_id) is None
+    assert await spooled(spool, message_id) is None
     assert store.counts() == {}
     assert store.delete(message_id) is False
 
@@ -216,7 +293,7 @@ async def test_concurrent_stores_share_commits_and_all_are_durable(spool, path):
     try:
         listed = fresh.list()
         assert sorted(m.id for m in listed) == sorted(m.id for m in messages)
-        assert all(fresh.body(m.id) == m.body for m in messages)
+        assert all(read_body(fresh, m.id) == m.body for m in messages)
         assert fresh.counts() == {"queued": 400}
     finally:
         fresh.conn.close()
@@ -244,7 +321,7 @@ async def test_failing_operation_fails_only_its_own_caller(spool, path, store):
     assert isinstance(results[10], sqlite3.IntegrityError)
     stored = {m.id for m in store.list()}
     assert stored == {original.id} | {m.id for i, m in enumerate(batch) if i != 10}
-    assert store.body(original.id) == original.body
+    assert read_body(store, original.id) == original.body
     assert [r.address for r in store.get(original.id).recipients] == ["a@example.org", "b@example.org"]
 
 

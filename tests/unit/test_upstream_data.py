@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
-from relay.delivery.data import dot_stuffed
+from relay.delivery.data import DotStuffer
 
 
 def aiosmtplib_data(body: bytes) -> bytes:
@@ -30,23 +32,40 @@ BODIES = {
 }
 
 
-@pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 1 << 18])
+def stuffed(pieces) -> bytes:
+    stuffer = DotStuffer()
+    return b"".join([*(out for piece in pieces for out in stuffer.feed(piece)), *stuffer.end()])
+
+
+def cut(body: bytes, size: int) -> list[bytes]:
+    return [body[start:start + size] for start in range(0, len(body), size)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 1 << 18])
 @pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
-def test_same_bytes_as_aiosmtplib_at_any_chunk_size(body, chunk):
-    assert b"".join(dot_stuffed(body, chunk)) == aiosmtplib_data(body)
-    assert b"".join(dot_stuffed(bytearray(body), chunk)) == aiosmtplib_data(body)
+def test_same_bytes_as_aiosmtplib_whatever_the_pieces(body, size):
+    assert stuffed(cut(body, size)) == aiosmtplib_data(body)
+    assert stuffed(map(bytearray, cut(body, size))) == aiosmtplib_data(body)
 
 
-def test_large_body_with_dot_lines_matches_and_stays_in_bounded_chunks():
-    line = b"An ordinary line of a large message, seventy-odd characters long....\r\n"
-    body = (line * 700 + b".a dot line\r\n" + b"..\r\n") * 100
-    pieces = list(dot_stuffed(body, 4096))
-    assert b"".join(pieces) == aiosmtplib_data(body)
-    assert max(len(piece) for piece in pieces) < 4096 + 2 * len(line)  # cut at the next line end
+@pytest.mark.parametrize("body", BODIES.values(), ids=BODIES.keys())
+def test_same_bytes_wherever_one_boundary_falls(body):
+    """Spool chunks end anywhere: inside a CRLF, between a line end and its dot, ..."""
+    for split in range(len(body) + 1):
+        assert stuffed([body[:split], body[split:]]) == aiosmtplib_data(body), split
 
 
-def test_chunks_without_a_dot_line_are_views_of_the_body_not_copies():
-    body = b"line\r\n" * 10_000
-    pieces = list(dot_stuffed(body, 1024))
-    assert all(isinstance(piece, memoryview) and piece.obj is body for piece in pieces[:-1])
-    assert pieces[-1] == b".\r\n"
+def test_random_pieces_of_dot_heavy_text_match():
+    rng = random.Random(6)
+    for _ in range(300):
+        body = bytes(rng.choice(b".\r\nab") for _ in range(rng.randrange(0, 60)))
+        cuts = sorted(rng.sample(range(len(body) + 1), min(len(body) + 1, rng.randrange(0, 6))))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+        assert stuffed(pieces) == aiosmtplib_data(body), (body, cuts)
+
+
+def test_pieces_without_a_dot_line_pass_unchanged_not_copied():
+    pieces = [b"line\r\n" * 1000, b"more\r\n" * 1000]
+    stuffer = DotStuffer()
+    assert [out for piece in pieces for out in stuffer.feed(piece)] == pieces
+    assert all(out is piece for out, piece in zip((o for p in pieces for o in DotStuffer().feed(p)), pieces))
