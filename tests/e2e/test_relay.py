@@ -7,6 +7,9 @@ import email
 import email.policy
 import smtplib
 import socket
+import threading
+
+import pytest
 
 from tests.e2e.conftest import PASSWORD, TRUSTED_SOURCE, USER
 from tests.support.mail import added_fields
@@ -275,3 +278,51 @@ def test_a_5_mb_message_arrives_byte_for_byte_dot_lines_included(make_relay, sen
     [received] = sendcloud.wait_for(1, timeout=60)
     assert received.data.endswith(b"\r\n\r\n" + body)  # the relay only adds header fields
     assert received.data.count(b"\r\n\r\n" + body) == 1
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_dot_lines_at_every_spool_chunk_boundary_arrive_byte_for_byte(make_relay, sendcloud, processes):
+    """Dot-lines of mixed lengths throughout, so every 256 KB boundary (of the acceptor's hand-off
+    pieces and of the spool reads) falls among them, at some offset within a line."""
+    relay = make_relay(max_message_size="8MiB", processes=processes)
+    body = (b".\r\n" + b"..y\r\n" + b".zz\r\n" + b"plain\r\n" + b".\r\n.\r\n") * 40_000  # 1.2 MB
+    submit_trusted(relay, ["dots@example.net"], message("dots", body="") + body)
+    [received] = sendcloud.wait_for(1, timeout=60)
+    assert received.data.endswith(b"\r\n\r\n" + body)
+    assert received.data.count(b"\r\n\r\n" + body) == 1
+
+
+def test_a_message_deleted_during_its_delivery_is_dropped_upstream_not_sent(make_relay, sendcloud, client_tls):
+    """`queue delete` while the relay is in the upstream transaction: the next chunk read finds the
+    message gone, the connection closes before the final dot, and the relay carries on."""
+    relay = make_relay(max_message_size="8MiB")
+    in_transaction, deleted = threading.Event(), threading.Event()
+
+    def hold_rcpt(address: str) -> None:  # runs in the fake's loop: the relay waits for this reply
+        if address == "deleted@example.net":
+            in_transaction.set()
+            deleted.wait(20)
+
+    sendcloud.rcpt_hook = hold_rcpt
+    queue_id = submit(relay, client_tls, ["deleted@example.net"], message("doomed") + (b"y" * 98 + b"\r\n") * 10_000)
+    assert in_transaction.wait(20)
+    assert relay.cli("queue", "delete", queue_id).returncode == 0
+    deleted.set()
+    assert wait_until(lambda: "deleted from the queue while it was sent" in relay.log(), 20), relay.log()
+    submit(relay, client_tls, ["after@example.net"], message("after"))
+    [received] = sendcloud.wait_for(1, timeout=20)
+    assert received.rcpt_tos == ["after@example.net"]  # the deleted one never arrived, the next did
+    assert queue_id not in relay.cli("queue", "list", "--all").stdout
+
+
+def test_dsn_for_a_large_message_quotes_its_header_section_only(make_relay, sendcloud, client_tls):
+    """RFC 3464 text/rfc822-headers, as Postfix past bounce_size_limit: a 2 MB message bounces small."""
+    relay = make_relay(max_message_size="8MiB")
+    sendcloud.rcpt_replies["nobody@example.net"] = "550 5.1.1 <nobody@example.net>: user unknown"
+    submit(relay, client_tls, ["nobody@example.net"], message("big bounce", body="z" * 70 + "\r\n") + (b"w" * 98 + b"\r\n") * 20_000)
+    [dsn] = sendcloud.wait_for(1, timeout=30)
+    assert dsn.mail_from == "<>" and len(dsn.data) < 10_000
+    report = email.message_from_bytes(dsn.data, policy=email.policy.default)
+    quoted = report.get_payload()[2]
+    assert quoted.get_content_type() == "text/rfc822-headers"
+    assert "Subject: big bounce" in quoted.as_string() and "zzzz" not in quoted.as_string()
