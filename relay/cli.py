@@ -19,6 +19,7 @@ from email.utils import make_msgid
 from pathlib import Path
 
 from relay import admin, logs
+from relay.allocator import return_large_blocks_to_the_os
 from relay.config import Config, ConfigError, load_admin_settings, load_config, load_demo_config, split_host_port
 
 
@@ -30,7 +31,12 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def run_event_loop(main, choice: str = "auto"):
-    """Run ``main`` on ``server.event_loop``: uvloop (``auto`` when installed) or asyncio's loop."""
+    """Run ``main`` on ``server.event_loop``: uvloop (``auto`` when installed) or asyncio's loop.
+
+    Every relay process (the server and its acceptors) starts here, so the allocator setting
+    for large messages is made here too, before any message is read.
+    """
+    return_large_blocks_to_the_os()
     if choice == "asyncio":
         return asyncio.run(main)
     try:

@@ -395,6 +395,9 @@ class SqliteSpool:
                     break
             stop = any(item is _STOP for item in batch)
             self._commit_group(store, [item for item in batch if item is not _STOP])
+            # Let go of the group's messages now, not when the next write arrives: a stored
+            # body's pieces are views of its receive buffer, which would stay alive until then.
+            del batch
             if stop:
                 store.conn.close()
                 return
