@@ -386,9 +386,10 @@ class AcceptorPool:
                 if isinstance(frame, BodyPiece):
                     bodies.setdefault(frame.sequence, []).append(data)
                     continue
-                sequence, message = frame
-                body = tuple(bodies.pop(sequence, ()))
-                task = asyncio.create_task(self._store(writer, sequence, dataclasses.replace(message, body=body)))
+                sequence, message = frame  # no local may keep the body: it would live until the next message
+                task = asyncio.create_task(
+                    self._store(writer, sequence, dataclasses.replace(message, body=tuple(bodies.pop(sequence, ()))))
+                )
                 pending.add(task)
                 task.add_done_callback(pending.discard)
         finally:
