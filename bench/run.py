@@ -75,6 +75,7 @@ class Bench:
                 "tls": "starttls" if upstream_tls else "none", "ca_file": str(self.cert),
                 "connections_per_account": 8,
             },
+            "admin": {"listen": None},  # the default port would clash with any other relay running here
             "accounts": {"sink": account},
             "users": {
                 "trusted": {"channels": {"trigger": "sink"}},
