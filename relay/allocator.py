@@ -19,7 +19,7 @@ import platform
 log = logging.getLogger("relay")
 
 M_MMAP_THRESHOLD = -3  # glibc's <malloc.h>
-LARGE_BLOCK = 1 << 18  # EXPERIMENT
+LARGE_BLOCK = 1 << 20  # bytes: blocks from this size are mmapped and given back when freed
 
 
 def return_large_blocks_to_the_os(threshold: int = LARGE_BLOCK) -> bool:
