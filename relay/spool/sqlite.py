@@ -97,7 +97,8 @@ def _add_column(conn: sqlite3.Connection, column: str, kind: str, existing: str 
             conn.execute(f"UPDATE messages SET {column} = {existing} WHERE body IS NOT NULL")
         conn.execute("COMMIT")
     except sqlite3.OperationalError as error:  # another process added it meanwhile
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         if "duplicate column" not in str(error):
             raise
 

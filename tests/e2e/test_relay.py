@@ -295,7 +295,7 @@ def test_dot_lines_at_every_spool_chunk_boundary_arrive_byte_for_byte(make_relay
 def test_a_message_deleted_during_its_delivery_is_dropped_upstream_not_sent(make_relay, sendcloud, client_tls):
     """`queue delete` while the relay is in the upstream transaction: the next chunk read finds the
     message gone, the connection closes before the final dot, and the relay carries on."""
-    relay = make_relay(max_message_size="8MiB")
+    relay = make_relay(max_message_size="8MiB", config_patch=lambda c: c["upstream"].update(timeout="60s"))
     in_transaction, deleted = threading.Event(), threading.Event()
 
     def hold_rcpt(address: str) -> None:  # runs in the fake's loop: the relay waits for this reply
