@@ -131,7 +131,7 @@ class AdminServer:
         for state in ("queued", "deferred"):
             metrics.QUEUE_RECIPIENTS.labels(state).set(by_state.get(state, 0))
         metrics.QUEUE_OLDEST_SECONDS.set(max(0.0, time.time() - oldest) if oldest else 0)
-        body = metrics.exposition()
+        body = await asyncio.to_thread(metrics.exposition)  # with acceptors: reads their files
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def queue_list(self, request: web.Request) -> web.Response:

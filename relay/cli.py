@@ -20,7 +20,16 @@ from pathlib import Path
 
 from relay import admin, logs
 from relay.allocator import return_large_blocks_to_the_os
-from relay.config import Config, ConfigError, load_admin_settings, load_config, load_demo_config, split_host_port
+from relay.config import (
+    Config,
+    ConfigError,
+    acceptor_count,
+    load_admin_settings,
+    load_config,
+    load_demo_config,
+    split_host_port,
+)
+from relay.metrics_directory import shared_metrics
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -50,13 +59,14 @@ def run_event_loop(main, choice: str = "auto"):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from relay.server import serve
-
     config = _config(args)
     logs.configure(config.logging, logs.secrets_of(config), args.verbose)
     if not args.config:
         logging.getLogger("relay").info("no -c given: running the embedded demo config (capture upstream)")
-    run_event_loop(serve(config, args.config, args.verbose), config.server.event_loop)
+    with shared_metrics(several_processes=acceptor_count(config) > 1):
+        from relay.server import serve  # imports relay.metrics: only now
+
+        run_event_loop(serve(config, args.config, args.verbose), config.server.event_loop)
     return 0
 
 

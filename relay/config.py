@@ -176,8 +176,8 @@ class Server(_Model):
     auth_lockout_duration: Duration = 900.0
     shutdown_grace: Duration = 30.0
     # SMTP acceptor processes sharing the listening sockets and one spool (relay/workers.py):
-    # 1 runs everything in one process; "auto" one per CPU (at least 2).
-    processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = 1
+    # 1 runs everything in one process; "auto" one per CPU, at least 2 and at most 8.
+    processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # auto: uvloop when installed (the `fast` extra), else asyncio's own loop.
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
@@ -430,6 +430,24 @@ _LineLoader.add_constructor(
 )
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+AUTO_PROCESSES_MAX = 8  # each acceptor costs ~40-70 MB; past this the main process is the bottleneck
+
+
+def acceptor_count(config: Config) -> int:
+    """How many acceptor processes ``server.processes`` asks for (1 means none: all in one process).
+
+    ``auto``: one per CPU this process may run on (a container's cpuset, not the host's
+    count), at least 2 so that SMTP parsing and the spool/delivery never share one loop, and
+    at most :data:`AUTO_PROCESSES_MAX`: every acceptor feeds the one main process (spool
+    writer, scheduler, delivery), which saturates long before 64 acceptors would.
+    """
+    wanted = config.server.processes
+    if wanted != "auto":
+        return wanted
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(max(2, cpus), AUTO_PROCESSES_MAX)
 
 
 def _line_of(data: Any, loc: tuple) -> tuple[int | None, str]:

@@ -17,6 +17,9 @@ class SMTPReply(Exception):
     def __str__(self) -> str:
         return f"{self.code} {self.enhanced} {self.text}"
 
+    def __reduce__(self):  # pickled between processes (relay.workers): rebuilt from its parts
+        return type(self), (self.code, self.enhanced, self.text)
+
 
 def spool_unavailable() -> SMTPReply:
     """The only answer when a message could not be made durable: never a 250."""

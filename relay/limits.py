@@ -274,15 +274,3 @@ class RecentEvents:
         self._events = {key: times for key, times in self._events.items() if times[-1] > cutoff}
         if len(self._events) >= self._max_keys:  # a flood of fresh keys: start over rather than grow
             self._events.clear()
-
-
-@dataclass
-class Anvil:
-    """The counts the SMTP side shares across sessions."""
-
-    rates: PersistentRates
-    connections: Connections
-
-    @classmethod
-    def for_spool(cls, spool_path: Path) -> Anvil:
-        return cls(PersistentRates(RateStore(spool_path)), Connections())

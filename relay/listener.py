@@ -13,6 +13,7 @@ import asyncio
 import binascii
 import functools
 import ipaddress
+import itertools
 import logging
 import re
 import socket
@@ -20,30 +21,31 @@ import ssl
 import time
 import warnings
 from base64 import b64decode
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from relay import metrics
-from relay.auth import Authenticator, AuthGuard
+from relay.anvil import LimitsUnavailable, SharedLimits
+from relay.auth import Authenticator
 from relay.config import Config, Listener
 from relay.delivery import Scheduler
 from relay.errors import SMTPReply, spool_unavailable
 from relay.logs import event
-from relay.limits import Anvil, Rate
+from relay.limits import PersistentRates, Rate
 from relay.policy import (
     auth_failed,
     auth_locked_out,
+    auth_unavailable,
     check_auth_allowed,
-    check_address_connections,
     check_rate,
     check_recipient,
     check_relay,
     check_sender,
-    check_total_connections,
     identify,
+    limits_unavailable,
     rate_budgets,
 )
 from relay.prepare import Preparer, Submission
@@ -71,13 +73,16 @@ class Services:
     spool: SqliteSpool
     scheduler: Scheduler
     authenticator: Authenticator
-    auth_guard: AuthGuard
-    anvil: Anvil
+    limits: SharedLimits  # connection counts and AUTH failures: one table per relay (relay.anvil)
+    rates: PersistentRates  # shared with other processes through the spool database
     preparer: Preparer
 
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext
 _DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+
+
+_connection_keys = itertools.count()  # this process's names for its connections in the limits
 
 
 @functools.cache
@@ -95,8 +100,9 @@ class RelaySMTP(SMTP):
       and logs and counts those refusals, which no hook sees.
     - Open connections are tracked so shutdown can say ``421`` to idle clients and wait
       for the ones in a transaction, and counted so the connection limits can refuse one
-      before aiosmtpd greets it (no hook runs that early; behind a PROXY header the
-      per-address limit waits for the real address, in ``handle_PROXY``).
+      before aiosmtpd greets it (no hook runs that early, so ``_handle_client`` asks first;
+      behind a PROXY header the per-address limit waits for the real address, in
+      ``handle_PROXY``).
     - ``client_ip`` is the real client: the TCP peer, or the address a PROXY header named.
       It lives here, not on the session, because STARTTLS makes a new session (aiosmtpd
       #287) and would fall back to the load balancer's address.
@@ -132,7 +138,7 @@ class RelaySMTP(SMTP):
         super().__init__(handler, **kwargs)
         self._connections = connections
         self.client_ip = ""
-        self.counted_address: str | None = None  # the address this connection counts against
+        self.connection_key = next(_connection_keys)
         self._admitted = False
         self._data_timeout = data_timeout
         self._session_timeout = session_timeout
@@ -171,16 +177,23 @@ class RelaySMTP(SMTP):
             super().connection_made(transport)
             return
         self.client_ip = (transport.get_extra_info("peername") or ("",))[0]
-        refusal = self.event_handler.admit(self)
-        if refusal is not None:  # never handed to aiosmtpd: it would greet with 220 first
-            transport.write(f"{refusal}\r\n".encode())
-            transport.close()
+        super().connection_made(transport)
+
+    async def _handle_client(self) -> None:
+        """The connection limits first (asked of the main process when there are acceptor
+        processes): a refused client sees its ``421`` and nothing else, never a greeting."""
+        refusal = await self.event_handler.admit(self)
+        if self.transport is None:  # the client went away meanwhile
+            return
+        if refusal is not None:
+            self.transport.write(f"{refusal}\r\n".encode())
+            self.transport.close()
             return
         self._admitted = True
-        super().connection_made(transport)
         self._connections.add(self)
-        self.event_handler.connected(transport)
+        self.event_handler.connected(self.transport)
         self._session_timer = self.loop.call_later(self._session_timeout, self._expire, "session time limit exceeded")
+        await super()._handle_client()
 
     def eof_received(self) -> bool:
         """The client closed its side: end the session here and now.
@@ -193,9 +206,7 @@ class RelaySMTP(SMTP):
         return False
 
     def connection_lost(self, error) -> None:
-        if not self._admitted:  # refused in connection_made: aiosmtpd never started
-            return
-        self.event_handler.release(self)
+        self.event_handler.release(self)  # admitted or not, or still being asked about
         if self._session_timer is not None:
             self._session_timer.cancel()
         if self in self._connections:
@@ -350,45 +361,29 @@ class ListenerHandler:
 
     # -- connection limits -------------------------------------------------------------------
 
-    def admit(self, server: RelaySMTP) -> SMTPReply | None:
+    async def admit(self, server: RelaySMTP) -> SMTPReply | None:
         """Count a new connection, or say why it may not open. Behind a PROXY header the
         per-address limit waits for the real address (``handle_PROXY``)."""
-        connections = self.services.anvil.connections
-        config = self.services.config()
         address = None if self.listener.proxy_protocol else server.client_ip
-        refusal = check_total_connections(connections.total, config.server)
+        return await self._admission(server, self.services.limits.admit(server.connection_key, address))
+
+    async def _admit_proxied(self, server: RelaySMTP) -> SMTPReply | None:
+        return await self._admission(server, self.services.limits.admit_address(server.connection_key, server.client_ip))
+
+    async def _admission(self, server: RelaySMTP, answer: Awaitable[SMTPReply | None]) -> SMTPReply | None:
+        try:
+            refusal = await answer
+        except LimitsUnavailable as error:
+            log.error("client=[%s], listener=%s: cannot check the connection limits: %s", server.client_ip, self.listener.name, error)
+            refusal = limits_unavailable()
         if refusal is not None:
-            self._connection_refused(server.client_ip, refusal)
-            return refusal
-        if address is not None:
-            refusal = self._check_address(address, config)
-            if refusal is not None:
-                return refusal
-        connections.opened(address)
-        server.counted_address = address
-        return None
-
-    def _admit_proxied(self, server: RelaySMTP) -> SMTPReply | None:
-        refusal = self._check_address(server.client_ip, self.services.config())
-        if refusal is None:
-            self.services.anvil.connections.also_from(server.client_ip)
-            server.counted_address = server.client_ip
+            metrics.rejected(self.listener.name, None, metrics.reason_for(str(refusal)))
+            event(log, "NOQUEUE", {"reject": "CONNECT", "client": server.client_ip, "listener": self.listener.name},
+                  str(refusal), logging.WARNING)
         return refusal
-
-    def _check_address(self, address: str, config: Config) -> SMTPReply | None:
-        trusted = config.user_for_address(address) is not None
-        refusal = check_address_connections(self.services.anvil.connections.by_address[address], trusted, config.server)
-        if refusal is not None:
-            self._connection_refused(address, refusal)
-        return refusal
-
-    def _connection_refused(self, address: str, refusal: SMTPReply) -> None:
-        metrics.rejected(self.listener.name, None, metrics.reason_for(str(refusal)))
-        event(log, "NOQUEUE", {"reject": "CONNECT", "client": address, "listener": self.listener.name},
-              str(refusal), logging.WARNING)
 
     def release(self, server: RelaySMTP) -> None:
-        self.services.anvil.connections.closed(server.counted_address)
+        self.services.limits.release(server.connection_key)
 
     def expired(self, server: RelaySMTP, reply: str) -> None:
         metrics.rejected(self.listener.name, None, metrics.reason_for(reply))
@@ -433,7 +428,7 @@ class ListenerHandler:
             return False
         if proxy.src_addr is not None:  # v1 UNKNOWN and v2 LOCAL (a balancer's health check) name nobody
             server.client_ip = str(proxy.src_addr)
-        refusal = self._admit_proxied(server)
+        refusal = await self._admit_proxied(server)
         if refusal is not None:
             await server.push(str(refusal))
             return False
@@ -497,19 +492,27 @@ class ListenerHandler:
         username = login.decode("utf-8", "replace")
         client = server.client_ip
         fields = {"client": client, "listener": self.listener.name, "sasl_username": username}
-        guard = self.services.auth_guard
-        locked = guard.locked_for(client, username)
+        limits = self.services.limits
+        try:
+            locked = await limits.auth_locked_for(client, username)
+        except LimitsUnavailable as error:  # a lockout elsewhere cannot be ruled out: not now
+            metrics.AUTH.labels(self.listener.name, "unavailable").inc()
+            event(log, None, fields, f"AUTH refused: cannot check the failure counts: {error}", logging.ERROR)
+            return AuthResult(success=False, handled=False, message=str(auth_unavailable()))
         if locked is not None:  # refused unheard: guesses during a lockout teach nothing
             metrics.AUTH.labels(self.listener.name, "locked_out").inc()
             event(log, None, fields, f"AUTH refused, locked out for {locked:.0f}s more", logging.WARNING)
             return AuthResult(success=False, handled=False, message=str(auth_locked_out(locked)))
         if await self.services.authenticator.check(username, password.decode("utf-8", "replace")):
-            guard.succeeded(client, username)
+            limits.auth_succeeded(client, username)
             metrics.auth(self.listener.name, True)
             event(log, None, fields, "authenticated")
             return AuthResult(success=True, auth_data=username)
         metrics.auth(self.listener.name, False)
-        delay = guard.failed(client, username)
+        try:
+            delay = await limits.auth_failed(client, username)
+        except LimitsUnavailable:
+            delay = self.services.config().server.auth_failure_delay
         event(log, None, fields, f"authentication failed, reply delayed {delay:.1f}s", logging.WARNING)
         await asyncio.sleep(delay)
         return AuthResult(success=False, handled=False, message=str(auth_failed()))
@@ -615,7 +618,7 @@ class ListenerHandler:
     # -- rate limits: checked at RCPT, charged at DATA before spooling, given back if that fails
 
     def _over_rate(self, budgets: list[tuple[str, str, Rate]], adding: int) -> SMTPReply | None:
-        counter = self.services.anvil.rates.counter
+        counter = self.services.rates.counter
         for who, key, rate in budgets:
             refusal = check_rate(who, counter.used(key, rate.period), adding, rate)
             if refusal is not None:
@@ -624,7 +627,7 @@ class ListenerHandler:
 
     def _charge(self, budgets: list[tuple[str, str, Rate]], recipients: int) -> None:
         for _, key, rate in budgets:
-            self.services.anvil.rates.counter.add(key, rate.period, recipients)
+            self.services.rates.counter.add(key, rate.period, recipients)
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug must cost the client a retry, never a 500 that reads as a permanent refusal."""

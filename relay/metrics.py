@@ -5,13 +5,44 @@ gauges that describe state rather than events (queue depth, oldest message, open
 are set by the admin endpoint just before each scrape, from the spool itself. Label values
 are configured names (users, accounts, listeners, channels) and fixed reason words, never
 addresses, so the number of series stays bounded.
+
+With acceptor processes (``server.processes`` above 1) this is prometheus-client's
+multiprocess mode: ``sendcloud-relay serve`` makes a private directory and names it in
+``PROMETHEUS_MULTIPROC_DIR`` before this module is imported (:mod:`relay.metrics_directory`); each
+process keeps its values in its own memory-mapped file there, under a stable name (``main``,
+``acceptor0``…) so an acceptor started again carries on its counters instead of leaving a
+file per process behind; ``/metrics`` in the main process merges the files. Every gauge says
+how to merge (``multiprocess_mode``): open sessions add up over the live processes, the
+gauges only the main process sets (queue, upstream, reload) take its latest value.
+``process_*`` and ``python_*`` describe the main process only.
 """
 
 from __future__ import annotations
 
+import os
 import re
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+    values,
+)
+
+from relay.metrics_directory import DIRECTORY, PROCESS_NAME
+
+_shared = os.environ.get(DIRECTORY)
+if _shared:
+    _name = os.environ.get(PROCESS_NAME) or str(os.getpid())
+    values.ValueClass = values.MultiProcessValue(lambda: _name)  # the library's hook for this (as with uWSGI)
 
 disable_created_metrics()  # no *_created series: half the output, and nothing alerts on them
 _P = "sendcloud_relay_"
@@ -45,21 +76,31 @@ UPSTREAM_SECONDS = Histogram(
     ["account"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-UPSTREAM_IN_USE = Gauge(_P + "upstream_connections_in_use", "Delivery workers in an upstream transaction now", ["account"])
+UPSTREAM_IN_USE = Gauge(
+    _P + "upstream_connections_in_use", "Delivery workers in an upstream transaction now", ["account"],
+    multiprocess_mode="livesum",
+)
 UPSTREAM_FAILING_SINCE = Gauge(
     _P + "upstream_failing_since_seconds",
     "Unix time of the first failed upstream attempt in an unbroken run of failures; 0 when the last attempt worked",
     ["account"],
+    multiprocess_mode="mostrecent",
 )
 AUTH = Counter(_P + "auth_attempts", "SMTP AUTH attempts by result", ["listener", "result"])
 TLS_SESSIONS = Counter(_P + "tls_sessions", "TLS handshakes completed (STARTTLS or implicit)", ["listener", "version"])
-SESSIONS = Gauge(_P + "smtp_sessions", "Open SMTP connections", ["listener"])
-QUEUE_MESSAGES = Gauge(_P + "queue_messages", "Messages with at least one recipient not yet final")
-QUEUE_RECIPIENTS = Gauge(_P + "queue_recipients", "Recipients waiting, by state", ["state"])
-QUEUE_OLDEST_SECONDS = Gauge(_P + "queue_oldest_message_age_seconds", "Age of the oldest message still waiting (0: queue empty)")
+SESSIONS = Gauge(_P + "smtp_sessions", "Open SMTP connections", ["listener"], multiprocess_mode="livesum")
+QUEUE_MESSAGES = Gauge(
+    _P + "queue_messages", "Messages with at least one recipient not yet final", multiprocess_mode="mostrecent"
+)
+QUEUE_RECIPIENTS = Gauge(_P + "queue_recipients", "Recipients waiting, by state", ["state"], multiprocess_mode="mostrecent")
+QUEUE_OLDEST_SECONDS = Gauge(
+    _P + "queue_oldest_message_age_seconds", "Age of the oldest message still waiting (0: queue empty)",
+    multiprocess_mode="mostrecent",
+)
 RELOADS = Counter(_P + "config_reloads", "Config reloads by result", ["result"])
-LAST_RELOAD_OK = Gauge(_P + "config_last_reload_successful", "1 if the last reload succeeded (or none was tried)")
-LAST_RELOAD_OK.set(1)
+LAST_RELOAD_OK = Gauge(
+    _P + "config_last_reload_successful", "1 if the last reload succeeded (or none was tried)", multiprocess_mode="mostrecent"
+)
 
 
 # Reason words for refusals, by reply code and enhanced status code (RFC 3463).
@@ -115,6 +156,33 @@ def reload(success: bool) -> None:
     LAST_RELOAD_OK.set(1 if success else 0)
 
 
+def _scraped() -> CollectorRegistry:
+    if not _shared:
+        return REGISTRY
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, _shared)
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    return registry
+
+
+_SCRAPED = _scraped()
+
+
 def exposition() -> bytes:
-    """The text format Prometheus scrapes (process_* and python_* collectors included)."""
-    return generate_latest(REGISTRY)
+    """The text format Prometheus scrapes (process_* and python_* collectors included).
+
+    With acceptor processes it reads their files: call it off the event loop.
+    """
+    return generate_latest(_SCRAPED)
+
+
+def child_environment(name: str) -> dict[str, str]:
+    """The environment for a child process whose metrics go to the shared directory as ``name``."""
+    return {**os.environ, PROCESS_NAME: name}
+
+
+def process_gone(name: str) -> None:
+    """A child process exited: its open sessions no longer count (its counters still do)."""
+    if _shared:
+        multiprocess.mark_process_dead(name, _shared)

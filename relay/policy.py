@@ -67,6 +67,11 @@ def check_total_connections(open_total: int, server: Server) -> SMTPReply | None
     return None
 
 
+def limits_unavailable() -> SMTPReply:
+    """The connection counts could not be asked (the main process did not answer): later."""
+    return SMTPReply(421, "4.3.0", "Service temporarily unavailable, try again later")
+
+
 def check_address_connections(open_from_address: int, trusted: bool, server: Server) -> SMTPReply | None:
     """May this address open one more? Trusted networks are exempt (as Postfix exempts
     ``$mynetworks`` from anvil's limits): a mail hub opens many sessions from one address."""
@@ -111,6 +116,11 @@ def check_auth_allowed(in_transaction: bool) -> SMTPReply | None:
     if in_transaction:
         return SMTPReply(503, "5.5.1", "AUTH not permitted during a mail transaction")
     return None
+
+
+def auth_unavailable() -> SMTPReply:
+    """The failure counts could not be asked, so neither a lockout nor a guess can be ruled out."""
+    return SMTPReply(454, "4.7.0", "Temporary authentication failure, try again later")
 
 
 def auth_failed() -> SMTPReply:

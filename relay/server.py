@@ -23,17 +23,18 @@ from pathlib import Path
 
 from relay import logs, metrics
 from relay.admin_http import AdminServer
-from relay.auth import Authenticator, AuthGuard, GuardSettings
-from relay.config import Config, ConfigError, load_config, load_demo_config
+from relay.anvil import LocalLimits
+from relay.auth import Authenticator
+from relay.config import Config, ConfigError, acceptor_count, load_config, load_demo_config
 from relay.delivery import Scheduler
 from relay.delivery.scheduler import upstream_tls
-from relay.limits import Anvil
+from relay.limits import PersistentRates, RateStore
 from relay.listener import ListenerGroup, Services
 from relay.prepare import Preparer
 from relay.reload import restart_needed
 from relay.spool.sqlite import SqliteSpool
 from relay.tls import ServerTLS, server_context
-from relay.workers import AcceptorPool, acceptor_count
+from relay.workers import AcceptorPool
 
 log = logging.getLogger("relay")
 
@@ -47,7 +48,9 @@ class Relay:
         self.spool = SqliteSpool(config.spool.path)
         self.scheduler = Scheduler(lambda: self.config, self.spool)
         self.preparer = Preparer()
-        self.anvil = Anvil.for_spool(config.spool.path)
+        self.rates = PersistentRates(RateStore(config.spool.path))
+        self.limits = LocalLimits(lambda: self.config)  # the one table, asked by acceptors too
+        metrics.LAST_RELOAD_OK.set(1)  # here, not at import: acceptor processes import it too
         services = Services(
             config=lambda: self.config,
             spool=self.spool,
@@ -56,23 +59,24 @@ class Relay:
                 lambda: {name: user.password_hash for name, user in self.config.users.items()}
             ),
             preparer=self.preparer,
-            auth_guard=AuthGuard(lambda: GuardSettings.from_server(self.config.server)),
-            anvil=self.anvil,
+            limits=self.limits,
+            rates=self.rates,
         )
         self.tls = ServerTLS(config.server.tls, config.server.hostname) if config.server.tls else None
         acceptors = acceptor_count(config)
-        self.acceptors = AcceptorPool(config, self.spool, self.scheduler, acceptors) if acceptors > 1 else None
+        self.acceptors = AcceptorPool(config, self.spool, self.scheduler, self.limits, acceptors) if acceptors > 1 else None
         self.listeners = self.acceptors or ListenerGroup(services, self.tls.context if self.tls else None)
         self.admin = AdminServer(self)
         self._reload_lock = asyncio.Lock()
 
     async def start(self) -> None:
-        await self.spool.open()
-        await self.anvil.rates.start()
-        await self.scheduler.start()
-        await self.listeners.start()
-        if self.config.admin.listen:
-            await self.admin.start(self.config.admin.listen)
+        async with self._reload_lock:  # a SIGHUP while starting reloads once everything runs
+            await self.spool.open()
+            await self.rates.start()
+            await self.scheduler.start()
+            await self.listeners.start()
+            if self.config.admin.listen:
+                await self.admin.start(self.config.admin.listen)
         pending = await self.spool.counts()
         loop_module = type(asyncio.get_running_loop()).__module__
         log.info(
@@ -117,7 +121,7 @@ class Relay:
         await self.listeners.stop(grace)
         await self.scheduler.stop(grace)
         await asyncio.to_thread(self.preparer.close)
-        await self.anvil.rates.stop()
+        await self.rates.stop()
         await self.spool.close()
         await self.admin.stop()
         log.info(
@@ -140,9 +144,6 @@ async def serve(config: Config, config_path: Path | None = None, verbose: bool =
     relay = Relay(config, load, verbose)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):  # before start: clients may connect (and a
-        loop.add_signal_handler(signum, stop.set)   # supervisor signal) as soon as one listens
-    await relay.start()
     reloads: set[asyncio.Task] = set()
 
     def reload() -> None:
@@ -150,6 +151,9 @@ async def serve(config: Config, config_path: Path | None = None, verbose: bool =
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before start: clients may connect (and a
+        loop.add_signal_handler(signum, stop.set)   # supervisor signal) as soon as one listens
+    loop.add_signal_handler(signal.SIGHUP, reload)  # (SIGHUP's default action would kill it)
+    await relay.start()
     await stop.wait()
     await relay.stop()

@@ -26,8 +26,15 @@ spool writes them as pieces, so a 10 MB message is never a second whole copy on 
 side (nor in a socket buffer), and every frame is written at once, so frames of other
 sessions and control frames may come between the pieces of one message.
 
-Acceptors keep their own Prometheus counters, which the main process's ``/metrics`` does not
-include: with ``server.processes`` above 1 it shows delivery, spool and queue metrics only.
+What must hold for the whole relay lives in the main process only, as Postfix's ``anvil``
+does: the connection counts and the AUTH failure tracking (:mod:`relay.anvil`). An acceptor
+asks over the same socketpair (:class:`RemoteLimits`: a ``LimitsCall`` frame, answered by a
+``LimitsAnswer``; ``release`` and ``auth_succeeded`` need no answer), within
+``_ASK_TIMEOUT``; the main process answers in its frame loop, without suspending, and frees
+the connections of an acceptor that exits. Rate budgets are shared through the spool
+database (:class:`relay.limits.PersistentRates`). Metrics use prometheus-client's
+multiprocess mode: each process writes its counters to its own file in a private directory
+that ``/metrics`` in the main process reads (:mod:`relay.metrics`).
 
 Lifecycle: SIGTERM to the main process (or to the whole group, as systemd does) stops the
 acceptors first (each closes its sockets, says ``421`` to idle sessions and lets sessions in
@@ -53,11 +60,13 @@ import subprocess
 import sys
 import time
 
-from relay import logs
-from relay.auth import Authenticator, AuthGuard, GuardSettings
+from relay import logs, metrics
+from relay.anvil import LimitsUnavailable, LocalLimits
+from relay.auth import Authenticator
 from relay.config import Config
 from relay.delivery import Scheduler
-from relay.limits import Anvil
+from relay.errors import SMTPReply
+from relay.limits import PersistentRates, RateStore
 from relay.listener import ListenerGroup, Services
 from relay.prepare import Preparer
 from relay.spool import NewMessage, use_queue_id_partition
@@ -70,12 +79,31 @@ _HEADER = struct.Struct("!II")  # metadata length, data length
 _PIECE = 256 * 1024  # the most of a body one frame carries
 _RESTART_DELAY = 1.0  # seconds before an acceptor that died is started again
 _READY = "ready"  # an acceptor's first frame: its listeners are serving
+# A question about the limits not answered within this long gets a "try again later": the
+# main process's loop is wedged (it answers in microseconds), and a session must not hang.
+_ASK_TIMEOUT = 10.0
 
 
-def acceptor_count(config: Config) -> int:
-    """How many acceptor processes ``server.processes`` asks for (1 means none: all in one process)."""
-    wanted = config.server.processes
-    return max(2, os.cpu_count() or 1) if wanted == "auto" else wanted
+@dataclasses.dataclass(frozen=True)
+class LimitsCall:
+    """Acceptor → main: a :class:`relay.anvil.SharedLimits` method; ``sequence`` None: no answer wanted."""
+
+    sequence: int | None
+    method: str
+    args: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitsAnswer:
+    """Main → acceptor: what the method returned."""
+
+    sequence: int
+    value: object
+
+
+_ASKED = frozenset({"admit", "admit_address", "auth_locked_for", "auth_failed"})
+_TOLD = frozenset({"release", "auth_succeeded"})
+_PER_CONNECTION = frozenset({"admit", "admit_address", "release"})  # first argument: a connection key
 
 
 # -- frames ------------------------------------------------------------------------------------
@@ -127,10 +155,11 @@ class SpoolClient:
     It also receives the configs the main process sends on reload, for ``reconfigure``.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reconfigure):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reconfigure, answered):
         self._reader = reader
         self._writer = writer
         self._reconfigure = reconfigure
+        self._answered = answered
         self._waiting: dict[int, asyncio.Future] = {}
         self._sequence = 0
         self.closed = asyncio.Event()
@@ -154,6 +183,9 @@ class SpoolClient:
         try:
             while True:
                 frame, _ = await read_frame(self._reader)
+                if isinstance(frame, LimitsAnswer):
+                    self._answered(frame)
+                    continue
                 if isinstance(frame, Config):
                     self._reconfigure(frame)
                     continue
@@ -171,6 +203,67 @@ class SpoolClient:
             self._waiting.clear()
 
 
+class RemoteLimits:
+    """The acceptor's :class:`relay.anvil.SharedLimits`: every question goes to the main process."""
+
+    def __init__(self, writer: asyncio.StreamWriter, closed: asyncio.Event):
+        self._writer = writer
+        self._closed = closed
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._sequence = 0
+
+    async def admit(self, connection: int, address: str | None) -> SMTPReply | None:
+        return await self._ask("admit", connection, address)
+
+    async def admit_address(self, connection: int, address: str) -> SMTPReply | None:
+        return await self._ask("admit_address", connection, address)
+
+    def release(self, connection: int) -> None:
+        self._tell("release", connection)
+
+    async def auth_locked_for(self, address: str, username: str) -> float | None:
+        return await self._ask("auth_locked_for", address, username)
+
+    async def auth_failed(self, address: str, username: str) -> float:
+        return await self._ask("auth_failed", address, username)
+
+    def auth_succeeded(self, address: str, username: str) -> None:
+        self._tell("auth_succeeded", address, username)
+
+    def _tell(self, method: str, *args) -> None:
+        if not self._closed.is_set():  # else the main process is gone, and its counts with it
+            write_frame(self._writer, LimitsCall(None, method, args))
+
+    async def _ask(self, method: str, *args):
+        if self._closed.is_set():
+            raise LimitsUnavailable("the main process is gone")
+        self._sequence += 1
+        sequence = self._sequence
+        future = self._waiting[sequence] = asyncio.get_running_loop().create_future()
+        write_frame(self._writer, LimitsCall(sequence, method, args))
+        timer = asyncio.get_running_loop().call_later(_ASK_TIMEOUT, self._fail, sequence, f"no answer within {_ASK_TIMEOUT:.0f}s")
+        try:
+            return await future
+        finally:  # answered, timed out, or the session went away meanwhile (a late answer is dropped)
+            timer.cancel()
+            self._waiting.pop(sequence, None)
+
+    def answered(self, answer: LimitsAnswer) -> None:
+        future = self._waiting.pop(answer.sequence, None)
+        if future is not None and not future.done():
+            future.set_result(answer.value)
+
+    def _fail(self, sequence: int, why: str) -> None:
+        future = self._waiting.pop(sequence, None)
+        if future is not None and not future.done():
+            future.set_exception(LimitsUnavailable(why))
+
+    def close(self) -> None:
+        """The main process is gone: every question still waiting fails now."""
+        for sequence in list(self._waiting):
+            self._fail(sequence, "the main process is gone")
+
+
 class _SubmittedByMain:
     """The acceptor's scheduler: the main process submits each message it stores."""
 
@@ -181,9 +274,7 @@ class _SubmittedByMain:
 async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, list[socket.socket]], verbose: bool) -> None:
     """An acceptor process: the listeners on inherited sockets, storing through the main process."""
     current = config
-    # Connection counts and AUTH lockouts are this process's own; rate budgets are shared
-    # with the other processes through the spool database (relay.limits.PersistentRates).
-    anvil = Anvil.for_spool(config.spool.path)
+    rates = PersistentRates(RateStore(config.spool.path))  # shared through the spool database
     tls = ServerTLS(config.server.tls, config.server.hostname) if config.server.tls else None
 
     def reconfigure(new: Config) -> None:
@@ -200,7 +291,8 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
         logs.configure(new.logging, logs.secrets_of(new), verbose)
 
     reader, writer = await asyncio.open_unix_connection(sock=ipc)
-    spool = SpoolClient(reader, writer, reconfigure)
+    spool = SpoolClient(reader, writer, reconfigure, lambda answer: limits.answered(answer))
+    limits = RemoteLimits(writer, spool.closed)  # questions are asked (and answered) only from now on
     preparer = Preparer()
     services = Services(
         config=lambda: current,
@@ -208,11 +300,11 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
         scheduler=_SubmittedByMain(),
         authenticator=Authenticator(lambda: {name: user.password_hash for name, user in current.users.items()}),
         preparer=preparer,
-        auth_guard=AuthGuard(lambda: GuardSettings.from_server(current.server)),
-        anvil=anvil,
+        limits=limits,
+        rates=rates,
     )
     listeners = ListenerGroup(services, tls.context if tls else None)
-    await anvil.rates.start()
+    await rates.start()
     await listeners.start(listening)
     write_frame(writer, _READY)
     stop = asyncio.Event()
@@ -223,8 +315,9 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
     await asyncio.wait([gone, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     if gone.done():
         log.error("acceptor %d: lost the main process; no longer accepting mail", os.getpid())
+        limits.close()
     await listeners.stop(0 if gone.done() else current.server.shutdown_grace)
-    await anvil.rates.stop()
+    await rates.stop()
     writer.close()
     await asyncio.to_thread(preparer.close)
 
@@ -265,13 +358,21 @@ def _receive(sock: socket.socket, length: int) -> bytes:
 # -- the main process's side --------------------------------------------------------------------
 
 
-class AcceptorPool:
-    """Binds the listeners, starts the acceptor processes, stores what they send, restarts them."""
+def _metrics_name(index: int) -> str:
+    """Acceptor ``index``'s name in the metrics directory: the same for the one started again,
+    which carries on its counters instead of leaving a file per process behind."""
+    return f"acceptor{index}"
 
-    def __init__(self, config: Config, spool: SqliteSpool, scheduler: Scheduler, count: int):
+
+class AcceptorPool:
+    """Binds the listeners, starts the acceptor processes, stores what they send, answers
+    their questions about the limits, restarts them."""
+
+    def __init__(self, config: Config, spool: SqliteSpool, scheduler: Scheduler, limits: LocalLimits, count: int):
         self._config = config
         self._spool = spool
         self._scheduler = scheduler
+        self._limits = limits
         self._count = count
         self._servers: list[tuple[str, asyncio.AbstractServer]] = []
         self._supervisors: list[asyncio.Task] = []
@@ -349,7 +450,7 @@ class AcceptorPool:
         if logging.getLogger().isEnabledFor(logging.DEBUG):
             command.append("-v")
         try:
-            process = subprocess.Popen(command, pass_fds=fds)
+            process = subprocess.Popen(command, pass_fds=fds, env=metrics.child_environment(_metrics_name(index)))
         finally:
             theirs.close()
         self._processes[index] = process
@@ -365,16 +466,21 @@ class AcceptorPool:
             if not started.done():
                 started.set_result(None)
             self._writers[index] = writer
-            await self._serve(reader, writer)
+            await self._serve(index, reader, writer)
         finally:
             self._writers.pop(index, None)
             writer.close()
             code = await asyncio.to_thread(process.wait)
             if code and not self._stopping:
                 log.error("acceptor %d (pid %d) exited with %d", index, process.pid, code)
+            released = self._limits.release_owner(index)
+            if released and not self._stopping:
+                log.warning("acceptor %d: released its %d open connection(s) from the limits", index, released)
+            metrics.process_gone(_metrics_name(index))
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Store every message an acceptor sends, each in its own task (they share group commits)."""
+    async def _serve(self, index: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Store every message an acceptor sends, each in its own task (they share group commits),
+        and answer its questions about the limits in order."""
         pending: set[asyncio.Task] = set()
         bodies: dict[int, list[bytes]] = {}  # by sequence: the pieces received so far
         try:
@@ -386,6 +492,9 @@ class AcceptorPool:
                 if isinstance(frame, BodyPiece):
                     bodies.setdefault(frame.sequence, []).append(data)
                     continue
+                if isinstance(frame, LimitsCall):
+                    await self._answer(index, writer, frame)
+                    continue
                 sequence, message = frame  # no local may keep the body: it would live until the next message
                 task = asyncio.create_task(
                     self._store(writer, sequence, dataclasses.replace(message, body=tuple(bodies.pop(sequence, ()))))
@@ -395,6 +504,18 @@ class AcceptorPool:
         finally:
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _answer(self, index: int, writer: asyncio.StreamWriter, call: LimitsCall) -> None:
+        """Answer from the one table; never suspends (LocalLimits does not), so frames keep their order."""
+        if call.method not in (_ASKED if call.sequence is not None else _TOLD):
+            log.error("acceptor %d: unknown limits call %r", index, call.method)
+            return
+        args = ((index, call.args[0]), *call.args[1:]) if call.method in _PER_CONNECTION else call.args
+        value = getattr(self._limits, call.method)(*args)
+        if call.sequence is not None:
+            value = await value
+            if not writer.is_closing():
+                write_frame(writer, LimitsAnswer(call.sequence, value))
 
     async def _store(self, writer: asyncio.StreamWriter, sequence: int, message: NewMessage) -> None:
         try:

@@ -135,27 +135,27 @@ def test_clients_that_hang_up_without_quit_free_their_slots(make_relay, sendclou
 # -- AUTH lockout ----------------------------------------------------------------------------------
 
 
+def login(relay, client_tls, password: str, source: str = "127.0.0.1") -> tuple[int, bytes]:
+    """One AUTH PLAIN as USER on the submission port (smtplib's login() would try each mechanism in turn)."""
+    with smtplib.SMTP("127.0.0.1", relay.port("submission"), timeout=20, source_address=(source, 0)) as client:
+        client.starttls(context=client_tls)
+        client.ehlo()
+        client.user, client.password = USER, password
+        try:
+            return client.auth("PLAIN", client.auth_plain)
+        except smtplib.SMTPAuthenticationError as error:
+            return error.smtp_code, error.smtp_error
+
+
 def test_failed_logins_lock_out_the_address_and_the_username_for_a_while(make_relay, sendcloud, client_tls):
     relay = make_relay(auth_lockout_failures=3, auth_lockout_duration="3s", auth_failure_delay="10ms")
-
-    def login(password: str, source: str = "127.0.0.1") -> tuple[int, bytes]:
-        """One AUTH PLAIN (smtplib's login() would try each mechanism in turn)."""
-        with smtplib.SMTP("127.0.0.1", relay.port("submission"), timeout=20, source_address=(source, 0)) as client:
-            client.starttls(context=client_tls)
-            client.ehlo()
-            client.user, client.password = USER, password
-            try:
-                return client.auth("PLAIN", client.auth_plain)
-            except smtplib.SMTPAuthenticationError as error:
-                return error.smtp_code, error.smtp_error
-
-    assert [login("wrong")[0] for _ in range(3)] == [535, 535, 535]
-    code, text = login(PASSWORD)  # the right password no longer helps
+    assert [login(relay, client_tls, "wrong")[0] for _ in range(3)] == [535, 535, 535]
+    code, text = login(relay, client_tls, PASSWORD)  # the right password no longer helps
     assert code == 454 and text.startswith(b"4.7.0 Too many failed logins"), text
-    assert login(PASSWORD, source=TRUSTED_SOURCE)[0] == 454  # the username is locked from anywhere new
+    assert login(relay, client_tls, PASSWORD, source=TRUSTED_SOURCE)[0] == 454  # the username is locked from anywhere new
     assert "locked out of AUTH" in relay.log()
     time.sleep(3.2)
-    assert login(PASSWORD)[0] == 235
+    assert login(relay, client_tls, PASSWORD)[0] == 235
 
 
 # -- timeouts and memory ------------------------------------------------------------------------------

@@ -1,14 +1,21 @@
-"""`server.processes`: acceptor processes in front of one spool and one scheduler keep every guarantee."""
+"""`server.processes`: acceptor processes in front of one spool and one scheduler keep every guarantee.
+
+Acceptors share one accept queue, so which one takes a connection is the kernel's choice; to
+make it the test's, the other acceptor is stopped (SIGSTOP) meanwhile (:func:`paused`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import smtplib
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.e2e.conftest import TRUSTED_SOURCE
+from tests.e2e.conftest import PASSWORD, TRUSTED_SOURCE
 from tests.e2e.test_crash import send_batch
+from tests.e2e.test_limits import closed_by_server, connect, login, say
+from tests.e2e.test_operations import scrape, value
 from tests.support.mail import parsed
 from tests.support.relay import wait_until
 
@@ -29,6 +36,26 @@ def alive(pid: int) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def paused(pid: int):
+    """While this acceptor is stopped, the others take every new connection."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def greeting(relay) -> str:
+    """Open a session from 127.0.0.1 (not trusted) and return its first reply line."""
+    talk = connect(relay)
+    reply = talk.read_reply()[-1]
+    if not reply.startswith("220"):
+        assert closed_by_server(talk)
+    talk.sock.close()
+    return reply
+
+
 def test_two_acceptors_deliver_every_message_exactly_once_and_stop_on_sigterm(make_relay, sendcloud):
     relay = make_relay(processes=2)
     acceptors = children(relay.process.pid)
@@ -41,6 +68,13 @@ def test_two_acceptors_deliver_every_message_exactly_once_and_stop_on_sigterm(ma
     subjects = [parsed(m.data)["Subject"] for m in received]
     assert sorted(subjects) == sorted(f"crash test {n}" for n in range(40))  # no duplicates
     assert wait_until(lambda: "0 message(s)" in relay.cli("queue", "list").stdout, 15)
+    # /metrics in the main process counts what the acceptors accepted, and what it delivered.
+    samples = scrape(relay)
+    mailhub = {"user": "mailhub", "account": "acme_trigger", "channel": "trigger"}
+    assert value(samples, "sendcloud_relay_messages_accepted_total", **mailhub) == 40
+    assert value(samples, "sendcloud_relay_acceptance_seconds_count", listener="smtp") == 40
+    assert value(samples, "sendcloud_relay_recipients_total", result="delivered", **mailhub) == 40
+    assert value(samples, "sendcloud_relay_smtp_sessions", listener="smtp") == 0
     assert relay.stop() == 0
     assert not any(alive(pid) for pid in acceptors)
     assert "acceptor 0 started" in relay.log() and "acceptor 1 started" in relay.log()
@@ -84,3 +118,45 @@ def test_a_reload_reaches_every_acceptor(make_relay, sendcloud):
             client.mail("app@acme.com")
             assert client.rcpt("one@example.net")[0] == 250
             assert client.rcpt("two@example.net")[0] == 452
+
+
+def test_connection_limits_hold_across_acceptors_and_a_killed_one_frees_its_slots(make_relay, sendcloud):
+    relay = make_relay(processes=2, max_connections_per_address=3)
+    first, second = children(relay.process.pid)
+    with paused(second):
+        on_first = [connect(relay) for _ in range(2)]
+        assert [talk.read_reply()[-1][:3] for talk in on_first] == ["220", "220"]
+    with paused(first):
+        on_second = connect(relay)
+        assert on_second.read_reply()[-1].startswith("220")
+        for _ in range(2):  # the limit is the relay's, not each acceptor's
+            assert greeting(relay).startswith("421 4.7.1 Too many connections from your address")
+    assert say(on_first[0], "QUIT").startswith("221")
+    assert closed_by_server(on_first[0])  # its acceptor has told the main process (before pausing it)
+    with paused(first):
+        assert wait_until(lambda: greeting(relay).startswith("220"), 5)  # freed on one, taken on the other
+        assert wait_until(lambda: value(scrape(relay), "sendcloud_relay_smtp_sessions", listener="smtp") == 2, 5)
+        assert value(scrape(relay), "sendcloud_relay_rejected_total", listener="smtp", user="", reason="smtp_421_4.7.1") == 2
+
+    os.kill(first, signal.SIGKILL)  # with one session open: the main process frees its slot
+    assert wait_until(lambda: len(children(relay.process.pid)) == 2 and first not in children(relay.process.pid), 15)
+    assert "acceptor 0: released its 1 open connection(s)" in relay.log() or "acceptor 1: released its 1" in relay.log()
+    assert value(scrape(relay), "sendcloud_relay_smtp_sessions", listener="smtp") == 1  # the dead one's are gone
+    more = [connect(relay) for _ in range(3)]
+    assert [talk.read_reply()[-1][:3] for talk in more] == ["220", "220", "421"]  # with on_second: 3
+
+
+def test_auth_failures_on_different_acceptors_add_up_to_one_lockout(make_relay, sendcloud, client_tls):
+    relay = make_relay(processes=2, auth_lockout_failures=3, auth_lockout_duration="60s", auth_failure_delay="10ms")
+    first, second = children(relay.process.pid)
+    with paused(second):
+        assert [login(relay, client_tls, "wrong")[0] for _ in range(2)] == [535, 535]
+    with paused(first):
+        assert login(relay, client_tls, "wrong")[0] == 535  # the third failure, counted with the first two
+        code, text = login(relay, client_tls, PASSWORD)
+        assert code == 454 and text.startswith(b"4.7.0 Too many failed logins"), text
+    with paused(second):
+        assert login(relay, client_tls, PASSWORD)[0] == 454  # and the other acceptor knows it
+    samples = scrape(relay)
+    assert value(samples, "sendcloud_relay_auth_attempts_total", listener="submission", result="failure") == 3
+    assert value(samples, "sendcloud_relay_auth_attempts_total", listener="submission", result="locked_out") == 2
