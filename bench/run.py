@@ -54,7 +54,8 @@ class Bench:
 
     # -- the two relays ---------------------------------------------------------------------
 
-    def relay_config(self, port: int, upstream_port: int, *, submission_port: int | None = None, upstream_tls: bool = False) -> dict:
+    def relay_config(self, port: int, upstream_port: int, *, submission_port: int | None = None, upstream_tls: bool = False,
+                     max_connections: int = 1000) -> dict:
         listeners = [{"name": "smtp", "bind": "127.0.0.1", "port": port, "tls": "none", "auth": "none"}]
         if submission_port:
             listeners.append({"name": "submission", "bind": "127.0.0.1", "port": submission_port, "tls": "starttls", "auth": "required"})
@@ -68,6 +69,7 @@ class Bench:
                 "tls": {"cert": str(self.cert), "key": str(self.key)},
                 "trusted_networks": [{"cidr": "127.0.0.0/8", "user": "trusted"}],
                 "max_message_size": MAX_MESSAGE_SIZE,
+                "max_connections": max_connections,
             },
             "spool": {"path": "spool.db"},
             "upstream": {
@@ -77,6 +79,7 @@ class Bench:
             },
             "admin": {"listen": None},  # the default port would clash with any other relay running here
             "accounts": {"sink": account},
+            "admin": {"listen": f"127.0.0.1:{free_port()}"},  # not the default port: other relays may run
             "users": {
                 "trusted": {"channels": {"trigger": "sink"}},
                 SUBMIT_USER: {"password_hash": self.password_hash, "channels": {"trigger": "sink"}},
@@ -215,7 +218,8 @@ class Bench:
         """1,000 idle sessions: the relay's RSS, and the latency of messages sent meanwhile."""
         runs = []
         for _ in range(self.args.reps):
-            with self.relay(sink.port) as relay, RssSampler(relay.pid()) as rss:
+            # Room for the idle sessions and the probes: the limit counts the whole relay's.
+            with self.relay(sink.port, max_connections=self.args.idle + 100) as relay, RssSampler(relay.pid()) as rss:
                 before = rss.now()
                 gen = subprocess.Popen(
                     [sys.executable, str(Path(__file__).parent / "loadgen.py"), "idle", "--port", str(relay.port),
