@@ -95,7 +95,7 @@ class LimitsCall:
 
 @dataclasses.dataclass(frozen=True)
 class LimitsAnswer:
-    """Main → acceptor: what the method returned."""
+    """Main → acceptor: what the method returned (a LimitsUnavailable: what it raised)."""
 
     sequence: int
     value: object
@@ -250,7 +250,11 @@ class RemoteLimits:
 
     def answered(self, answer: LimitsAnswer) -> None:
         future = self._waiting.pop(answer.sequence, None)
-        if future is not None and not future.done():
+        if future is None or future.done():
+            return
+        if isinstance(answer.value, LimitsUnavailable):
+            future.set_exception(answer.value)
+        else:
             future.set_result(answer.value)
 
     def _fail(self, sequence: int, why: str) -> None:
@@ -511,11 +515,15 @@ class AcceptorPool:
             log.error("acceptor %d: unknown limits call %r", index, call.method)
             return
         args = ((index, call.args[0]), *call.args[1:]) if call.method in _PER_CONNECTION else call.args
-        value = getattr(self._limits, call.method)(*args)
-        if call.sequence is not None:
-            value = await value
-            if not writer.is_closing():
-                write_frame(writer, LimitsAnswer(call.sequence, value))
+        try:
+            value = getattr(self._limits, call.method)(*args)
+            if call.sequence is not None:
+                value = await value
+        except Exception:  # noqa: BLE001 - a bug here must not cut the acceptor off its spool
+            log.exception("acceptor %d: limits call %s failed", index, call.method)
+            value = LimitsUnavailable(f"the main process could not answer {call.method}")
+        if call.sequence is not None and not writer.is_closing():
+            write_frame(writer, LimitsAnswer(call.sequence, value))
 
     async def _store(self, writer: asyncio.StreamWriter, sequence: int, message: NewMessage) -> None:
         try:

@@ -148,3 +148,21 @@ def test_processes_auto_is_one_per_cpu_from_2_to_8(setting, cpus, expected, monk
 
 def test_the_default_is_auto():
     assert config_from(BASE).server.processes == "auto"
+
+
+async def test_a_failure_in_the_main_process_is_a_refusal_for_now_not_a_hang(monkeypatch):
+    table = limits()
+    monkeypatch.setattr(table, "auth_failed", lambda address, username: 1 / 0)
+    pool = workers.AcceptorPool(config_from(LIMITED), None, None, table, 2)
+    ours, theirs = socket.socketpair()
+    _, writer = await asyncio.open_unix_connection(sock=ours)
+    reader, other = await asyncio.open_unix_connection(sock=theirs)
+    await pool._answer(0, writer, LimitsCall(5, "auth_failed", ("192.0.2.1", "billing")))
+    answer, _ = await read_frame(reader)
+    remote = RemoteLimits(other, asyncio.Event())
+    waiting = remote._waiting[5] = asyncio.get_running_loop().create_future()
+    remote.answered(answer)
+    with pytest.raises(LimitsUnavailable, match="could not answer auth_failed"):
+        await waiting
+    writer.close()
+    other.close()
