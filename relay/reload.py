@@ -2,9 +2,9 @@
 
 Everything the relay reads per message or per connection changes at once: users and their
 passwords, rules, accounts and their API keys, limits, TLS certificates, logging. What is
-fixed when a socket or file is opened — the listeners, the spool's file, the admin address —
-keeps its old value until a restart; :func:`restart_needed` names those settings so the
-operator is told instead of left wondering.
+fixed when a socket, file or process is opened — the listeners, the acceptor processes, the
+spool's file, the admin address — keeps its old value until a restart; :func:`restart_needed`
+names those settings so the operator is told instead of left wondering.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     changed = []
     if old.server.listeners != new.server.listeners:
         changed.append("server.listeners")
+    if old.server.processes != new.server.processes:
+        changed.append("server.processes")
     if (old.server.tls is None) != (new.server.tls is None):
         changed.append("server.tls")  # turning TLS on or off, as opposed to a new certificate
     if (old.spool.backend, old.spool.path) != (new.spool.backend, new.spool.path):

@@ -53,6 +53,7 @@ def test_readiness_problems(spool, dead, failing, after, problems):
 RELOADS = {
     "users_rules_limits_apply": ("max_recipients: 100", "max_recipients: 7", []),
     "listener_port": ("port: 2525", "port: 2526", ["server.listeners"]),
+    "processes": ("max_recipients: 100", "max_recipients: 100\n  processes: 1", ["server.processes"]),
     "spool_path": ("upstream: {kind: capture}", "spool: {path: other.db}\nupstream: {kind: capture}", ["spool.path"]),
     "admin_listen": ("upstream: {kind: capture}", "admin: {listen: '127.0.0.1:9025'}\nupstream: {kind: capture}",
                      ["admin.listen"]),
