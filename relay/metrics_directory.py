@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 
@@ -24,6 +25,8 @@ def shared_metrics(several_processes: bool) -> Iterator[None]:
         os.environ.pop(DIRECTORY, None)  # an inherited one would only collect stale files
         yield
         return
+    if "relay.metrics" in sys.modules:  # its metrics would already keep their values in memory
+        raise RuntimeError("relay.metrics was imported before the metrics directory was set up")
     directory = tempfile.mkdtemp(prefix="sendcloud-relay-metrics-")
     os.environ[DIRECTORY] = directory
     os.environ[PROCESS_NAME] = "main"

@@ -13,7 +13,7 @@ from relay import workers
 from relay.anvil import LimitsUnavailable, LocalLimits
 from relay.config import acceptor_count
 from relay.errors import SMTPReply
-from relay.workers import LimitsCall, RemoteLimits, read_frame, write_frame
+from relay.workers import LimitsAnswer, LimitsCall, RemoteLimits, read_frame
 from tests.unit.helpers import BASE, config_from
 
 LIMITED = BASE.replace(
@@ -99,9 +99,9 @@ async def test_remote_questions_are_answered_and_one_way_calls_need_no_answer(pi
     asked, _ = await read_frame(main_reader)
     assert told == LimitsCall(None, "release", (7,))
     assert (asked.method, asked.args) == ("admit", (8, "192.0.2.1"))
-    remote.answered(workers.LimitsAnswer(asked.sequence, SMTPReply(421, "4.7.1", "no")))
+    remote.answered(LimitsAnswer(asked.sequence, SMTPReply(421, "4.7.1", "no")))
     assert code(await asking) == "421 4.7.1"
-    remote.answered(workers.LimitsAnswer(asked.sequence, None))  # a late or repeated answer is dropped
+    remote.answered(LimitsAnswer(asked.sequence, None))  # a late or repeated answer is dropped
 
 
 async def test_a_question_never_answered_fails_instead_of_hanging(pipe, monkeypatch):
