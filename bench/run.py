@@ -79,7 +79,6 @@ class Bench:
             },
             "admin": {"listen": None},  # the default port would clash with any other relay running here
             "accounts": {"sink": account},
-            "admin": {"listen": f"127.0.0.1:{free_port()}"},  # not the default port: other relays may run
             "users": {
                 "trusted": {"channels": {"trigger": "sink"}},
                 SUBMIT_USER: {"password_hash": self.password_hash, "channels": {"trigger": "sink"}},
