@@ -22,6 +22,10 @@ def server_context(files: TLSFiles, hostname: str) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(files.cert, files.key)
+    # TLS 1.3 session tickets: OpenSSL sends two after every handshake. One is enough for a
+    # smarthost's session cache (Postfix keeps the latest per destination) to resume, and an
+    # application that never resumes pays for one instead of two (docs/decisions.md).
+    context.num_tickets = 1
     return context
 
 

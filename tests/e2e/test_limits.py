@@ -132,6 +132,24 @@ def test_clients_that_hang_up_without_quit_free_their_slots(make_relay, sendclou
     assert f"event loop: {event_loop}" in relay.log()
 
 
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_a_failed_starttls_handshake_frees_its_slot_once(make_relay, sendcloud, event_loop):
+    """Both the TLS layer and aiosmtpd report the loss of a connection whose handshake failed:
+    counted twice, it would free a slot it never held and let the total limit be exceeded."""
+    relay = make_relay(max_connections=2, event_loop=event_loop)
+    time.sleep(0.3)  # let the relay see the start-up port probes close
+    for _ in range(3):
+        talk = connect(relay, "submission")
+        assert talk.read_reply()[-1].startswith("220")
+        assert say(talk, "EHLO client.test").startswith("250")
+        assert say(talk, "STARTTLS").startswith("220")
+        talk.send(b"this is not a TLS ClientHello\r\n" * 4)
+        assert closed_by_server(talk)
+    talks = [connect(relay) for _ in range(2)]
+    assert all(talk.read_reply()[-1].startswith("220") for talk in talks)
+    assert connect(relay).read_reply()[-1].startswith("421 4.3.2 Too many connections")
+
+
 # -- AUTH lockout ----------------------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ import email
 import email.policy
 import smtplib
 import socket
+import ssl
 import threading
 
 import pytest
@@ -69,6 +70,50 @@ def test_starttls_auth_relays_to_the_trigger_account(relay, sendcloud, client_tl
     for email_id in received.email_ids:
         assert email_id in shown
     assert f"{queue_id}: to=<someone@example.net>" in relay.log()
+
+
+class ResumingContext(ssl.SSLContext):
+    """Offers the saved TLS session on the next connection, as a smarthost's session cache does."""
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_socket(self, sock, *args, **kwargs):
+        return super().wrap_socket(sock, *args, session=self.session, **kwargs)
+
+
+def test_a_resumed_tls_session_still_needs_auth(relay, sendcloud, ca_file):
+    context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(ca_file)
+    resumed = []
+    for n in range(2):
+        with smtplib.SMTP("127.0.0.1", relay.port("submission"), timeout=20) as client:
+            client.starttls(context=context)
+            resumed.append(client.sock.session_reused)
+            client.ehlo()
+            code, text = client.mail("app@acme.com")
+            assert (code, text[:5]) == (530, b"5.7.0"), text  # resuming TLS is not logging in
+            client.login(USER, PASSWORD)
+            assert client.sendmail("app@acme.com", ["someone@example.net"], message(f"resumed {n}")) == {}
+            context.session = client.sock.session  # TLS 1.3: the ticket came after the handshake
+    assert resumed == [False, True]
+    assert [r.tls for r in sendcloud.wait_for(2)] == [True, True]
+
+
+def test_plaintext_pipelined_after_starttls_is_discarded(relay, sendcloud, client_tls):
+    """RFC 3207 section 5 (CVE-2011-0411): a command injected behind STARTTLS must not run inside TLS."""
+    with socket.create_connection(("127.0.0.1", relay.port("submission")), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        assert read_reply(stream).startswith(b"220")
+        sock.sendall(b"EHLO client.test\r\n")
+        assert read_reply(stream).startswith(b"250 ")
+        sock.sendall(b"STARTTLS\r\nMAIL FROM:<evil@example.com>\r\n")
+        assert read_reply(stream).startswith(b"220")
+        with client_tls.wrap_socket(sock, server_hostname="localhost") as tls:
+            tls_stream = tls.makefile("rb")
+            tls.sendall(b"NOOP\r\n")
+            assert tls_stream.readline() == b"250 OK\r\n"  # NOOP's reply, not the injected MAIL's
+            tls.sendall(b"QUIT\r\n")
+            assert tls_stream.readline().startswith(b"221")
 
 
 def test_newsletter_header_routes_to_the_batch_account(relay, sendcloud, client_tls):
