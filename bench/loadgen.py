@@ -1,7 +1,7 @@
 """An asyncio SMTP load client (aiosmtplib) for what smtp-source cannot do: STARTTLS, AUTH, idle sessions.
 
     python bench/loadgen.py load --port P --messages N --sessions S --size BYTES
-                                 [--per-connection K] [--starttls --cafile F --user U --password W]
+                                 [--per-connection K] [--starttls --cafile F [--resume] --user U --password W]
     python bench/loadgen.py idle --port P --idle 1000 --probes 200
 
 ``load`` runs S sessions in parallel; each connects (STARTTLS and AUTH when asked), sends up
@@ -45,24 +45,51 @@ def message(size: int, number: int) -> bytes:
     return head + line * lines
 
 
-def client(args: argparse.Namespace) -> aiosmtplib.SMTP:
-    context = ssl.create_default_context(cafile=args.cafile) if args.starttls else None
+class ResumingContext(ssl.SSLContext):
+    """A client context that offers the session of the latest connection to the next one.
+
+    asyncio's ``start_tls`` (and uvloop's) takes no ``session=``, but both build the TLS
+    object with ``context.wrap_bio``: it is passed here. One session per destination, the
+    newest one, as Postfix's tlsmgr cache keeps.
+    """
+
+    session: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming, outgoing, server_side=False, server_hostname=None, session=None):
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname, session=session or self.session)
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """Built once per run, as an application or Postfix does (loading the CA file per connection costs)."""
+    if not args.starttls:
+        return None
+    context = ResumingContext(ssl.PROTOCOL_TLS_CLIENT) if args.resume else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=args.cafile)
+    return context
+
+
+def client(args: argparse.Namespace, context: ssl.SSLContext | None = None) -> aiosmtplib.SMTP:
     return aiosmtplib.SMTP(
-        hostname="127.0.0.1", port=args.port, start_tls=bool(args.starttls), tls_context=context,
+        hostname="127.0.0.1", port=args.port, start_tls=context is not None, tls_context=context,
         local_hostname="loadgen.bench.test", timeout=120,
     )
 
 
 async def load(args: argparse.Namespace) -> dict:
     remaining = args.messages
-    errors = 0
+    errors = handshakes = resumed = 0
     body = message(args.size, 0)
+    context = tls_context(args)
 
     async def session() -> None:
-        nonlocal remaining, errors
+        nonlocal remaining, errors, handshakes, resumed
         while remaining > 0:
-            smtp = client(args)
+            smtp = client(args, context)
             await smtp.connect()
+            tls = smtp.get_transport_info("ssl_object")
+            if tls is not None:
+                handshakes += 1
+                resumed += tls.session_reused
             if args.user:
                 await smtp.login(args.user, args.password)
             for _ in range(args.per_connection):
@@ -77,11 +104,17 @@ async def load(args: argparse.Namespace) -> dict:
                     print(f"loadgen: {error}", file=sys.stderr)
                     if errors > 100:
                         raise
+            if args.resume and tls is not None:  # TLS 1.3 tickets arrive after the handshake: taken now
+                context.session = tls.session
             await smtp.quit()
 
     started = time.monotonic()
+    cpu = time.process_time()
     await asyncio.gather(*(session() for _ in range(args.sessions)))
-    return {"messages": args.messages, "seconds": time.monotonic() - started, "errors": errors}
+    return {
+        "messages": args.messages, "seconds": time.monotonic() - started, "errors": errors,
+        "cpu_seconds": time.process_time() - cpu, "tls_handshakes": handshakes, "tls_resumed": resumed,
+    }
 
 
 async def idle(args: argparse.Namespace) -> dict:
@@ -126,6 +159,7 @@ def main() -> None:
     parser.add_argument("--per-connection", type=int, default=1)
     parser.add_argument("--starttls", action="store_true")
     parser.add_argument("--cafile")
+    parser.add_argument("--resume", action="store_true", help="offer the latest TLS session on each new connection")
     parser.add_argument("--user")
     parser.add_argument("--password")
     parser.add_argument("--idle", type=int, default=1000)

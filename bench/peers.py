@@ -80,6 +80,22 @@ def tree_pids(root: int) -> list[int]:
     return pids
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes ``pids`` have used so far (from /proc/<pid>/stat)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat(5)
+    return total / _TICK
+
+
 def memory(pids: list[int]) -> tuple[int, int]:
     """Resident and proportional set sizes summed over ``pids``, in bytes.
 
@@ -175,6 +191,9 @@ class TlsSink:
         if tls:
             self._command += ["--cert", str(cert), "--key", str(key), "--user", user, "--password", password]
         self._process: subprocess.Popen | None = None
+
+    def pid(self) -> int:
+        return self._process.pid
 
     def count(self) -> int:
         try:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from peers import (
-    SMTP_SOURCE, OurRelay, PostfixRelay, RssSampler, SmtpSink, TlsSink, free_port, tree_pids, wait_until,
+    SMTP_SOURCE, OurRelay, PostfixRelay, RssSampler, SmtpSink, TlsSink, cpu_seconds, free_port, tree_pids, wait_until,
 )
 
 from relay.auth import hash_password
@@ -200,31 +200,72 @@ class Bench:
         runs = [self.smtp_source(target(), sink, self.args.messages // 2, 20, 5120, strace=True) for target in self.targets(sink, 0)]
         return summarise(runs, ("strace_fsyncs_per_message", "spool_commits_per_message", "end_to_end_per_s"))
 
+    def submission_run(self, name: str, tls: bool, per_connection: int, resume: bool = False) -> dict:
+        """One load through the submission path; CPU seconds per message for the relay, the client and the sink."""
+        with TlsSink(self.workdir, self.cert, self.key, tls, UPSTREAM_USER, UPSTREAM_PASSWORD) as sink:
+            with self.relay(sink.port, submission=True, upstream_tls=tls) as relay:
+                load = ["--port", str(relay.submission_port if tls else relay.port)]
+                if tls:
+                    load += ["--starttls", "--cafile", str(self.cert), "--user", SUBMIT_USER, "--password", SUBMIT_PASSWORD]
+                if resume:
+                    load.append("--resume")
+                messages = self.args.messages // 2
+                load += ["--messages", str(messages), "--sessions", "20", "--per-connection", str(per_connection)]
+                relay_pids, sink_pids = tree_pids(relay.pid()), tree_pids(sink.pid())
+                relay_cpu, sink_cpu = cpu_seconds(relay_pids), cpu_seconds(sink_pids)
+                started = time.monotonic()
+                result = _loadgen("load", *load)
+                accepted = time.monotonic() - started
+                wait_until(lambda n=messages: sink.count() >= n, 600, f"{messages} messages at the TLS sink")
+                end_to_end = time.monotonic() - started
+                relay_cpu, sink_cpu = cpu_seconds(relay_pids) - relay_cpu, cpu_seconds(sink_pids) - sink_cpu
+        run = {
+            "relay": name, "messages": messages, "messages_per_connection": per_connection, "errors": result["errors"],
+            "accepted_per_s": messages / accepted, "end_to_end_per_s": messages / end_to_end,
+            "relay_cpu_ms_per_message": 1000 * relay_cpu / messages,
+            "client_cpu_ms_per_message": 1000 * result["cpu_seconds"] / messages,
+            "sink_cpu_ms_per_message": 1000 * sink_cpu / messages,
+            "tls_handshakes": result["tls_handshakes"], "tls_resumed": result["tls_resumed"],
+        }
+        self.say(run)
+        return run
+
     def scenario_submission(self) -> dict:
-        """STARTTLS + AUTH on both sides of our relay against the same load in plaintext."""
+        """STARTTLS + AUTH on both sides of our relay against the same loads in plaintext.
+
+        Three client patterns, each against plaintext with the same messages per connection:
+        ``full`` (a new connection and a full TLS handshake per message: an application),
+        ``resumed`` (a new connection per message resuming the last TLS session: a smarthost
+        with a TLS session cache) and ``reuse`` (``--per-connection`` messages per connection:
+        a smarthost that keeps its connections).
+        """
+        per = self.args.per_connection
+        loads = {"plain 1/conn": (False, 1, False), f"plain {per}/conn": (False, per, False)}
+        tls_loads = {
+            "full": ("tls full handshake 1/conn", (True, 1, False), "plain 1/conn"),
+            "resumed": ("tls resumed 1/conn", (True, 1, True), "plain 1/conn"),
+            "reuse": (f"tls {per}/conn", (True, per, False), f"plain {per}/conn"),
+        }
+        patterns = {pattern: tls_loads[pattern] for pattern in self.args.submission}
+        loads = {baseline: loads[baseline] for _, _, baseline in patterns.values()}
+        loads.update({name: load for name, load, _ in patterns.values()})
         runs = []
         for rep in range(self.args.reps):
-            for tls in ((False, True) if rep % 2 == 0 else (True, False)):
-                with TlsSink(self.workdir, self.cert, self.key, tls, UPSTREAM_USER, UPSTREAM_PASSWORD) as sink:
-                    with self.relay(sink.port, submission=True, upstream_tls=tls) as relay:
-                        load = ["--port", str(relay.submission_port if tls else relay.port)]
-                        if tls:
-                            load += ["--starttls", "--cafile", str(self.cert), "--user", SUBMIT_USER, "--password", SUBMIT_PASSWORD]
-                        messages = self.args.messages // 2
-                        load += ["--messages", str(messages), "--sessions", "20", "--per-connection", str(self.args.per_connection)]
-                        started = time.monotonic()
-                        result = _loadgen("load", *load)
-                        accepted = time.monotonic() - started
-                        wait_until(lambda n=messages: sink.count() >= n, 600, f"{messages} messages at the TLS sink")
-                        end_to_end = time.monotonic() - started
-                run = {"relay": "relay+tls+auth" if tls else "relay plain", "messages": messages, "errors": result["errors"],
-                       "accepted_per_s": messages / accepted, "end_to_end_per_s": messages / end_to_end}
-                self.say(run)
-                runs.append(run)
-        summary = summarise(runs, ("accepted_per_s", "end_to_end_per_s"))
-        plain, tls = summary["relay plain"]["median"], summary["relay+tls+auth"]["median"]
-        summary["tls_cost"] = {key: 1 - tls[key] / plain[key] for key in ("accepted_per_s", "end_to_end_per_s")}
-        summary["messages_per_connection"] = self.args.per_connection
+            for name in (list(loads) if rep % 2 == 0 else list(loads)[::-1]):
+                runs.append(self.submission_run(name, *loads[name]))
+        keys = ("accepted_per_s", "end_to_end_per_s", "relay_cpu_ms_per_message", "client_cpu_ms_per_message",
+                "sink_cpu_ms_per_message", "tls_resumed")
+        summary = summarise(runs, keys)
+        summary["patterns"] = {}
+        for pattern, (name, _, baseline) in patterns.items():
+            tls, plain = summary[name]["median"], summary[baseline]["median"]
+            summary["patterns"][pattern] = {
+                "tls": name, "plain": baseline,
+                "cost": {key: 1 - tls[key] / plain[key] for key in ("accepted_per_s", "end_to_end_per_s")},
+                # What TLS would cost the relay if it had the CPUs to itself: CPU per message, plain over TLS.
+                "relay_cpu_cost": 1 - plain["relay_cpu_ms_per_message"] / tls["relay_cpu_ms_per_message"],
+            }
+        summary["messages_per_connection"] = per
         return summary
 
     def scenario_idle(self, sink: SmtpSink) -> dict:
@@ -317,10 +358,15 @@ def table(results: dict) -> str:
             both(f"{size} x{data['sessions']}: RSS growth / msg size", data, "rss_growth_per_message_size", "{:.1f}")
     if "submission" in s:
         sub = s["submission"]
-        per = sub["messages_per_connection"]
-        for name in ("relay plain", "relay+tls+auth"):
-            rows.append((f"{name} ({per} msg/conn): end-to-end msgs/s", f"{sub[name]['median']['end_to_end_per_s']:.0f}", "", ""))
-        rows.append(("STARTTLS+AUTH cost vs plain (end to end)", f"{100 * sub['tls_cost']['end_to_end_per_s']:.0f} %", "", ""))
+        for pattern, data in sub["patterns"].items():
+            tls, plain = sub[data["tls"]]["median"], sub[data["plain"]]["median"]
+            rows.append((f"submission {data['tls']}: end-to-end msgs/s tls / plain (cost)",
+                         f"{tls['end_to_end_per_s']:.0f} / {plain['end_to_end_per_s']:.0f} ({100 * data['cost']['end_to_end_per_s']:.0f} %)", "", ""))
+            rows.append(("  relay CPU ms/msg tls / plain (cost)",
+                         f"{tls['relay_cpu_ms_per_message']:.2f} / {plain['relay_cpu_ms_per_message']:.2f} ({100 * data['relay_cpu_cost']:.0f} %)", "", ""))
+            rows.append(("  client, sink CPU ms/msg tls; plain",
+                         f"{tls['client_cpu_ms_per_message']:.2f}, {tls['sink_cpu_ms_per_message']:.2f}; "
+                         f"{plain['client_cpu_ms_per_message']:.2f}, {plain['sink_cpu_ms_per_message']:.2f}", "", ""))
     if "idle" in s:
         idle = s["idle"]["relay"]["median"]
         rows.append((f"{results['config']['idle']} idle sessions: RSS MB (peak)", f"{idle['rss_idle_mb']:.0f} ({idle['peak_rss_mb']:.0f})", "", ""))
@@ -340,11 +386,15 @@ def main() -> int:
     parser.add_argument("--only", default="relay,fsync,submission,sizes,idle,sweep", help="comma-separated scenarios")
     parser.add_argument("--sweep", default="1,5,10,20,50,100", help="parallel sessions for the plot")
     parser.add_argument("--idle", type=int, default=1000, help="idle sessions")
-    parser.add_argument("--per-connection", type=int, default=1, help="messages per connection in the submission scenario")
+    parser.add_argument("--per-connection", type=int, default=20, help="messages per connection in the submission scenario's reuse pattern")
+    parser.add_argument("--submission", default="full,resumed,reuse",
+                        help="the submission scenario's client patterns: full (a full TLS handshake per message), "
+                             "resumed (a connection per message, TLS session resumed), reuse (--per-connection messages per connection)")
     parser.add_argument("--relay-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a relay config key, e.g. server.processes=1 (repeatable)")
     args = parser.parse_args()
     args.sweep = [int(n) for n in args.sweep.split(",")]
+    args.submission = args.submission.split(",")
     scenarios = args.only.split(",")
     if os.geteuid() != 0 or not Path(SMTP_SOURCE).exists():
         raise SystemExit("run as root with Debian's postfix package installed (apt-get install postfix): "
