@@ -358,7 +358,7 @@ def table(results: dict) -> str:
             both(f"{size} x{data['sessions']}: RSS growth / msg size", data, "rss_growth_per_message_size", "{:.1f}")
     if "submission" in s:
         sub = s["submission"]
-        for pattern, data in sub["patterns"].items():
+        for data in sub["patterns"].values():
             tls, plain = sub[data["tls"]]["median"], sub[data["plain"]]["median"]
             rows.append((f"submission {data['tls']}: end-to-end msgs/s tls / plain (cost)",
                          f"{tls['end_to_end_per_s']:.0f} / {plain['end_to_end_per_s']:.0f} ({100 * data['cost']['end_to_end_per_s']:.0f} %)", "", ""))

@@ -197,7 +197,7 @@ class RelaySMTP(SMTP):
         """aiosmtpd's STARTTLS on the event loop's own TLS layer (``loop.start_tls``).
 
         aiosmtpd builds asyncio's pure-Python ``SSLProtocol`` itself, even under uvloop, whose
-        TLS layer is compiled (~0.15 ms of the relay's CPU less per STARTTLS connection, and
+        TLS layer is compiled (~0.1–0.2 ms of the relay's CPU less per STARTTLS connection, and
         less per record on kept connections: bench/README.md). What aiosmtpd's ``connection_made`` does after its handshake is
         done here: a new session (RFC 3207 4.2), the TLS facts in ``session.ssl``, the
         STARTTLS hook. Whatever the client sent in plaintext after STARTTLS is discarded
