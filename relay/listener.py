@@ -112,6 +112,7 @@ class RelaySMTP(SMTP):
       connection without a word. Here it says ``421 4.4.2`` first, the DATA phase has its
       own total bound (``data_timeout``: a slow upload is not cut by the idle timer, and a
       trickling one cannot last for ever), and a whole session has ``session_timeout``.
+    - STARTTLS runs on the event loop's TLS layer (``smtp_STARTTLS``), not aiosmtpd's own.
     """
 
     _WITH_ENHANCED_CODE = {
@@ -197,10 +198,10 @@ class RelaySMTP(SMTP):
         """aiosmtpd's STARTTLS on the event loop's own TLS layer (``loop.start_tls``).
 
         aiosmtpd builds asyncio's pure-Python ``SSLProtocol`` itself, even under uvloop, whose
-        TLS layer is compiled (~0.1–0.2 ms of the relay's CPU less per STARTTLS connection, and
-        less per record on kept connections: bench/README.md). What aiosmtpd's ``connection_made`` does after its handshake is
-        done here: a new session (RFC 3207 4.2), the TLS facts in ``session.ssl``, the
-        STARTTLS hook. Whatever the client sent in plaintext after STARTTLS is discarded
+        TLS layer is compiled (~0.1–0.2 ms of the relay's CPU less per STARTTLS connection,
+        and less per record on kept connections: bench/README.md). What aiosmtpd's
+        ``connection_made`` does after its handshake is done here: a new session (RFC 3207
+        4.2), the TLS facts in ``session.ssl``, the STARTTLS hook. Whatever the client sent in plaintext after STARTTLS is discarded
         before the handshake (RFC 3207 5, the command injection of CVE-2011-0411); what it
         sends once TLS is up may already be buffered when the handshake completes, so
         nothing is cleared after it.
