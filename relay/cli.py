@@ -52,7 +52,7 @@ def run_event_loop(main, choice: str = "auto"):
         import uvloop
     except ImportError:
         if choice == "uvloop":
-            raise SystemExit("server.event_loop: uvloop is not installed (pip install 'sendcloud-relay[fast]')") from None
+            raise SystemExit("server.event_loop: uvloop is not installed (pip install uvloop)") from None
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)

@@ -178,7 +178,7 @@ class Server(_Model):
     # SMTP acceptor processes sharing the listening sockets and one spool (relay/workers.py):
     # 1 runs everything in one process; "auto" one per CPU, at least 2 and at most 8.
     processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
-    # auto: uvloop when installed (the `fast` extra), else asyncio's own loop.
+    # auto: uvloop when installed (a dependency except on Windows), else asyncio's own loop.
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     @model_validator(mode="after")
