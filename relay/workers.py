@@ -24,7 +24,10 @@ at most 256 KB, the acceptor waiting for the socket to drain after each, then on
 with the message without its body: the main process keeps the pieces as they come and the
 spool writes them as pieces, so a 10 MB message is never a second whole copy on either
 side (nor in a socket buffer), and every frame is written at once, so frames of other
-sessions and control frames may come between the pieces of one message.
+sessions and control frames may come between the pieces of one message. Past ``_SPILL_AT``
+the main process writes what it holds of a body to an anonymous temporary file beside the
+spool (:class:`_ReceivedBody`) and the spool copies it from there: the acceptor's receive
+buffer is the only whole copy while the message is handed over.
 
 What must hold for the whole relay lives in the main process only, as Postfix's ``anvil``
 does: the connection counts and the AUTH failure tracking (:mod:`relay.anvil`). An acceptor
@@ -58,7 +61,9 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from relay import logs, metrics
 from relay.anvil import LimitsUnavailable, LocalLimits
@@ -69,7 +74,7 @@ from relay.errors import SMTPReply
 from relay.limits import PersistentRates, RateStore
 from relay.listener import ListenerGroup, Services
 from relay.prepare import Preparer
-from relay.spool import NewMessage, use_queue_id_partition
+from relay.spool import FileRegion, NewMessage, Piece, piece_chunks, use_queue_id_partition
 from relay.spool.sqlite import SqliteSpool
 from relay.tls import ServerTLS, server_context
 
@@ -77,6 +82,9 @@ log = logging.getLogger("relay.workers")
 
 _HEADER = struct.Struct("!II")  # metadata length, data length
 _PIECE = 256 * 1024  # the most of a body one frame carries
+# The most of one message's body the main process keeps in memory: past it, what it holds goes
+# to a temporary file (smaller messages stay in memory: the quick path, and the common one).
+_SPILL_AT = 1024 * 1024
 _RESTART_DELAY = 1.0  # seconds before an acceptor that died is started again
 _READY = "ready"  # an acceptor's first frame: its listeners are serving
 # A question about the limits not answered within this long gets a "try again later": the
@@ -127,9 +135,8 @@ def write_frame(writer: asyncio.StreamWriter, meta: object, data: bytes | memory
 async def write_message(writer: asyncio.StreamWriter, sequence: int, message: NewMessage) -> None:
     """A message's body as piece frames, draining after each, then the message without its body."""
     for piece in message.pieces:
-        view = memoryview(piece)
-        for start in range(0, len(view), _PIECE):
-            write_frame(writer, BodyPiece(sequence), view[start:start + _PIECE])
+        for chunk in piece_chunks(piece, _PIECE):
+            write_frame(writer, BodyPiece(sequence), chunk)
             await writer.drain()
     write_frame(writer, (sequence, dataclasses.replace(message, body=())))
 
@@ -362,6 +369,57 @@ def _receive(sock: socket.socket, length: int) -> bytes:
 # -- the main process's side --------------------------------------------------------------------
 
 
+class _ReceivedBody:
+    """The pieces of one message's body as the main process receives them.
+
+    At most ``_SPILL_AT`` bytes stay in memory: each time that much is held, it is appended to
+    an anonymous temporary file in the spool's directory (unlinked at once, so a crash leaves
+    nothing behind, and its space comes back at ``close``), in a thread. The caller awaits each
+    ``add`` before it reads the next frame, so the writes keep their order and memory stays
+    bounded. No fsync: the spool's commit is the durable step, the file only a buffer before it.
+    A write that fails (disk full) fails this message only, when it is stored: its acceptor
+    answers ``451`` as for a spool error, and its link to the main process carries on.
+    """
+
+    def __init__(self, directory: Path):
+        self._directory = directory
+        self._held: list[bytes] = []
+        self._held_size = 0
+        self._file = None
+        self._spilled = 0
+        self._failed: OSError | None = None
+
+    async def add(self, data: bytes) -> None:
+        if self._failed is not None:
+            return  # the rest of a body that cannot be stored
+        self._held.append(data)
+        self._held_size += len(data)
+        if self._held_size >= _SPILL_AT:
+            held, self._held, self._held_size = self._held, [], 0
+            try:
+                await asyncio.to_thread(self._spill, held)
+            except OSError as error:
+                self._failed = error
+
+    def _spill(self, held: list[bytes]) -> None:
+        if self._file is None:
+            self._file = tempfile.TemporaryFile(dir=self._directory)
+        self._file.writelines(held)
+        self._file.flush()  # the spool reads the file through its descriptor, not this buffer
+        self._spilled += sum(len(data) for data in held)
+
+    def pieces(self) -> tuple[Piece, ...]:
+        if self._failed is not None:
+            raise OSError(f"cannot buffer the message in {self._directory}: {self._failed}")
+        spilled = (FileRegion(self._file, 0, self._spilled),) if self._file is not None else ()
+        return (*spilled, *self._held)
+
+    def close(self) -> None:
+        self._held = []
+        if self._file is not None:
+            self._file.close()
+
+
 def _metrics_name(index: int) -> str:
     """Acceptor ``index``'s name in the metrics directory: the same for the one started again,
     which carries on its counters instead of leaving a file per process behind."""
@@ -486,7 +544,7 @@ class AcceptorPool:
         """Store every message an acceptor sends, each in its own task (they share group commits),
         and answer its questions about the limits in order."""
         pending: set[asyncio.Task] = set()
-        bodies: dict[int, list[bytes]] = {}  # by sequence: the pieces received so far
+        bodies: dict[int, _ReceivedBody] = {}  # by sequence: the pieces received so far
         try:
             while True:
                 try:
@@ -494,18 +552,20 @@ class AcceptorPool:
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 if isinstance(frame, BodyPiece):
-                    bodies.setdefault(frame.sequence, []).append(data)
+                    if frame.sequence not in bodies:
+                        bodies[frame.sequence] = _ReceivedBody(self._spool.path.parent)
+                    await bodies[frame.sequence].add(data)
                     continue
                 if isinstance(frame, LimitsCall):
                     await self._answer(index, writer, frame)
                     continue
                 sequence, message = frame  # no local may keep the body: it would live until the next message
-                task = asyncio.create_task(
-                    self._store(writer, sequence, dataclasses.replace(message, body=tuple(bodies.pop(sequence, ()))))
-                )
+                task = asyncio.create_task(self._store(writer, sequence, message, bodies.pop(sequence, None)))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
         finally:
+            for body in bodies.values():  # the acceptor went away in the middle of these
+                body.close()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
 
@@ -525,8 +585,9 @@ class AcceptorPool:
         if call.sequence is not None and not writer.is_closing():
             write_frame(writer, LimitsAnswer(call.sequence, value))
 
-    async def _store(self, writer: asyncio.StreamWriter, sequence: int, message: NewMessage) -> None:
+    async def _store(self, writer: asyncio.StreamWriter, sequence: int, message: NewMessage, body: _ReceivedBody | None) -> None:
         try:
+            message = dataclasses.replace(message, body=body.pieces() if body is not None else ())
             await self._spool.store(message)
         except Exception as error:  # noqa: BLE001 - the acceptor answers 451 and logs it
             log.exception("%s: could not spool message from an acceptor", message.id)
@@ -534,6 +595,9 @@ class AcceptorPool:
         else:
             self._scheduler.submit(message)
             reply = (sequence, None)
+        finally:
+            if body is not None:
+                body.close()
         if not writer.is_closing():
             write_frame(writer, reply)
 

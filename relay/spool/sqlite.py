@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.rewrite import header_length
-from relay.spool import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, is_eight_bit
+from relay.spool import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, is_eight_bit, piece_chunks
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -127,9 +127,8 @@ class SpoolStore:
         if size:
             with self.conn.blobopen("messages", "body", cursor.lastrowid) as blob:
                 for piece in message.pieces:
-                    view = memoryview(piece)
-                    for start in range(0, len(view), _BLOB_CHUNK):
-                        blob.write(view[start:start + _BLOB_CHUNK])
+                    for chunk in piece_chunks(piece, _BLOB_CHUNK):
+                        blob.write(chunk)
         self.conn.executemany(
             "INSERT INTO recipients (message_id, idx, address, state, next_attempt) VALUES (?,?,?,?,?)",
             [

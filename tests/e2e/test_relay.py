@@ -328,9 +328,10 @@ def test_a_5_mb_message_arrives_byte_for_byte_dot_lines_included(make_relay, sen
 @pytest.mark.parametrize("processes", [1, 2])
 def test_dot_lines_at_every_spool_chunk_boundary_arrive_byte_for_byte(make_relay, sendcloud, processes):
     """Dot-lines of mixed lengths throughout, so every 256 KB boundary (of the acceptor's hand-off
-    pieces and of the spool reads) falls among them, at some offset within a line."""
+    pieces, of the main process's spill file past 1 MiB, and of the spool reads) falls among
+    them, at some offset within a line."""
     relay = make_relay(max_message_size="8MiB", processes=processes)
-    body = (b".\r\n" + b"..y\r\n" + b".zz\r\n" + b"plain\r\n" + b".\r\n.\r\n") * 40_000  # 1.2 MB
+    body = (b".\r\n" + b"..y\r\n" + b".zz\r\n" + b"plain\r\n" + b".\r\n.\r\n") * 100_000  # 3 MB: two spills, a rest held
     submit_trusted(relay, ["dots@example.net"], message("dots", body="") + body)
     [received] = sendcloud.wait_for(1, timeout=60)
     assert received.data.endswith(b"\r\n\r\n" + body)

@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from relay.spool import NewMessage, RecipientUpdate, State, new_queue_id
+from relay.spool import FileRegion, NewMessage, RecipientUpdate, State, new_queue_id
 from relay.spool.sqlite import BodyGone, SqliteSpool, open_store
 
 RECEIVED = 1_700_000_000.0
@@ -119,6 +119,32 @@ async def test_body_given_in_pieces_is_stored_as_one_text_with_its_8bit_flag(spo
     assert [(m.id, m.size, m.eight_bit) for m in await spool.due(RECEIVED, 10)] == sorted([
         (message.id, len(b"".join(pieces)), True), (ascii_message.id, ascii_message.size, False),
     ])
+
+
+@pytest.mark.parametrize("eight_bit", [False, True])
+async def test_a_body_part_in_a_file_region_is_stored_byte_for_byte_with_its_8bit_flag(spool, tmp_path, eight_bit):
+    """The main process of acceptor processes spills large bodies to a file: the spool reads only
+    the region (at an odd offset, over several chunks), scanning it for 8-bit bytes as it goes."""
+    spilled = bytes(index % 95 + 32 for index in range(3 * 256 * 1024 + 11)) + ("ü" if eight_bit else "u").encode()
+    with open(tmp_path / "spill", "w+b") as file:
+        file.write(b"\xff" * 1001 + spilled + b"\xff" * 5)  # 8-bit bytes outside the region never count
+        file.flush()
+        pieces = (b"Received: x\r\n\r\n", FileRegion(file, 1001, len(spilled)), b"tail\r\n")
+        message = dataclasses.replace(new_message(), body=pieces)
+        await spool.store(message)
+    assert await spooled(spool, message.id) == b"Received: x\r\n\r\n" + spilled + b"tail\r\n"
+    [due] = await spool.due(RECEIVED, 10)
+    assert (due.size, due.eight_bit) == (message.size, eight_bit)
+
+
+async def test_a_file_region_shorter_than_it_says_fails_the_store_and_nothing_is_spooled(spool, tmp_path):
+    with open(tmp_path / "spill", "w+b") as file:
+        file.write(b"x" * 1000)
+        file.flush()
+        message = dataclasses.replace(new_message(), body=(b"Subject: s\r\n\r\n", FileRegion(file, 0, 2000)))
+        with pytest.raises(OSError, match="1000 bytes short"):
+            await spool.store(message)
+    assert await spool.due(RECEIVED, 10) == []
 
 
 async def test_start_reads_through_a_header_longer_than_a_chunk(spool):
