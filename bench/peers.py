@@ -213,32 +213,8 @@ class TlsSink:
 
 # -- the relays under test ----------------------------------------------------------------------
 
-# Debian's master.cf services with chroot off (a chroot needs copies of /etc files inside the
-# queue directory) and the public smtpd on a port of our choosing. Process limits as shipped.
-_MASTER_CF = """\
-{inject}   inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+# The same private-instance master.cf as the tests' Postfix smarthost (one copy, kept there).
+_MASTER_CF = (Path(__file__).resolve().parent.parent / "tests" / "support" / "postfix-master.cf").read_text()
 
 
 class PostfixRelay:

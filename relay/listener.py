@@ -201,10 +201,10 @@ class RelaySMTP(SMTP):
         TLS layer is compiled (~0.1–0.2 ms of the relay's CPU less per STARTTLS connection,
         and less per record on kept connections: bench/README.md). What aiosmtpd's
         ``connection_made`` does after its handshake is done here: a new session (RFC 3207
-        4.2), the TLS facts in ``session.ssl``, the STARTTLS hook. Whatever the client sent in plaintext after STARTTLS is discarded
-        before the handshake (RFC 3207 5, the command injection of CVE-2011-0411); what it
-        sends once TLS is up may already be buffered when the handshake completes, so
-        nothing is cleared after it.
+        4.2), the TLS facts in ``session.ssl``, the STARTTLS hook. Whatever the client sent in
+        plaintext after STARTTLS is discarded before the handshake (RFC 3207 5, the command
+        injection of CVE-2011-0411); what it sends once TLS is up may already be buffered when
+        the handshake completes, so nothing is cleared after it.
         """
         if arg:
             await self.push("501 Syntax: STARTTLS")

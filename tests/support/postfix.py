@@ -51,37 +51,8 @@ def postfix_available() -> bool:
     return os.path.exists(POSTFIX) and os.path.exists(POSTMAP) and os.geteuid() == 0
 
 
-# The standard service list of Debian's master.cf minus its pipe(8) examples, with
-# chroot off everywhere, and the public "smtp inet" listener on port 25 replaced by
-# {inject}: a loopback-only smtpd on a port of our choosing.
-MASTER_CF = """\
-# service type  private unpriv  chroot  wakeup  maxproc command + args
-{inject}   inet  n       -       n       -       -       smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-virtual   unix  -       n       n       -       -       virtual
-lmtp      unix  -       -       n       -       -       lmtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+# The private instance's master.cf, shared with the benchmark's Postfix (bench/peers.py).
+MASTER_CF = (pathlib.Path(__file__).parent / "postfix-master.cf").read_text()
 
 
 class PostfixSmarthost:
