@@ -28,7 +28,7 @@ import time
 
 import aiosmtplib
 
-from relay.cli import run_event_loop as run  # uvloop when installed: less CPU taken from the relay
+from relay.process.loop import run_event_loop as run  # uvloop when installed: less CPU taken from the relay
 
 SENDER = "bench@bench.test"
 RECIPIENT = "sink@example.net"

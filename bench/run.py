@@ -29,10 +29,19 @@ import time
 from pathlib import Path
 
 from peers import (
-    SMTP_SOURCE, OurRelay, PostfixRelay, RssSampler, SmtpSink, TlsSink, cpu_seconds, free_port, tree_pids, wait_until,
+    SMTP_SOURCE,
+    OurRelay,
+    PostfixRelay,
+    RssSampler,
+    SmtpSink,
+    TlsSink,
+    cpu_seconds,
+    free_port,
+    tree_pids,
+    wait_until,
 )
 
-from relay.auth import hash_password
+from relay.policy.auth import hash_password
 from relay.tls import make_self_signed
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
-from relay.cli import run_event_loop as run  # uvloop when installed: less CPU taken from the relay
+from relay.process.loop import run_event_loop as run  # uvloop when installed: less CPU taken from the relay
 
 
 class CountingHandler:

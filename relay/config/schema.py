@@ -1,38 +1,30 @@
-"""Configuration: one YAML file validated into typed, frozen objects.
+"""The config's shape: typed, frozen pydantic models, one per section of the YAML file.
 
-Loading happens in three steps, each with its own reason:
-
-1. YAML is parsed with a loader that remembers the line of every mapping key, so any error
-   can name ``file:line: key``.
-2. ``${ENV}`` references are substituted in every string and every ``*_file`` key is replaced
-   by the content of the file it names; secrets are never required inline.
-3. pydantic validates the result (``extra="forbid"``: a misspelt key is an error, not a silently
-   ignored setting) and the cross-references (users → channels → accounts) are checked.
+``extra="forbid"`` everywhere: a misspelt key is an error, not a silently ignored setting.
+Cross-references (users → channels → accounts, trusted networks → users, TLS rules →
+accounts) are checked in :meth:`Config._references_resolve`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import socket
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
-    BeforeValidator,
     ByteSize,
     ConfigDict,
     Field,
     SecretStr,
-    ValidationError,
     model_validator,
 )
 
-from relay.limits import Rate, parse_rate
+from relay.config.formats import is_supported_hash, key_algorithm
+from relay.config.units import Duration, HostPort, RateLimit, Size
 
 Channel = Literal["trigger", "batch"]
 SenderMode = Literal["align", "rewrite", "keep"]
@@ -40,11 +32,7 @@ TLSPolicy = Literal["may", "encrypt", "verify"]
 _LOCAL_PART = r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]{1,64}$"
 
 
-class ConfigError(Exception):
-    """A configuration problem, already phrased for the operator (``file:line: key: why``)."""
-
-
-class _Misreference(Exception):
+class CrossReferenceError(Exception):
     """A cross-reference error with the key path it belongs to.
 
     Not a ValueError, so pydantic lets it through untouched and ``parse_config`` can turn it
@@ -57,41 +45,8 @@ class _Misreference(Exception):
         self.message = message
 
 
-# ---------------------------------------------------------------------------------------------
-# Scalar types: durations and sizes as operators write them
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
-
-
-def parse_duration(value: Any) -> float:
-    """``"5m"`` → 300.0 seconds; plain numbers are seconds."""
-    if isinstance(value, bool):
-        raise ValueError("a duration such as 30s, 5m, 4h or 5d")
-    if isinstance(value, (int, float)):
-        return float(value)
-    match = _DURATION.match(str(value))
-    if not match:
-        raise ValueError(f"{value!r} is not a duration: use e.g. 30s, 5m, 4h or 5d")
-    number, unit = match.groups()
-    return float(number) * _DURATION_UNITS[unit]
-
-
-def _positive(value: float) -> float:
-    if value <= 0:
-        raise ValueError("must be greater than zero")
-    return value
-
-
-Duration = Annotated[float, BeforeValidator(parse_duration), AfterValidator(_positive)]
-# ByteSize reads "25MiB", "16MB", "16000000"; stored as a plain int of bytes.
-Size = Annotated[ByteSize, AfterValidator(lambda v: int(_positive(v)))]
-
 
 def _password_hash(value: str) -> str:
-    from relay.auth import is_supported_hash  # auth owns the hash formats
-
     if not is_supported_hash(value):
         raise ValueError(
             "must be a hash made by `sendcloud-relay hash-password` "
@@ -101,14 +56,6 @@ def _password_hash(value: str) -> str:
 
 
 PasswordHash = Annotated[str, AfterValidator(_password_hash)]
-
-
-def _rate(value: Any) -> Any:
-    return value if isinstance(value, Rate) else parse_rate(value)
-
-
-# "600/hour", "20/minute", "50/10m": recipients accepted per period (limits owns the syntax).
-RateLimit = Annotated[Rate, BeforeValidator(_rate)]
 
 
 class _Model(BaseModel):
@@ -289,8 +236,6 @@ class TLSRule(_Model):
 
 
 def _dkim_key(value: SecretStr) -> SecretStr:
-    from relay.signing import key_algorithm  # signing owns the key formats
-
     key_algorithm(value.get_secret_value().encode())
     return value
 
@@ -308,24 +253,10 @@ class Resolver(_Model):
     timeout: Duration = 5.0
 
 
-def _host_port(value: str) -> str:
-    host, port = split_host_port(value)
-    if not host or not 1 <= port <= 65535:
-        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8025 or [::1]:8025")
-    return value
-
-
-def split_host_port(value: str) -> tuple[str, int]:
-    """``127.0.0.1:8025`` / ``[::1]:8025`` → (host, port); port 0 when it does not parse."""
-    host, _, port = value.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return host, int(port) if port.isdigit() else 0
-
-
 class Admin(_Model):
     """The admin HTTP endpoint: /metrics, /healthz, /readyz, /api/queue, /api/reload."""
 
-    listen: Annotated[str, AfterValidator(_host_port)] | None = "127.0.0.1:8025"  # null: off
+    listen: HostPort | None = "127.0.0.1:8025"  # null: off
     token: SecretStr | None = None  # bearer token for /metrics and /api/* (probes need none)
     upstream_unready_after: Duration | None = 900.0  # /readyz fails once upstream fails this long
 
@@ -358,35 +289,35 @@ class Config(_Model):
                 account = self.accounts.get(account_name)
                 loc = ("users", name, "channels", channel)
                 if account is None:
-                    raise _Misreference(loc, f"no account named {account_name!r}")
+                    raise CrossReferenceError(loc, f"no account named {account_name!r}")
                 if account.type != channel:
-                    raise _Misreference(
+                    raise CrossReferenceError(
                         loc,
                         f"account {account_name!r} is of type {account.type}; "
                         f"a {channel} channel needs a {channel} account",
                     )
         for index, network in enumerate(self.server.trusted_networks):
             if network.user not in self.users:
-                raise _Misreference(
+                raise CrossReferenceError(
                     ("server", "trusted_networks", index, "user"), f"{network.cidr}: no user {network.user!r}"
                 )
         for index, tls_rule in enumerate(self.tls_rules):
             if tls_rule.account is not None and tls_rule.account not in self.accounts:
-                raise _Misreference(("tls_rules", index, "account"), f"no account named {tls_rule.account!r}")
+                raise CrossReferenceError(("tls_rules", index, "account"), f"no account named {tls_rule.account!r}")
             if tls_rule.rule != "may" and self.upstream.kind == "smtp" and self.upstream.tls == "none":
-                raise _Misreference(
+                raise CrossReferenceError(
                     ("tls_rules", index, "rule"), f"{tls_rule.rule} can never be met: upstream.tls is none"
                 )
         for name, account in self.accounts.items():
             if account.api_key is None and self.upstream.kind == "sendcloud":
-                raise _Misreference(("accounts", name), "api_key (or api_key_file) is required")
+                raise CrossReferenceError(("accounts", name), "api_key (or api_key_file) is required")
             if (
                 account.api_key is not None
                 and self.upstream.kind == "smtp"
                 and self.upstream.tls == "none"
                 and not self.upstream.allow_plaintext_auth
             ):
-                raise _Misreference(
+                raise CrossReferenceError(
                     ("accounts", name),
                     "an api_key would cross upstream in plaintext (upstream.tls: none); set "
                     "upstream.allow_plaintext_auth: true for a local staging relay, or use TLS",
@@ -404,32 +335,6 @@ class Config(_Model):
                 return network.user
         return None
 
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-class _LineDict(dict):
-    """A mapping that knows the YAML line (1-based) of each of its keys."""
-
-    lines: dict[Any, int]
-
-
-class _LineLoader(yaml.SafeLoader):
-    def construct_mapping(self, node, deep=False):  # noqa: D102 - PyYAML hook
-        mapping = _LineDict(super().construct_mapping(node, deep=True))
-        mapping.lines = {
-            self.construct_object(key_node, deep=True): key_node.start_mark.line + 1
-            for key_node, _ in node.value
-        }
-        return mapping
-
-
-_LineLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _LineLoader.construct_mapping
-)
-
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 AUTO_PROCESSES_MAX = 8  # each acceptor costs ~40-70 MB; past this the main process is the bottleneck
@@ -449,123 +354,3 @@ def acceptor_count(config: Config) -> int:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return min(max(2, cpus), AUTO_PROCESSES_MAX)
 
-
-def _line_of(data: Any, loc: tuple) -> tuple[int | None, str]:
-    """Deepest known line for a key path, and the path as dotted text."""
-    line = None
-    node = data
-    for part in loc:
-        if isinstance(node, _LineDict) and part in node:
-            line = node.lines.get(part, line)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-            node = node[part]
-        else:
-            break
-    return line, ".".join(str(part) for part in loc)
-
-
-def _resolve_secrets(node: Any, path: tuple, source: str, root: Any, base: Path) -> Any:
-    """Substitute ``${ENV}`` and replace ``key_file: PATH`` by ``key: <file content>``."""
-    if isinstance(node, str):
-
-        def env(match: re.Match) -> str:
-            name = match.group(1)
-            if name not in os.environ:
-                raise ConfigError(_where(source, root, path, f"environment variable {name} is not set"))
-            return os.environ[name]
-
-        return _ENV_REF.sub(env, node)
-    if isinstance(node, list):
-        return [_resolve_secrets(item, path + (i,), source, root, base) for i, item in enumerate(node)]
-    if isinstance(node, dict):
-        resolved = _LineDict()
-        resolved.lines = dict(getattr(node, "lines", {}))
-        for key, value in node.items():
-            value = _resolve_secrets(value, path + (key,), source, root, base)
-            if isinstance(key, str) and key.endswith("_file") and key != "ca_file":
-                target = key[: -len("_file")]
-                if target in node:
-                    raise ConfigError(_where(source, root, path + (key,), f"set {target} or {key}, not both"))
-                file = base / str(value)
-                try:
-                    value = file.read_text().rstrip("\r\n")
-                except OSError as error:
-                    raise ConfigError(_where(source, root, path + (key,), f"cannot read {file}: {error.strerror}")) from None
-                resolved.lines[target] = resolved.lines.get(key)
-                key = target
-            resolved[key] = value
-        return resolved
-    return node
-
-
-def _where(source: str, root: Any, loc: tuple, message: str) -> str:
-    line, dotted = _line_of(root, loc)
-    position = f"{source}:{line}" if line else source
-    return f"{position}: {dotted}: {message}" if dotted else f"{position}: {message}"
-
-
-def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> Config:
-    """Validate YAML text into a :class:`Config`; raise :class:`ConfigError` naming file and line."""
-    try:
-        raw = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}{line}: not valid YAML: {getattr(error, 'problem', error)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    data = _resolve_secrets(raw, (), source, raw, base or Path.cwd())
-    try:
-        return Config.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(_problems(error, source, data)) from None
-    except _Misreference as error:
-        raise ConfigError(_where(source, data, error.loc, error.message)) from None
-
-
-def _problems(error: ValidationError, source: str, data: Any, prefix: tuple = ()) -> str:
-    problems = []
-    for item in error.errors():
-        loc = prefix + tuple(part for part in item["loc"] if not str(part).startswith("function-"))
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown key (misspelt, or not supported by this version)"
-        problems.append(_where(source, data, loc, message))
-    return "\n".join(problems)
-
-
-def load_admin_settings(path: Path | str) -> Admin:
-    """Only the ``admin`` section, for `sendcloud-relay reload`: the rest of the file may be
-    exactly what is broken, and the running relay is the one to judge it."""
-    path = Path(path)
-    try:
-        raw = yaml.load(path.read_text(), Loader=_LineLoader)  # noqa: S506 - a SafeLoader
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {getattr(error, 'problem', error)}") from None
-    section = raw.get("admin") if isinstance(raw, dict) else None
-    data = _resolve_secrets(section or {}, ("admin",), str(path), raw, path.parent)
-    try:
-        return Admin.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(_problems(error, str(path), raw, ("admin",))) from None
-
-
-def load_config(path: Path | str) -> Config:
-    """Read and validate a config file; ``*_file`` paths are relative to the file's folder."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
-    return parse_config(text, source=str(path), base=path.parent)
-
-
-def load_demo_config() -> Config:
-    """The embedded demo config (`relay/demo.yaml`): what `serve` runs without ``-c``."""
-    from importlib import resources
-
-    text = resources.files("relay").joinpath("demo.yaml").read_text()
-    return parse_config(text, source="<embedded demo.yaml>")

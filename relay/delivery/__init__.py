@@ -1,5 +1,2 @@
-"""Delivery: the scheduler (what to try when), the retry decisions, and the upstream hop."""
-
-from relay.delivery.scheduler import Scheduler
-
-__all__ = ["Scheduler"]
+"""Delivery: the scheduler (what to try when), the retry decisions, the upstream hop
+(``transport``), SendCloud's reply conventions, and bounces (DSNs)."""

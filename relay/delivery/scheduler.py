@@ -15,21 +15,34 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from relay import metrics
-from relay.bounce import FailedRecipient, build_dsn
 from relay.config import Config
+from relay.delivery.bounce import FailedRecipient, build_dsn
 from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle
 from relay.delivery.sendcloud import email_ids
 from relay.delivery.throttle import AccountThrottle
-from relay.delivery.transport import AccountPool, Key, TLSContexts, Transaction, open_connection
-from relay.health import UpstreamHealth, attempt_failed
-from relay.logs import event
-from relay.rewrite import header_block, header_length
+from relay.delivery.transport import (
+    AccountPool,
+    Key,
+    TLSContexts,
+    Transaction,
+    open_connection,
+)
+from relay.lines import header_block, header_length
+from relay.observe import metrics
+from relay.observe.health import UpstreamHealth, attempt_failed
+from relay.observe.logs import event
+from relay.rewrite.xsmtpapi import for_transaction
 from relay.routing import tls_policy
-from relay.spool import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, new_queue_id
-from relay.spool.sqlite import SqliteSpool
+from relay.spool import (
+    NewMessage,
+    QueuedMessage,
+    Recipient,
+    RecipientUpdate,
+    Spool,
+    State,
+    new_queue_id,
+)
 from relay.tls import unverified_upstream_context, upstream_context
-from relay.xsmtpapi import for_transaction
 
 log = logging.getLogger("relay.delivery")
 
@@ -55,7 +68,7 @@ class _Account:
 
 
 class Scheduler:
-    def __init__(self, config: Callable[[], Config], spool: SqliteSpool):
+    def __init__(self, config: Callable[[], Config], spool: Spool):
         self._config = config
         self._spool = spool
         self._accounts: dict[str, _Account] = {}

@@ -8,7 +8,7 @@ addresses, so the number of series stays bounded.
 
 With acceptor processes (``server.processes`` above 1) this is prometheus-client's
 multiprocess mode: ``sendcloud-relay serve`` makes a private directory and names it in
-``PROMETHEUS_MULTIPROC_DIR`` before this module is imported (:mod:`relay.metrics_directory`); each
+``PROMETHEUS_MULTIPROC_DIR`` before this module is imported (:mod:`relay.observe.metrics_directory`); each
 process keeps its values in its own memory-mapped file there, under a stable name (``main``,
 ``acceptor0``…) so an acceptor started again carries on its counters instead of leaving a
 file per process behind; ``/metrics`` in the main process merges the files. Every gauge says
@@ -37,7 +37,7 @@ from prometheus_client import (
     values,
 )
 
-from relay.metrics_directory import DIRECTORY, PROCESS_NAME
+from relay.observe.metrics_directory import DIRECTORY, PROCESS_NAME
 
 _shared = os.environ.get(DIRECTORY)
 if _shared:

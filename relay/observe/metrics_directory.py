@@ -1,6 +1,6 @@
 """Where the processes of one relay keep their metrics (prometheus-client's multiprocess mode).
 
-Apart from :mod:`relay.metrics` so that ``serve`` can set it up before anything imports that
+Apart from :mod:`relay.observe.metrics` so that ``serve`` can set it up before anything imports that
 module: prometheus-client picks its value storage when each metric is created.
 """
 
@@ -25,8 +25,8 @@ def shared_metrics(several_processes: bool) -> Iterator[None]:
         os.environ.pop(DIRECTORY, None)  # an inherited one would only collect stale files
         yield
         return
-    if "relay.metrics" in sys.modules:  # its metrics would already keep their values in memory
-        raise RuntimeError("relay.metrics was imported before the metrics directory was set up")
+    if "relay.observe.metrics" in sys.modules:  # its metrics would already keep their values in memory
+        raise RuntimeError("relay.observe.metrics was imported before the metrics directory was set up")
     directory = tempfile.mkdtemp(prefix="sendcloud-relay-metrics-")
     os.environ[DIRECTORY] = directory
     os.environ[PROCESS_NAME] = "main"

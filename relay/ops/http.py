@@ -20,26 +20,37 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 
-from relay import admin, metrics
-from relay.config import split_host_port
-from relay.health import readiness_problems
+from relay.config import Config, split_host_port
+from relay.observe import metrics
+from relay.observe.health import readiness_problems
+from relay.ops import queue_view
+from relay.spool import Spool
 
-if TYPE_CHECKING:
-    from relay.server import Relay
-
-log = logging.getLogger("relay.admin")
+log = logging.getLogger("relay.ops.queue_view")
 
 _PROBE_TIMEOUT = 5.0  # a spool write slower than this counts as failing
 _PROBE_REUSE = 1.0  # seconds a spool probe's result answers further /readyz calls
 
 
+@dataclass(frozen=True)
+class AdminBackend:
+    """What the admin endpoint may see and do of the running relay, and nothing more."""
+
+    config: Callable[[], Config]
+    spool: Spool
+    stopping: Callable[[], bool]  # shutting down: /readyz says so
+    dead_workers: Callable[[], list[str]]  # delivery tasks that ended while they should run
+    failing_since: Callable[[], Mapping[str, float]]  # per account: since when the upstream fails
+    reload: Callable[[], Awaitable[tuple[str | None, list[str]]]]  # (why refused, or None; restart needed)
+
+
 class AdminServer:
-    def __init__(self, relay: Relay):
+    def __init__(self, relay: AdminBackend):
         self.relay = relay
         self._runner: web.AppRunner | None = None
         self._probe: asyncio.Task | None = None
@@ -61,7 +72,7 @@ class AdminServer:
         await self._runner.setup()
         await web.TCPSite(self._runner, host, port, reuse_address=True).start()
         log.info("admin endpoint on http://%s/ (/metrics, /healthz, /readyz, /api/queue, /api/reload)", listen)
-        if self.relay.config.admin.token is None and host not in ("127.0.0.1", "::1", "localhost"):
+        if self.relay.config().admin.token is None and host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("admin endpoint on %s has no admin.token: anyone who reaches it can read the queue", listen)
 
     async def stop(self) -> None:
@@ -71,7 +82,7 @@ class AdminServer:
 
     @web.middleware
     async def _token_check(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-        token = self.relay.config.admin.token
+        token = self.relay.config().admin.token
         if token is not None and request.path not in ("/healthz", "/readyz"):
             expected = f"Bearer {token.get_secret_value()}".encode()
             given = request.headers.get("Authorization", "").encode()
@@ -87,13 +98,13 @@ class AdminServer:
 
     async def readyz(self, request: web.Request) -> web.Response:
         relay = self.relay
-        if relay.stopping:
+        if relay.stopping():
             return web.Response(status=503, text="not ready\nshutting down\n")
         problems = readiness_problems(
             await self._spool_error(),
-            relay.scheduler.dead_workers(),
-            relay.scheduler.upstream_health.failing_since,
-            relay.config.admin.upstream_unready_after,
+            relay.dead_workers(),
+            relay.failing_since(),
+            relay.config().admin.upstream_unready_after,
             time.time(),
         )
         if problems:
@@ -106,8 +117,9 @@ class AdminServer:
         Concurrent or back-to-back probes share one write, so a load balancer polling from
         many nodes costs at most one fsync a second.
         """
-        if not self.relay.spool.writer_alive:
-            return "the spool writer thread is not running"
+        known = self.relay.spool.unavailable()
+        if known is not None:
+            return known
         if self._probe is None or (self._probe.done() and time.monotonic() - self._probe_done_at > _PROBE_REUSE):
             self._probe = asyncio.create_task(self._probe_spool())
         return await asyncio.shield(self._probe)
@@ -138,16 +150,16 @@ class AdminServer:
         include_final = request.query.get("all", "") not in ("", "0", "false", "no")
         messages = await self.relay.spool.list(include_final)
         now = time.time()
-        return web.json_response({"messages": [admin.list_record(m, now) for m in messages], "count": len(messages)})
+        return web.json_response({"messages": [queue_view.list_record(m, now) for m in messages], "count": len(messages)})
 
     async def queue_show(self, request: web.Request) -> web.Response:
         message = await self.relay.spool.get(request.match_info["id"])
         if message is None:
             return web.json_response({"error": "no such message"}, status=404)
-        return web.json_response(admin.show_record(message, time.time()))
+        return web.json_response(queue_view.show_record(message, time.time()))
 
     async def reload(self, request: web.Request) -> web.Response:
-        error, restart_needed = await self.relay.reload()
+        error, restart_needed = await self.relay.config.diff()
         if error is not None:
             return web.json_response({"reloaded": False, "error": error}, status=422)
         return web.json_response({"reloaded": True, "restart_needed": restart_needed})

@@ -1,7 +1,7 @@
 """The counts every SMTP session asks about, kept once per relay: Postfix's anvil(8) server.
 
 Connection limits (``server.max_connections``, ``max_connections_per_address``) and AUTH
-failure tracking (:class:`relay.auth.AuthGuard`) must hold for the whole relay: a client
+failure tracking (:class:`relay.policy.auth.AuthGuard`) must hold for the whole relay: a client
 spread over several acceptor processes must not get N times the connections or the guesses.
 So one process owns them. The listener asks through :class:`SharedLimits`; in a one-process
 relay that is :class:`LocalLimits` itself, in an acceptor process a thin client
@@ -16,16 +16,40 @@ process releases every key of an acceptor that died (:meth:`LocalLimits.release_
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Protocol
 
-from relay.auth import AuthGuard, GuardSettings
 from relay.errors import SMTPReply
-from relay.limits import Connections
-from relay.policy import check_address_connections, check_total_connections
+from relay.policy.auth import AuthGuard, GuardSettings
+from relay.policy.checks import check_address_connections, check_total_connections
 
 if TYPE_CHECKING:
     from relay.config import Config
+
+
+class Connections:
+    """Open SMTP sessions, in total and per client address (None: not known yet, or never)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.by_address: Counter[str] = Counter()
+
+    def opened(self, address: str | None) -> None:
+        self.total += 1
+        self.also_from(address)
+
+    def also_from(self, address: str | None) -> None:
+        """The session's address became known (a PROXY header named it)."""
+        if address is not None:
+            self.by_address[address] += 1
+
+    def closed(self, address: str | None) -> None:
+        self.total -= 1
+        if address is not None:
+            self.by_address[address] -= 1
+            if self.by_address[address] <= 0:
+                del self.by_address[address]
 
 
 class LimitsUnavailable(Exception):

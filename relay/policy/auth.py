@@ -12,7 +12,6 @@ process.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import hashlib
 import hmac
@@ -25,12 +24,12 @@ from typing import TYPE_CHECKING
 
 import argon2
 
-from relay.limits import RecentEvents
+from relay.config.formats import parse_scrypt
 
 if TYPE_CHECKING:
     from relay.config import Server
 
-log = logging.getLogger("relay.auth")
+log = logging.getLogger("relay.policy.auth")
 
 _argon2 = argon2.PasswordHasher()  # argon2id, RFC 9106 "second recommended" parameters
 
@@ -39,28 +38,6 @@ def hash_password(password: str) -> str:
     """A new salted argon2id hash for ``users.*.password_hash``."""
     return _argon2.hash(password)
 
-
-def is_supported_hash(value: str) -> bool:
-    return value.startswith("$argon2id$") or _parse_scrypt(value) is not None
-
-
-def _b64decode(text: str) -> bytes:
-    return base64.b64decode(text + "=" * (-len(text) % 4))
-
-
-def _parse_scrypt(value: str) -> tuple[int, int, int, bytes, bytes] | None:
-    parts = value.split("$")
-    if len(parts) != 5 or parts[0] or parts[1] != "scrypt":
-        return None
-    try:
-        params = dict(item.split("=", 1) for item in parts[2].split(","))
-        parsed = int(params["ln"]), int(params["r"]), int(params["p"]), _b64decode(parts[3]), _b64decode(parts[4])
-    except (KeyError, ValueError):
-        return None
-    log_n, r, p, _, expected = parsed
-    if log_n < 1 or r < 1 or p < 1 or not expected:
-        return None
-    return parsed
 
 
 def verify_password(password_hash: str, password: str) -> bool:
@@ -72,7 +49,7 @@ def verify_password(password_hash: str, password: str) -> bool:
             return False
         except argon2.exceptions.InvalidHashError:
             return False
-    parsed = _parse_scrypt(password_hash)
+    parsed = parse_scrypt(password_hash)
     if parsed is None:
         return False
     log_n, r, p, salt, expected = parsed
@@ -133,6 +110,32 @@ class Authenticator:
 @functools.cache
 def _dummy_hash() -> str:
     return hash_password(secrets.token_urlsafe(16))
+
+
+class RecentEvents:
+    """Timestamps of recent events per key (failed logins); ``window`` is given per call so a
+    reloaded setting applies at once."""
+
+    def __init__(self, keep: int = 64, max_keys: int = 50_000, clock: Callable[[], float] = time.monotonic):
+        self._keep = keep
+        self._max_keys = max_keys
+        self._clock = clock
+        self._events: dict[str, list[float]] = {}
+
+    def record(self, key: str, window: float) -> int:
+        """Note one event; return how many happened within ``window`` seconds, this one included."""
+        now = self._clock()
+        recent = [t for t in self._events.get(key, ()) if now - t < window]
+        recent.append(now)
+        if len(self._events) >= self._max_keys and key not in self._events:
+            self._forget_older_than(now - window)
+        self._events[key] = recent[-self._keep :]
+        return len(recent)
+
+    def _forget_older_than(self, cutoff: float) -> None:
+        self._events = {key: times for key, times in self._events.items() if times[-1] > cutoff}
+        if len(self._events) >= self._max_keys:  # a flood of fresh keys: start over rather than grow
+            self._events.clear()
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from fnmatch import fnmatchcase
 
 from relay.config import Config, Listener, Server, User
 from relay.errors import SMTPReply
-from relay.limits import Rate, would_exceed
+from relay.policy.rates import Rate, would_exceed
 
 
 def check_sender(user_name: str, user: User, sender: str) -> SMTPReply | None:
@@ -57,7 +57,7 @@ def identify(config: Config, listener: Listener, authenticated_user: str | None,
     return config.user_for_address(client_ip)
 
 
-# -- limits (the counts come from relay.limits) ------------------------------------------------
+# -- limits (the counts come from relay.policy.rates) ------------------------------------------------
 
 
 def check_total_connections(open_total: int, server: Server) -> SMTPReply | None:

@@ -1,6 +1,6 @@
-"""One allocator setting for large messages, applied when a relay process starts.
+"""How every relay process runs: its event loop (uvloop or asyncio's), and one allocator setting.
 
-glibc serves blocks above ``M_MMAP_THRESHOLD`` (128 KiB at first) with their own mmap, given
+The allocator setting, for large messages: glibc serves blocks above ``M_MMAP_THRESHOLD`` (128 KiB at first) with their own mmap, given
 back to the kernel on free. But the threshold is dynamic: the first time such a block is
 freed, glibc raises the threshold to its size, so after the first 10 MB message every later
 10 MB buffer comes from the heap of the thread that allocated it, and stays in the process's
@@ -12,6 +12,7 @@ buffer is moved by ``mremap`` rather than copied. Measured in bench/README.md ("
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import platform
@@ -33,3 +34,22 @@ def return_large_blocks_to_the_os(threshold: int = LARGE_BLOCK) -> bool:
     if not done:
         log.warning("could not set glibc's mmap threshold: freed large messages may stay in memory")
     return done
+
+
+def run_event_loop(main, choice: str = "auto"):
+    """Run ``main`` on ``server.event_loop``: uvloop (``auto`` when installed) or asyncio's loop.
+
+    Every relay process (the server and its acceptors) starts here, so the allocator setting
+    for large messages is made here too, before any message is read.
+    """
+    return_large_blocks_to_the_os()
+    if choice == "asyncio":
+        return asyncio.run(main)
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("server.event_loop: uvloop is not installed (pip install uvloop)") from None
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)

@@ -21,20 +21,26 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from relay import logs, metrics
-from relay.admin_http import AdminServer
-from relay.anvil import LocalLimits
-from relay.auth import Authenticator
-from relay.config import Config, ConfigError, acceptor_count, load_config, load_demo_config
-from relay.delivery import Scheduler
-from relay.delivery.scheduler import upstream_tls
-from relay.limits import PersistentRates, RateStore
-from relay.listener import ListenerGroup, Services
-from relay.prepare import Preparer
-from relay.reload import restart_needed
-from relay.spool.sqlite import SqliteSpool
+from relay.config import (
+    Config,
+    ConfigError,
+    acceptor_count,
+    load_config,
+    load_demo_config,
+)
+from relay.config.diff import restart_needed
+from relay.delivery.scheduler import Scheduler, upstream_tls
+from relay.observe import logs, metrics
+from relay.ops.http import AdminBackend, AdminServer
+from relay.policy.anvil import LocalLimits
+from relay.policy.auth import Authenticator
+from relay.policy.rates import PersistentRates
+from relay.process.supervisor import AcceptorPool
+from relay.rewrite.pipeline import Preparer
+from relay.smtp.listeners import ListenerGroup
+from relay.smtp.session import Services
+from relay.spool import NewMessage, open_spool, rate_store
 from relay.tls import ServerTLS, server_context
-from relay.workers import AcceptorPool
 
 log = logging.getLogger("relay")
 
@@ -45,16 +51,15 @@ class Relay:
         self._load = load
         self._verbose = verbose
         self.stopping = False
-        self.spool = SqliteSpool(config.spool.path)
+        self.spool = open_spool(config.spool)
         self.scheduler = Scheduler(lambda: self.config, self.spool)
         self.preparer = Preparer()
-        self.rates = PersistentRates(RateStore(config.spool.path))
+        self.rates = PersistentRates(rate_store(config.spool))
         self.limits = LocalLimits(lambda: self.config)  # the one table, asked by acceptors too
         metrics.LAST_RELOAD_OK.set(1)  # here, not at import: acceptor processes import it too
         services = Services(
             config=lambda: self.config,
-            spool=self.spool,
-            scheduler=self.scheduler,
+            intake=self.intake,
             authenticator=Authenticator(
                 lambda: {name: user.password_hash for name, user in self.config.users.items()}
             ),
@@ -64,10 +69,24 @@ class Relay:
         )
         self.tls = ServerTLS(config.server.tls, config.server.hostname) if config.server.tls else None
         acceptors = acceptor_count(config)
-        self.acceptors = AcceptorPool(config, self.spool, self.scheduler, self.limits, acceptors) if acceptors > 1 else None
+        self.acceptors = (
+            AcceptorPool(config, self.intake, self.spool.spill_directory, self.limits, acceptors) if acceptors > 1 else None
+        )
         self.listeners = self.acceptors or ListenerGroup(services, self.tls.context if self.tls else None)
-        self.admin = AdminServer(self)
+        self.admin = AdminServer(AdminBackend(
+            config=lambda: self.config,
+            spool=self.spool,
+            stopping=lambda: self.stopping,
+            dead_workers=self.scheduler.dead_workers,
+            failing_since=lambda: self.scheduler.upstream_health.failing_since,
+            reload=self.reload,
+        ))
         self._reload_lock = asyncio.Lock()
+
+    async def intake(self, message: NewMessage) -> None:
+        """Where accepted mail enters: durable first (the group commit's fsync), then to delivery."""
+        await self.spool.store(message)
+        self.scheduler.submit(message)
 
     async def start(self) -> None:
         async with self._reload_lock:  # a SIGHUP while starting reloads once everything runs
@@ -80,8 +99,8 @@ class Relay:
         pending = await self.spool.counts()
         loop_module = type(asyncio.get_running_loop()).__module__
         log.info(
-            "sendcloud-relay started: upstream=%s, spool=%s (%d queued, %d deferred), event loop: %s",
-            self.config.upstream.kind, self.config.spool.path,
+            "sendcloud-relay started: upstream=%s, spool=%s %s (%d queued, %d deferred), event loop: %s",
+            self.config.upstream.kind, self.config.spool.backend, self.config.spool.path,
             pending.get("queued", 0), pending.get("deferred", 0),
             "uvloop" if loop_module.startswith("uvloop") else "asyncio",
         )
@@ -147,7 +166,7 @@ async def serve(config: Config, config_path: Path | None = None, verbose: bool =
     reloads: set[asyncio.Task] = set()
 
     def reload() -> None:
-        task = asyncio.create_task(relay.reload())
+        task = asyncio.create_task(relay.config.diff())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 

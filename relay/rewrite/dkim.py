@@ -9,41 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import multiprocessing
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 import dkim
-from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 
 from relay.config import DkimKey
+from relay.config.formats import key_algorithm
 
 # Headers SendCloud may rewrite or remove on its side are left out of the signature:
 # X-SMTPAPI (consumed by SendCloud; restricted per upstream transaction) is not in dkimpy's
 # default list, which is what is signed.
 _CANONICALIZE = (b"relaxed", b"relaxed")
-
-
-def key_algorithm(key: bytes) -> bytes:
-    """``rsa-sha256`` for a PEM RSA key, ``ed25519-sha256`` for a base64 ed25519 seed; else ValueError."""
-    if b"-----BEGIN" in key:
-        try:
-            parse_pem_private_key(key)
-        except (UnparsableKeyError, ValueError):  # bad base64 inside the PEM is a ValueError
-            raise ValueError(
-                "not an RSA private key dkimpy can read: use a PKCS#1 PEM key "
-                "('BEGIN RSA PRIVATE KEY', as `sendcloud-relay dkim keygen` writes)"
-            ) from None
-        return b"rsa-sha256"
-    try:
-        seed = base64.b64decode(key.strip(), validate=True)
-    except binascii.Error:
-        seed = b""
-    if len(seed) != 32:
-        raise ValueError("not a DKIM key: expected a PEM RSA key or a base64 ed25519 private key (32 bytes)")
-    return b"ed25519-sha256"
 
 
 def sign(message: bytes, domain: str, selector: str, key: bytes) -> bytes:

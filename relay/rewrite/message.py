@@ -1,56 +1,25 @@
 """Changes made to a message's bytes before it is spooled (Postfix's ``cleanup``).
 
 :func:`rewrite_message` runs the stages in order: hygiene (:mod:`.hygiene`), the sender mode
-(:mod:`.sender`), the subject marker (:mod:`.marker`) and X-SMTPAPI (:mod:`relay.xsmtpapi`),
+(:mod:`.sender`), the subject marker (:mod:`.marker`) and X-SMTPAPI (:mod:`relay.rewrite.xsmtpapi`),
 all editing raw header fields (:mod:`.fields`).
 """
 
 from __future__ import annotations
 
 import email.policy
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 
-from relay import xsmtpapi
 from relay.errors import SMTPReply
+from relay.lines import header_block
+from relay.rewrite import xsmtpapi
 from relay.rewrite.fields import Message, raw_field
 from relay.rewrite.hygiene import Arrival, clean
 from relay.rewrite.marker import add_marker
 from relay.rewrite.sender import apply_sender_mode
 from relay.routing import Options
-
-_LONE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
-
-
-def normalise_line_endings(data: bytes) -> bytes:
-    """Turn every bare CR and bare LF into CRLF.
-
-    Legacy applications send bare LF; passed on unchanged, a ``\\n.\\n`` could end the DATA of
-    a lenient upstream early and smuggle a second message. Normalised, it becomes an ordinary
-    line that the upstream client dot-stuffs, so one DATA stays exactly one message.
-    """
-    if b"\r" not in data:
-        return data.replace(b"\n", b"\r\n")
-    pairs = data.count(b"\r\n")
-    if data.count(b"\r") == pairs and data.count(b"\n") == pairs:
-        return data  # the usual case, and ten times faster to confirm than to search
-    return _LONE_CR_OR_LF.sub(b"\r\n", data)
-
-
-def header_length(data: bytes) -> int | None:
-    """How many bytes the header section and the empty line ending it take; None if ``data`` stops before."""
-    if data.startswith(b"\r\n"):
-        return 2
-    end = data.find(b"\r\n\r\n")
-    return None if end < 0 else end + 4
-
-
-def header_block(data: bytes) -> bytes:
-    """The header section of a message (up to the first empty line)."""
-    length = header_length(data)
-    return data if length is None else data[: length - 2]
 
 
 def header_reader(data: bytes) -> Callable[[str], str | None]:

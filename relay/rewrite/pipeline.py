@@ -1,7 +1,7 @@
 """Between DATA and the spool: route, rewrite, sign — the one call the listener makes.
 
 Routing and rewriting are pure and fast (they touch headers only); DKIM signing, the one
-CPU-heavy step, runs in :class:`relay.signing.Signer`'s process pool.
+CPU-heavy step, runs in :class:`relay.rewrite.dkim.Signer`'s process pool.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from relay.config import Config
-from relay.rewrite import Arrival, header_reader, normalise_line_endings, rewrite_message
+from relay.lines import normalise_line_endings
+from relay.rewrite.dkim import Signer, signing_domain
+from relay.rewrite.hygiene import Arrival
+from relay.rewrite.message import header_reader, rewrite_message
 from relay.routing import Envelope, Route, choose_route
-from relay.signing import Signer, signing_domain
 
 
 @dataclass(frozen=True)

@@ -15,16 +15,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from relay.config import Config, MessageOptions, Rule, TLSPolicy, Tracking
-
-
-@dataclass(frozen=True)
-class Options:
-    sender_mode: str
-    from_local: str
-    ad_marker: str | None
-    label: int | None
-    tracking: Tracking
+from relay.config import Config, Rule
+from relay.routing.options import Options, resolve_options
 
 
 @dataclass(frozen=True)
@@ -98,45 +90,3 @@ def trace_route(
 def choose_route(config: Config, envelope: Envelope, header: Callable[[str], str | None]) -> Route:
     """The route for a message; ``header(name)`` gives a header's value (parsed lazily)."""
     return trace_route(config, envelope, header)[0]
-
-
-def resolve_options(config: Config, rule: MessageOptions | None, user: MessageOptions) -> Options:
-    layers = [layer for layer in (rule, user) if layer is not None]
-
-    def first(get):
-        return next((value for value in map(get, layers) if value is not None), None)
-
-    tracking = {
-        key: first(lambda layer, key=key: getattr(layer.tracking, key) if layer.tracking else None)
-        for key in Tracking.model_fields
-    }
-    mode = first(lambda layer: layer.sender.mode if layer.sender else None)
-    from_local = first(lambda layer: layer.sender.from_local if layer.sender else None)
-    return Options(
-        sender_mode=mode or config.sender.mode,
-        from_local=from_local or config.sender.from_local,
-        ad_marker=first(lambda layer: layer.ad_marker),
-        label=first(lambda layer: layer.label),
-        tracking=Tracking(**tracking),
-    )
-
-
-def tls_policy(config: Config, account: str, recipient: str) -> TLSPolicy:
-    """The upstream hop's TLS policy for one recipient, as Postfix's smtp_tls_policy_maps.
-
-    The first ``tls_rules`` entry for this account (or any) and the recipient's domain (or a
-    parent of it) wins; otherwise ``verify``, except ``may`` when the upstream is plaintext
-    (``kind: smtp`` with ``tls: none``, a local staging relay).
-    """
-    domain = recipient.rpartition("@")[2].lower().rstrip(".")
-    for rule in config.tls_rules:
-        if rule.account is not None and rule.account != account:
-            continue
-        if rule.domains is None or any(_within(domain, wanted) for wanted in rule.domains):
-            return rule.rule
-    return "may" if config.upstream.tls == "none" else "verify"
-
-
-def _within(domain: str, parent: str) -> bool:
-    parent = parent.lower().strip(".")
-    return domain == parent or domain.endswith("." + parent)

@@ -1,4 +1,4 @@
-"""The durable queue between the SMTP side and the delivery side.
+"""The records of the durable queue, which every backend speaks.
 
 A message is a row with its body and the facts routing decided (user, account); each
 recipient is a row with its own state, so a partly delivered message resumes where it stopped.

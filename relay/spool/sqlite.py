@@ -19,12 +19,22 @@ import concurrent.futures
 import queue
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from relay.rewrite import header_length
-from relay.spool import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, is_eight_bit, piece_chunks
+from relay.lines import header_length
+from relay.spool.base import BodyGone, WindowKey
+from relay.spool.model import (
+    NewMessage,
+    QueuedMessage,
+    Recipient,
+    RecipientUpdate,
+    State,
+    is_eight_bit,
+    piece_chunks,
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -65,10 +75,6 @@ _ADDED_COLUMNS = {
 _BLOB_CHUNK = 256 * 1024  # bodies are written and read in pieces of this size
 _PENDING = (State.QUEUED.value, State.DEFERRED.value)
 _MESSAGE_COLUMNS = "id, received_at, user, listener, client, account, channel, sender, size, label, mail_from, eight_bit"
-
-
-class BodyGone(Exception):
-    """The message was deleted (``queue delete``) while its body was being read."""
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -328,6 +334,12 @@ class SqliteSpool:
     async def purge_final(self, older_than: float) -> int:
         return await self._write(SpoolStore.purge_final, older_than)
 
+    async def retry(self, message_id: str | None = None) -> int:
+        return await self._write(SpoolStore.retry, message_id)
+
+    async def delete(self, message_id: str) -> bool:
+        return await self._write(SpoolStore.delete, message_id)
+
     # -- reads ------------------------------------------------------------------------------
 
     async def due(self, now: float, limit: int) -> list[QueuedMessage]:
@@ -362,9 +374,14 @@ class SqliteSpool:
     async def probe(self, now: float) -> None:
         await self._write(SpoolStore.probe, now)
 
+    def unavailable(self) -> str | None:
+        if self._writer is None or not self._writer.is_alive():
+            return "the spool writer thread is not running"
+        return None
+
     @property
-    def writer_alive(self) -> bool:
-        return self._writer is not None and self._writer.is_alive()
+    def spill_directory(self) -> Path:
+        return self.path.parent
 
     def _store(self) -> SpoolStore:
         assert self._read_store is not None, "spool not open"
@@ -441,6 +458,81 @@ def _settle(future: asyncio.Future, result: Any, error: BaseException | None) ->
 
 
 def open_store(path: Path) -> SpoolStore:
-    """A synchronous store for the CLI's queue commands (safe beside a running server)."""
+    """A synchronous store on its own connection (safe beside a running server)."""
     return SpoolStore(connect(path))
 
+
+_RATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rate_windows (
+    key    TEXT NOT NULL,
+    period REAL NOT NULL,
+    window INTEGER NOT NULL,
+    count  INTEGER NOT NULL,
+    PRIMARY KEY (key, period, window)
+) WITHOUT ROWID;
+"""
+
+
+class _RateWindows:
+    """The ``rate_windows`` table in the spool's database, on a connection of its own (blocking calls)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=10000")
+            # Survives a crash of the process (the spool's own commits fsync the shared WAL);
+            # a budget is worth less than an fsync per save.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_RATE_SCHEMA)
+            self._conn = conn
+        return self._conn
+
+    def save(self, increments: Counter[WindowKey], now: float) -> dict[WindowKey, int]:
+        """Add ``increments`` to the stored counts, forget windows no rate can still see, read all back."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO rate_windows (key, period, window, count) VALUES (?,?,?,?) "
+                "ON CONFLICT (key, period, window) DO UPDATE SET count = count + excluded.count",
+                [(key, period, window, amount) for (key, period, window), amount in increments.items()],
+            )
+            conn.execute("DELETE FROM rate_windows WHERE (window + 2) * period < ?", (now,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        rows = conn.execute("SELECT key, period, window, count FROM rate_windows").fetchall()
+        return {(key, period, window): count for key, period, window, count in rows}
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+
+class SqliteRateStore:
+    """:class:`relay.spool.base.RateStore` on the spool's database file, off the event loop.
+
+    Every process of a relay opens its own (acceptors included): they share one budget
+    through the table.
+    """
+
+    def __init__(self, path: Path):
+        self._windows = _RateWindows(path)
+
+    async def save(self, increments: Mapping[WindowKey, int] | Counter[WindowKey], now: float) -> dict[WindowKey, int]:
+        try:
+            return await asyncio.to_thread(self._windows.save, increments, now)
+        except sqlite3.Error as error:
+            raise OSError(f"spool database {self._windows.path}: {error}") from error
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._windows.close)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from relay.auth import hash_password
+from relay.policy.auth import hash_password
 from tests.support import free_port
 from tests.support.fake_sendcloud import FakeSendCloud
 from tests.support.relay import RelayProcess

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from relay.auth import verify_password
+from relay.policy.auth import verify_password
 from tests.support.relay import REPO, wait_for_port, wait_until
 
 

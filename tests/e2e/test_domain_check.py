@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from relay.signing import dns_record, generate
+from relay.rewrite.dkim import dns_record, generate
 from tests.support.dns_server import DNSServer
 
 GOOD = {

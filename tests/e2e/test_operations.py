@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.auth import hash_password
+from relay.policy.auth import hash_password
 from tests.e2e.conftest import PASSWORD, TRUSTED_SOURCE, USER
 from tests.e2e.test_relay import message, submit
 from tests.support import free_port, require_peer

@@ -10,7 +10,7 @@ import smtplib
 import dkim
 import pytest
 
-from relay.signing import dns_record
+from relay.rewrite.dkim import dns_record
 from tests.e2e.conftest import KEYS, PASSWORD, USER
 from tests.e2e.test_relay import submit, submit_trusted
 from tests.support.fake_sendcloud import FakeSendCloud

@@ -9,12 +9,14 @@ import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from relay.auth import AuthGuard, GuardSettings
 from relay.config import Config, ConfigError, parse_config
+from relay.config.units import Rate, parse_rate
 from relay.errors import SMTPReply
-from relay.limits import Rate, RateCounter, parse_rate, would_exceed
-from relay.policy import check_recipient, check_sender
-from relay.rewrite import header_block, header_reader, normalise_line_endings
+from relay.lines import header_block, normalise_line_endings
+from relay.policy.auth import AuthGuard, GuardSettings
+from relay.policy.checks import check_recipient, check_sender
+from relay.policy.rates import RateCounter, would_exceed
+from relay.rewrite.message import header_reader
 from tests.unit.helpers import BASE, config_from
 
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")

@@ -17,7 +17,14 @@ import threading
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from tests.e2e.conftest import KEYS, PASSWORD, TRUSTED_SOURCE, USER, relay_config
 from tests.e2e.test_dialogs import Conversation

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterable
 import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
-from relay.rewrite import normalise_line_endings
+from relay.lines import normalise_line_endings
 
 Piece = bytes | bytearray
 

@@ -1,70 +1,29 @@
-"""The upstream hop: one SMTP transaction at a time on connections that are kept and reused.
-
-A connection is bound to a :class:`Key`: the SendCloud label it logged in with (the login is
-``api_user#label``, so a connection without a label cannot carry labelled mail) and the TLS
-policy it was opened under. :class:`AccountPool` keeps each account's connections by key,
-never more than ``upstream.connections_per_account`` open. ``send`` never raises for what
-the upstream says: it returns one :class:`~relay.delivery.retry.Reply` per recipient, and
-connection-level failures become replies without a code (temporary), as Postfix's
-``status=deferred (connect to ...)``.
-"""
+"""The SMTP upstream: kept aiosmtplib connections, one transaction at a time, every reply per recipient."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import ssl
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import aiosmtplib
 
-from relay.config import Account, TLSPolicy, Upstream
-from relay.delivery.data import send_data
+from relay.config import Account, Upstream
 from relay.delivery.retry import Reply
 from relay.delivery.sendcloud import queued_message_id
-from relay.spool.sqlite import BodyGone
+from relay.delivery.transport.base import (
+    Key,
+    Result,
+    TLSContexts,
+    TLSRequired,
+    Transaction,
+)
+from relay.delivery.transport.data import send_data
+from relay.spool import BodyGone
 
 log = logging.getLogger("relay.delivery")
 
 _IDLE_CHECK = 15.0  # seconds idle after which a kept connection is probed with NOOP
-
-
-@dataclass(frozen=True)
-class Key:
-    label: int | None
-    tls: TLSPolicy
-
-
-@dataclass(frozen=True)
-class TLSContexts:
-    verify: ssl.SSLContext  # the system store or upstream.ca_file, host name checked
-    encrypt: ssl.SSLContext  # encryption without authentication (Postfix's may and encrypt)
-
-
-class TLSRequired(Exception):
-    """The connection cannot meet the key's TLS policy, or would send credentials in plaintext."""
-
-
-@dataclass(frozen=True)
-class Transaction:
-    queue_id: str
-    sender: str
-    recipients: list[str]
-    size: int
-    eight_bit: bool  # found when the message was spooled: BODY=8BITMIME
-    text: AsyncIterator[bytes]  # the message, read from the spool piece by piece as it is sent
-
-
-@dataclass(frozen=True)
-class Result:
-    replies: list[Reply]  # one per recipient, in order
-    upstream_id: str | None  # SendCloud's messageId, when it gave one
-    relay: str  # where it went, for the log line
 
 
 class Connection:
@@ -223,110 +182,9 @@ async def _reset(client: aiosmtplib.SMTP) -> None:
         client.close()
 
 
-class CaptureConnection:
-    """``upstream.kind: capture``: writes ``<id>.eml`` and ``<id>.json`` (the envelope) to a folder.
-
-    The demo's upstream, and a way to see exactly what would have gone to SendCloud.
-    """
-
-    def __init__(self, upstream: Upstream, account: Account, key: Key):
-        self._folder = upstream.path
-        self._account = account
-        self.key = key
-        self.relay = f"capture[{upstream.path}]"
-
-    async def send(self, transaction: Transaction) -> Result:
-        name = f"{transaction.queue_id}-{time.time_ns()}"
-        envelope = {
-            "queue_id": transaction.queue_id,
-            "api_user": self._account.api_user,
-            "label": self.key.label,
-            "mail_from": transaction.sender,
-            "rcpt_to": transaction.recipients,
-        }
-        try:
-            await asyncio.to_thread(self._folder.mkdir, parents=True, exist_ok=True)
-            await _write_durably(self._folder / f"{name}.eml", transaction.text)
-            await _write_durably(self._folder / f"{name}.json", _once(json.dumps(envelope, indent=2).encode()))
-        except OSError as error:
-            return Result([Reply(None, f"capture to {self._folder}: {error.strerror}")] * len(transaction.recipients), None, self.relay)
-        except BodyGone:
-            return Result([Reply(None, "message deleted from the queue while it was captured")] * len(transaction.recipients), None, self.relay)
-        return Result([Reply(250, f"2.0.0 Ok: captured as {name}.eml")] * len(transaction.recipients), None, self.relay)
-
-    async def close(self) -> None:
-        return None
-
-
-async def _write_durably(path: Path, pieces: AsyncIterator[bytes]) -> None:
-    """Write the pieces to a temporary file in a thread each, fsync it, then move it in place."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    out = await asyncio.to_thread(open, tmp, "wb")
-    try:
-        try:
-            async for piece in pieces:
-                await asyncio.to_thread(out.write, piece)
-            await asyncio.to_thread(_sync, out)
-        finally:
-            await asyncio.to_thread(out.close)
-    except BaseException:
-        await asyncio.to_thread(tmp.unlink, missing_ok=True)
-        raise
-    await asyncio.to_thread(os.replace, tmp, path)
-
-
-def _sync(out) -> None:
-    out.flush()
-    os.fsync(out.fileno())
-
-
-async def _once(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
 def _describe(error: BaseException) -> str:
     if isinstance(error, asyncio.TimeoutError):
         return "timed out"
     return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
-def open_connection(upstream: Upstream, account: Account, key: Key, local_hostname: str, tls: TLSContexts | None):
-    """A connection of the configured kind for one key of an account's pool."""
-    if upstream.kind == "capture":
-        return CaptureConnection(upstream, account, key)
-    assert tls is not None, "network upstreams need TLS contexts"
-    return Connection(upstream, account, key, local_hostname, tls)
-
-
-class AccountPool:
-    """One account's kept connections by key, at most ``size`` open.
-
-    Each of the account's ``size`` workers holds at most one connection at a time, so only
-    idle ones need limiting: when a key needs a new connection and the account is at its
-    limit, the longest idle connection of another key is closed first.
-    """
-
-    def __init__(self, size: int, factory: Callable[[Key], Connection | CaptureConnection]):
-        self._size = size
-        self._factory = factory
-        self._idle: list = []  # oldest first
-        self._busy = 0
-
-    async def acquire(self, key: Key):
-        self._busy += 1
-        for connection in reversed(self._idle):
-            if connection.key == key:
-                self._idle.remove(connection)
-                return connection
-        if self._idle and self._busy + len(self._idle) > self._size:
-            await self._idle.pop(0).close()
-        return self._factory(key)
-
-    def release(self, connection) -> None:
-        self._busy -= 1
-        self._idle.append(connection)
-
-    async def close(self) -> None:
-        idle, self._idle = self._idle, []
-        for connection in idle:
-            await connection.close()

@@ -1,0 +1,66 @@
+"""`serve` and `reload`: run the relay; make a running one re-read its config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from relay.cli import admin_client
+from relay.cli.common import load, with_config
+from relay.config import (
+    acceptor_count,
+    load_admin_settings,
+    load_demo_config,
+)
+from relay.observe import logs
+from relay.observe.metrics_directory import shared_metrics
+from relay.process.loop import run_event_loop
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = load(args)
+    logs.configure(config.logging, logs.secrets_of(config), args.verbose)
+    if not args.config:
+        logging.getLogger("relay").info("no -c given: running the embedded demo config (capture upstream)")
+    with shared_metrics(several_processes=acceptor_count(config) > 1):
+        from relay.process.main import serve  # imports relay.observe.metrics: only now
+
+        run_event_loop(serve(config, args.config, args.verbose), config.server.event_loop)
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running relay, through its admin endpoint, to re-read its config; print the outcome.
+
+    The admin endpoint rather than a pid file and a signal: the relay answers whether the new
+    config was taken, and why not, and it works the same in a container. Only the file's
+    ``admin`` section is read here; the relay validates the rest. (SIGHUP does the same
+    reload, for `systemctl reload` and `docker kill -s HUP`, but its outcome is only logged.)
+    """
+    settings = load_admin_settings(args.config) if args.config else load_demo_config().admin
+    if not settings.listen:
+        print("admin.listen is off in this config: send SIGHUP to the relay's process instead", file=sys.stderr)
+        return 1
+    try:
+        answer = admin_client.post(settings, "/api/reload", args.timeout)
+    except admin_client.Unreachable as error:
+        print(error, file=sys.stderr)
+        return 1
+    if not answer.get("reloaded"):
+        print(f"reload refused, the relay keeps its running config:\n{answer.get('error')}", file=sys.stderr)
+        return 1
+    print("reloaded")
+    for setting in answer.get("restart_needed", []):
+        print(f"  {setting} changed: takes effect at the next restart")
+    return 0
+
+
+def register(sub) -> None:
+    serve = with_config(sub.add_parser("serve", help="run listeners and delivery"))
+    serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    serve.set_defaults(func=cmd_serve)
+
+    reload = with_config(sub.add_parser("reload", help="make the running relay re-read its config (via admin.listen)"))
+    reload.add_argument("--timeout", type=float, default=30)
+    reload.set_defaults(func=cmd_reload)

@@ -1,0 +1,275 @@
+"""aiosmtpd's SMTP protocol with what a handler hook cannot do (see :class:`RelaySMTP`)."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import re
+import warnings
+from typing import TYPE_CHECKING
+
+from aiosmtpd.smtp import (
+    SMTP,
+    TLSSetupException,
+    syntax,
+)
+
+from relay.observe import metrics
+from relay.smtp.data import read_message
+
+if TYPE_CHECKING:
+    from relay.smtp.session import ListenerHandler
+
+log = logging.getLogger("relay.smtpd")
+
+# aiosmtpd logs every command line at INFO, AUTH PLAIN's base64 credentials included: keep
+# its logger at WARNING. Two of its warnings repeat on every session and say nothing: AUTH
+# without STARTTLS (on our implicit-TLS listeners TLS is up; on `allow_plaintext_auth` ones it
+# is the operator's explicit choice) and its own use of the deprecated Session.login_data.
+_AIOSMTPD_NOISE = ("auth_require_tls == False", "Session.login_data is deprecated")
+_aiosmtpd_log = logging.getLogger("mail.log")
+_aiosmtpd_log.setLevel(logging.WARNING)
+_aiosmtpd_log.addFilter(lambda record: not any(noise in record.getMessage() for noise in _AIOSMTPD_NOISE))
+warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
+
+
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+
+
+_connection_keys = itertools.count()  # this process's names for its connections in the limits
+
+
+@functools.cache
+def hook_names(cls: type) -> list[str]:
+    """What aiosmtpd looks for in dir() of its protocol and of the handler, for every connection."""
+    prefixes = ("smtp_", "auth_", "handle_")
+    return sorted({name for klass in cls.__mro__ for name in vars(klass) if name.startswith(prefixes)})
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP with additions a hook cannot make.
+
+    - aiosmtpd's built-in replies for size and STARTTLS problems lack the enhanced status
+      codes (RFC 3463) that the spec promises and that smarthosts log; ``push`` adds them,
+      and logs and counts those refusals, which no hook sees.
+    - Open connections are tracked so shutdown can say ``421`` to idle clients and wait
+      for the ones in a transaction, and counted so the connection limits can refuse one
+      before aiosmtpd greets it (no hook runs that early, so ``_handle_client`` asks first;
+      behind a PROXY header the per-address limit waits for the real address, in
+      ``handle_PROXY``).
+    - ``client_ip`` is the real client: the TCP peer, or the address a PROXY header named.
+      It lives here, not on the session, because STARTTLS makes a new session (aiosmtpd
+      #287) and would fall back to the load balancer's address.
+    - DATA is read by :func:`read_message`: aiosmtpd cuts lines at CRLF only (a bare-LF
+      message past 1,000 bytes became one line "too long") and keeps a list of lines.
+    - Timeouts: aiosmtpd's idle timer restarts only when a command arrives and closes the
+      connection without a word. Here it says ``421 4.4.2`` first, the DATA phase has its
+      own total bound (``data_timeout``: a slow upload is not cut by the idle timer, and a
+      trickling one cannot last for ever), and a whole session has ``session_timeout``.
+    - STARTTLS runs on the event loop's TLS layer (``smtp_STARTTLS``), not aiosmtpd's own.
+    """
+
+    _WITH_ENHANCED_CODE = {
+        "552 Error: Too much mail data": "552 5.3.4 Message size exceeds fixed maximum message size",
+        "552 Error: message size exceeds fixed maximum message size": "552 5.3.4 Message size exceeds fixed maximum message size",
+        "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
+        "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)",
+        # No SMTPUTF8 (SendCloud does not offer it): say why a non-ASCII address is refused.
+        "500 Error: strict ASCII mode": "553 5.6.7 Non-ASCII commands and addresses need SMTPUTF8, which SendCloud does not support",
+        "501 Error: SMTPUTF8 disabled": "555 5.6.7 SMTPUTF8 is not supported (SendCloud does not offer it)",
+    }
+
+    # aiosmtpd's own refusals of a transaction, with the command they refuse.
+    _BUILTIN_REFUSALS = {
+        "552 Error: Too much mail data": "DATA",
+        "552 Error: message size exceeds fixed maximum message size": "MAIL",
+        "500 Line too long (see RFC5321 4.5.3.1.6)": "DATA",
+        "530 5.7.0 Authentication required": "command",  # HELP, VRFY, MAIL, RCPT or DATA
+    }
+
+    def __init__(
+        self, handler: ListenerHandler, connections: set[RelaySMTP], *, data_timeout: float, session_timeout: float, **kwargs
+    ):
+        super().__init__(handler, **kwargs)
+        self._connections = connections
+        self.client_ip = ""
+        self.connection_key = next(_connection_keys)
+        self._admitted = False
+        self._data_timeout = data_timeout
+        self._session_timeout = session_timeout
+        self._session_timer: asyncio.TimerHandle | None = None
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd's __init__ looks for smtp_*, auth_* and handle_* methods in dir() of this
+        # object and of the handler on every connection (inspect.getmembers); listing only
+        # those names, once per class, cuts the ~120 µs it took per connection to ~35 µs.
+        return hook_names(type(self))
+
+    _SIMPLE_PATH = re.compile(rf"<({_DOT_ATOM}@{_DOT_ATOM})>[ \t]*+(?!\()")
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # aiosmtpd parses every MAIL/RCPT address with the email package's RFC 5322 header
+        # parser (~35 µs, and it defines a class per call). The plain ``<dot-atom@dot-atom>``
+        # of nearly every client gives the very same result from one regular expression.
+        match = self._SIMPLE_PATH.match(arg)
+        if match is None:
+            return super()._getaddr(arg)
+        address = match[1]
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, arg[match.end():]
+
+    async def push(self, status):
+        if isinstance(status, str):
+            stage = self._BUILTIN_REFUSALS.get(status)
+            status = self._WITH_ENHANCED_CODE.get(status, status)
+            if stage is not None:
+                self.event_handler.refused_by_aiosmtpd(self, stage, status)
+        await super().push(status)
+
+    def connection_made(self, transport) -> None:
+        self.client_ip = (transport.get_extra_info("peername") or ("",))[0]
+        super().connection_made(transport)
+
+    async def _handle_client(self) -> None:
+        """The connection limits first (asked of the main process when there are acceptor
+        processes): a refused client sees its ``421`` and nothing else, never a greeting."""
+        refusal = await self.event_handler.admit(self)
+        if self.transport is None:  # the client went away meanwhile
+            return
+        if refusal is not None:
+            self.transport.write(f"{refusal}\r\n".encode())
+            self.transport.close()
+            return
+        self._admitted = True
+        self._connections.add(self)
+        self.event_handler.connected(self.transport)
+        self._session_timer = self.loop.call_later(self._session_timeout, self._expire, "session time limit exceeded")
+        await super()._handle_client()
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """aiosmtpd's STARTTLS on the event loop's own TLS layer (``loop.start_tls``).
+
+        aiosmtpd builds asyncio's pure-Python ``SSLProtocol`` itself, even under uvloop, whose
+        TLS layer is compiled (~0.1–0.2 ms of the relay's CPU less per STARTTLS connection,
+        and less per record on kept connections: bench/README.md). What aiosmtpd's
+        ``connection_made`` does after its handshake is done here: a new session (RFC 3207
+        4.2), the TLS facts in ``session.ssl``, the STARTTLS hook. Whatever the client sent in
+        plaintext after STARTTLS is discarded before the handshake (RFC 3207 5, the command
+        injection of CVE-2011-0411); what it sends once TLS is up may already be buffered when
+        the handshake completes, so nothing is cleared after it.
+        """
+        if arg:
+            await self.push("501 Syntax: STARTTLS")
+            return
+        await self.push("220 Ready to start TLS")
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        plain = self.transport
+        try:
+            transport = await self.loop.start_tls(plain, self, self.tls_context, server_side=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - aiosmtpd closes the connection on this one
+            raise TLSSetupException() from error
+        self._original_transport = plain
+        self._reader._transport = self._writer._transport = self.transport = transport  # type: ignore[attr-defined]
+        self._set_rset_state()
+        self.session = self._create_session()
+        self.session.peer = transport.get_extra_info("peername")
+        # aiosmtpd's own STARTTLS keeps its SSLProtocol here: it only asks whether there is one,
+        # and hands its extra info (cipher, certificate, ssl_object) to the session.
+        self._tls_protocol = _StartedTLS(transport)
+        self.session.ssl = self._tls_protocol._extra
+        self._reset_timeout()
+        hook = self._handle_hooks.get("STARTTLS")
+        self._tls_handshake_okay = True if hook is None else hook(self, self.session, self.envelope)
+
+    def eof_received(self) -> bool:
+        """The client closed its side: end the session here and now.
+
+        aiosmtpd cancels the session but asks to keep the transport half-open; asyncio then
+        closes it anyway, uvloop does not, and the connection (and its slot in the
+        connection limits) would leak. Nothing more can be read, so close.
+        """
+        super().eof_received()
+        return False
+
+    def connection_lost(self, error) -> None:
+        self.event_handler.release(self)  # admitted or not, or still being asked about
+        if self._session_timer is not None:
+            self._session_timer.cancel()
+        if self in self._connections:
+            self._connections.discard(self)
+            metrics.SESSIONS.labels(self.event_handler.listener.name).dec()
+        super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's idle (and our DATA) timer: say why before closing, as Postfix does."""
+        self._expire("timeout exceeded")
+
+    def _expire(self, why: str) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        reply = f"421 4.4.2 {self.hostname} Error: {why}"
+        self.event_handler.expired(self, reply)
+        self.transport.write(f"{reply}\r\n".encode())
+        self.transport.close()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, with :func:`read_message` instead of its CRLF-only line reader."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        self._reset_timeout(self._data_timeout)  # the whole DATA phase, spooling included
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            try:
+                content = await read_message(self._reader, self.data_size_limit, self.line_length_limit)
+            except asyncio.CancelledError:  # the client went away during DATA
+                self._writer.close()
+                raise
+            if isinstance(content, str):  # the refusal of a message read to its end
+                self._set_post_data_state()
+                await self.push(content)
+                return
+            self.envelope.content = self.envelope.original_content = content
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()
+            await self.push(status)
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.envelope is not None and self.envelope.mail_from)
+
+    def close_idle(self) -> None:
+        """Say goodbye to a client between transactions; one inside a transaction may finish."""
+        if self.transport is None or self.transport.is_closing() or self.in_transaction:
+            return
+        self.transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+        self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _StartedTLS:
+    """What aiosmtpd reads of its own ``SSLProtocol`` after STARTTLS: its ``_extra`` info."""
+
+    def __init__(self, transport: asyncio.Transport):
+        self._extra = {key: transport.get_extra_info(key) for key in ("sslcontext", "peercert", "cipher", "compression", "ssl_object")}

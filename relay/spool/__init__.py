@@ -1,0 +1,50 @@
+"""The durable queue between the SMTP side and the delivery side.
+
+``model`` holds the records every backend speaks (messages, recipients, outcomes, body
+pieces, queue IDs), ``base`` the :class:`Spool` protocol the rest of the relay codes against,
+``sqlite`` the embedded backend and ``memory`` the one unit tests use. The process wiring and
+the CLI get a spool from :func:`open_spool` by ``spool.backend``, so no code outside this
+package names a backend.
+"""
+
+from __future__ import annotations
+
+from relay.config import Spool as SpoolSettings
+from relay.spool.base import BodyGone, RateStore, Spool, WindowKey
+from relay.spool.model import (
+    FileRegion,
+    NewMessage,
+    Piece,
+    QueuedMessage,
+    Recipient,
+    RecipientUpdate,
+    State,
+    is_eight_bit,
+    new_queue_id,
+    piece_chunks,
+    use_queue_id_partition,
+)
+
+__all__ = [
+    "BodyGone", "FileRegion", "NewMessage", "Piece", "QueuedMessage", "RateStore", "Recipient", "RecipientUpdate",
+    "Spool", "State", "WindowKey", "is_eight_bit", "new_queue_id", "open_spool", "piece_chunks", "rate_store",
+    "use_queue_id_partition",
+]
+
+
+def open_spool(settings: SpoolSettings) -> Spool:
+    """The spool ``spool.backend`` names (not opened yet: ``await spool.open()``)."""
+    if settings.backend == "sqlite":
+        from relay.spool.sqlite import SqliteSpool
+
+        return SqliteSpool(settings.path)
+    raise ValueError(f"spool.backend {settings.backend!r} is not supported")
+
+
+def rate_store(settings: SpoolSettings) -> RateStore:
+    """Where this process keeps rate-limit windows: beside the queue, shared with the other processes."""
+    if settings.backend == "sqlite":
+        from relay.spool.sqlite import SqliteRateStore
+
+        return SqliteRateStore(settings.path)
+    raise ValueError(f"spool.backend {settings.backend!r} is not supported")

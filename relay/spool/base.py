@@ -1,0 +1,93 @@
+"""The Spool protocol: everything the rest of the relay may ask of a spool, whatever its backend.
+
+The SMTP side stores, delivery claims due work, reads bodies in chunks and records outcomes,
+the admin endpoint and the CLI list, show, retry, delete and flush; rate budgets are kept
+beside the queue. :class:`relay.spool.sqlite.SqliteSpool` is the embedded backend and
+:class:`relay.spool.memory.MemorySpool` the one unit tests use; nothing outside
+``relay.spool`` names either, their files, threads or exceptions (:class:`BodyGone` is the
+one exception a caller handles, and it lives here).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Mapping
+from pathlib import Path
+from typing import Protocol
+
+from relay.spool.model import NewMessage, QueuedMessage, RecipientUpdate
+
+WindowKey = tuple[str, float, int]  # a rate window: (counter key, period in seconds, window number)
+
+
+class BodyGone(Exception):
+    """The message was deleted (``queue delete``) while its body was being read."""
+
+
+class Spool(Protocol):
+    """A durable queue: a write returns only once it is committed (fsynced)."""
+
+    commits: int  # durable commits so far (each an fsync for SQLite): what bench/ divides by messages
+    operations: int  # writes those commits carried
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    # -- intake ----------------------------------------------------------------------------------
+
+    async def store(self, message: NewMessage) -> None:
+        """The message and its recipients, durably; raises when it is not on disk."""
+
+    @property
+    def spill_directory(self) -> Path:
+        """Where a body too large to hold in memory may wait in a temporary file before ``store``."""
+
+    # -- delivery ---------------------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
+        """Messages with a recipient due by ``now``, each carrying only its due recipients."""
+
+    async def start(self, message_id: str) -> tuple[bytes, int] | None:
+        """A body's first bytes, through the end of its header section, and its size; None if gone or final."""
+
+    def chunks(self, message_id: str, offset: int, size: int) -> AsyncIterator[bytes]:
+        """The body from ``offset`` on, a chunk at a time; :class:`BodyGone` if it is deleted meanwhile."""
+
+    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> None:
+        """Delivery outcomes and the DSNs they caused, in one durable write."""
+
+    async def purge_final(self, older_than: float) -> int:
+        """Forget messages whose recipients are all final and that arrived before ``older_than``."""
+
+    # -- operators ---------------------------------------------------------------------------------
+
+    async def list(self, include_final: bool = False) -> list[QueuedMessage]: ...
+
+    async def get(self, message_id: str) -> QueuedMessage | None: ...
+
+    async def counts(self) -> dict[str, int]:
+        """Recipients by state."""
+
+    async def pending_summary(self) -> tuple[int, dict[str, int], float | None]:
+        """Messages not final, recipients waiting by state, arrival of the oldest waiting message."""
+
+    async def retry(self, message_id: str | None = None) -> int:
+        """Make pending recipients due now (one message, or every deferred one: ``flush``); how many."""
+
+    async def delete(self, message_id: str) -> bool: ...
+
+    async def probe(self, now: float) -> None:
+        """A real durable write, for /readyz."""
+
+    def unavailable(self) -> str | None:
+        """Why the spool cannot take writes now, known without trying one (None: no known reason)."""
+
+
+class RateStore(Protocol):
+    """Rate-limit windows kept beside the queue, shared by every process (and node) on one spool."""
+
+    async def save(self, increments: Mapping[WindowKey, int] | Counter[WindowKey], now: float) -> dict[WindowKey, int]:
+        """Add ``increments`` to the stored counts, forget windows no rate can still see, return them all."""
+
+    async def close(self) -> None: ...
