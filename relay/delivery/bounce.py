@@ -7,26 +7,16 @@ retried like any other; a failed DSN is never answered with another one (its sen
 from __future__ import annotations
 
 import email.utils
-import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-_ENHANCED = re.compile(r"^(?:\d{3}[ -])?([245]\.\d{1,3}\.\d{1,3})\b")
 
 
 @dataclass(frozen=True)
 class FailedRecipient:
     address: str
     reply: str  # the last reply, as recorded in the spool
-
-
-def status_code(reply: str) -> str:
-    """The RFC 3463 status for a DSN: the reply's own enhanced code, else a generic one."""
-    match = _ENHANCED.match(reply)
-    if match:
-        return match.group(1)
-    return "4.4.7" if "gave up" in reply else "5.0.0"  # 4.4.7: delivery time expired
+    status: str  # its RFC 3463 status (relay.delivery.retry.after_attempt decided it)
 
 
 def build_dsn(
@@ -47,7 +37,7 @@ def build_dsn(
         f"Final-Recipient: rfc822; {r.address}\r\n"
         f"Original-Recipient: rfc822; {r.address}\r\n"
         f"Action: failed\r\n"
-        f"Status: {status_code(r.reply)}\r\n"
+        f"Status: {r.status}\r\n"
         f"Diagnostic-Code: smtp; {_one_line(r.reply)}"
         for r in recipients
     )

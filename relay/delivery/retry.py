@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from relay.errors import SMTPReply
 from relay.spool import Recipient, RecipientUpdate, State
 
 
@@ -15,25 +16,14 @@ class RetryPolicy:
     max_lifetime: float  # seconds from arrival after which a temporary failure becomes final
 
 
-@dataclass(frozen=True)
-class Reply:
-    """What the upstream said about one recipient; ``code`` is None when no SMTP reply came."""
-
-    code: int | None
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}" if self.code is not None else self.text
-
-
 # SendCloud answers 536 "Frequency limited" past 20,000 calls a minute, and daily quota
 # exhaustion with "Request quota exceeded" under an undocumented code: both pass with time.
 # (A recipient's "mailbox quota exceeded" does not match: that one bounces.)
 _TEMPORARY_DESPITE_5XX = re.compile(r"frequency limited|request quota exceeded", re.IGNORECASE)
 
 
-def is_temporary(reply: Reply) -> bool:
-    if reply.code is None or 400 <= reply.code < 500:
+def is_temporary(reply: SMTPReply) -> bool:
+    if reply.temporary:
         return True
     return reply.code == 536 or bool(_TEMPORARY_DESPITE_5XX.search(reply.text))
 
@@ -46,7 +36,7 @@ _ACCOUNT_THROTTLE = re.compile(
 )
 
 
-def is_account_throttle(reply: Reply) -> bool:
+def is_account_throttle(reply: SMTPReply) -> bool:
     return (
         reply.code is not None
         and is_temporary(reply)
@@ -62,7 +52,7 @@ def retry_delay(attempts: int, policy: RetryPolicy, random_fraction: float) -> f
 
 def after_attempt(
     recipient: Recipient,
-    reply: Reply,
+    reply: SMTPReply,
     received_at: float,
     now: float,
     policy: RetryPolicy,
@@ -81,11 +71,14 @@ def after_attempt(
     if reply.code is not None and 200 <= reply.code < 300:
         return RecipientUpdate(recipient.message_id, recipient.idx, State.DELIVERED, attempts, now, text, email_id)
     if not is_temporary(reply):
-        return RecipientUpdate(recipient.message_id, recipient.idx, State.FAILED, attempts, now, text)
+        return RecipientUpdate(recipient.message_id, recipient.idx, State.FAILED, attempts, now, text,
+                               dsn_status=reply.enhanced or "5.0.0")
     deadline = received_at + policy.max_lifetime
     if now >= deadline:
         expired = f"{text} (gave up: message older than the spool's max_lifetime)"
-        return RecipientUpdate(recipient.message_id, recipient.idx, State.FAILED, attempts, now, expired)
+        # 4.4.7: delivery time expired, unless the last reply said more precisely why
+        return RecipientUpdate(recipient.message_id, recipient.idx, State.FAILED, attempts, now, expired,
+                               dsn_status=reply.enhanced or "4.4.7")
     if held_until is not None:
         held = f"{text} (account paused; not counted as an attempt)"
         return RecipientUpdate(recipient.message_id, recipient.idx, State.DEFERRED, recipient.attempts, min(held_until, deadline), held)

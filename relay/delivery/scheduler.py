@@ -303,7 +303,9 @@ class Scheduler:
     def _bounces(self, message: QueuedMessage, updates: list[RecipientUpdate], head: bytes, config: Config) -> list[NewMessage]:
         addresses = {recipient.idx: recipient.address for recipient in message.recipients}
         failed = [
-            FailedRecipient(addresses[update.idx], update.last_reply) for update in updates if update.state is State.FAILED
+            FailedRecipient(addresses[update.idx], update.last_reply, update.dsn_status or "5.0.0")
+            for update in updates
+            if update.state is State.FAILED
         ]
         if not failed or not message.sender:  # never bounce a bounce
             return []

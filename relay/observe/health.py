@@ -9,13 +9,11 @@ tasks) live in the admin endpoint; the rules live here so they are tested as tab
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # relay.delivery imports this module
-    from relay.delivery.retry import Reply
+from relay.errors import SMTPReply
 
 
-def attempt_failed(replies: Iterable[Reply]) -> bool:
+def attempt_failed(replies: Iterable[SMTPReply]) -> bool:
     """Did the upstream fail this attempt, as opposed to judging its recipients?
 
     A recipient refused with 5xx means SendCloud is up and answering; no connection, a

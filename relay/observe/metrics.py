@@ -20,7 +20,6 @@ gauges only the main process sets (queue, upstream, reload) take its latest valu
 from __future__ import annotations
 
 import os
-import re
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -37,6 +36,7 @@ from prometheus_client import (
     values,
 )
 
+from relay.errors import SMTPReply
 from relay.observe.metrics_directory import DIRECTORY, PROCESS_NAME
 
 _shared = os.environ.get(DIRECTORY)
@@ -105,27 +105,24 @@ LAST_RELOAD_OK = Gauge(
 
 # Reason words for refusals, by reply code and enhanced status code (RFC 3463).
 _REASONS = {
-    ("554", "5.7.1"): "relay_denied",
-    ("553", "5.7.1"): "sender_not_allowed",
-    ("501", "5.1.3"): "bad_recipient_syntax",
-    ("452", "4.5.3"): "too_many_recipients",
-    ("451", "4.3.0"): "spool_unavailable",
-    ("552", "5.3.4"): "message_too_big",
-    ("500", "5.5.2"): "line_too_long",
-    ("530", "5.7.0"): "auth_required",
-    ("451", "4.7.1"): "rate_limited",
-    ("550", "5.1.1"): "suppressed",
+    (554, "5.7.1"): "relay_denied",
+    (553, "5.7.1"): "sender_not_allowed",
+    (501, "5.1.3"): "bad_recipient_syntax",
+    (452, "4.5.3"): "too_many_recipients",
+    (451, "4.3.0"): "spool_unavailable",
+    (552, "5.3.4"): "message_too_big",
+    (500, "5.5.2"): "line_too_long",
+    (530, "5.7.0"): "auth_required",
+    (451, "4.7.1"): "rate_limited",
+    (550, "5.1.1"): "suppressed",
 }
-_REPLY = re.compile(r"^(\d{3})(?:[ -](\d\.\d{1,3}\.\d{1,3}))?")
 
 
-def reason_for(reply: str) -> str:
-    """A fixed word for a refusal reply; unknown ones by their codes (``smtp_550_5.7.0``)."""
-    match = _REPLY.match(reply)
-    if match is None:
+def reason_for(reply: SMTPReply) -> str:
+    """A fixed word for a refusal; unknown ones by their codes (``smtp_550_5.7.0``)."""
+    if reply.code is None:
         return "other"
-    code, enhanced = match.groups()
-    return _REASONS.get((code, enhanced)) or f"smtp_{code}_{enhanced or 'x'}"
+    return _REASONS.get((reply.code, reply.enhanced)) or f"smtp_{reply.code}_{reply.enhanced or 'x'}"
 
 
 def accepted(user: str, account: str, channel: str, listener: str, seconds: float) -> None:

@@ -16,6 +16,7 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
+from relay.errors import SMTPReply
 from relay.observe import metrics
 from relay.smtp.data import read_message
 
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
     from relay.smtp.session import ListenerHandler
 
 log = logging.getLogger("relay.smtpd")
+
+_TOO_BIG = SMTPReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 
 # aiosmtpd logs every command line at INFO, AUTH PLAIN's base64 credentials included: keep
 # its logger at WARNING. Two of its warnings repeat on every session and say nothing: AUTH
@@ -73,22 +76,20 @@ class RelaySMTP(SMTP):
     - STARTTLS runs on the event loop's TLS layer (``smtp_STARTTLS``), not aiosmtpd's own.
     """
 
-    _WITH_ENHANCED_CODE = {
-        "552 Error: Too much mail data": "552 5.3.4 Message size exceeds fixed maximum message size",
-        "552 Error: message size exceeds fixed maximum message size": "552 5.3.4 Message size exceeds fixed maximum message size",
-        "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
-        "500 Line too long (see RFC5321 4.5.3.1.6)": "500 5.5.2 Line too long (see RFC 5321 4.5.3.1.6)",
+    # aiosmtpd's own replies, as we send them instead (its lack the enhanced status codes of
+    # RFC 3463), with the command they refuse when they end a transaction (None: they don't).
+    _OWN_REPLIES: dict[str, tuple[SMTPReply, str | None]] = {
+        "552 Error: Too much mail data": (_TOO_BIG, "DATA"),
+        "552 Error: message size exceeds fixed maximum message size": (_TOO_BIG, "MAIL"),
+        "530 Must issue a STARTTLS command first": (SMTPReply(530, "5.7.0", "Must issue a STARTTLS command first"), None),
+        "500 Line too long (see RFC5321 4.5.3.1.6)": (SMTPReply(500, "5.5.2", "Line too long (see RFC 5321 4.5.3.1.6)"), "DATA"),
         # No SMTPUTF8 (SendCloud does not offer it): say why a non-ASCII address is refused.
-        "500 Error: strict ASCII mode": "553 5.6.7 Non-ASCII commands and addresses need SMTPUTF8, which SendCloud does not support",
-        "501 Error: SMTPUTF8 disabled": "555 5.6.7 SMTPUTF8 is not supported (SendCloud does not offer it)",
-    }
-
-    # aiosmtpd's own refusals of a transaction, with the command they refuse.
-    _BUILTIN_REFUSALS = {
-        "552 Error: Too much mail data": "DATA",
-        "552 Error: message size exceeds fixed maximum message size": "MAIL",
-        "500 Line too long (see RFC5321 4.5.3.1.6)": "DATA",
-        "530 5.7.0 Authentication required": "command",  # HELP, VRFY, MAIL, RCPT or DATA
+        "500 Error: strict ASCII mode": (
+            SMTPReply(553, "5.6.7", "Non-ASCII commands and addresses need SMTPUTF8, which SendCloud does not support"), None
+        ),
+        "501 Error: SMTPUTF8 disabled": (SMTPReply(555, "5.6.7", "SMTPUTF8 is not supported (SendCloud does not offer it)"), None),
+        # HELP, VRFY, MAIL, RCPT or DATA before AUTH on a listener that requires it
+        "530 5.7.0 Authentication required": (SMTPReply(530, "5.7.0", "Authentication required"), "command"),
     }
 
     def __init__(
@@ -124,11 +125,12 @@ class RelaySMTP(SMTP):
         return address, arg[match.end():]
 
     async def push(self, status):
-        if isinstance(status, str):
-            stage = self._BUILTIN_REFUSALS.get(status)
-            status = self._WITH_ENHANCED_CODE.get(status, status)
+        own = self._OWN_REPLIES.get(status) if isinstance(status, str) else None
+        if own is not None:
+            reply, stage = own
+            status = str(reply)
             if stage is not None:
-                self.event_handler.refused_by_aiosmtpd(self, stage, status)
+                self.event_handler.refused_by_aiosmtpd(self, stage, reply)
         await super().push(status)
 
     def connection_made(self, transport) -> None:
@@ -215,7 +217,7 @@ class RelaySMTP(SMTP):
     def _expire(self, why: str) -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        reply = f"421 4.4.2 {self.hostname} Error: {why}"
+        reply = SMTPReply(421, "4.4.2", f"{self.hostname} Error: {why}")
         self.event_handler.expired(self, reply)
         self.transport.write(f"{reply}\r\n".encode())
         self.transport.close()

@@ -86,7 +86,7 @@ class ListenerHandler(SASLMechanisms):
             log.error("client=[%s], listener=%s: cannot check the connection limits: %s", server.client_ip, self.listener.name, error)
             refusal = limits_unavailable()
         if refusal is not None:
-            metrics.rejected(self.listener.name, None, metrics.reason_for(str(refusal)))
+            metrics.rejected(self.listener.name, None, metrics.reason_for(refusal))
             event(log, "NOQUEUE", {"reject": "CONNECT", "client": server.client_ip, "listener": self.listener.name},
                   str(refusal), logging.WARNING)
         return refusal
@@ -94,9 +94,9 @@ class ListenerHandler(SASLMechanisms):
     def release(self, server: RelaySMTP) -> None:
         self.services.limits.release(server.connection_key)
 
-    def expired(self, server: RelaySMTP, reply: str) -> None:
+    def expired(self, server: RelaySMTP, reply: SMTPReply) -> None:
         metrics.rejected(self.listener.name, None, metrics.reason_for(reply))
-        event(log, None, {"client": server.client_ip, "listener": self.listener.name}, reply)
+        event(log, None, {"client": server.client_ip, "listener": self.listener.name}, str(reply))
 
     # -- identity ---------------------------------------------------------------------------
 
@@ -104,16 +104,16 @@ class ListenerHandler(SASLMechanisms):
         authenticated = session.auth_data if session.authenticated else None
         return identify(self.services.config(), self.listener, authenticated, server.client_ip)
 
-    def _refused(self, server: RelaySMTP, stage: str, user: str | None, reply: str, **fields) -> None:
+    def _refused(self, server: RelaySMTP, stage: str, user: str | None, reply: SMTPReply, **fields) -> None:
         """One ``NOQUEUE`` line and one count per refused command: how a refused transaction ends."""
         reason = metrics.reason_for(reply)
         metrics.rejected(self.listener.name, user, reason)
         event(log, "NOQUEUE", {
             "reject": stage, "client": server.client_ip, "listener": self.listener.name, "user": user or "-",
             **fields, "reason": reason,
-        }, reply)
+        }, str(reply))
 
-    def refused_by_aiosmtpd(self, server: RelaySMTP, stage: str, reply: str) -> None:
+    def refused_by_aiosmtpd(self, server: RelaySMTP, stage: str, reply: SMTPReply) -> None:
         user = self._user(server, server.session) if server.session else None
         self._refused(server, stage, user, reply, **{"from": server.envelope.mail_from if server.envelope else None})
 
@@ -161,7 +161,7 @@ class ListenerHandler(SASLMechanisms):
         if user is not None:
             refusal = check_sender(user, self.services.config().users[user], _reverse_path(address))
             if refusal:
-                self._refused(server, "MAIL", user, str(refusal), **{"from": address})
+                self._refused(server, "MAIL", user, refusal, **{"from": address})
                 return str(refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -176,7 +176,7 @@ class ListenerHandler(SASLMechanisms):
             or self._over_rate(rate_budgets(config, user, server.client_ip), len(envelope.rcpt_tos) + 1)
         )
         if refusal:
-            self._refused(server, "RCPT", user, str(refusal), **{"from": envelope.mail_from, "to": address})
+            self._refused(server, "RCPT", user, refusal, **{"from": envelope.mail_from, "to": address})
             return str(refusal)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -186,9 +186,9 @@ class ListenerHandler(SASLMechanisms):
         started = time.monotonic()
         user = self._user(server, session)
         if user is None:  # the user was removed by a reload mid-session
-            refusal = str(check_relay(None, envelope.rcpt_tos[0]))
+            refusal = check_relay(None, envelope.rcpt_tos[0])
             self._refused(server, "DATA", None, refusal, **{"from": envelope.mail_from})
-            return refusal
+            return str(refusal)
         config = self.services.config()
         now = time.time()
         queue_id = new_queue_id(now)
@@ -208,7 +208,7 @@ class ListenerHandler(SASLMechanisms):
         try:
             prepared = await self.services.preparer.prepare(config, submission, queue_id, now)
         except SMTPReply as refusal:
-            self._refused(server, "DATA", user, str(refusal), **{"from": submission.sender})
+            self._refused(server, "DATA", user, refusal, **{"from": submission.sender})
             return str(refusal)
         # The spooled pieces are views of the text as received, so it is held once while the
         # spool writes it; if prepare made a new text (bare LFs normalised) it is spent: free it.
@@ -232,7 +232,7 @@ class ListenerHandler(SASLMechanisms):
         budgets = rate_budgets(config, user, server.client_ip)
         over = self._over_rate(budgets, len(message.recipients))
         if over:  # checked at RCPT, but concurrent sessions of the same user may have spent it since
-            self._refused(server, "DATA", user, str(over), **{"from": submission.sender})
+            self._refused(server, "DATA", user, over, **{"from": submission.sender})
             return str(over)
         self._charge(budgets, len(message.recipients))  # no await since the check: no session slips in
         try:
@@ -240,9 +240,9 @@ class ListenerHandler(SASLMechanisms):
         except Exception:  # noqa: BLE001 - whatever went wrong, the message is not on disk
             log.exception("could not spool a message from client=[%s]", server.client_ip)
             self._charge(budgets, -len(message.recipients))
-            refusal = str(spool_unavailable())
+            refusal = spool_unavailable()
             self._refused(server, "DATA", user, refusal, **{"from": submission.sender, "nrcpt": len(message.recipients)})
-            return refusal
+            return str(refusal)
         metrics.accepted(user, route.account, route.channel, self.listener.name, time.monotonic() - started)
         event(log, message.id, {
             "client": message.client, "listener": message.listener, "user": user, "from": message.sender,

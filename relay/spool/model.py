@@ -229,3 +229,4 @@ class RecipientUpdate:
     next_attempt: float
     last_reply: str
     email_id: str | None = None
+    dsn_status: str | None = None  # a failed recipient's RFC 3463 status, for its DSN (not stored)

@@ -4,7 +4,7 @@ A connection is bound to a :class:`Key`: the SendCloud label it logged in with (
 ``api_user#label``, so a connection without a label cannot carry labelled mail) and the TLS
 policy it was opened under. :class:`AccountPool` keeps each account's connections by key,
 never more than ``upstream.connections_per_account`` open. ``send`` never raises for what
-the upstream says: it returns one :class:`~relay.delivery.retry.Reply` per recipient, and
+the upstream says: it returns one :class:`~relay.errors.SMTPReply` per recipient, and
 connection-level failures become replies without a code (temporary), as Postfix's
 ``status=deferred (connect to ...)``.
 """
@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from relay.config import TLSPolicy
-from relay.delivery.retry import Reply
+from relay.errors import SMTPReply
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,6 @@ class Transaction:
 
 @dataclass(frozen=True)
 class Result:
-    replies: list[Reply]  # one per recipient, in order
+    replies: list[SMTPReply]  # one per recipient, in order
     upstream_id: str | None  # SendCloud's messageId, when it gave one
     relay: str  # where it went, for the log line

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from relay.config import Account, Upstream
-from relay.delivery.retry import Reply
 from relay.delivery.transport.base import Key, Result, Transaction
+from relay.errors import SMTPReply
 from relay.spool import BodyGone
 
 
@@ -41,10 +41,10 @@ class CaptureConnection:
             await _write_durably(self._folder / f"{name}.eml", transaction.text)
             await _write_durably(self._folder / f"{name}.json", _once(json.dumps(envelope, indent=2).encode()))
         except OSError as error:
-            return Result([Reply(None, f"capture to {self._folder}: {error.strerror}")] * len(transaction.recipients), None, self.relay)
+            return Result([SMTPReply(None, None, f"capture to {self._folder}: {error.strerror}")] * len(transaction.recipients), None, self.relay)
         except BodyGone:
-            return Result([Reply(None, "message deleted from the queue while it was captured")] * len(transaction.recipients), None, self.relay)
-        return Result([Reply(250, f"2.0.0 Ok: captured as {name}.eml")] * len(transaction.recipients), None, self.relay)
+            return Result([SMTPReply(None, None, "message deleted from the queue while it was captured")] * len(transaction.recipients), None, self.relay)
+        return Result([SMTPReply(250, "2.0.0", f"Ok: captured as {name}.eml")] * len(transaction.recipients), None, self.relay)
 
     async def close(self) -> None:
         return None

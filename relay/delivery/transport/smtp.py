@@ -9,7 +9,6 @@ import time
 import aiosmtplib
 
 from relay.config import Account, Upstream
-from relay.delivery.retry import Reply
 from relay.delivery.sendcloud import queued_message_id
 from relay.delivery.transport.base import (
     Key,
@@ -19,6 +18,7 @@ from relay.delivery.transport.base import (
     Transaction,
 )
 from relay.delivery.transport.data import send_data
+from relay.errors import SMTPReply
 from relay.spool import BodyGone
 
 log = logging.getLogger("relay.delivery")
@@ -42,30 +42,30 @@ class Connection:
             client = await self._ready_client()
         except TLSRequired as error:
             await self.close()
-            return self._all(transaction, Reply(None, str(error)))
+            return self._all(transaction, SMTPReply(None, None, str(error)))
         except aiosmtplib.SMTPResponseException as error:  # e.g. 535 for a wrong api_key
             await self.close()
-            return self._all(transaction, Reply(None, f"upstream refused login or greeting: {error.code} {error.message}"))
+            return self._all(transaction, SMTPReply(None, None, f"upstream refused login or greeting: {error.code} {error.message}"))
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
             await self.close()
-            return self._all(transaction, Reply(None, f"connect to {self.relay}: {_describe(error)}"))
+            return self._all(transaction, SMTPReply(None, None, f"connect to {self.relay}: {_describe(error)}"))
         options = []
         if transaction.eight_bit:
             if not client.supports_extension("8BITMIME"):
-                return self._all(transaction, Reply(554, f"5.6.3 {self.relay} does not offer 8BITMIME for this 8-bit message"))
+                return self._all(transaction, SMTPReply(554, "5.6.3", f"{self.relay} does not offer 8BITMIME for this 8-bit message"))
             options.append("BODY=8BITMIME")
         try:
             replies, data_reply = await _transact(client, transaction, options)
         except aiosmtplib.SMTPResponseException as error:  # MAIL refused
             if error.code == 421:
                 await self.close()
-            return self._all(transaction, Reply(error.code, error.message))
+            return self._all(transaction, SMTPReply.received(error.code, error.message))
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
             await self.close()
-            return self._all(transaction, Reply(None, f"lost connection with {self.relay}: {_describe(error)}"))
+            return self._all(transaction, SMTPReply(None, None, f"lost connection with {self.relay}: {_describe(error)}"))
         except BodyGone:  # `queue delete` during DATA: the connection was closed before the final dot
             await self.close()
-            return self._all(transaction, Reply(None, "message deleted from the queue while it was sent; not delivered"))
+            return self._all(transaction, SMTPReply(None, None, "message deleted from the queue while it was sent; not delivered"))
         finally:
             self._last_used = time.monotonic()
         if any(reply.code == 421 for reply in replies):
@@ -132,11 +132,11 @@ class Connection:
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
             client.close()
 
-    def _all(self, transaction: Transaction, reply: Reply) -> Result:
+    def _all(self, transaction: Transaction, reply: SMTPReply) -> Result:
         return Result([reply] * len(transaction.recipients), None, self.relay)
 
 
-async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: list[str]) -> tuple[list[Reply], Reply | None]:
+async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: list[str]) -> tuple[list[SMTPReply], SMTPReply | None]:
     """MAIL, each RCPT, DATA: every recipient ends with the reply that decided its fate.
 
     Not aiosmtplib's ``sendmail()``: when DATA fails after some RCPTs were refused, it raises
@@ -148,12 +148,12 @@ async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: 
     if client.supports_extension("size"):
         options = [f"SIZE={transaction.size}", *options]
     await client.mail(transaction.sender, options=options)
-    refused: dict[str, Reply] = {}
+    refused: dict[str, SMTPReply] = {}
     for address in transaction.recipients:
         try:
             await client.rcpt(address)
         except aiosmtplib.SMTPRecipientRefused as error:
-            refused[address] = Reply(error.code, error.message)
+            refused[address] = SMTPReply.received(error.code, error.message)
             if error.code == 421:  # the server closed: the others were not tried
                 closing = refused[address]
                 return [refused.get(other, closing) for other in transaction.recipients], None
@@ -162,9 +162,9 @@ async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: 
         return [refused[address] for address in transaction.recipients], None
     try:
         response = await send_data(client, transaction.text, client.timeout)
-        data_reply = Reply(response.code, response.message)
+        data_reply = SMTPReply.received(response.code, response.message)
     except aiosmtplib.SMTPResponseException as error:
-        data_reply = Reply(error.code, error.message)
+        data_reply = SMTPReply.received(error.code, error.message)
         if error.code != 421:
             await _reset(client)
     return [refused.get(address, data_reply) for address in transaction.recipients], data_reply

@@ -8,9 +8,24 @@ import re
 
 import pytest
 
-from relay.delivery.bounce import FailedRecipient, build_dsn, status_code
+from relay.delivery.bounce import FailedRecipient, build_dsn
+from relay.delivery.retry import RetryPolicy, after_attempt
+from relay.errors import SMTPReply
+from relay.spool import Recipient, State
 
 GAVE_UP = " (gave up: message older than the spool's max_lifetime)"
+
+
+def failed(address: str, reply_text: str) -> FailedRecipient:
+    """A recipient failed for good by the retry rules, from its last reply as the upstream sent
+    it (``GAVE_UP`` at the end: a temporary reply that outlived ``max_lifetime``)."""
+    text = reply_text.removesuffix(GAVE_UP)
+    code, _, rest = text.partition(" ")
+    reply = SMTPReply.received(int(code), rest) if code.isdigit() else SMTPReply(None, None, text)
+    waiting = Recipient("3ZK7Q9M2XD4HWT", 0, address, State.DEFERRED, 3, 0.0)
+    update = after_attempt(waiting, reply, received_at=0.0, now=10.0, policy=RetryPolicy((60.0,), 0.0, 5.0), random_fraction=0.5)
+    assert update.state is State.FAILED
+    return FailedRecipient(address, update.last_reply, update.dsn_status)
 ORIGINAL_HEADERS = (
     b"From: Billing <billing@acme.com>\r\n"
     b"To: someone@example.org\r\n"
@@ -23,7 +38,7 @@ def dsn(*recipients: FailedRecipient, headers: bytes = ORIGINAL_HEADERS) -> byte
     return build_dsn(
         queue_id="3ZK7Q9M2XD4HWT",
         original_sender="billing@acme.com",
-        recipients=recipients or (FailedRecipient("nobody@example.org", "550 5.1.1 user unknown"),),
+        recipients=recipients or (failed("nobody@example.org", "550 5.1.1 user unknown"),),
         original_headers=headers,
         reporting_mta="relay.acme.internal",
         from_domain="info.acme.com",
@@ -70,8 +85,8 @@ RECIPIENT_STATUS = {
 def test_delivery_status_names_each_failed_recipient(reply, status):
     """Each failed recipient has its own block: Final-Recipient, Action: failed, Status."""
     recipients = (
-        FailedRecipient("first@example.org", "550 5.1.1 user unknown"),
-        FailedRecipient("second@example.net", reply),
+        failed("first@example.org", "550 5.1.1 user unknown"),
+        failed("second@example.net", reply),
     )
     _, (notification, report, _) = parts(dsn(*recipients))
     per_message, *per_recipient = report.get_payload()
@@ -100,9 +115,9 @@ def bare_line_endings(data: bytes) -> list[bytes]:
 
 
 LINE_ENDING_CASES = {
-    "simple": (FailedRecipient("nobody@example.org", "550 5.1.1 user unknown"),),
+    "simple": (failed("nobody@example.org", "550 5.1.1 user unknown"),),
     "multi_line_upstream_reply": (
-        FailedRecipient(
+        failed(
             "nobody@example.org",
             "550 5.1.1 The email account that you tried to reach does not exist.\n"
             "5.1.1 Please try double-checking the recipient's email address",
@@ -119,7 +134,7 @@ def test_every_line_ends_with_crlf(recipients):
 
 def test_status_code_of_multi_line_reply_is_on_one_diagnostic_line():
     reply = "550 5.1.1 first line\n5.1.1 second line"
-    _, (_, report, _) = parts(dsn(FailedRecipient("nobody@example.org", reply)))
+    _, (_, report, _) = parts(dsn(failed("nobody@example.org", reply)))
     block = report.get_payload()[1]
     assert block["Diagnostic-Code"] == "smtp; 550 5.1.1 first line 5.1.1 second line"
 
@@ -142,4 +157,4 @@ STATUS_CODES = {
 @pytest.mark.parametrize("reply, expected", STATUS_CODES.values(), ids=STATUS_CODES.keys())
 def test_status_code(reply, expected):
     """The reply's own enhanced code (right after the reply code), else 4.4.7 if expired, else 5.0.0."""
-    assert status_code(reply) == expected
+    assert failed("nobody@example.org", reply).status == expected

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from relay.delivery.retry import Reply, RetryPolicy, after_attempt, is_account_throttle, is_temporary, retry_delay
+from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle, is_temporary, retry_delay
+from relay.errors import SMTPReply
 from relay.spool import Recipient, State
 
 SCHEDULE = (60.0, 300.0, 900.0)
@@ -19,20 +20,20 @@ def recipient(attempts: int = 0) -> Recipient:
 
 
 OUTCOMES = {
-    "250_delivered": (Reply(250, "#1426390015358_15_6484_8661.sc-10_10_127_51-inbound#Queued"), State.DELIVERED),
-    "251_delivered": (Reply(251, "2.1.5 forwarded"), State.DELIVERED),
-    "550_failed": (Reply(550, "5.1.1 user unknown"), State.FAILED),
-    "554_failed": (Reply(554, "5.7.1 rejected"), State.FAILED),
-    "535_bad_api_key_failed": (Reply(535, "5.7.8 authentication failed"), State.FAILED),
-    "451_deferred": (Reply(451, "4.7.1 try again later"), State.DEFERRED),
-    "421_deferred": (Reply(421, "4.4.2 closing connection"), State.DEFERRED),
-    "452_deferred": (Reply(452, "4.5.3 too many recipients"), State.DEFERRED),
-    "536_frequency_limited_deferred": (Reply(536, "Frequency limited"), State.DEFERRED),
-    "5xx_request_quota_exceeded_deferred": (Reply(550, "Request quota exceeded"), State.DEFERRED),
-    "5xx_quota_text_any_case_deferred": (Reply(554, "request QUOTA exceeded for today"), State.DEFERRED),
-    "5xx_mailbox_quota_still_bounces": (Reply(552, "5.2.2 mailbox quota exceeded"), State.FAILED),
-    "connection_error_deferred": (Reply(None, "connect to smtp.sendcloud.net[587]: Connection refused"), State.DEFERRED),
-    "login_refused_without_code_deferred": (Reply(None, "upstream refused login or greeting: 535 bad"), State.DEFERRED),
+    "250_delivered": (SMTPReply.received(250, "#1426390015358_15_6484_8661.sc-10_10_127_51-inbound#Queued"), State.DELIVERED),
+    "251_delivered": (SMTPReply.received(251, "2.1.5 forwarded"), State.DELIVERED),
+    "550_failed": (SMTPReply.received(550, "5.1.1 user unknown"), State.FAILED),
+    "554_failed": (SMTPReply.received(554, "5.7.1 rejected"), State.FAILED),
+    "535_bad_api_key_failed": (SMTPReply.received(535, "5.7.8 authentication failed"), State.FAILED),
+    "451_deferred": (SMTPReply.received(451, "4.7.1 try again later"), State.DEFERRED),
+    "421_deferred": (SMTPReply.received(421, "4.4.2 closing connection"), State.DEFERRED),
+    "452_deferred": (SMTPReply.received(452, "4.5.3 too many recipients"), State.DEFERRED),
+    "536_frequency_limited_deferred": (SMTPReply.received(536, "Frequency limited"), State.DEFERRED),
+    "5xx_request_quota_exceeded_deferred": (SMTPReply.received(550, "Request quota exceeded"), State.DEFERRED),
+    "5xx_quota_text_any_case_deferred": (SMTPReply.received(554, "request QUOTA exceeded for today"), State.DEFERRED),
+    "5xx_mailbox_quota_still_bounces": (SMTPReply.received(552, "5.2.2 mailbox quota exceeded"), State.FAILED),
+    "connection_error_deferred": (SMTPReply.received(None, "connect to smtp.sendcloud.net[587]: Connection refused"), State.DEFERRED),
+    "login_refused_without_code_deferred": (SMTPReply.received(None, "upstream refused login or greeting: 535 bad"), State.DEFERRED),
 }
 
 
@@ -49,19 +50,19 @@ def test_after_attempt_state(reply, state):
 
 
 def test_delivered_keeps_the_email_id():
-    update = after_attempt(recipient(), Reply(250, "#mid#Queued"), RECEIVED, NOW, POLICY, 0.5, email_id="mid0$someone@example.org")
+    update = after_attempt(recipient(), SMTPReply.received(250, "#mid#Queued"), RECEIVED, NOW, POLICY, 0.5, email_id="mid0$someone@example.org")
     assert update.state is State.DELIVERED
     assert update.email_id == "mid0$someone@example.org"
     assert update.last_reply == "250 #mid#Queued"
 
 
 def test_failed_and_deferred_carry_no_email_id():
-    for reply in (Reply(550, "no"), Reply(451, "later")):
+    for reply in (SMTPReply.received(550, "no"), SMTPReply.received(451, "later")):
         assert after_attempt(recipient(), reply, RECEIVED, NOW, POLICY, 0.5, email_id="x").email_id is None
 
 
 def test_reply_without_code_is_recorded_as_its_text():
-    update = after_attempt(recipient(), Reply(None, "connect to x[25]: timed out"), RECEIVED, NOW, POLICY, 0.5)
+    update = after_attempt(recipient(), SMTPReply.received(None, "connect to x[25]: timed out"), RECEIVED, NOW, POLICY, 0.5)
     assert update.last_reply == "connect to x[25]: timed out"
 
 
@@ -81,14 +82,14 @@ FRACTIONS = {"low": 0.0, "middle": 0.5, "high": 0.999999}
 @pytest.mark.parametrize("attempts_before, base", DEFERRALS.values(), ids=DEFERRALS.keys())
 def test_deferred_next_attempt_follows_schedule_within_jitter(attempts_before, base, fraction):
     """next_attempt = now + the schedule's delay for this failure, ± jitter; the last delay repeats."""
-    update = after_attempt(recipient(attempts_before), Reply(451, "later"), RECEIVED, NOW, POLICY, fraction)
+    update = after_attempt(recipient(attempts_before), SMTPReply.received(451, "later"), RECEIVED, NOW, POLICY, fraction)
     assert update.state is State.DEFERRED
     assert NOW + base * 0.9 <= update.next_attempt <= NOW + base * 1.1
 
 
 @pytest.mark.parametrize("attempts_before, base", DEFERRALS.values(), ids=DEFERRALS.keys())
 def test_deferred_next_attempt_exact_without_jitter(attempts_before, base):
-    update = after_attempt(recipient(attempts_before), Reply(None, "timeout"), RECEIVED, NOW, EXACT, 0.123)
+    update = after_attempt(recipient(attempts_before), SMTPReply.received(None, "timeout"), RECEIVED, NOW, EXACT, 0.123)
     assert update.next_attempt == NOW + base
 
 
@@ -130,7 +131,7 @@ EXPIRED = {
 @pytest.mark.parametrize("now", EXPIRED.values(), ids=EXPIRED.keys())
 def test_temporary_failure_past_lifetime_fails_for_good(now):
     """Past max_lifetime a temporary failure becomes final, and says why."""
-    update = after_attempt(recipient(7), Reply(451, "4.7.1 greylisted"), RECEIVED, now, POLICY, 0.5)
+    update = after_attempt(recipient(7), SMTPReply.received(451, "4.7.1 greylisted"), RECEIVED, now, POLICY, 0.5)
     assert update.state is State.FAILED
     assert "gave up" in update.last_reply
     assert "451 4.7.1 greylisted" in update.last_reply
@@ -138,7 +139,7 @@ def test_temporary_failure_past_lifetime_fails_for_good(now):
 
 
 def test_success_past_lifetime_is_still_delivered():
-    update = after_attempt(recipient(7), Reply(250, "ok"), RECEIVED, RECEIVED + 10 * 86400, POLICY, 0.5)
+    update = after_attempt(recipient(7), SMTPReply.received(250, "ok"), RECEIVED, RECEIVED + 10 * 86400, POLICY, 0.5)
     assert update.state is State.DELIVERED
 
 
@@ -151,23 +152,23 @@ CLAMPS = {
 @pytest.mark.parametrize("now, expected", CLAMPS.values(), ids=CLAMPS.keys())
 def test_next_attempt_is_clamped_to_the_deadline(now, expected):
     """The last try happens at the deadline, not one full delay after it."""
-    update = after_attempt(recipient(), Reply(451, "later"), RECEIVED, now, POLICY, 0.999)
+    update = after_attempt(recipient(), SMTPReply.received(451, "later"), RECEIVED, now, POLICY, 0.999)
     assert update.state is State.DEFERRED
     assert update.next_attempt == expected
 
 
 def test_deferral_well_before_deadline_is_not_clamped():
-    update = after_attempt(recipient(), Reply(451, "later"), RECEIVED, NOW, EXACT, 0.5)
+    update = after_attempt(recipient(), SMTPReply.received(451, "later"), RECEIVED, NOW, EXACT, 0.5)
     assert update.next_attempt == NOW + 60.0 < RECEIVED + 86400.0
 
 
 TEMPORARY = {
-    "none": (Reply(None, "x"), True),
-    "4xx": (Reply(450, "mailbox busy"), True),
-    "536": (Reply(536, "Frequency limited"), True),
-    "frequency_text_other_code": (Reply(550, "frequency limited"), True),
-    "5xx": (Reply(550, "5.1.1 user unknown"), False),
-    "2xx": (Reply(250, "ok"), False),
+    "none": (SMTPReply.received(None, "x"), True),
+    "4xx": (SMTPReply.received(450, "mailbox busy"), True),
+    "536": (SMTPReply.received(536, "Frequency limited"), True),
+    "frequency_text_other_code": (SMTPReply.received(550, "frequency limited"), True),
+    "5xx": (SMTPReply.received(550, "5.1.1 user unknown"), False),
+    "2xx": (SMTPReply.received(250, "ok"), False),
 }
 
 
@@ -177,15 +178,15 @@ def test_is_temporary(reply, temporary):
 
 
 THROTTLES = {
-    "536_frequency_limited": (Reply(536, "Frequency limited"), True),
-    "request_quota_exceeded": (Reply(550, "Request quota exceeded"), True),
-    "4xx_rate_limit": (Reply(451, "4.7.1 rate limit exceeded for this account"), True),
-    "421_too_many_connections": (Reply(421, "4.7.0 Too many connections"), True),
-    "4xx_other": (Reply(451, "4.3.0 try again later"), False),
-    "mailbox_quota_is_the_recipients": (Reply(452, "4.2.2 mailbox quota exceeded"), False),
-    "5xx_rate_words_are_permanent": (Reply(550, "5.7.1 you are on a rate limit blocklist"), False),
-    "connection_error": (Reply(None, "connect to smtp.sendcloud.net[587]: Connection refused"), False),
-    "delivered": (Reply(250, "#mid#Queued"), False),
+    "536_frequency_limited": (SMTPReply.received(536, "Frequency limited"), True),
+    "request_quota_exceeded": (SMTPReply.received(550, "Request quota exceeded"), True),
+    "4xx_rate_limit": (SMTPReply.received(451, "4.7.1 rate limit exceeded for this account"), True),
+    "421_too_many_connections": (SMTPReply.received(421, "4.7.0 Too many connections"), True),
+    "4xx_other": (SMTPReply.received(451, "4.3.0 try again later"), False),
+    "mailbox_quota_is_the_recipients": (SMTPReply.received(452, "4.2.2 mailbox quota exceeded"), False),
+    "5xx_rate_words_are_permanent": (SMTPReply.received(550, "5.7.1 you are on a rate limit blocklist"), False),
+    "connection_error": (SMTPReply.received(None, "connect to smtp.sendcloud.net[587]: Connection refused"), False),
+    "delivered": (SMTPReply.received(250, "#mid#Queued"), False),
 }
 
 
@@ -196,7 +197,7 @@ def test_account_throttle_replies(reply, throttle):
 
 
 def test_held_recipient_waits_for_the_pause_without_spending_an_attempt():
-    update = after_attempt(recipient(attempts=2), Reply(536, "Frequency limited"), RECEIVED, NOW, POLICY, 0.5, held_until=NOW + 30)
+    update = after_attempt(recipient(attempts=2), SMTPReply.received(536, "Frequency limited"), RECEIVED, NOW, POLICY, 0.5, held_until=NOW + 30)
     assert update.state is State.DEFERRED
     assert update.attempts == 2
     assert update.next_attempt == NOW + 30
@@ -205,7 +206,7 @@ def test_held_recipient_waits_for_the_pause_without_spending_an_attempt():
 
 def test_held_recipient_still_expires_at_the_end_of_its_lifetime():
     short = RetryPolicy(schedule=SCHEDULE, jitter=0.0, max_lifetime=3600.0)
-    expired = after_attempt(recipient(), Reply(536, "Frequency limited"), RECEIVED, NOW, short, 0.5, held_until=NOW + 30)
+    expired = after_attempt(recipient(), SMTPReply.received(536, "Frequency limited"), RECEIVED, NOW, short, 0.5, held_until=NOW + 30)
     assert expired.state is State.FAILED
-    near = after_attempt(recipient(), Reply(536, "Frequency limited"), RECEIVED, NOW - 10, short, 0.5, held_until=NOW + 30)
+    near = after_attempt(recipient(), SMTPReply.received(536, "Frequency limited"), RECEIVED, NOW - 10, short, 0.5, held_until=NOW + 30)
     assert near.next_attempt == RECEIVED + 3600.0  # never past the deadline

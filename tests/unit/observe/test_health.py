@@ -5,17 +5,17 @@ from __future__ import annotations
 import pytest
 
 from relay.config.diff import restart_needed
-from relay.delivery.retry import Reply
+from relay.errors import SMTPReply
 from relay.observe.health import UpstreamHealth, attempt_failed, readiness_problems
 from tests.unit.helpers import BASE, config_from
 
 ATTEMPTS = {
-    "delivered": ([Reply(250, "ok")], False),
-    "recipient_refused_upstream_answered": ([Reply(550, "5.1.1 unknown")], False),
-    "one_of_two_delivered": ([Reply(451, "later"), Reply(250, "ok")], False),
-    "no_connection": ([Reply(None, "connect to smtp: refused")], True),
-    "login_refused": ([Reply(None, "upstream refused login or greeting: 535 bad")], True),
-    "all_temporary": ([Reply(421, "busy"), Reply(451, "later")], True),
+    "delivered": ([SMTPReply.received(250, "ok")], False),
+    "recipient_refused_upstream_answered": ([SMTPReply.received(550, "5.1.1 unknown")], False),
+    "one_of_two_delivered": ([SMTPReply.received(451, "later"), SMTPReply.received(250, "ok")], False),
+    "no_connection": ([SMTPReply.received(None, "connect to smtp: refused")], True),
+    "login_refused": ([SMTPReply.received(None, "upstream refused login or greeting: 535 bad")], True),
+    "all_temporary": ([SMTPReply.received(421, "busy"), SMTPReply.received(451, "later")], True),
     "nothing_tried": ([], False),
 }
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from relay.errors import SMTPReply
 from relay.observe.metrics import reason_for
+
+
+def received(line: str) -> SMTPReply:
+    code, _, rest = line.partition(" ")
+    return SMTPReply.received(int(code), rest) if code.isdigit() else SMTPReply(None, None, line)
 
 REASONS = {
     "relay": ("554 5.7.1 <x@y.org>: Relay access denied", "relay_denied"),
@@ -23,4 +29,4 @@ REASONS = {
 
 @pytest.mark.parametrize("reply, reason", REASONS.values(), ids=REASONS.keys())
 def test_reason_for(reply, reason):
-    assert reason_for(reply) == reason
+    assert reason_for(received(reply)) == reason
