@@ -181,7 +181,7 @@ CSV_HEADER = ("address", "reason", "account", "expires", "channels")
 
 _DURATION = re.compile(r"(\d+)\s*([smhdw])", re.IGNORECASE)
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_ADDRESS = re.compile(r"[^@\s<>,;]+@[^@\s<>,;]+")
+_ADDRESS = re.compile(r'(?:"[^"\r\n]*"|[^@\s<>",;]+)@[^@\s<>",;]+')  # a quoted local part may hold anything
 
 
 def parse_expiry(text: str, now: float) -> float | None:
@@ -233,7 +233,7 @@ def parse_csv(text: str, now: float) -> list[ImportRow]:
     """
     rows: list[ImportRow] = []
     errors: list[tuple[int, str]] = []
-    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))  # a BOM from spreadsheet exports
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")), skipinitialspace=True)  # a BOM from spreadsheet exports
     seen_data = False
     try:
         for cells in reader:
