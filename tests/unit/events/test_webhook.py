@@ -227,7 +227,7 @@ USER_HEADER_VALUES = {
     "bad_json": ("{not json", {}),
     "json_list": ('["a"]', {}),
     "empty": ("", {}),
-    "lowercase_keys": ('{"sc-custom-relay-id": "Q2", "sc-custom-relay-user": "ops"}', {"sc-custom-relay-id": "Q2", "sc-custom-relay-user": "ops"}),
+    "keys_kept_as_sent": ('{"sc-custom-relay-id": "Q2", "SC-Custom-N": 3}', {"sc-custom-relay-id": "Q2", "SC-Custom-N": "3"}),
 }
 
 
