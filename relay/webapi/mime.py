@@ -156,7 +156,10 @@ def _insert_last_header(data: bytes, line: bytes) -> bytes:
 
 
 def build_message(request: SendRequest, message_id_domain: str, now: float) -> bytes:
-    """The message as CRLF bytes, X-SMTPAPI (when ``xsmtpapi`` is given) the last header."""
+    """The message as CRLF bytes, X-SMTPAPI (when ``xsmtpapi`` is not empty) the last header.
+
+    Text bodies are in MIME's canonical form: line ends CRLF, a final line end added.
+    """
     message = EmailMessage(policy=_POLICY)
     _headers(message, request, message_id_domain, now)
     marker = f"RELAY-ATTACHMENT-{uuid.uuid4().hex}-"  # never in the encoded text parts
@@ -164,7 +167,7 @@ def build_message(request: SendRequest, message_id_domain: str, now: float) -> b
     buffer = io.BytesIO()
     BytesGenerator(buffer, policy=_POLICY).flatten(message)
     skeleton = buffer.getvalue()
-    if request.xsmtpapi is not None:
+    if request.xsmtpapi:  # an empty object says nothing: no header, as relay.xsmtpapi.apply writes none
         line = XSMTPAPI_HEADER + b": " + xsmtpapi_value(dict(request.xsmtpapi)) + b"\r\n"
         skeleton = _insert_last_header(skeleton, line)
     return _splice(skeleton, tokens, request) if tokens else skeleton
