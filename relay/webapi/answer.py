@@ -69,7 +69,7 @@ def templates_unavailable() -> dict:
     return failure(TEMPLATES_STATUS, TEMPLATES_UNAVAILABLE_MESSAGE)
 
 
-TEMPLATES_UNAVAILABLE = templates_unavailable()  # a fresh dict from templates_unavailable() is safer to mutate
+TEMPLATES_UNAVAILABLE = templates_unavailable()  # the answer as a value; call templates_unavailable() to get a copy
 
 
 def status_for_reply(reply: SMTPReply) -> int:

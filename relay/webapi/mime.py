@@ -6,9 +6,14 @@ names); bodies are 7-bit (quoted-printable or base64, whichever is shorter), so 
 needs neither 8BITMIME nor SMTPUTF8 anywhere on its way.
 
 Header order: From, To, Cc, Reply-To, Subject, Date, Message-ID, Disposition-Notification-To,
-the client's ``headers`` in their order, the MIME headers, and X-SMTPAPI last, on one line,
-written into the bytes after generation (the ``email`` package would fold it; SendCloud drops
-a folded or not-last X-SMTPAPI). Bcc never appears in the headers, only in the envelope.
+the client's ``headers`` in their order, the MIME headers, and X-SMTPAPI last, on one line.
+Free-text values (From's name, Subject, the client's headers, X-SMTPAPI) are folded here and
+handed to the ``email`` package raw (``set_raw``; its policy never refolds them), because its
+own folding breaks three things: it turns a long word into encoded words (a List-Unsubscribe
+URL breaks, ``SC-Custom-*`` values SendCloud returns change), it loses a space at each fold
+between encoded words (a long Chinese subject with spaces), and it folds X-SMTPAPI, which
+SendCloud then drops. ASCII is folded only at its own blanks; non-ASCII becomes RFC 2047
+encoded words (:func:`encoded_words`). Bcc never appears in the headers, only in the envelope.
 
 xsmtpapi ``to`` and separate copies: SendCloud sends each address of X-SMTPAPI ``to``
 separately (``sources/email_v2/send_email.md``, note 4), and the relay's delivery already
@@ -28,19 +33,21 @@ import email.policy
 import email.utils
 import io
 import json
+import re
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.generator import BytesGenerator
 from email.headerregistry import Address, Group
 from email.message import EmailMessage
 
 from relay.webapi.request import SendRequest
 
-XSMTPAPI_HEADER = b"X-SMTPAPI"
+XSMTPAPI_HEADER = "X-SMTPAPI"
 UNDISCLOSED = Group("undisclosed-recipients")
 
-# SMTP's CRLF and 78-column folding; bodies 7-bit so no hop needs 8BITMIME.
-_POLICY = email.policy.SMTP.clone(cte_type="7bit")
+# SMTP's CRLF; bodies 7-bit so no hop needs 8BITMIME; values given with set_raw are written
+# as given (this module folds them), header objects (addresses, Date, MIME) fold themselves.
+_POLICY = email.policy.SMTP.clone(cte_type="7bit", refold_source="none")
 
 
 def envelope(request: SendRequest) -> tuple[str, list[str]]:
@@ -75,8 +82,63 @@ def _mailboxes(addresses: tuple[str, ...]) -> tuple[Address, ...]:
     return tuple(Address(addr_spec=address) for address in addresses)
 
 
+def encoded_words(text: str, first_line_used: int = 0) -> str:
+    """``text`` as RFC 2047 base64 UTF-8 encoded words, folded (``\\r\\n ``) between words.
+
+    Each word carries whole characters and at most 45 bytes (a 72-character word), the first
+    fewer when the line already holds ``first_line_used`` characters. Blanks are encoded inside
+    the words, since a decoder drops the whitespace between two encoded words: the text comes
+    back exactly. (The ``email`` package folds a long value with blanks between its encoded
+    words, and so loses one space at each fold: not used for these values.)
+    """
+    words, chunk, room = [], b"", max(6, min(45, (78 - first_line_used - 12) // 4 * 3))
+    for char in text:
+        encoded = char.encode("utf-8")
+        if len(chunk) + len(encoded) > room:
+            words.append(chunk)
+            chunk, room = b"", 45
+        chunk += encoded
+    words.append(chunk)
+    return "\r\n ".join(f"=?utf-8?b?{base64.b64encode(word).decode('ascii')}?=" for word in words)
+
+
+def _fold_ascii(name: str, value: str) -> str:
+    """``value`` folded before its own blanks to 78 columns where it can: it unfolds to itself."""
+    pieces = re.split(r"(?=[ \t])", value)  # each piece after the first starts with a blank
+    lines, current = [], pieces[0]
+    used = len(name) + 2
+    for piece in pieces[1:]:
+        if used + len(current) + len(piece) > 78 and current.strip():
+            lines.append(current)
+            current, used = piece, 0
+        else:
+            current += piece
+    lines.append(current)
+    return "\r\n".join(lines)
+
+
+def unstructured(name: str, value: str) -> str:
+    """A header value as it is written: ASCII folded at its blanks, else encoded words.
+
+    ASCII with a word too long for a 998-character line is written as encoded words too.
+    """
+    if value.isascii() and len(name) + 2 + max(map(len, re.split(r"[ \t]", value))) <= 998:
+        return _fold_ascii(name, value)
+    return encoded_words(value, len(name) + 2)
+
+
+def _from(request: SendRequest) -> str:
+    if not request.from_name:
+        return request.sender
+    if request.from_name.isascii():
+        return email.utils.formataddr((request.from_name, request.sender))  # quotes specials
+    return f"{encoded_words(request.from_name, len('From: '))} <{request.sender}>"
+
+
 def _headers(message: EmailMessage, request: SendRequest, message_id_domain: str, now: float) -> None:
-    message["From"] = Address(display_name=request.from_name or "", addr_spec=request.sender)
+    """Everything but the MIME headers and X-SMTPAPI. Values with free text are written raw
+    (``set_raw``, never refolded by this policy); address lists go through the ``email`` package."""
+    message.set_raw("From", _from(request))
     listed = request.xsmtpapi_to
     if len(listed) == 1:
         message["To"] = _mailboxes(listed)
@@ -88,14 +150,15 @@ def _headers(message: EmailMessage, request: SendRequest, message_id_domain: str
             message["Cc"] = _mailboxes(request.cc)
     if request.reply_to:
         message["Reply-To"] = Address(addr_spec=request.reply_to)
-    message["Subject"] = request.subject
-    message["Date"] = datetime.fromtimestamp(now, timezone.utc)
-    if not any(name.lower() == "message-id" for name, _ in request.headers):
-        message["Message-ID"] = email.utils.make_msgid(domain=message_id_domain)
+    message.set_raw("Subject", unstructured("Subject", request.subject))
+    message["Date"] = datetime.fromtimestamp(now, UTC)
+    client_id = next((value for name, value in request.headers if name.lower() == "message-id"), None)
+    message.set_raw("Message-ID", client_id or email.utils.make_msgid(domain=message_id_domain))
     if request.disposition_notification_to:
-        message["Disposition-Notification-To"] = request.disposition_notification_to
+        message.set_raw("Disposition-Notification-To", request.disposition_notification_to)
     for name, value in request.headers:
-        message[name] = value
+        if name.lower() != "message-id":
+            message.set_raw(name, unstructured(name, value))
 
 
 def _body(message: EmailMessage, request: SendRequest, marker: str) -> list[bytes]:
@@ -129,8 +192,9 @@ _CHUNK = 57 * 1024  # 57 bytes make one 76-character base64 line
 
 def _write_base64(out: io.BytesIO, data: bytes) -> None:
     view = memoryview(data)
-    for start in range(0, len(view), _CHUNK):
-        out.write(base64.encodebytes(view[start:start + _CHUNK]).replace(b"\n", b"\r\n"))
+    out.writelines(
+        base64.encodebytes(view[start:start + _CHUNK]).replace(b"\n", b"\r\n") for start in range(0, len(view), _CHUNK)
+    )
 
 
 def _splice(skeleton: bytes, tokens: list[bytes], request: SendRequest) -> bytes:
@@ -149,12 +213,6 @@ def _splice(skeleton: bytes, tokens: list[bytes], request: SendRequest) -> bytes
     return out.getvalue()
 
 
-def _insert_last_header(data: bytes, line: bytes) -> bytes:
-    """``data`` with ``line`` (CRLF-terminated) added after its last header, unfolded."""
-    end = data.index(b"\r\n\r\n") + 2  # the generator always writes the blank line
-    return b"".join((data[:end], line, data[end:]))
-
-
 def build_message(request: SendRequest, message_id_domain: str, now: float) -> bytes:
     """The message as CRLF bytes, X-SMTPAPI (when ``xsmtpapi`` is not empty) the last header.
 
@@ -164,10 +222,10 @@ def build_message(request: SendRequest, message_id_domain: str, now: float) -> b
     _headers(message, request, message_id_domain, now)
     marker = f"RELAY-ATTACHMENT-{uuid.uuid4().hex}-"  # never in the encoded text parts
     tokens = _body(message, request, marker)
+    if request.xsmtpapi:  # an empty object says nothing: no header, as relay.xsmtpapi.apply writes none
+        # last, after the MIME headers the body added; written as one line however long
+        message.set_raw(XSMTPAPI_HEADER, xsmtpapi_value(dict(request.xsmtpapi)).decode("ascii"))
     buffer = io.BytesIO()
     BytesGenerator(buffer, policy=_POLICY).flatten(message)
     skeleton = buffer.getvalue()
-    if request.xsmtpapi:  # an empty object says nothing: no header, as relay.xsmtpapi.apply writes none
-        line = XSMTPAPI_HEADER + b": " + xsmtpapi_value(dict(request.xsmtpapi)) + b"\r\n"
-        skeleton = _insert_last_header(skeleton, line)
     return _splice(skeleton, tokens, request) if tokens else skeleton

@@ -18,7 +18,9 @@ differ, it refuses with a clear message rather than send something the client di
   older ``dispositionNotificationTo`` (a receipt address; it wins when both are given).
 - Other parameters (the calendar ones, unknown ones) are ignored, as an HTTP API does.
 - ``headers`` (a JSON object of names to string values, one line each; ``SC-Custom-*`` come
-  back in webhook events, note 9) may not set: what a parameter sets (From, To, Cc, Bcc,
+  back in webhook events, note 9): surrounding blanks trimmed; an ASCII value is written as
+  given (folded only at its own spaces), so a word in it must fit a 998-character line; a
+  non-ASCII value becomes RFC 2047 encoded words. They may not set: what a parameter sets (From, To, Cc, Bcc,
   Subject, Reply-To, Disposition-Notification-To, X-SMTPAPI: use the parameter); what the
   relay owns (Sender, Date, Received, Return-Path, DKIM-Signature, Content-Length, Resent-*,
   SC-Custom-Relay-*); the MIME structure (MIME-Version, Content-Type,
@@ -47,6 +49,7 @@ MAX_PER_FIELD = 100  # SendCloud: to, cc, bcc and xsmtpapi "to" each at most 100
 MAX_XSMTPAPI = 1_000_000  # SendCloud's limit for the X-SMTPAPI header, as base64
 XSMTPAPI_KEYS = frozenset({"to", "sub", "section", "filters", "settings"})
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+MAX_LINE = 998  # RFC 5322's limit for a header line, without its CRLF
 
 # Headers the client may not set through ``headers``, with the reason it is told.
 _PARAMETER_HEADERS = {
@@ -260,9 +263,15 @@ def _headers(fields: Mapping[str, list[str]]) -> tuple[tuple[str, str], ...]:
         _text(f"headers: {name}", text)
         if "\r" in text or "\n" in text:
             raise _bad(f"headers: the value of {name} must be one line")
-        if key == "message-id" and not _MESSAGE_ID.match(text.strip()):
+        if any(char < " " and char != "\t" or char == "\x7f" for char in text):
+            raise _bad(f"headers: the value of {name} contains a control character")
+        text = text.strip(" \t")  # unfolding drops them anyway; a folded line must not be blank
+        if text.isascii() and len(name) + 2 + max(map(len, re.split(r"[ \t]", text))) > MAX_LINE:
+            # written as is (encoded words would change what SendCloud returns in userHeaders)
+            raise _bad(f"headers: the value of {name} has a word too long for a {MAX_LINE}-character header line")
+        if key == "message-id" and not _MESSAGE_ID.match(text):
             raise _bad("headers: Message-ID must look like <id@domain>")
-        headers.append((name, text.strip() if key == "message-id" else text))
+        headers.append((name, text))
     return tuple(headers)
 
 

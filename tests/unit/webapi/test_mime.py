@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import email
+import email.header
 import email.policy
 import gc
 import json
@@ -21,7 +22,10 @@ DOMAIN = "relay.acme.com"
 
 
 def request(**changes) -> SendRequest:
-    fields = dict(api_user="billing", api_key="k", sender="app@acme.com", to=("a@example.net",), subject="Hello", html="<p>hi</p>")
+    fields = {
+        "api_user": "billing", "api_key": "k", "sender": "app@acme.com", "to": ("a@example.net",),
+        "subject": "Hello", "html": "<p>hi</p>",
+    }
     return SendRequest(**{**fields, **changes})
 
 
@@ -35,6 +39,14 @@ def parsed(data: bytes) -> email.message.EmailMessage:
 
 def header_lines(data: bytes) -> list[bytes]:
     return data[:data.index(b"\r\n\r\n")].split(b"\r\n")
+
+
+def raw_field(data: bytes, name: str) -> bytes:
+    """The field ``name: ...`` with its continuation lines, CRLFs kept."""
+    block = b"\r\n" + data[:data.index(b"\r\n\r\n") + 2]
+    start = block.index(b"\r\n" + name.encode() + b": ") + 2
+    end = re.compile(rb"\r\n[^ \t]").search(block, start).start() + 2
+    return block[start:end - 2]
 
 
 def header_names(data: bytes) -> list[str]:
@@ -75,6 +87,82 @@ def test_headers_in_order():
     assert message["Date"] == "Tue, 14 Nov 2023 22:13:20 +0000"
     assert re.fullmatch(r"<[^@<>]+@relay\.acme\.com>", message["Message-ID"])
     assert (message["SC-Custom-Order"], message["X-Mail-Type"]) == ("42", "账单")
+
+
+UNSUBSCRIBE = "<https://acme.com/unsubscribe?token=" + "x" * 150 + ">, <mailto:unsubscribe@acme.com?subject=u>"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SC-Custom-Token", "t" * 900),  # one long word: written as is, not as encoded words
+        ("List-Unsubscribe", UNSUBSCRIBE),
+        ("X-Words", " ".join(["word"] * 100)),
+        ("X-Spaces", "a  b\tc" + " " * 3 + "d" * 80),
+        ("X-Quoted", 'a "b" (c) =?utf-8?q?not-encoded?= d'),
+        ("X-Empty", ""),
+    ],
+)
+def test_ascii_client_headers_unfold_to_their_value(name, value):
+    data = build(headers=((name, value),), xsmtpapi={"filters": {}})
+    raw = raw_field(data, name)
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    assert raw.replace(b"\r\n", b"") == f"{name}: {value}".encode()  # RFC 5322 unfolding gives it back
+    if len(value) < 60:
+        assert b"\r\n" not in raw
+    assert parsed(data)[name] == value.strip() or name == "X-Quoted"  # the email package decodes =?...?= words
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["月度账单 " * 30, "账单", "Invoice 账单 for January, 2024 — see (attached) \"pdf\"", "é" * 300, "a 词" * 100],
+)
+def test_non_ascii_values_are_encoded_words_that_decode_exactly(value):
+    """Subject and client headers; the email package's own folding would drop a space per fold."""
+    data = build(subject=value, headers=(("X-Mail-Type", value),))
+    assert data.isascii()
+    for name in ("Subject", "X-Mail-Type"):
+        raw = raw_field(data, name)
+        assert all(len(line) <= 78 for line in raw.split(b"\r\n"))
+        assert b"=?utf-8?b?" in raw
+    message = parsed(data)
+    assert (message["Subject"], message["X-Mail-Type"]) == (value, value)
+
+
+@pytest.mark.parametrize(
+    ("subject", "encoded"),
+    [
+        ("Your invoice for January", False),
+        (" ".join(["word"] * 60), False),
+        ("x" * 1200, True),  # a word past the 998-character line: encoded words, the one way to carry it
+    ],
+)
+def test_ascii_subjects(subject, encoded):
+    data = build(subject=subject)
+    raw = raw_field(data, "Subject")
+    assert (b"=?utf-8?b?" in raw) is encoded
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+    assert parsed(data)["Subject"] == subject
+
+
+@pytest.mark.parametrize("name", ["爱发信支持", "Acme Billing", 'Acme, "Billing" (team)', "账单 Billing, Acme"])
+def test_from_names_decode_back(name):
+    data = build(from_name=name)
+    assert all(len(line) <= 78 for line in raw_field(data, "From").split(b"\r\n"))
+    (sender,) = parsed(data)["From"].addresses
+    assert (sender.display_name, sender.addr_spec) == (name, "app@acme.com")
+
+
+def test_a_long_non_ascii_from_name_is_several_encoded_words():
+    """RFC 2047 6.2: the blank between two encoded words is not text. CPython's address parser
+    keeps it (it would read "...the A cme..."), so the name is read back with the decoder that
+    follows the RFC, as mail clients do."""
+    name = "客服中心 Customer Service Center of the Acme Corporation 客服中心"
+    raw = raw_field(build(from_name=name), "From")
+    assert all(len(line) <= 78 for line in raw.split(b"\r\n"))
+    words, _, address = raw[len(b"From: "):].decode().rpartition(" ")
+    assert address == "<app@acme.com>"
+    assert str(email.header.make_header(email.header.decode_header(words))) == name
 
 
 def test_a_client_message_id_replaces_the_relays():

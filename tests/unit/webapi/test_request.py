@@ -71,6 +71,9 @@ def test_a_plain_request():
          (("SC-Custom-Order", "42"), ("X-Mail-Type", "账单"))),
         ({"headers": '{"Message-ID": " <order-42@acme.com> "}'}, "headers", (("Message-ID", "<order-42@acme.com>"),)),
         ({"headers": "{}"}, "headers", ()),
+        ({"headers": '{"X-A": "  padded\\tvalue \\t"}'}, "headers", (("X-A", "padded\tvalue"),)),
+        ({"headers": json.dumps({"X-A": "w" * 993})}, "headers", (("X-A", "w" * 993),)),
+        ({"headers": json.dumps({"X-A": "词" * 2000})}, "headers", (("X-A", "词" * 2000),)),
         ({"to": "A@example.net", "bcc": "a@EXAMPLE.net;b@example.net"}, "recipients", ("A@example.net", "b@example.net")),
     ],
 )
@@ -117,6 +120,8 @@ def test_accepted(changes, attribute, expected):
         (400, "value of X-Order must be a string", {"headers": '{"X-Order": 42}'}),
         (400, "value of X-A must be one line", {"headers": '{"X-A": "a\\r\\nBcc: v@x.net"}'}),
         (400, "is not a header name", {"headers": '{"X A": "1"}'}),
+        (400, "X-A contains a control character", {"headers": '{"X-A": "a\\u0001b"}'}),
+        (400, "X-A has a word too long", {"headers": json.dumps({"X-A": "w" * 995})}),
         (400, "X-a is given twice", {"headers": '{"X-A": "1", "X-a": "2"}'}),
         (400, "Subject is set by the subject parameter", {"headers": '{"Subject": "x"}'}),
         (400, "bcc is set by the bcc parameter", {"headers": '{"bcc": "x@x.net"}'}),
