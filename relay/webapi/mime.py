@@ -1,9 +1,11 @@
 """The RFC 5322 message and the envelope for a :class:`~relay.webapi.request.SendRequest`.
 
 The standard library's ``email`` package builds it (``EmailMessage``, the SMTP policy: CRLF,
-RFC 2047 encoded words for UTF-8 names and subjects, RFC 2231 for non-ASCII attachment
-names); bodies are 7-bit (quoted-printable or base64, whichever is shorter), so the message
-needs neither 8BITMIME nor SMTPUTF8 anywhere on its way.
+the MIME tree, RFC 2231 for non-ASCII attachment names); bodies are 7-bit (quoted-printable
+or base64, whichever is shorter), names and subjects RFC 2047 encoded words, so the message
+needs neither 8BITMIME nor SMTPUTF8 anywhere on its way. Attachments are base64-encoded
+straight into the output (placeholders in the tree, replaced after generation), so a 5 MB
+file costs about one copy of the message, not the six the ``email`` package would hold.
 
 Header order: From, To, Cc, Reply-To, Subject, Date, Message-ID, Disposition-Notification-To,
 the client's ``headers`` in their order, the MIME headers, and X-SMTPAPI last, on one line.
@@ -59,7 +61,8 @@ def per_recipient_copies(request: SendRequest) -> list[SendRequest]:
     """One request per xsmtpapi ``to`` address (its ``sub`` values follow it); else ``[request]``.
 
     Each copy's X-SMTPAPI ``to`` and To header name its one recipient. The copies are
-    separate messages (separate queue IDs): the caller answers with the emailIds of all.
+    separate messages with separate queue IDs: the answer's ``emailIdList`` is then
+    ``email_ids(queue_id_of_copy, [recipient])`` of each, in ``to`` order.
     """
     to = request.xsmtpapi_to
     if not to:
@@ -131,7 +134,9 @@ def _from(request: SendRequest) -> str:
     if not request.from_name:
         return request.sender
     if request.from_name.isascii():
-        return email.utils.formataddr((request.from_name, request.sender))  # quotes specials
+        value = email.utils.formataddr((request.from_name, request.sender))  # quotes specials
+        if len("From: ") + len(value) <= 78:
+            return value
     return f"{encoded_words(request.from_name, len('From: '))} <{request.sender}>"
 
 

@@ -145,7 +145,7 @@ def test_ascii_subjects(subject, encoded):
     assert parsed(data)["Subject"] == subject
 
 
-@pytest.mark.parametrize("name", ["爱发信支持", "Acme Billing", 'Acme, "Billing" (team)', "账单 Billing, Acme"])
+@pytest.mark.parametrize("name", ["爱发信支持", "Acme Billing", 'Acme, "Billing" (team)', "账单 Billing, Acme", "N" * 40])
 def test_from_names_decode_back(name):
     data = build(from_name=name)
     assert all(len(line) <= 78 for line in raw_field(data, "From").split(b"\r\n"))
@@ -158,6 +158,14 @@ def test_a_long_non_ascii_from_name_is_several_encoded_words():
     keeps it (it would read "...the A cme..."), so the name is read back with the decoder that
     follows the RFC, as mail clients do."""
     name = "客服中心 Customer Service Center of the Acme Corporation 客服中心"
+    check_long_from_name(name)
+
+
+def test_a_long_ascii_from_name_is_encoded_words_too():
+    check_long_from_name("Customer Service Center of the Acme Corporation, Billing Department " * 20)
+
+
+def check_long_from_name(name: str) -> None:
     raw = raw_field(build(from_name=name), "From")
     assert all(len(line) <= 78 for line in raw.split(b"\r\n"))
     words, _, address = raw[len(b"From: "):].decode().rpartition(" ")
