@@ -15,13 +15,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-from relay.config import Config
+from relay.config import Account, Config, Upstream
 from relay.delivery.bounce import FailedRecipient, build_dsn
 from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle
 from relay.delivery.sendcloud import email_ids
 from relay.delivery.throttle import AccountThrottle
 from relay.delivery.transport import (
     AccountPool,
+    CaptureConnection,
+    Connection,
     Key,
     TLSContexts,
     Transaction,
@@ -57,6 +59,10 @@ def upstream_tls(config: Config) -> TLSContexts | None:
     return TLSContexts(verify=upstream_context(config.upstream), encrypt=unverified_upstream_context())
 
 
+# How a connection for one key of an account's pool is made: open_connection's signature.
+Connect = Callable[[Upstream, Account, Key, str, TLSContexts | None], Connection | CaptureConnection]
+
+
 @dataclass
 class _Account:
     """One account's queue, its workers, and the kept connections they share."""
@@ -68,9 +74,10 @@ class _Account:
 
 
 class Scheduler:
-    def __init__(self, config: Callable[[], Config], spool: Spool):
+    def __init__(self, config: Callable[[], Config], spool: Spool, connect: Connect = open_connection):
         self._config = config
         self._spool = spool
+        self._connect = connect  # tests hand in a fake upstream
         self._accounts: dict[str, _Account] = {}
         self._retiring: list[asyncio.Task] = []  # workers finishing their last transaction
         self.upstream_health = UpstreamHealth()
@@ -110,7 +117,7 @@ class Scheduler:
                 continue
             connections = AccountPool(
                 config.upstream.connections_per_account,
-                lambda key, account=account: open_connection(config.upstream, account, key, config.server.hostname, tls),
+                lambda key, account=account: self._connect(config.upstream, account, key, config.server.hostname, tls),
             )
             new = _Account(asyncio.Queue(), [], connections, settings)
             new.workers = [

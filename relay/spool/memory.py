@@ -1,0 +1,249 @@
+"""The spool in memory: the :class:`~relay.spool.base.Spool` protocol over dicts, for unit tests.
+
+Same semantics as :class:`relay.spool.sqlite.SqliteSpool` (``SpoolStore`` is the reference),
+nothing durable: a message is a dict entry holding its metadata, its body as one ``bytes``
+(``None`` once every recipient is final, as the SQL ``body`` column) and its recipients by
+index. Every write is one "commit" (``commits`` and ``operations`` count them), is applied
+whole or not at all, and raises :attr:`MemorySpool.fail_writes` when a test sets it (a full
+disk). Each call gives the event loop one turn, as the threaded backend's calls do, so a
+caller never sees a spool that answers without letting other tasks run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+import tempfile
+import weakref
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from relay.lines import header_length
+from relay.spool.base import BodyGone
+from relay.spool.model import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, piece_chunks
+
+_CHUNK = 256 * 1024  # bodies are read in pieces of this size, as SqliteSpool's blobs
+_PENDING = (State.QUEUED, State.DEFERRED)
+
+
+@dataclass
+class _Entry:
+    message: QueuedMessage  # the metadata; its own recipients list stays empty
+    body: bytes | None  # None once every recipient is final
+    recipients: list[Recipient]  # by idx
+
+
+class MemorySpool:
+    """:class:`~relay.spool.base.Spool` in memory (no threads, nothing survives the object)."""
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self.operations = 0
+        self.fail_writes: Exception | None = None  # set by a test: every write raises it, nothing changes
+        self.probed_at: float | None = None
+        self._entries: dict[str, _Entry] = {}
+        self._spill: Path | None = None
+
+    async def open(self) -> None:
+        await asyncio.sleep(0)
+
+    async def close(self) -> None:
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
+        await asyncio.sleep(0)
+
+    # -- writes: each one commit, whole or not at all -----------------------------------------------
+
+    async def store(self, message: NewMessage) -> None:
+        await self._write(self._insert, [self._entry(message)])
+
+    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> None:
+        # The new messages' bodies are read before anything changes: a piece that cannot be
+        # read fails the whole write, as the SQL transaction rolls back.
+        await self._write(self._record, list(updates), [self._entry(message) for message in new_messages])
+
+    async def purge_final(self, older_than: float) -> int:
+        return await self._write(self._purge_final, older_than)
+
+    async def retry(self, message_id: str | None = None) -> int:
+        return await self._write(self._retry, message_id)
+
+    async def delete(self, message_id: str) -> bool:
+        return await self._write(self._delete, message_id)
+
+    async def probe(self, now: float) -> None:
+        await self._write(self._probe, now)
+
+    # -- reads ----------------------------------------------------------------------------------------
+
+    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
+        """Due recipients in next_attempt order (ties by message and index, as SQLite's index), at most ``limit``."""
+        found = sorted(
+            (recipient for entry in self._entries.values() for recipient in entry.recipients
+             if recipient.state in _PENDING and recipient.next_attempt <= now),
+            key=lambda recipient: (recipient.next_attempt, recipient.message_id, recipient.idx),
+        )[: max(limit, 0)]
+        grouped: dict[str, list[Recipient]] = {}
+        for recipient in found:
+            grouped.setdefault(recipient.message_id, []).append(recipient)
+        return await _answer(self._messages(grouped))
+
+    async def start(self, message_id: str) -> tuple[bytes, int] | None:
+        """The first chunks of a body, through the end of its header section, and its size; None if gone or final."""
+        entry = self._entries.get(message_id)
+        if entry is None or entry.body is None:
+            return await _answer(None)
+        body = entry.body
+        data = body[:_CHUNK]
+        while header_length(data) is None and len(data) < len(body):
+            data = body[: len(data) + _CHUNK]
+        return await _answer((data, len(body)))
+
+    async def chunks(self, message_id: str, offset: int, size: int) -> AsyncIterator[bytes]:
+        """The body of ``size`` bytes from ``offset`` on, a chunk per read; BodyGone if it is deleted meanwhile."""
+        while offset < size:
+            await asyncio.sleep(0)
+            entry = self._entries.get(message_id)
+            if entry is None or entry.body is None or len(entry.body) != size:
+                raise BodyGone(message_id)
+            chunk = entry.body[offset : offset + _CHUNK]
+            yield chunk
+            offset += len(chunk)
+
+    async def list(self, include_final: bool = False) -> list[QueuedMessage]:
+        return await _answer(self._messages({
+            message_id: list(entry.recipients)
+            for message_id, entry in self._entries.items()
+            if include_final or entry.body is not None
+        }))
+
+    async def get(self, message_id: str) -> QueuedMessage | None:
+        entry = self._entries.get(message_id)
+        return await _answer(None if entry is None else self._messages({message_id: list(entry.recipients)})[0])
+
+    async def counts(self) -> dict[str, int]:
+        return await _answer(dict(Counter(recipient.state.value for recipient in self._recipients())))
+
+    async def pending_summary(self) -> tuple[int, dict[str, int], float | None]:
+        pending = [recipient for recipient in self._recipients() if recipient.state in _PENDING]
+        ids = {recipient.message_id for recipient in pending}
+        by_state = dict(Counter(recipient.state.value for recipient in pending))
+        oldest = self._entries[min(ids)].message.received_at if ids else None  # queue IDs sort by time
+        return await _answer((len(ids), by_state, oldest))
+
+    def unavailable(self) -> str | None:
+        return None
+
+    @property
+    def spill_directory(self) -> Path:
+        if self._spill is None:
+            self._spill = Path(tempfile.mkdtemp(prefix="memory-spool-"))
+            weakref.finalize(self, shutil.rmtree, self._spill, True)  # if close() is never called
+        return self._spill
+
+    # -- the operations, applied synchronously ---------------------------------------------------------
+
+    async def _write(self, operation: Callable[..., Any], *args: Any) -> Any:
+        if self.fail_writes is not None:
+            await asyncio.sleep(0)
+            raise self.fail_writes
+        self.commits += 1  # as SqliteSpool's group: committed even when its one operation fails
+        self.operations += 1
+        return await _answer(operation(*args))
+
+    @staticmethod
+    def _entry(message: NewMessage) -> _Entry:
+        body = b"".join(chunk for piece in message.pieces for chunk in piece_chunks(piece, _CHUNK))
+        metadata = QueuedMessage(
+            message.id, message.received_at, message.user, message.listener, message.client, message.account,
+            message.channel, message.sender, message.size, message.label, message.mail_from, message.eight_bit,
+        )
+        recipients = [
+            Recipient(message.id, idx, address, State.QUEUED, 0, message.received_at)
+            for idx, address in enumerate(message.recipients)
+        ]
+        return _Entry(metadata, body, recipients)
+
+    def _check_new(self, entries: list[_Entry]) -> None:
+        """Raise, before anything changes, if a new message's id is taken (the PRIMARY KEY)."""
+        ids = [entry.message.id for entry in entries]
+        clashes = sorted({message_id for message_id in ids if message_id in self._entries or ids.count(message_id) > 1})
+        if clashes:
+            raise ValueError(f"message {', '.join(clashes)} is already spooled")
+
+    def _insert(self, entries: list[_Entry]) -> None:
+        self._check_new(entries)
+        for entry in entries:
+            self._entries[entry.message.id] = entry
+
+    def _record(self, updates: list[RecipientUpdate], new_entries: list[_Entry]) -> None:
+        self._check_new(new_entries)  # a clashing DSN fails the write before any update lands
+        touched = set()
+        for update in updates:
+            entry = self._entries.get(update.message_id)
+            if entry is None or not 0 <= update.idx < len(entry.recipients):
+                continue  # as an UPDATE that matches no row
+            old = entry.recipients[update.idx]
+            entry.recipients[update.idx] = dataclasses.replace(
+                old, state=update.state, attempts=update.attempts, next_attempt=update.next_attempt,
+                last_reply=update.last_reply, email_id=update.email_id if update.email_id is not None else old.email_id,
+            )
+            touched.add(update.message_id)
+        self._insert(new_entries)
+        for message_id in touched:
+            entry = self._entries[message_id]
+            if not any(recipient.state in _PENDING for recipient in entry.recipients):
+                entry.body = None
+
+    def _purge_final(self, older_than: float) -> int:
+        gone = [
+            message_id for message_id, entry in self._entries.items()
+            if entry.message.received_at < older_than and entry.body is None
+        ]
+        for message_id in gone:
+            del self._entries[message_id]
+        return len(gone)
+
+    def _retry(self, message_id: str | None) -> int:
+        if message_id is None:
+            entries, states = list(self._entries.values()), (State.DEFERRED,)
+        else:
+            entries, states = [self._entries[message_id]] if message_id in self._entries else [], _PENDING
+        count = 0
+        for entry in entries:
+            for index, recipient in enumerate(entry.recipients):
+                if recipient.state in states:
+                    entry.recipients[index] = dataclasses.replace(recipient, next_attempt=0)
+                    count += 1
+        return count
+
+    def _delete(self, message_id: str) -> bool:
+        return self._entries.pop(message_id, None) is not None
+
+    def _probe(self, now: float) -> None:
+        self.probed_at = now
+
+    # -- records for callers: fresh lists, so nobody can change the spool by changing what it got -------
+
+    def _recipients(self) -> Iterable[Recipient]:
+        return (recipient for entry in self._entries.values() for recipient in entry.recipients)
+
+    def _messages(self, recipients: dict[str, list[Recipient]]) -> list[QueuedMessage]:
+        found = [
+            dataclasses.replace(self._entries[message_id].message, recipients=chosen)
+            for message_id, chosen in recipients.items()
+            if message_id in self._entries
+        ]
+        found.sort(key=lambda message: message.id)
+        return found
+
+
+async def _answer(value: Any) -> Any:
+    """Give the event loop one turn before answering, as a call to the threaded backend does."""
+    await asyncio.sleep(0)
+    return value

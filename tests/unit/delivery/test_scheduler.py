@@ -1,0 +1,364 @@
+"""relay.delivery.scheduler: what is tried when, in which transactions, and what is recorded.
+
+A real Scheduler over a MemorySpool, with a fake upstream in place of open_connection: it
+reads each transaction's text as a connection would and answers from a script. Waits are
+for a condition (bounded), never a fixed sleep longer than a few poll intervals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from relay.delivery.retry import Reply
+from relay.delivery.scheduler import Scheduler
+from relay.delivery.sendcloud import queued_message_id
+from relay.delivery.transport import Key, Result, Transaction
+from relay.spool import NewMessage, State, new_queue_id
+from relay.spool.memory import MemorySpool
+from tests.unit.helpers import BASE, config_from
+
+POLL = 0.01
+RETRY = 0.1  # the whole retry schedule: one short delay, no jitter
+
+# BASE's capture upstream needs no TLS contexts (upstream_tls gives None); the fake replaces
+# the capture connections, so nothing touches the network or the disk.
+CONFIG = BASE.replace(
+    "upstream: {kind: capture}",
+    "upstream: {kind: capture, max_recipients_per_transaction: 2, throttle_pause: 0.1, throttle_max_pause: 0.1}",
+) + f"spool: {{poll_interval: {POLL}, retry: [{RETRY}], retry_jitter: 0}}\n"
+
+TWO_ACCOUNTS = CONFIG.replace(
+    "  acme_trigger: {api_user: acme_trigger, type: trigger, domain: acme.com}",
+    "  acme_trigger: {api_user: acme_trigger, type: trigger, domain: acme.com}\n"
+    "  acme_batch: {api_user: acme_batch, type: batch, domain: acme.com}",
+).replace("channels: {trigger: acme_trigger}", "channels: {trigger: acme_trigger, batch: acme_batch}")
+
+
+QUEUED = Reply(250, "2.0.0 #MSG1#Queued")  # SendCloud's DATA reply: messageId MSG1
+
+
+@dataclass
+class Sent:
+    api_user: str
+    key: Key
+    transaction: Transaction
+    text: bytes
+    at: float
+
+
+@dataclass
+class FakeUpstream:
+    """The ``connect`` callable: makes fake connections and keeps what they were sent."""
+
+    answer: Callable[[Sent], list[Reply]] = lambda sent: [QUEUED] * len(sent.transaction.recipients)
+    hold: asyncio.Event | None = None  # while set to an unset event, every send waits for it
+    sent: list[Sent] = field(default_factory=list)
+    opened: list[FakeConnection] = field(default_factory=list)
+    sending: dict[str, int] = field(default_factory=dict)  # queue ID -> sends under way
+    most_at_once: int = 0  # of one message
+
+    def __call__(self, upstream, account, key, local_hostname, tls) -> FakeConnection:
+        connection = FakeConnection(self, account.api_user, key)
+        self.opened.append(connection)
+        return connection
+
+
+class FakeConnection:
+    def __init__(self, upstream: FakeUpstream, api_user: str, key: Key):
+        self.upstream, self.api_user, self.key = upstream, api_user, key
+        self.closed = False
+
+    async def send(self, transaction: Transaction) -> Result:
+        upstream, queue_id = self.upstream, transaction.queue_id
+        upstream.sending[queue_id] = upstream.sending.get(queue_id, 0) + 1
+        upstream.most_at_once = max(upstream.most_at_once, upstream.sending[queue_id])
+        try:
+            text = b"".join([chunk async for chunk in transaction.text])
+            sent = Sent(self.api_user, self.key, transaction, text, time.time())
+            upstream.sent.append(sent)
+            if upstream.hold is not None:
+                await upstream.hold.wait()
+            replies = upstream.answer(sent)
+        finally:
+            upstream.sending[queue_id] -= 1
+        ids = [queued_message_id(reply.text) for reply in replies if reply.code == 250]
+        return Result(replies, ids[0] if ids else None, "fake[upstream]")
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class Harness:
+    def __init__(self, text: str, upstream: FakeUpstream):
+        self.config = config_from(text)
+        self.spool = MemorySpool()
+        self.upstream = upstream
+        self.scheduler = Scheduler(lambda: self.config, self.spool, connect=upstream)
+
+    def reconfigure(self, text: str) -> None:
+        self.config = config_from(text)
+        self.scheduler.reconfigure(None)
+
+    async def intake(self, message: NewMessage) -> None:
+        """As the process wiring does: durable first, then handed to delivery."""
+        await self.spool.store(message)
+        self.scheduler.submit(message)
+
+    async def states(self, message_id: str) -> list[State]:
+        return [recipient.state for recipient in (await self.spool.get(message_id)).recipients]
+
+
+@pytest.fixture
+async def start():
+    harnesses: list[Harness] = []
+
+    async def start(text: str = CONFIG, upstream: FakeUpstream | None = None) -> Harness:
+        harness = Harness(text, upstream or FakeUpstream())
+        await harness.scheduler.start()
+        harnesses.append(harness)
+        return harness
+
+    yield start
+    for harness in harnesses:
+        if harness.upstream.hold is not None:
+            harness.upstream.hold.set()
+        await harness.scheduler.stop(1.0)
+
+
+async def until(condition: Callable[[], object], timeout: float = 3.0) -> None:
+    """Wait for ``condition`` (sync or async) to hold; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
+
+
+def new_message(recipients=("a@example.org", "b@example.org"), sender: str = "billing@acme.com",
+                account: str = "acme_trigger", body: bytes | None = None) -> NewMessage:
+    message_id = new_queue_id()
+    body = body if body is not None else f"From: {sender}\r\nSubject: {message_id}\r\n\r\nhello\r\n".encode()
+    channel = "batch" if account == "acme_batch" else "trigger"
+    return NewMessage(message_id, time.time(), "billing", "smtp", "10.20.0.5", account, channel,
+                      sender, list(recipients), body)
+
+
+def final(harness: Harness, message_id: str):
+    async def check() -> bool:
+        return all(state.final for state in await harness.states(message_id))
+    return check
+
+
+def by_address(replies: dict[str, Reply], default: Reply = QUEUED):
+    return lambda sent: [replies.get(address, default) for address in sent.transaction.recipients]
+
+
+# -- delivered, deferred, failed -----------------------------------------------------------------------
+
+
+async def test_a_submitted_message_is_delivered_and_recorded_with_sendclouds_email_ids(start):
+    harness = await start(upstream=FakeUpstream(answer=by_address({}, Reply(250, "2.0.0 #5ZK1#Queued"))))
+    message = new_message()
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    (sent,) = harness.upstream.sent
+    assert (sent.api_user, sent.key) == ("acme_trigger", Key(None, "verify"))
+    assert (sent.transaction.sender, sent.transaction.recipients) == ("billing@acme.com", ["a@example.org", "b@example.org"])
+    recipients = (await harness.spool.get(message.id)).recipients
+    assert [(r.state, r.attempts, r.email_id) for r in recipients] == [
+        (State.DELIVERED, 1, "5ZK10$a@example.org"),
+        (State.DELIVERED, 1, "5ZK11$b@example.org"),
+    ]
+    assert await harness.spool.list() == []  # final: the body is gone, `queue list` is empty
+
+
+async def test_a_451_defers_on_the_retry_schedule_and_the_poller_tries_again_when_due(start):
+    answers = iter([[Reply(451, "4.3.0 try later")], [Reply(250, "2.0.0 #M2#Queued")]])
+    harness = await start(upstream=FakeUpstream(answer=lambda sent: next(answers)))
+    message = new_message(recipients=("a@example.org",))
+    before = time.time()
+    await harness.intake(message)
+    await until(lambda: harness.upstream.sent)
+    await until(lambda: _first_state_is(harness, message.id, State.DEFERRED))
+    (recipient,) = (await harness.spool.get(message.id)).recipients
+    assert (recipient.attempts, recipient.last_reply) == (1, "451 4.3.0 try later")
+    assert before + RETRY <= recipient.next_attempt <= time.time() + RETRY
+
+    await until(final(harness, message.id))  # only the poller can bring it back: it was submitted once
+    _, second = harness.upstream.sent
+    assert second.at >= recipient.next_attempt
+    (recipient,) = (await harness.spool.get(message.id)).recipients
+    assert (recipient.state, recipient.attempts, recipient.email_id) == (State.DELIVERED, 2, "M20$a@example.org")
+
+
+async def _first_state_is(harness: Harness, message_id: str, state: State) -> bool:
+    return (await harness.states(message_id))[0] is state
+
+
+async def test_a_550_fails_the_recipient_and_a_dsn_is_stored_and_delivered_to_the_sender(start):
+    slow_poller = CONFIG.replace(f"poll_interval: {POLL}", "poll_interval: 60")  # only submit() can bring the DSN
+    harness = await start(slow_poller, FakeUpstream(answer=by_address({"bad@example.org": Reply(550, "5.1.1 no such user")})))
+    message = new_message(recipients=("good@example.org", "bad@example.org"))
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    assert await harness.states(message.id) == [State.DELIVERED, State.FAILED]
+    (dsn,) = [m for m in await harness.spool.list(include_final=True) if m.id != message.id]
+    assert (dsn.sender, dsn.listener, dsn.account, [r.address for r in dsn.recipients]) == (
+        "", "bounce", "acme_trigger", ["billing@acme.com"],
+    )
+    await until(final(harness, dsn.id))  # submitted right away, not left for the poller to find
+    bounce = harness.upstream.sent[-1]
+    assert (bounce.transaction.queue_id, bounce.transaction.sender, bounce.transaction.recipients) == (
+        dsn.id, "", ["billing@acme.com"],
+    )
+    assert b"bad@example.org" in bounce.text and b"5.1.1 no such user" in bounce.text
+    assert b"good@example.org" not in bounce.text
+
+
+async def test_a_failure_of_a_message_from_the_null_sender_makes_no_dsn(start):
+    harness = await start(upstream=FakeUpstream(answer=by_address({}, Reply(550, "5.1.1 no such user"))))
+    message = new_message(recipients=("bad@example.org",), sender="")
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    await asyncio.sleep(5 * POLL)
+    assert [m.id for m in await harness.spool.list(include_final=True)] == [message.id]
+    assert len(harness.upstream.sent) == 1
+
+
+# -- transactions ---------------------------------------------------------------------------------------
+
+
+async def test_recipients_under_different_tls_policies_go_in_separate_transactions(start):
+    text = CONFIG + "tls_rules:\n  - {domains: [secure.example], rule: verify}\n  - {rule: may}\n"
+    harness = await start(text)
+    message = new_message(recipients=("a@plain.example", "b@secure.example", "c@plain.example"))
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    assert [(s.key, s.transaction.recipients) for s in harness.upstream.sent] == [
+        (Key(None, "may"), ["a@plain.example", "c@plain.example"]),
+        (Key(None, "verify"), ["b@secure.example"]),
+    ]
+    assert sorted(connection.key.tls for connection in harness.upstream.opened) == ["may", "verify"]
+    # SendCloud numbers recipients within each transaction.
+    assert [r.email_id for r in (await harness.spool.get(message.id)).recipients] == [
+        "MSG10$a@plain.example", "MSG10$b@secure.example", "MSG11$c@plain.example",
+    ]
+
+
+async def test_more_recipients_than_a_transaction_may_carry_are_split_in_rcpt_order(start):
+    harness = await start()  # max_recipients_per_transaction: 2
+    addresses = [f"r{n}@example.org" for n in range(5)]
+    message = new_message(recipients=addresses)
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    assert [s.transaction.recipients for s in harness.upstream.sent] == [addresses[0:2], addresses[2:4], addresses[4:]]
+    assert await harness.states(message.id) == [State.DELIVERED] * 5
+
+
+async def test_the_text_streamed_upstream_is_the_spooled_message_with_x_smtpapi_to_per_transaction(start):
+    addresses = ["a@example.org", "b@example.org", "c@example.org"]
+    smtpapi = base64.b64encode(json.dumps({"to": addresses, "sub": {"%name%": ["A", "B", "C"]}}).encode())
+    head = b"From: billing@acme.com\r\nX-SMTPAPI: " + smtpapi + b"\r\nSubject: big\r\n\r\n"
+    rest = "Grüße, line of the body\r\n".encode() * 40_000  # ~1 MB over several spool chunks, 8-bit
+    harness = await start()
+    message = new_message(recipients=addresses, body=head + rest)
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    first, second = harness.upstream.sent
+    for sent, wanted, names in [(first, addresses[:2], ["A", "B"]), (second, addresses[2:], ["C"])]:
+        sent_head, sent_rest = sent.text.split(b"\r\n\r\n", 1)
+        assert sent_rest == rest
+        (header_field,) = [line for line in sent_head.split(b"\r\n") if line.startswith(b"X-SMTPAPI:")]
+        value = json.loads(base64.b64decode(header_field.split(b":", 1)[1].strip()))
+        assert (value["to"], value["sub"]["%name%"]) == (wanted, names)
+        assert sent.transaction.size == len(sent.text)
+        assert sent.transaction.eight_bit is True
+
+
+async def test_without_x_smtpapi_every_transaction_streams_exactly_the_spooled_bytes(start):
+    body = b"From: billing@acme.com\r\nSubject: s\r\n\r\n" + bytes(range(256)) * 3000
+    harness = await start()
+    message = new_message(recipients=[f"r{n}@example.org" for n in range(3)], body=body)
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    assert [sent.text for sent in harness.upstream.sent] == [body, body]
+    assert [sent.transaction.size for sent in harness.upstream.sent] == [len(body), len(body)]
+
+
+# -- one worker per message ----------------------------------------------------------------------------
+
+
+async def test_a_message_is_never_in_two_workers_at_once(start):
+    """Submitted twice, and due at every poll while its transaction is under way: sent once."""
+    upstream = FakeUpstream(hold=asyncio.Event())
+    harness = await start(upstream=upstream)  # four workers for the account
+    message = new_message(recipients=("a@example.org",))
+    await harness.intake(message)
+    harness.scheduler.submit(message)
+    await until(lambda: upstream.sent)
+    await asyncio.sleep(10 * POLL)  # ten polls that find it due (queued, next_attempt in the past)
+    harness.scheduler.submit(message)
+    assert len(upstream.sent) == 1
+    upstream.hold.set()
+    await until(final(harness, message.id))
+    await asyncio.sleep(5 * POLL)
+    assert (len(upstream.sent), upstream.most_at_once) == (1, 1)
+
+
+# -- reconfigure, throttling ---------------------------------------------------------------------------
+
+
+async def test_mail_of_an_account_removed_by_reconfigure_waits_in_the_spool_until_it_is_back(start):
+    upstream = FakeUpstream(hold=asyncio.Event())
+    harness = await start(TWO_ACCOUNTS.replace("max_recipients_per_transaction: 2", "connections_per_account: 1"),
+                          upstream)
+    in_flight, waiting = new_message(account="acme_batch"), new_message(account="acme_batch")
+    await harness.intake(in_flight)
+    await harness.intake(waiting)  # behind it in the account's queue: one worker
+    await until(lambda: upstream.sent)
+
+    harness.reconfigure(CONFIG)  # acme_batch is gone
+    upstream.hold.set()
+    await until(final(harness, in_flight.id))  # the worker finishes the transaction it was in
+    late = new_message(account="acme_batch")
+    await harness.intake(late)
+    await asyncio.sleep(10 * POLL)
+    assert [s.transaction.queue_id for s in upstream.sent] == [in_flight.id]
+    assert await harness.states(waiting.id) == [State.QUEUED, State.QUEUED]
+    assert await harness.states(late.id) == [State.QUEUED, State.QUEUED]
+
+    harness.reconfigure(TWO_ACCOUNTS)  # back: the poller finds what waited
+    await until(final(harness, waiting.id))
+    await until(final(harness, late.id))
+    assert sorted(s.transaction.queue_id for s in upstream.sent[1:]) == sorted([waiting.id, late.id])
+    assert {s.api_user for s in upstream.sent} == {"acme_batch"}
+
+
+async def test_536_frequency_limited_pauses_the_account_without_spending_an_attempt(start):
+    answers = iter([[Reply(536, "Frequency limited")], [Reply(250, "2.0.0 #M3#Queued")]])
+    upstream = FakeUpstream(answer=lambda sent: next(answers))
+    harness = await start(upstream=upstream)  # throttle_pause: 0.1
+    message = new_message(recipients=("a@example.org",))
+    await harness.intake(message)
+    await until(lambda: _first_state_is(harness, message.id, State.DEFERRED))
+    throttle = harness.scheduler.throttles["acme_trigger"]
+    assert throttle.pauses == 1 and throttle.remaining() > 0
+    (recipient,) = (await harness.spool.get(message.id)).recipients
+    assert recipient.attempts == 0
+    assert recipient.last_reply == "536 Frequency limited (account paused; not counted as an attempt)"
+
+    await until(final(harness, message.id))
+    first, second = upstream.sent
+    assert second.at - first.at >= 0.1 - 0.01  # not before the pause ended
+    assert throttle.consecutive == 0  # the probe got through: the account runs again
