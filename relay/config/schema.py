@@ -122,7 +122,7 @@ class Server(_Model):
     auth_lockout_failures: int = Field(default=10, ge=1)
     auth_lockout_duration: Duration = 900.0
     shutdown_grace: Duration = 30.0
-    # SMTP acceptor processes sharing the listening sockets and one spool (relay/workers.py):
+    # SMTP acceptor processes sharing the listening sockets and one spool (relay/process/supervisor.py):
     # 1 runs everything in one process; "auto" one per CPU, at least 2 and at most 8.
     processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # auto: uvloop when installed (a dependency except on Windows), else asyncio's own loop.

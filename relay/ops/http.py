@@ -159,7 +159,7 @@ class AdminServer:
         return web.json_response(queue_view.show_record(message, time.time()))
 
     async def reload(self, request: web.Request) -> web.Response:
-        error, restart_needed = await self.relay.config.diff()
+        error, restart_needed = await self.relay.reload()
         if error is not None:
             return web.json_response({"reloaded": False, "error": error}, status=422)
         return web.json_response({"reloaded": True, "restart_needed": restart_needed})

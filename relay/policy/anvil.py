@@ -5,7 +5,7 @@ failure tracking (:class:`relay.policy.auth.AuthGuard`) must hold for the whole 
 spread over several acceptor processes must not get N times the connections or the guesses.
 So one process owns them. The listener asks through :class:`SharedLimits`; in a one-process
 relay that is :class:`LocalLimits` itself, in an acceptor process a thin client
-(:class:`relay.workers.RemoteLimits`) that sends each question over the socketpair to the
+(:class:`relay.process.acceptor.RemoteLimits`) that sends each question over the socketpair to the
 main process's :class:`LocalLimits`, as Postfix's ``smtpd`` asks ``anvil`` over a local socket.
 
 Each open connection is an entry in a ledger under a key the asking process chooses, so its

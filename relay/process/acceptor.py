@@ -222,7 +222,7 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
 
 
 def acceptor_main() -> None:
-    """Entry point of ``python -m relay.workers`` (started by :class:`AcceptorPool` only)."""
+    """Entry point of ``python -m relay.process.acceptor`` (started by :class:`AcceptorPool` only)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--ipc", type=int, required=True)
     parser.add_argument("--listen", action="append", default=[], help="LISTENER=FD")

@@ -9,7 +9,7 @@ to one ``cleanup``/``qmgr`` side. This is the same shape:
   spool (one writer, so one group commit serves every acceptor) and the scheduler
   (one in-flight set, so no message is ever delivered twice), and supervises the children.
 - Each **acceptor process** inherits the listening sockets and runs the ordinary listeners
-  (:mod:`relay.listener`). Its spool is a :class:`SpoolClient`: ``store`` sends the message
+  (:mod:`relay.smtp`). Its spool is a :class:`SpoolClient`: ``store`` sends the message
   over a private socketpair to the main process, which commits it (fsync) in the group
   committing at that moment, hands it to the scheduler in memory (no poll latency), and
   only then answers; the acceptor says ``250`` after that answer. Any failure of that path is

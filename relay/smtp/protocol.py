@@ -8,7 +8,7 @@ import itertools
 import logging
 import re
 import warnings
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from aiosmtpd.smtp import (
     SMTP,
@@ -16,16 +16,30 @@ from aiosmtpd.smtp import (
     syntax,
 )
 
+from relay.config import Listener
 from relay.errors import SMTPReply
 from relay.observe import metrics
 from relay.smtp.data import read_message
 
-if TYPE_CHECKING:
-    from relay.smtp.session import ListenerHandler
-
 log = logging.getLogger("relay.smtpd")
 
 _TOO_BIG = SMTPReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+
+
+class SessionEvents(Protocol):
+    """What the protocol tells its handler (:class:`relay.smtp.session.ListenerHandler`) beyond aiosmtpd's hooks."""
+
+    listener: Listener
+
+    async def admit(self, server: RelaySMTP) -> SMTPReply | None: ...
+
+    def connected(self, transport: asyncio.Transport) -> None: ...
+
+    def release(self, server: RelaySMTP) -> None: ...
+
+    def expired(self, server: RelaySMTP, reply: SMTPReply) -> None: ...
+
+    def refused_by_aiosmtpd(self, server: RelaySMTP, stage: str, reply: SMTPReply) -> None: ...
 
 # aiosmtpd logs every command line at INFO, AUTH PLAIN's base64 credentials included: keep
 # its logger at WARNING. Two of its warnings repeat on every session and say nothing: AUTH
@@ -93,7 +107,7 @@ class RelaySMTP(SMTP):
     }
 
     def __init__(
-        self, handler: ListenerHandler, connections: set[RelaySMTP], *, data_timeout: float, session_timeout: float, **kwargs
+        self, handler: SessionEvents, connections: set[RelaySMTP], *, data_timeout: float, session_timeout: float, **kwargs
     ):
         super().__init__(handler, **kwargs)
         self._connections = connections

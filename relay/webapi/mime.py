@@ -20,7 +20,7 @@ encoded words (:func:`encoded_words`). Bcc never appears in the headers, only in
 xsmtpapi ``to`` and separate copies: SendCloud sends each address of X-SMTPAPI ``to``
 separately (``sources/email_v2/send_email.md``, note 4), and the relay's delivery already
 rewrites X-SMTPAPI ``to`` (with ``sub``) to each upstream transaction's own recipients
-(``relay.xsmtpapi.for_transaction``). So the caller spools ONE message, ``build_message``
+(``relay.rewrite.xsmtpapi.for_transaction``). So the caller spools ONE message, ``build_message``
 with ``envelope``: one queue ID, one emailId per ``to`` address. Its To header is
 ``undisclosed-recipients:;`` (with a single address, that address), so even an upstream that
 ignores X-SMTPAPI (``kind: smtp``) shows no recipient the others. A caller that wants each
@@ -77,7 +77,7 @@ def per_recipient_copies(request: SendRequest) -> list[SendRequest]:
 
 
 def xsmtpapi_value(data: dict) -> bytes:
-    """Base64 of the compact UTF-8 JSON, as SendCloud reads it (and ``relay.xsmtpapi`` writes it)."""
+    """Base64 of the compact UTF-8 JSON, as SendCloud reads it (and ``relay.rewrite.xsmtpapi`` writes it)."""
     return base64.b64encode(json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
 
 
@@ -227,7 +227,7 @@ def build_message(request: SendRequest, message_id_domain: str, now: float) -> b
     _headers(message, request, message_id_domain, now)
     marker = f"RELAY-ATTACHMENT-{uuid.uuid4().hex}-"  # never in the encoded text parts
     tokens = _body(message, request, marker)
-    if request.xsmtpapi:  # an empty object says nothing: no header, as relay.xsmtpapi.apply writes none
+    if request.xsmtpapi:  # an empty object says nothing: no header, as relay.rewrite.xsmtpapi.apply writes none
         # last, after the MIME headers the body added; written as one line however long
         message.set_raw(XSMTPAPI_HEADER, xsmtpapi_value(dict(request.xsmtpapi)).decode("ascii"))
     buffer = io.BytesIO()

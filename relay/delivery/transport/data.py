@@ -70,7 +70,7 @@ async def send_data(client: aiosmtplib.SMTP, pieces: AsyncIterable[Piece], timeo
 
     Uses aiosmtplib's protocol internals (the command lock, the "reply expected" flag and
     the flow-control wait), hence its upper bound in pyproject.toml; every e2e delivery
-    goes through here, and tests/unit/test_upstream_data.py compares the bytes with its own.
+    goes through here, and tests/unit/delivery/test_data.py compares the bytes with its own.
     """
     protocol = client.protocol
     if protocol is None or protocol._command_lock is None:

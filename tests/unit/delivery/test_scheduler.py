@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from relay.delivery.retry import Reply
 from relay.delivery.scheduler import Scheduler
 from relay.delivery.sendcloud import queued_message_id
 from relay.delivery.transport import Key, Result, Transaction
+from relay.errors import SMTPReply
 from relay.spool import NewMessage, State, new_queue_id
 from relay.spool.memory import MemorySpool
 from tests.unit.helpers import BASE, config_from
@@ -41,7 +41,7 @@ TWO_ACCOUNTS = CONFIG.replace(
 ).replace("channels: {trigger: acme_trigger}", "channels: {trigger: acme_trigger, batch: acme_batch}")
 
 
-QUEUED = Reply(250, "2.0.0 #MSG1#Queued")  # SendCloud's DATA reply: messageId MSG1
+QUEUED = SMTPReply.received(250, "2.0.0 #MSG1#Queued")  # SendCloud's DATA reply: messageId MSG1
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Sent:
 class FakeUpstream:
     """The ``connect`` callable: makes fake connections and keeps what they were sent."""
 
-    answer: Callable[[Sent], list[Reply]] = lambda sent: [QUEUED] * len(sent.transaction.recipients)
+    answer: Callable[[Sent], list[SMTPReply]] = lambda sent: [QUEUED] * len(sent.transaction.recipients)
     hold: asyncio.Event | None = None  # while set to an unset event, every send waits for it
     sent: list[Sent] = field(default_factory=list)
     opened: list[FakeConnection] = field(default_factory=list)
@@ -160,7 +160,7 @@ def final(harness: Harness, message_id: str):
     return check
 
 
-def by_address(replies: dict[str, Reply], default: Reply = QUEUED):
+def by_address(replies: dict[str, SMTPReply], default: SMTPReply = QUEUED):
     return lambda sent: [replies.get(address, default) for address in sent.transaction.recipients]
 
 
@@ -168,7 +168,7 @@ def by_address(replies: dict[str, Reply], default: Reply = QUEUED):
 
 
 async def test_a_submitted_message_is_delivered_and_recorded_with_sendclouds_email_ids(start):
-    harness = await start(upstream=FakeUpstream(answer=by_address({}, Reply(250, "2.0.0 #5ZK1#Queued"))))
+    harness = await start(upstream=FakeUpstream(answer=by_address({}, SMTPReply.received(250, "2.0.0 #5ZK1#Queued"))))
     message = new_message()
     await harness.intake(message)
     await until(final(harness, message.id))
@@ -184,7 +184,7 @@ async def test_a_submitted_message_is_delivered_and_recorded_with_sendclouds_ema
 
 
 async def test_a_451_defers_on_the_retry_schedule_and_the_poller_tries_again_when_due(start):
-    answers = iter([[Reply(451, "4.3.0 try later")], [Reply(250, "2.0.0 #M2#Queued")]])
+    answers = iter([[SMTPReply.received(451, "4.3.0 try later")], [SMTPReply.received(250, "2.0.0 #M2#Queued")]])
     harness = await start(upstream=FakeUpstream(answer=lambda sent: next(answers)))
     message = new_message(recipients=("a@example.org",))
     before = time.time()
@@ -208,7 +208,7 @@ async def _first_state_is(harness: Harness, message_id: str, state: State) -> bo
 
 async def test_a_550_fails_the_recipient_and_a_dsn_is_stored_and_delivered_to_the_sender(start):
     slow_poller = CONFIG.replace(f"poll_interval: {POLL}", "poll_interval: 60")  # only submit() can bring the DSN
-    harness = await start(slow_poller, FakeUpstream(answer=by_address({"bad@example.org": Reply(550, "5.1.1 no such user")})))
+    harness = await start(slow_poller, FakeUpstream(answer=by_address({"bad@example.org": SMTPReply.received(550, "5.1.1 no such user")})))
     message = new_message(recipients=("good@example.org", "bad@example.org"))
     await harness.intake(message)
     await until(final(harness, message.id))
@@ -227,7 +227,7 @@ async def test_a_550_fails_the_recipient_and_a_dsn_is_stored_and_delivered_to_th
 
 
 async def test_a_failure_of_a_message_from_the_null_sender_makes_no_dsn(start):
-    harness = await start(upstream=FakeUpstream(answer=by_address({}, Reply(550, "5.1.1 no such user"))))
+    harness = await start(upstream=FakeUpstream(answer=by_address({}, SMTPReply.received(550, "5.1.1 no such user"))))
     message = new_message(recipients=("bad@example.org",), sender="")
     await harness.intake(message)
     await until(final(harness, message.id))
@@ -346,7 +346,7 @@ async def test_mail_of_an_account_removed_by_reconfigure_waits_in_the_spool_unti
 
 
 async def test_536_frequency_limited_pauses_the_account_without_spending_an_attempt(start):
-    answers = iter([[Reply(536, "Frequency limited")], [Reply(250, "2.0.0 #M3#Queued")]])
+    answers = iter([[SMTPReply.received(536, "Frequency limited")], [SMTPReply.received(250, "2.0.0 #M3#Queued")]])
     upstream = FakeUpstream(answer=lambda sent: next(answers))
     harness = await start(upstream=upstream)  # throttle_pause: 0.1
     message = new_message(recipients=("a@example.org",))

@@ -52,7 +52,7 @@ def test_templates_are_unavailable():
     assert templates_unavailable() is not templates_unavailable()
 
 
-# The relay's own refusals (relay.policy, relay.errors, relay.xsmtpapi, the listener), written out
+# The relay's own refusals (relay.policy, relay.errors, relay.rewrite.xsmtpapi, the listener), written out
 # so that this table reads as the spec's.
 @pytest.mark.parametrize(
     ("code", "enhanced", "text", "status"),

@@ -315,8 +315,8 @@ def test_per_recipient_copies_without_xsmtpapi_to_is_the_request():
 
 
 def test_the_smtp_side_reads_the_header_as_it_reads_a_clients():
-    """The built message passes relay.xsmtpapi's DATA check and its per-transaction split."""
-    from relay import xsmtpapi
+    """The built message passes relay.rewrite.xsmtpapi's DATA check and its per-transaction split."""
+    from relay.rewrite import xsmtpapi
 
     value = {"to": ["ben@x.net", "joe@x.net"], "sub": {"%name%": ["Ben", "Joe"]}}
     built = request(to=(), xsmtpapi=value)
