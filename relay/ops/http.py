@@ -31,7 +31,7 @@ from relay.observe.health import readiness_problems
 from relay.ops import queue_view
 from relay.spool import Spool
 
-log = logging.getLogger("relay.ops.queue_view")
+log = logging.getLogger("relay.admin")
 
 _PROBE_TIMEOUT = 5.0  # a spool write slower than this counts as failing
 _PROBE_REUSE = 1.0  # seconds a spool probe's result answers further /readyz calls

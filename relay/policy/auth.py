@@ -29,7 +29,7 @@ from relay.config.formats import parse_scrypt
 if TYPE_CHECKING:
     from relay.config import Server
 
-log = logging.getLogger("relay.policy.auth")
+log = logging.getLogger("relay.auth")
 
 _argon2 = argon2.PasswordHasher()  # argon2id, RFC 9106 "second recommended" parameters
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from relay.config import Rate
 from relay.spool import RateStore, WindowKey
 
-log = logging.getLogger("relay.policy.rates")
+log = logging.getLogger("relay.limits")
 
 
 def sliding_count(previous: int, current: int, elapsed_fraction: float) -> float:

@@ -166,7 +166,7 @@ async def serve(config: Config, config_path: Path | None = None, verbose: bool =
     reloads: set[asyncio.Task] = set()
 
     def reload() -> None:
-        task = asyncio.create_task(relay.config.diff())
+        task = asyncio.create_task(relay.reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
