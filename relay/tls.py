@@ -19,12 +19,12 @@ log = logging.getLogger("relay.tls")
 # suites with forward secrecy, no CBC. TLS 1.3's suites are OpenSSL's three defaults, which are
 # the profile's (Python cannot set them). DHE covers RSA-certificate clients without ECDHE-RSA
 # with GCM (IE 11 and .NET on Windows 7 / Server 2008 R2, still common among legacy senders).
-INTERMEDIATE_CIPHERS = ":".join([
-    "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256",
-    "ECDHE-ECDSA-AES256-GCM-SHA384", "ECDHE-RSA-AES256-GCM-SHA384",
-    "ECDHE-ECDSA-CHACHA20-POLY1305", "ECDHE-RSA-CHACHA20-POLY1305",
-    "DHE-RSA-AES128-GCM-SHA256", "DHE-RSA-AES256-GCM-SHA384", "DHE-RSA-CHACHA20-POLY1305",
-])
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
 # The profile's curves are X25519, prime256v1 and secp384r1; OpenSSL 3's default list adds
 # X448 and secp521r1, which sslyze flags. Python 3.11 can set one group only (set_ecdh_curve),
 # so the one every client has: prime256v1. A TLS 1.3 client whose first key share is X25519

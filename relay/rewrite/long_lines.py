@@ -147,7 +147,7 @@ def _multipart(body: bytes, boundary: bytes, limit: int, inner_type: str) -> _Re
     """The parts between delimiter lines fitted; delimiters, preamble, epilogue kept as they are."""
     delimiter = re.compile(rb"(?m)^--" + re.escape(boundary) + rb"(--)?[ \t]*(?=\r\n|\Z)")
     pieces: list[bytes] = []
-    position, mime_changed = 0, False
+    mime_changed = False
     matches = list(_delimiters(delimiter, body))
     if not matches:  # no parts at all: the body is all preamble
         broken = _break_long_lines(body, limit)

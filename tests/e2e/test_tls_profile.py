@@ -48,7 +48,7 @@ def leaf_certificate(ca, directory: Path, key_type: str) -> Path:
     ca_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
     key = ec.generate_private_key(ec.SECP256R1()) if key_type == "ecdsa" else rsa.generate_private_key(65537, 2048)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
@@ -121,9 +121,9 @@ def handshake(port: int, ca_file: Path, *, ciphers: str | None = None, curve: st
         context.set_ciphers(ciphers)
     if curve:
         context.set_ecdh_curve(curve)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname="localhost") as tls:
-            return tls.version(), tls.cipher()[0]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="localhost") as tls:
+        return tls.version(), tls.cipher()[0]
 
 
 # -- handshakes from Python's client ---------------------------------------------------------
@@ -149,9 +149,8 @@ def test_tls_1_0_and_1_1_are_refused(tls_server, ca_file):
     context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
     context.maximum_version = ssl.TLSVersion.TLSv1_1
     context.set_ciphers("ALL:@SECLEVEL=0")
-    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=10) as raw:
-        with pytest.raises(ssl.SSLError):
-            context.wrap_socket(raw, server_hostname="localhost")
+    with socket.create_connection(("127.0.0.1", tls_server.port), timeout=10) as raw, pytest.raises(ssl.SSLError):
+        context.wrap_socket(raw, server_hostname="localhost")
 
 
 def test_the_client_s_cipher_order_wins(tls_server, ca_file):
@@ -186,14 +185,23 @@ def mozilla_intermediate_issues(port: int, ca_file: Path, starttls: bool = False
 
 def _issues_from_api(port: int, ca_file: Path, starttls: bool) -> dict[str, str]:
     from sslyze import (
-        ProtocolWithOpportunisticTlsEnum, Scanner, ScanCommandsExtraArguments, ServerNetworkConfiguration,
-        ServerNetworkLocation, ServerScanRequest,
+        ProtocolWithOpportunisticTlsEnum,
+        ScanCommandsExtraArguments,
+        Scanner,
+        ServerNetworkConfiguration,
+        ServerNetworkLocation,
+        ServerScanRequest,
     )
     from sslyze.mozilla_tls_profile.tls_config_checker import (
-        SCAN_COMMANDS_NEEDED_BY_MOZILLA_CHECKER, MozillaTlsConfiguration, ServerNotCompliantWithTlsConfiguration,
-        TlsConfigurationEnum, check_server_against_tls_configuration,
+        SCAN_COMMANDS_NEEDED_BY_MOZILLA_CHECKER,
+        MozillaTlsConfiguration,
+        ServerNotCompliantWithTlsConfiguration,
+        TlsConfigurationEnum,
+        check_server_against_tls_configuration,
     )
-    from sslyze.plugins.certificate_info.implementation import CertificateInfoExtraArgument
+    from sslyze.plugins.certificate_info.implementation import (
+        CertificateInfoExtraArgument,
+    )
 
     network = ServerNetworkConfiguration(
         tls_server_name_indication="localhost",
@@ -217,7 +225,7 @@ def _issues_from_api(port: int, ca_file: Path, starttls: bool) -> dict[str, str]
 def _issues_from_cli(port: int, ca_file: Path, starttls: bool) -> dict[str, str]:
     command = [SSLYZE_CLI, "--mozilla_config", "intermediate", "--certinfo_ca_file", str(ca_file)]
     command += ["--starttls", "smtp"] if starttls else []
-    done = subprocess.run([*command, f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*command, f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=300, check=False)
     # "        * ciphers: Cipher suites {...} are supported, but should be rejected."
     issues = dict(re.findall(r"(?m)^\s+\* ([a-z0-9_]+): (.*)$", done.stdout))
     assert done.returncode == (1 if issues else 0), done.stdout[-3000:] + done.stderr[-3000:]

@@ -165,7 +165,7 @@ def test_no_address_can_start_a_line_of_its_own(sender, recipient):
     assert bare_line_endings(data) == [] and b"\x00" not in data and b"\x1b" not in data
     forged = (b"\r\nBcc:", b"\r\nX-SMTPAPI:")
     assert not any(line in data for line in forged)
-    message, (notification, report, _) = parts(data)
+    message, (_, report, _) = parts(data)
     assert message["Bcc"] is None and not message.defects
     assert message["To"].startswith("<bill")
     assert [block["Action"] for block in report.get_payload()[1:]] == ["failed"]

@@ -87,7 +87,7 @@ def test_plain_lines_are_scrubbed_whatever_logged_them():
 
 # -- escaping: no client-supplied value forges a line or reaches the terminal raw -----------------
 
-from relay.logs import escape  # noqa: E402
+from relay.logs import escape
 
 ESCAPES = {
     "plain_unchanged": ("billing", "billing"),

@@ -10,7 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.rewrite.long_lines import encode_qp, fit_line_length, fold_line, has_long_line
+from relay.rewrite.long_lines import (
+    encode_qp,
+    fit_line_length,
+    fold_line,
+    has_long_line,
+)
 
 LIMIT = 998
 HEAD = b"From: app@info.acme.com\r\nSubject: hi\r\n"

@@ -129,7 +129,7 @@ def test_identify(listener, authenticated, client, expected):
 
 # -- control characters: 501 5.5.2 (HELO, AUTH) / 553 5.1.7 (MAIL, RCPT) ------------------------
 
-from relay.policy import check_address_chars, check_auth_identity, check_helo  # noqa: E402
+from relay.policy import check_address_chars, check_auth_identity, check_helo
 
 HELOS = {
     "hostname": ("mail.acme.com", None),

@@ -316,7 +316,7 @@ def test_headers_only_message():
 
 # -- control characters from the client never make a header line (defence in depth) -------------
 
-import re  # noqa: E402
+import re
 
 
 def lenient_header_lines(data: bytes) -> list[bytes]:
