@@ -7,11 +7,58 @@ import ipaddress
 import logging
 import os
 import ssl
+import tempfile
 from pathlib import Path
 
 from relay.config import TLSFiles, Upstream
 
 log = logging.getLogger("relay.tls")
+
+# Mozilla's "intermediate" server profile (ssl-config.mozilla.org, guidelines 5.7), what
+# `sslyze --mozilla_config intermediate` checks: TLS 1.2 and 1.3; in TLS 1.2 only these AEAD
+# suites with forward secrecy, no CBC. TLS 1.3's suites are OpenSSL's three defaults, which are
+# the profile's (Python cannot set them). DHE covers RSA-certificate clients without ECDHE-RSA
+# with GCM (IE 11 and .NET on Windows 7 / Server 2008 R2, still common among legacy senders).
+INTERMEDIATE_CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384:DHE-RSA-CHACHA20-POLY1305"
+)
+# The profile's curves are X25519, prime256v1 and secp384r1; OpenSSL 3's default list adds
+# X448 and secp521r1, which sslyze flags. Python 3.11 can set one group only (set_ecdh_curve),
+# so the one every client has: prime256v1. A TLS 1.3 client whose first key share is X25519
+# (OpenSSL's, Go's) pays one extra round trip (HelloRetryRequest); X25519 alone would lock out
+# Java 8 and Windows 7 clients (docs/decisions.md).
+ECDH_CURVE = "prime256v1"
+# RFC 7919's ffdhe2048 (the profile's DH parameters), for the DHE suites above; without
+# parameters OpenSSL offers no DHE suite at all.
+FFDHE2048 = b"""-----BEGIN DH PARAMETERS-----
+MIIBCAKCAQEA//////////+t+FRYortKmq/cViAnPTzx2LnFg84tNpWp4TZBFGQz
++8yTnc4kmz75fS/jY2MMddj2gbICrsRhetPfHtXV/WVhJDP1H18GbtCFY2VVPe0a
+87VXE15/V8k1mE8McODmi3fipona8+/och3xWKE2rec1MKzKT0g6eXq8CrGCsyT7
+YdEIqUuyyOP7uWrat2DX9GgdT0Kj3jlN9K5W7edjcrsZCwenyO4KbXCeAvzhzffi
+7MA0BM0oNC9hkXL+nOmFg/+OTxIy7vKBg8P+OxtMb61zO7X8vC7CIAXFjvGDfRaD
+ssbzSibBsu/6iGtCOGEoXJf//////////wIBAg==
+-----END DH PARAMETERS-----
+"""
+
+
+def apply_intermediate_profile(context: ssl.SSLContext) -> None:
+    """Mozilla's intermediate profile on a server context: versions, suites, curve, DH group.
+
+    The client's cipher order wins, as the profile says: every suite left is strong, and a
+    phone without AES instructions then picks ChaCha20.
+    """
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.maximum_version = ssl.TLSVersion.TLSv1_3
+    context.set_ciphers(INTERMEDIATE_CIPHERS)
+    context.set_ecdh_curve(ECDH_CURVE)
+    context.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
+    with tempfile.NamedTemporaryFile(suffix=".pem") as params:  # load_dh_params takes a path only
+        params.write(FFDHE2048)
+        params.flush()
+        context.load_dh_params(params.name)
 
 
 def server_context(files: TLSFiles, hostname: str) -> ssl.SSLContext:
@@ -20,7 +67,7 @@ def server_context(files: TLSFiles, hostname: str) -> ssl.SSLContext:
         make_self_signed(files.cert, files.key, hostname)
         log.warning("made a self-signed certificate for %s at %s (demo use only)", hostname, files.cert)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    apply_intermediate_profile(context)
     context.load_cert_chain(files.cert, files.key)
     # TLS 1.3 session tickets: OpenSSL sends two after every handshake. One is enough for a
     # smarthost's session cache (Postfix keeps the latest per destination) to resume, and an

@@ -7,6 +7,7 @@ retried like any other; a failed DSN is never answered with another one (its sen
 from __future__ import annotations
 
 import email.utils
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,16 @@ def build_dsn(
     arrival: float,
     now: float,
 ) -> bytes:
-    """A multipart/report DSN as CRLF bytes, ready to spool."""
+    """A multipart/report DSN as CRLF bytes, ready to spool.
+
+    Every value written into it is made one line first (:func:`_one_line`): addresses and
+    replies come from clients and upstreams, and a CR, LF or NUL in one must never start a
+    header line of its own, even if the check at MAIL/RCPT time was missed.
+    """
+    queue_id, original_sender, reporting_mta, from_domain = map(
+        _one_line, (queue_id, original_sender, reporting_mta, from_domain)
+    )
+    recipients = [FailedRecipient(_one_line(r.address), r.reply) for r in recipients]
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
     listing = "\r\n".join(f"<{r.address}>: {_one_line(r.reply)}" for r in recipients)
     per_recipient = "\r\n\r\n".join(
@@ -75,5 +85,9 @@ def build_dsn(
     ).encode() + original_headers.rstrip(b"\r\n") + f"\r\n\r\n--{boundary}--\r\n".encode()
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    """Whitespace runs (line breaks included) as one space, any other control character as ``?``."""
+    return _CONTROL.sub("?", " ".join(text.split()))

@@ -10,6 +10,11 @@ Two protections run on every line, whatever logger wrote it: configured secrets 
 the admin token) are replaced by ``***`` — defence in depth, since no code logs them — and,
 with ``logging.mask_addresses``, local parts of mail addresses become ``j***``.
 
+No client-supplied value can forge a line or reach the terminal raw: :func:`render` passes
+every value through :func:`escape` (control characters as ``\\xNN``, a backslash doubled, so
+the escape is unambiguous), and both formatters escape control characters once more, whatever
+logger wrote the line.
+
 The standard library's logging, not structlog: every library here (aiosmtpd, aiosmtplib,
 asyncio, aiohttp) logs through it, so one handler with one formatter sees every line; what
 structlog would add (key-value events, JSON rendering) is the few lines below.
@@ -17,6 +22,7 @@ structlog would add (key-value events, JSON rendering) is the few lines below.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -39,23 +45,59 @@ def mask_addresses(text: str) -> str:
     return _LOCAL_PART.sub(r"\1***@", text)
 
 
+# Characters that could end a log line, move the cursor or recolour a terminal, or reorder what
+# a viewer shows: C0 (TAB included), DEL, C1, the Unicode line and paragraph separators, the
+# bidirectional controls, and lone surrogates (undecodable bytes, which stderr cannot encode).
+_BEYOND_C0 = r"\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff"
+_UNSAFE = re.compile(r"[\\\x00-\x1f" + _BEYOND_C0 + "]")
+_CONTROL = re.compile(r"[\x00-\x1f" + _BEYOND_C0 + "]")
+_JSON_RAW = re.compile("[" + _BEYOND_C0 + "]")  # what json.dumps(ensure_ascii=False) leaves raw
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
+def escape(value: str) -> str:
+    """``value`` safe to log: control characters as ``\\xNN``/``\\uNNNN``, ``\\`` as ``\\\\``.
+
+    Clients choose HELO names, addresses and AUTH usernames; with a CR or LF they could write
+    a forged maillog line (``... status=sent``), with ESC a terminal sequence. Doubling the
+    backslash keeps a client's literal ``\\x0a`` apart from an escaped newline.
+    """
+    return _UNSAFE.sub(_escaped, value) if _UNSAFE.search(value) else value
+
+
+def escape_controls(text: str) -> str:
+    """Control characters escaped, backslashes left alone: the formatters' second pass over
+    text that :func:`render` may already have escaped (its ``\\\\`` must not double again)."""
+    return _CONTROL.sub(_escaped, text) if _CONTROL.search(text) else text
+
+
 def render(prefix: str | None, fields: Mapping[str, Any], note: str | None = None) -> str:
-    """``ID: key=value, key=value (note)``: addresses in <>, clients in [], delays to 10 ms."""
+    """``ID: key=value, key=value (note)``: addresses in <>, clients in [], delays to 10 ms.
+
+    Every value and the note are escaped: they carry what clients and upstreams sent.
+    """
     parts = []
     for key, value in fields.items():
         if value is None:
             continue
+        if isinstance(value, float):
+            value = f"{value:.2f}"
+        value = escape(str(value))
         if key in ("from", "to"):
             value = f"<{value}>"
         elif key == "client":
             value = f"[{value}]"
-        elif isinstance(value, float):
-            value = f"{value:.2f}"
         parts.append(f"{key}={value}")
     text = ", ".join(parts)
     if prefix:
         text = f"{prefix}: {text}"
-    return f"{text} ({note})" if note else text
+    return f"{text} ({escape(note)})" if note else text
 
 
 def event(logger: logging.Logger, prefix: str | None, fields: Mapping[str, Any], note: str | None = None,
@@ -81,6 +123,21 @@ class Formatter(logging.Formatter):
             text = text.replace(secret, "***")
         return mask_addresses(text) if self.mask else text
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """The message with control characters escaped, whatever logger wrote it (a second
+        defence behind :func:`render`); the record itself is left as other handlers see it."""
+        clone = copy.copy(record)
+        clone.message = escape_controls(record.message)
+        return super().formatMessage(clone)
+
+    def formatException(self, ei) -> str:
+        """A traceback keeps its lines, but an exception message cannot start a forged one:
+        each line is escaped and indented."""
+        return _continuation(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _continuation(super().formatStack(stack_info))
+
     def format(self, record: logging.LogRecord) -> str:
         if not self.json_lines:
             return self.clean(super().format(record))
@@ -98,8 +155,11 @@ class Formatter(logging.Formatter):
         if getattr(record, "note", None):
             entry["detail"] = record.note
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(self._cleaned(entry), ensure_ascii=False, default=str)
+            entry["exception"] = logging.Formatter.formatException(self, record.exc_info)
+        # json.dumps escapes C0, quotes and backslashes; DEL, C1, U+2028/2029 and lone
+        # surrogates it leaves raw. They can only be inside strings, where \\uNNNN is the same.
+        line = json.dumps(self._cleaned(entry), ensure_ascii=False, default=str)
+        return _JSON_RAW.sub(lambda match: f"\\u{ord(match.group()):04x}", line)
 
     def _cleaned(self, value: Any) -> Any:
         if isinstance(value, str):
@@ -109,6 +169,12 @@ class Formatter(logging.Formatter):
         if isinstance(value, (list, tuple)):
             return [self._cleaned(item) for item in value]
         return value
+
+
+def _continuation(text: str) -> str:
+    """Text that follows a log line on lines of its own: escaped line by line, indented, so
+    that only real log lines start at the margin (with their timestamp)."""
+    return "\n".join("    " + escape_controls(line) for line in text.split("\n"))
 
 
 def secrets_of(config: Config) -> list[str]:

@@ -7,11 +7,12 @@ the spec's reply table lives here and nowhere else.
 from __future__ import annotations
 
 import math
+import re
 from fnmatch import fnmatchcase
 
-from relay.config import Config, Listener, Server, User
+from relay.config import Config, Listener, Rate, Server, User
 from relay.errors import SMTPReply
-from relay.policy.rates import Rate, would_exceed
+from relay.policy.rates import would_exceed
 
 
 def check_sender(user_name: str, user: User, sender: str) -> SMTPReply | None:
@@ -125,3 +126,44 @@ def auth_unavailable() -> SMTPReply:
 
 def auth_failed() -> SMTPReply:
     return SMTPReply(535, "5.7.8", "Authentication credentials invalid")
+
+
+# -- control characters: nothing a client sends may become a header line or a log line ---------
+
+# C0 and DEL, and C1 (U+0080-U+009F) for text that arrived as UTF-8. TAB is let through in a
+# HELO argument only, as the spec says: it is whitespace wherever the name is written (the
+# Received header, a log line escapes it), so it cannot start a new line.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROLS_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def check_helo(argument: str) -> SMTPReply | None:
+    """``501 5.5.2`` for a HELO/EHLO argument with CR, LF, NUL or another control character.
+
+    A bare CR in the HELO name reached the Received header, where the dot-stuffer turned it
+    into a header line of the client's choosing (an ``X-SMTPAPI``). The reply does not echo
+    the argument: a CR or LF in it would break the reply line too.
+    """
+    if _CONTROLS_BUT_TAB.search(argument):
+        return SMTPReply(501, "5.5.2", "Syntax error: control character in the HELO/EHLO argument")
+    return None
+
+
+def check_address_chars(address: str, command: str) -> SMTPReply | None:
+    """``553 5.1.7`` for a MAIL or RCPT address with any control character, TAB included
+    (RFC 5321 allows none, not even quoted); ``command`` is ``MAIL`` or ``RCPT``."""
+    if _CONTROLS.search(address):
+        role = "Sender" if command.upper() == "MAIL" else "Recipient"
+        return SMTPReply(553, "5.1.7", f"{role} address rejected: control character in the address")
+    return None
+
+
+def check_auth_identity(text: str) -> SMTPReply | None:
+    """``501 5.5.2`` for an AUTH username or authorisation identity with a control character.
+
+    A newline in a username forged maillog lines without logging in; such a name can never
+    match a configured user, so refusing it costs nothing. Checked before the password is.
+    """
+    if _CONTROLS.search(text):
+        return SMTPReply(501, "5.5.2", "Syntax error: control character in the authentication identity")
+    return None

@@ -158,3 +158,29 @@ STATUS_CODES = {
 def test_status_code(reply, expected):
     """The reply's own enhanced code (right after the reply code), else 4.4.7 if expired, else 5.0.0."""
     assert failed("nobody@example.org", reply).status == expected
+
+
+# -- hostile addresses: defence in depth behind the 553 5.1.7 at MAIL/RCPT -------------------------
+
+HOSTILE = {
+    "crlf_in_recipient": ("billing@acme.com", "a@x.org\r\nBcc: everyone@example.net"),
+    "bare_cr_in_recipient": ("billing@acme.com", "a@x.org\rX-SMTPAPI: eyJ0byI6W119"),
+    "lf_in_sender": ("billing@acme.com\nBcc: everyone@example.net", "a@x.org"),
+    "nul_and_escape_in_sender": ("bill\x00ing\x1b[2J@acme.com", "a@x.org"),
+}
+
+
+@pytest.mark.parametrize("sender, recipient", HOSTILE.values(), ids=HOSTILE.keys())
+def test_no_address_can_start_a_line_of_its_own(sender, recipient):
+    data = build_dsn(
+        queue_id="3ZK7Q9M2XD4HWT", original_sender=sender,
+        recipients=[FailedRecipient(recipient, "550 5.1.1 user unknown", "5.1.1")], original_headers=ORIGINAL_HEADERS,
+        reporting_mta="relay.acme.internal", from_domain="info.acme.com", arrival=1_700_000_000.0, now=1_700_086_400.0,
+    )
+    assert bare_line_endings(data) == [] and b"\x00" not in data and b"\x1b" not in data
+    forged = (b"\r\nBcc:", b"\r\nX-SMTPAPI:")
+    assert not any(line in data for line in forged)
+    message, (_, report, _) = parts(data)
+    assert message["Bcc"] is None and not message.defects
+    assert message["To"].startswith("<bill")
+    assert [block["Action"] for block in report.get_payload()[1:]] == ["failed"]

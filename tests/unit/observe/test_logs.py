@@ -83,3 +83,71 @@ def test_plain_lines_are_scrubbed_whatever_logged_them():
     record = logging.LogRecord("aiosmtplib", logging.DEBUG, __file__, 1, "sent %r", ("AUTH key-9f8e7d",), None)
     line = Formatter(secrets=["key-9f8e7d", "ab"]).format(record)  # too-short "secrets" are ignored
     assert line.endswith("aiosmtplib: sent 'AUTH ***'")
+
+
+# -- escaping: no client-supplied value forges a line or reaches the terminal raw -----------------
+
+from relay.observe.logs import escape
+
+ESCAPES = {
+    "plain_unchanged": ("billing", "billing"),
+    "utf8_unchanged": ("运维 é", "运维 é"),
+    "crlf": ("x\r\ny", "x\\x0d\\x0ay"),
+    "nul_tab_del": ("\x00\t\x7f", "\\x00\\x09\\x7f"),
+    "ansi_escape": ("\x1b[31mred", "\\x1b[31mred"),
+    "c1_csi_and_nel": ("\x9b2J\x85", "\\x9b2J\\x85"),
+    "unicode_line_separators": ("a\u2028b\u2029c", "a\\u2028b\\u2029c"),
+    "bidi_override": ("\u202etxt.exe", "\\u202etxt.exe"),
+    "undecodable_byte": ("x\udcff", "x\\udcff"),
+    "backslash_doubled_so_escapes_stay_unambiguous": ("a\\x0ab", "a\\\\x0ab"),
+}
+
+
+@pytest.mark.parametrize("value, escaped", ESCAPES.values(), ids=ESCAPES.keys())
+def test_escape(value, escaped):
+    assert escape(value) == escaped
+
+
+FORGED = "x\r\n2025-03-04 05:06:07,000 INFO relay.delivery: 238CDPP1K3S5NL: to=<a@b.c>, status=sent"
+
+
+def test_username_with_a_newline_renders_on_one_line():
+    line = render("NOQUEUE", {"client": "10.0.0.5", "sasl_username": FORGED, "reject": "AUTH"}, "535 5.7.8\r\nforged")
+    assert "\n" not in line and "\r" not in line
+    assert line.startswith("NOQUEUE: client=[10.0.0.5], sasl_username=x\\x0d\\x0a2025-03-04")
+    assert line.endswith("(535 5.7.8\\x0d\\x0aforged)")
+
+
+def test_ansi_escapes_are_neutralised_in_fields_and_in_any_logger_s_message():
+    assert "\x1b" not in render(None, {"helo": "\x1b]0;pwned\x07\x1b[2J"})
+    record = logging.LogRecord("aiosmtpd", logging.INFO, __file__, 1, "client said %s", ("\x1b[31m\x9b1m\r\nx",), None)
+    line = Formatter().format(record)
+    assert line.endswith("aiosmtpd: client said \\x1b[31m\\x9b1m\\x0d\\x0ax")
+    assert record.getMessage() == "client said \x1b[31m\x9b1m\r\nx"  # other handlers see the record as it was
+
+
+def test_rendered_escapes_are_not_escaped_twice_by_the_formatter():
+    record = _record(sasl_username="a\\b\nc")
+    assert Formatter().format(record).endswith("sasl_username=a\\\\b\\x0ac (250 ok key-9f8e7d)")
+
+
+def test_traceback_keeps_its_lines_but_cannot_start_a_forged_one():
+    try:
+        raise ValueError(f"bad address {FORGED}")
+    except ValueError:
+        import sys
+        record = logging.LogRecord("relay", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    lines = Formatter().format(record).split("\n")
+    assert lines[1].startswith("    Traceback") and all(line.startswith("    ") for line in lines[1:])
+    assert not any(line.startswith("2025-03-04") for line in lines)
+
+
+@pytest.mark.parametrize("value", [FORGED, "\x7f\x85\x9b[2J", "a\u2028b\u2029c", "\udcff", "\x1b[31m"])
+def test_json_lines_stay_one_line_and_escape_what_json_dumps_leaves_raw(value):
+    record = _record(sasl_username=value, helo=value)
+    line = Formatter(json_lines=True).format(record)
+    assert len(line.splitlines()) == 1
+    assert not any(char in line for char in "\x7f\x85\x9b\u2028\u2029\udcff\x1b\r\n")
+    entry = json.loads(line)
+    assert entry["sasl_username"] == value  # escaped for the line, exact for the reader
+    line.encode("utf-8")  # stderr can write it: no lone surrogate

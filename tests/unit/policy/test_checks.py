@@ -125,3 +125,69 @@ def test_identify(listener, authenticated, client, expected):
     assert owner == expected
     if owner is None:
         assert check_relay(owner, "someone@example.org").code == 554
+
+
+# -- control characters: 501 5.5.2 (HELO, AUTH) / 553 5.1.7 (MAIL, RCPT) ------------------------
+
+from relay.policy.checks import check_address_chars, check_auth_identity, check_helo
+
+HELOS = {
+    "hostname": ("mail.acme.com", None),
+    "address_literal": ("[10.0.0.5]", None),
+    "tab_is_whitespace_not_a_line_break": ("host\tname", None),
+    "non_ascii_is_not_a_control": ("почта.рф", None),
+    "bare_cr_forging_a_header": ("x\rX-SMTPAPI: eyJ0byI6W119", (501, "5.5.2")),
+    "bare_lf": ("x\nY: 1", (501, "5.5.2")),
+    "crlf": ("x\r\n", (501, "5.5.2")),
+    "nul": ("x\x00", (501, "5.5.2")),
+    "escape": ("x\x1b[2J", (501, "5.5.2")),
+    "del": ("x\x7f", (501, "5.5.2")),
+    "c1_csi": ("x\x9b31m", (501, "5.5.2")),
+}
+
+
+@pytest.mark.parametrize("argument, expected", HELOS.values(), ids=HELOS.keys())
+def test_check_helo(argument, expected):
+    reply = check_helo(argument)
+    assert (reply and (reply.code, reply.enhanced)) == expected
+    if reply:
+        assert argument not in reply.text and "\r" not in reply.text and "\n" not in reply.text
+
+
+ADDRESSES = {
+    "plain": ("a@acme.com", "MAIL", None),
+    "null_sender": ("", "MAIL", None),
+    "quoted_local_part": ('"john doe"@acme.com', "RCPT", None),
+    "nul_in_mail": ("a\x00@acme.com", "MAIL", (553, "5.1.7")),
+    "cr_in_quoted_local_part": ('"a\rX-Evil: 1"@acme.com', "MAIL", (553, "5.1.7")),
+    "lf_in_rcpt": ("b@example.net\nRCPT TO:<c@x.org>", "RCPT", (553, "5.1.7")),
+    "tab_in_rcpt": ("b\t@example.net", "RCPT", (553, "5.1.7")),
+    "del_in_rcpt": ("b\x7f@example.net", "RCPT", (553, "5.1.7")),
+    "c1_in_mail": ("b\x85@example.net", "MAIL", (553, "5.1.7")),
+}
+
+
+@pytest.mark.parametrize("address, command, expected", ADDRESSES.values(), ids=ADDRESSES.keys())
+def test_check_address_chars(address, command, expected):
+    reply = check_address_chars(address, command)
+    assert (reply and (reply.code, reply.enhanced)) == expected
+    if reply:
+        assert address not in reply.text and reply.text.startswith("Sender" if command == "MAIL" else "Recipient")
+
+
+IDENTITIES = {
+    "user": ("billing", None),
+    "address_as_user": ("ops@acme.com", None),
+    "utf8_user": ("运维", None),
+    "newline_forging_a_maillog_line": ("x\r\n238CDPP1K3S5NL: to=<a@b.c>, status=sent", (501, "5.5.2")),
+    "nul": ("billing\x00", (501, "5.5.2")),
+    "tab": ("bill\ting", (501, "5.5.2")),
+    "ansi_escape": ("\x1b[31mroot", (501, "5.5.2")),
+    "del": ("billing\x7f", (501, "5.5.2")),
+}
+
+
+@pytest.mark.parametrize("text, expected", IDENTITIES.values(), ids=IDENTITIES.keys())
+def test_check_auth_identity(text, expected):
+    reply = check_auth_identity(text)
+    assert (reply and (reply.code, reply.enhanced)) == expected

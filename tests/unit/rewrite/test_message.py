@@ -313,3 +313,45 @@ def test_message_without_empty_line_before_body_gets_one():
 def test_headers_only_message():
     result = rewrite(b"From: app@info.acme.com\r\nSubject: s")
     assert b"Subject: s\r\n" in text(result) and fields(text(result))[-1].startswith(b"SC-Custom-Relay-User")
+
+
+# -- control characters from the client never make a header line (defence in depth) -------------
+
+import re
+
+
+def lenient_header_lines(data: bytes) -> list[bytes]:
+    """The header lines as a lenient receiver splits them: at CRLF, bare CR or bare LF."""
+    return re.split(rb"\r\n|\r|\n", data.split(b"\r\n\r\n", 1)[0])
+
+
+HOSTILE_ARRIVALS = {
+    "bare_cr_in_helo": {"helo": "x\rX-SMTPAPI: eyJ0byI6WyJ2aWN0aW1AZXhhbXBsZS5vcmciXX0="},
+    "crlf_in_helo": {"helo": "x\r\nSC-Custom-Relay-User: ceo"},
+    "lf_in_auth_user": {"authenticated_user": "billing\nSC-Custom-Relay-User: ceo"},
+    "nul_in_auth_user": {"authenticated_user": "billing\x00"},
+    "cr_in_recipient": {"recipients": ("a@example.net\rBcc: everyone@example.net",)},
+}
+
+
+@pytest.mark.parametrize("change", HOSTILE_ARRIVALS.values(), ids=HOSTILE_ARRIVALS.keys())
+def test_received_never_carries_a_client_line_break(change):
+    arrival = Arrival(**{**ARRIVAL.__dict__, **change})
+    out = text(rewrite(b"From: app@info.acme.com\r\nSubject: s\r\n" + BODY, arrival=arrival))
+    received = fields(out)[0]
+    assert re.findall(rb"\r\n(?![\t ]|$)|\r(?!\n)|(?<!\r)\n|\x00", received) == []
+    for line in lenient_header_lines(out):
+        assert not re.match(rb"(?i)(X-SMTPAPI|Bcc|SC-Custom-Relay-User: ceo)", line)
+    assert parsed(out)["SC-Custom-Relay-User"] == "billing"
+
+
+def test_from_made_from_an_envelope_sender_with_a_cr_stays_one_field():
+    out = text(rewrite(b"Subject: no from\r\n" + BODY, envelope_sender='"a\rX-SMTPAPI: e30="@info.acme.com',
+                       options=options("keep")))
+    assert not any(re.match(rb"(?i)X-SMTPAPI", line) for line in lenient_header_lines(out))
+    assert b"\r" not in b"".join(line for line in fields(out) if line.startswith(b"From:")).removesuffix(b"\r\n")
+
+
+def test_relay_user_header_is_one_line_whatever_the_user_name():
+    out = text(rewrite(b"From: app@info.acme.com\r\n" + BODY, user="billing\r\nBcc: x@y.z"))
+    assert [line for line in lenient_header_lines(out) if line.lower().startswith(b"bcc")] == []
