@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from relay.config import Tracking
 from relay.errors import SMTPReply
@@ -20,7 +20,7 @@ from relay.rewrite.fields import Message, raw_field
 HEADER = "X-SMTPAPI"
 MAX_SIZE = 1_000_000  # SendCloud's limit for the header
 MAX_TO = 100
-_KEYS = {"to", "sub", "section", "filters", "settings"}
+KEYS = frozenset({"to", "sub", "section", "filters", "settings"})
 _FILTERS = {"open": "open_tracking", "click": "click_tracking", "unsubscribe": "subscription_tracking"}
 
 
@@ -37,26 +37,35 @@ def decode(value: bytes) -> dict:
         data = json.loads(base64.b64decode(compact, validate=True).decode("utf-8"))
     except (binascii.Error, ValueError):
         raise _invalid("not base64 of a UTF-8 JSON object") from None
+    return check(data, _invalid)
+
+
+def check(data: object, invalid: Callable[[str], Exception]) -> dict:
+    """``data`` is an X-SMTPAPI object as SendCloud reads it; else ``invalid(why)`` is raised.
+
+    Shared by the SMTP side (a client's header) and HTTP submission (the ``xsmtpapi``
+    parameter), each with its own kind of refusal.
+    """
     if not isinstance(data, dict):
-        raise _invalid("not a JSON object")
-    unknown = sorted(set(data) - _KEYS)
+        raise invalid("not a JSON object")
+    unknown = sorted(set(data) - KEYS)
     if unknown:
-        raise _invalid(f"unknown key {unknown[0]!r} (SendCloud knows {', '.join(sorted(_KEYS))})")
+        raise invalid(f"unknown key {unknown[0]!r} (SendCloud knows {', '.join(sorted(KEYS))})")
     to = data.get("to")
     if to is not None:
         if not isinstance(to, list) or not all(isinstance(item, str) for item in to) or not to:
-            raise _invalid('"to" must be a non-empty list of addresses')
+            raise invalid('"to" must be a non-empty list of addresses')
         if len(to) > MAX_TO:
-            raise _invalid(f'"to" lists {len(to)} addresses; SendCloud allows {MAX_TO}')
+            raise invalid(f'"to" lists {len(to)} addresses; SendCloud allows {MAX_TO}')
     sub = data.get("sub")
     if sub is not None:
         if not isinstance(sub, dict) or not all(isinstance(values, list) for values in sub.values()):
-            raise _invalid('"sub" must map each variable to a list of values')
+            raise invalid('"sub" must map each variable to a list of values')
         if to is not None and any(len(values) != len(to) for values in sub.values()):
-            raise _invalid('every "sub" list needs one value per "to" address')
+            raise invalid('every "sub" list needs one value per "to" address')
     filters = data.get("filters")
     if filters is not None and not isinstance(filters, dict):
-        raise _invalid('"filters" must be an object')
+        raise invalid('"filters" must be an object')
     return data
 
 

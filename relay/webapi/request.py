@@ -45,9 +45,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from relay.rewrite.xsmtpapi import check as check_xsmtpapi
+
 MAX_PER_FIELD = 100  # SendCloud: to, cc, bcc and xsmtpapi "to" each at most 100 (note 5)
 MAX_XSMTPAPI = 1_000_000  # SendCloud's limit for the X-SMTPAPI header, as base64
-XSMTPAPI_KEYS = frozenset({"to", "sub", "section", "filters", "settings"})
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 MAX_LINE = 998  # RFC 5322's limit for a header line, without its CRLF
 
@@ -285,15 +286,9 @@ def _xsmtpapi(fields: Mapping[str, list[str]]) -> dict | None:
         raise _bad("xsmtpapi is not valid JSON") from None
     if not isinstance(data, dict):
         raise _bad("xsmtpapi must be a JSON object")
-    unknown = sorted(set(data) - XSMTPAPI_KEYS)
-    if unknown:
-        raise _bad(f"xsmtpapi: unknown key {unknown[0]!r} (SendCloud knows {', '.join(sorted(XSMTPAPI_KEYS))})")
+    check_xsmtpapi(data, lambda why: _bad(f"xsmtpapi: {why}"))
     to = data.get("to")
     if to is not None:
-        if not isinstance(to, list) or not to or not all(isinstance(item, str) for item in to):
-            raise _bad('xsmtpapi: "to" must be a non-empty list of addresses')
-        if len(to) > MAX_PER_FIELD:
-            raise _bad(f'xsmtpapi: "to" lists {len(to)} addresses; at most {MAX_PER_FIELD} are allowed')
         to = [check_address("xsmtpapi to", item.strip()) for item in to]
         lowered = [address.lower() for address in to]
         repeated = next((address for index, address in enumerate(to) if lowered.index(address.lower()) != index), None)
@@ -301,13 +296,7 @@ def _xsmtpapi(fields: Mapping[str, list[str]]) -> dict | None:
             # "sub" values are positional: a repeat cannot be dropped without guessing which one.
             raise _bad(f'xsmtpapi: "to" lists <{repeated}> twice')
         data = {**data, "to": to}
-    sub = data.get("sub")
-    if sub is not None:
-        if not isinstance(sub, dict) or not all(isinstance(values, list) for values in sub.values()):
-            raise _bad('xsmtpapi: "sub" must map each variable to a list of values')
-        if to is not None and any(len(values) != len(to) for values in sub.values()):
-            raise _bad('xsmtpapi: every "sub" list needs one value per "to" address')
-    for key in ("section", "filters", "settings"):
+    for key in ("section", "settings"):
         if key in data and not isinstance(data[key], dict):
             raise _bad(f'xsmtpapi: "{key}" must be an object')
     encoded = base64.b64encode(json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))

@@ -139,7 +139,7 @@ def test_accepted(changes, attribute, expected):
         (400, "unknown key 'tos'", {"xsmtpapi": '{"tos": ["a@x.net"]}'}),
         (400, '"to" must be a non-empty list', {"xsmtpapi": '{"to": []}'}),
         (400, '"to" must be a non-empty list', {"xsmtpapi": '{"to": "a@x.net"}'}),
-        (400, '"to" lists 101 addresses; at most 100', {"xsmtpapi": json.dumps({"to": addresses(101).split(";")})}),
+        (400, '"to" lists 101 addresses; SendCloud allows 100', {"xsmtpapi": json.dumps({"to": addresses(101).split(";")})}),
         (400, '"to" lists <A@x.net> twice', {"xsmtpapi": '{"to": ["a@x.net", "A@x.net"]}'}),
         (400, "xsmtpapi to: <nope> is not a valid", {"xsmtpapi": '{"to": ["nope"]}'}),
         (400, 'one value per "to" address', {"xsmtpapi": '{"to": ["a@x.net", "b@x.net"], "sub": {"%n%": ["A"]}}'}),
