@@ -235,9 +235,14 @@ class RelaySMTP(SMTP):
         await super().push(status)
 
     async def _too_many_errors(self) -> None:
-        """``421`` and close, and stop: a command the client pipelined after it is never run."""
+        """``421`` and close, and stop: a command the client pipelined after it is never run.
+
+        The commands already read are dropped with the connection: a cancelled task runs on
+        until it waits, and a buffered pipelined transaction would need no wait to be spooled.
+        """
         self.event_handler.expired(self, _TOO_MANY_ERRORS)
         await super().push(str(_TOO_MANY_ERRORS))
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
         self.transport.close()
