@@ -19,16 +19,19 @@ import pytest
 from relay.rewrite.long_lines import has_long_line
 from tests.e2e.conftest import KEYS, PASSWORD, TRUSTED_SOURCE, USER, relay_config
 from tests.e2e.test_limits import closed_by_server, connect, say
+from tests.support import require_peer
 from tests.support.fake_sendcloud import FakeSendCloud
+from tests.support.postfix import PostfixSmarthost, postfix_available
 from tests.support.relay import RelayProcess, wait_until
 
 
 @pytest.fixture(scope="module")
 def hardened(tmp_path_factory, ca, ca_file):
-    """One relay with the shipped recipient and error limits, and room for a 200 KB line."""
+    """One relay with the shipped recipient and error limits (their defaults), and room for a 200 KB line."""
     workdir = tmp_path_factory.mktemp("hardening")
     with FakeSendCloud(ca, KEYS) as fake:
-        config = relay_config(workdir, ca, ca_file, fake.port, max_message_size="1MiB", max_recipients=1000, max_errors=20)
+        config = relay_config(workdir, ca, ca_file, fake.port, max_message_size="1MiB")
+        del config["server"]["max_recipients"]  # the standard test config's 5: the default (1000) here
         with RelayProcess(workdir, config, env={"SC_TRIGGER_KEY": KEYS["acme_trigger"]}) as relay:
             yield relay, fake
 
@@ -193,3 +196,27 @@ def relay_tls(sock: socket.socket) -> socket.socket:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context.wrap_socket(sock)
+
+
+class _VerbosePostfix(PostfixSmarthost):
+    """A smarthost that logs its SMTP client's view of the relay (Postfix's debug_peer_list)."""
+
+    def _main_cf(self) -> str:
+        return super()._main_cf() + "debug_peer_list = 127.0.0.1\ndebug_peer_level = 2\n"
+
+
+def test_postfix_as_smarthost_pipelines_and_every_recipient_arrives_once(hardened, ca_file, tmp_path):
+    """Postfix pipelines MAIL, every RCPT and DATA once PIPELINING is offered; the replies come in order."""
+    require_peer(postfix_available(), "Postfix (Debian's postfix package, run as root)")
+    relay, fake = hardened
+    recipients = [f"pipelined{n}@example.net" for n in range(5)]
+    with _VerbosePostfix(tmp_path / "postfix", relay.port("submission"), USER, PASSWORD, ca_file) as postfix:
+        with smtplib.SMTP("127.0.0.1", postfix.inject_port, timeout=30) as client:
+            client.sendmail("app@acme.com", recipients, b"From: app@acme.com\r\nSubject: pipelined\r\n\r\nhello\r\n")
+        delivered = lambda: [r for m in fake.messages for r in m.rcpt_tos if r.startswith("pipelined")]  # noqa: E731
+        assert wait_until(lambda: len(delivered()) >= 5, 60), f"{postfix.log()}\n--- relay ---\n{relay.log()[-3000:]}"
+        log = postfix.log()
+    time.sleep(0.5)
+    assert sorted(delivered()) == recipients
+    assert "Using ESMTP PIPELINING" in log, log[-5000:]
+    assert "status=sent" in log
