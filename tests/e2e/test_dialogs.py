@@ -20,9 +20,9 @@ A new SMTP behaviour to pin down is a new file, not new code (as chasquid's test
 
 from __future__ import annotations
 
+import codecs
 import socket
 import ssl
-import codecs
 from pathlib import Path
 
 import pytest

@@ -11,7 +11,6 @@ import base64
 import email
 import email.policy
 import smtplib
-import socket
 import time
 
 import pytest
@@ -82,11 +81,11 @@ def test_a_nul_in_mail_from_is_refused_not_queued_and_retried(hardened):
     assert relay.cli("queue", "list").stdout.count("nul-sender") == 0
 
 
-def test_an_auth_username_with_crlf_cannot_forge_a_log_line(hardened):
+def test_an_auth_username_with_crlf_cannot_forge_a_log_line(hardened, client_tls):
     relay, _ = hardened
     forged = "billing\r\n2026-12-01 10:00:00,000 INFO relay.delivery: FORGED9QUEUEID: to=<x@y>, status=sent"
     talk = connect(relay, listener="smtps")
-    talk.sock = relay_tls(talk.sock)
+    talk.sock = client_tls.wrap_socket(talk.sock, server_hostname="localhost")
     talk.read_reply()
     say(talk, "EHLO client.test")
     blob = base64.b64encode(f"\0{forged}\0{PASSWORD}".encode()).decode()
@@ -188,16 +187,6 @@ def test_a_one_line_html_and_a_long_to_arrive_within_998_and_decode_to_the_origi
     assert parsed.get_payload(decode=True).rstrip(b"\r\n") == html
 
 
-def relay_tls(sock: socket.socket) -> socket.socket:
-    """The implicit-TLS listener's certificate is the test CA's; these tests check SMTP, not TLS."""
-    import ssl
-
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    return context.wrap_socket(sock)
-
-
 class _VerbosePostfix(PostfixSmarthost):
     """A smarthost that logs its SMTP client's view of the relay (Postfix's debug_peer_list)."""
 
@@ -213,7 +202,10 @@ def test_postfix_as_smarthost_pipelines_and_every_recipient_arrives_once(hardene
     with _VerbosePostfix(tmp_path / "postfix", relay.port("submission"), USER, PASSWORD, ca_file) as postfix:
         with smtplib.SMTP("127.0.0.1", postfix.inject_port, timeout=30) as client:
             client.sendmail("app@acme.com", recipients, b"From: app@acme.com\r\nSubject: pipelined\r\n\r\nhello\r\n")
-        delivered = lambda: [r for m in fake.messages for r in m.rcpt_tos if r.startswith("pipelined")]  # noqa: E731
+
+        def delivered() -> list[str]:
+            return [r for m in fake.messages for r in m.rcpt_tos if r.startswith("pipelined")]
+
         assert wait_until(lambda: len(delivered()) >= 5, 60), f"{postfix.log()}\n--- relay ---\n{relay.log()[-3000:]}"
         log = postfix.log()
     time.sleep(0.5)
