@@ -109,7 +109,9 @@ class Server(_Model):
     listeners: list[Listener] = Field(min_length=1)
     tls: TLSFiles | None = None
     max_message_size: Size = ByteSize(16_000_000)  # SendCloud advertises SIZE 16000000
-    max_recipients: int = Field(default=100, ge=1)
+    max_recipients: int = Field(default=1000, ge=1)  # Postfix's smtpd_recipient_limit; upstream splits by 100
+    max_errors: int = Field(default=20, ge=1)  # error replies per session, then 421 4.7.0 (smtpd_hard_error_limit)
+    max_line_length: Size = ByteSize(1 << 20)  # of a DATA line (CRLF excluded); longer: 552 5.3.4
     trusted_networks: list[TrustedNetwork] = []
     idle_timeout: Duration = 300.0
     data_timeout: Duration = 600.0  # from 354 to the final dot, however the bytes trickle in

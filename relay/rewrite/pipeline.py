@@ -14,6 +14,7 @@ from relay.config import Config
 from relay.lines import normalise_line_endings
 from relay.rewrite.dkim import Signer, signing_domain
 from relay.rewrite.hygiene import Arrival
+from relay.rewrite.long_lines import fit_line_length, has_long_line
 from relay.rewrite.message import header_reader, rewrite_message
 from relay.routing import Envelope, Route, choose_route
 
@@ -78,7 +79,7 @@ class Preparer:
             user=submission.user,
             arrival=arrival,
         )
-        body: tuple[bytes | memoryview, ...] = rewritten.pieces
+        body = within_line_length(data, rewritten.pieces)
         domain = signing_domain(config.dkim, rewritten.from_domain) if rewritten.from_domain else None
         if domain is not None:
             body = (await self.signer.sign(body, domain, config.dkim[domain]), *body)
@@ -86,3 +87,17 @@ class Preparer:
 
     def close(self) -> None:
         self.signer.close()
+
+
+def within_line_length(data: bytes | bytearray, pieces: tuple[bytes, memoryview]) -> tuple[bytes | memoryview, ...]:
+    """The rewritten message (``pieces``: new header, a view of ``data``'s body) with no line over 998.
+
+    Nearly every message has none: then the pieces are returned as they are, never joined or
+    copied. The body is a suffix of ``data``, so a long line in it is one in ``data``, where
+    :func:`has_long_line` can look without copying the view; only then is the message joined.
+    """
+    if not (has_long_line(pieces[0]) or has_long_line(data)):
+        return pieces
+    joined = b"".join(pieces)
+    fitted = fit_line_length(joined)
+    return pieces if fitted is joined else (fitted,)

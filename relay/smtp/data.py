@@ -4,24 +4,36 @@ from __future__ import annotations
 
 import asyncio
 
+from relay.errors import SMTPReply
+
+# The refusals of a message read to its end (RFC 5321 4.2.5: after the final dot).
+TOO_MUCH_DATA = SMTPReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+LINE_TOO_LONG = SMTPReply(552, "5.3.4", "Message has a line over the maximum line length")
+# RFC 5322 2.3 allows no NUL in a message, and an upstream that drops NULs would read
+# "\r\n\0.\r\n" as the end of DATA: a second message smuggled inside the first.
+NUL_IN_DATA = SMTPReply(554, "5.6.0", "Message contains a NUL character (RFC 5322 2.3)")
+
 _END = b"\r\n.\r\n"  # the end of DATA, with the CRLF that ends the line before the dot
 # How what was read may end while the end of DATA could still be starting there.
 _END_STARTS = (b"\r", b"\r\n", b"\r\n.", b"\r\n.\r")
 
 
-def _first_refusal(lengths: list[int], size: int, size_limit: int | None, line_limit: int) -> str | None:
+def _first_refusal(lengths: list[int], size: int, size_limit: int | None, line_limit: int) -> SMTPReply | None:
     """Which limit the first offending line (lengths without the LF) breaks, checked line by line."""
     for length in lengths:
         size += length + 1
         if length + 1 > line_limit:
-            return "500 Line too long (see RFC5321 4.5.3.1.6)"
+            return LINE_TOO_LONG
         if size_limit and size > size_limit:
-            return "552 Error: Too much mail data"
+            return TOO_MUCH_DATA
     return None
 
 
-async def read_message(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> bytearray | str:
-    """The message text of one DATA, dot-unstuffed; or aiosmtpd's reply refusing it.
+async def read_message(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> bytearray | SMTPReply:
+    """The message text of one DATA, dot-unstuffed; or the reply refusing it.
+
+    ``line_limit`` counts a line with its line end. A NUL anywhere refuses the message
+    (:data:`NUL_IN_DATA`), unless a limit refused it already.
 
     Only ``CRLF.CRLF`` ends the message (a ``\\n.\\n`` is content, so nothing can be smuggled),
     and only a dot that starts a line after a CRLF is unstuffed. Unlike aiosmtpd, which splits
@@ -41,6 +53,7 @@ async def read_message(reader: asyncio.StreamReader, size_limit: int | None, lin
     content = bytearray()
     size = 0
     refusal = None
+    nul = False  # a NUL was read
     line_length = 0  # of the line not yet ended
     read = b"\r\n"  # the last bytes read (up to 5): DATA starts as if after a CRLF
     before = read  # the two bytes before the next text: do they end a line?
@@ -66,9 +79,10 @@ async def read_message(reader: asyncio.StreamReader, size_limit: int | None, lin
         if refusal is None and lengths and (max(lengths) >= line_limit or size_limit and size + added > size_limit):
             refusal = _first_refusal(lengths, size, size_limit, line_limit)
         if refusal is None and line_length >= line_limit:  # too long already: not kept until it ends
-            refusal = "500 Line too long (see RFC5321 4.5.3.1.6)"
+            refusal = LINE_TOO_LONG
         size += added
-        if refusal is not None:
+        nul = nul or b"\0" in text
+        if refusal is not None or nul:
             content.clear()
         elif b"\r\n." in text or b"\r\n." in before + text[:2]:  # dot-stuffed lines
             # Each match's dot is at index 2 or later: cutting the two bytes of context off
@@ -77,6 +91,6 @@ async def read_message(reader: asyncio.StreamReader, size_limit: int | None, lin
         else:
             content += text
         if ended:
-            return refusal or content
+            return refusal or (NUL_IN_DATA if nul else content)
         before = (before + text[-2:])[-2:]
 

@@ -36,6 +36,9 @@ class ListenerGroup:
             listener.allow_plaintext_auth or listener.tls == "implicit" or listener.auth == "none"
         )
         excluded = ["PLAIN", "LOGIN"] if listener.auth == "none" else []
+        # Mail needs AUTH there and AUTH needs TLS: every command but EHLO, NOOP, STARTTLS and
+        # QUIT gets "530 5.7.0 Must issue a STARTTLS command first" until TLS is up (RFC 3207 4).
+        require_starttls = listener.tls == "starttls" and listener.auth == "required" and not listener.allow_plaintext_auth
 
         proxy_timeout = listener.proxy_protocol.timeout if listener.proxy_protocol else None
 
@@ -46,11 +49,15 @@ class ListenerGroup:
                 self.connections,
                 proxy_protocol_timeout=proxy_timeout,
                 hostname=config.server.hostname,  # else aiosmtpd calls getfqdn() per connection
+                ident="ESMTP",  # the greeting names no software or version: "220 <hostname> ESMTP"
                 data_size_limit=config.server.max_message_size,
                 tls_context=starttls,
                 timeout=config.server.idle_timeout,
                 data_timeout=config.server.data_timeout,
                 session_timeout=config.server.session_timeout,
+                max_errors=config.server.max_errors,
+                max_line_length=config.server.max_line_length,
+                require_starttls=require_starttls,
                 auth_required=listener.auth == "required",
                 auth_require_tls=auth_require_tls,
                 auth_exclude_mechanism=excluded,

@@ -19,11 +19,16 @@ from aiosmtpd.smtp import (
 from relay.config import Listener
 from relay.errors import SMTPReply
 from relay.observe import metrics
+from relay.observe.logs import event
+from relay.policy.checks import check_address_chars, check_helo
 from relay.smtp.data import read_message
 
 log = logging.getLogger("relay.smtpd")
 
 _TOO_BIG = SMTPReply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+_TOO_MANY_ERRORS = SMTPReply(421, "4.7.0", "Too many errors")
+_NOT_RECOGNISED = SMTPReply(502, "5.5.2", "Error: command not recognized")
+_UNRECOGNISED_PREFIX = '500 Error: command "'  # aiosmtpd's reply, which echoes the line
 
 
 class SessionEvents(Protocol):
@@ -45,12 +50,60 @@ class SessionEvents(Protocol):
 # its logger at WARNING. Two of its warnings repeat on every session and say nothing: AUTH
 # without STARTTLS (on our implicit-TLS listeners TLS is up; on `allow_plaintext_auth` ones it
 # is the operator's explicit choice) and its own use of the deprecated Session.login_data.
-_AIOSMTPD_NOISE = ("auth_require_tls == False", "Session.login_data is deprecated")
+# Its "unrecognised: LINE" warning is dropped too: after a 538 the "command" is the client's
+# base64 password line (RelaySMTP.push logs the verb instead, when it is a known one).
+_AIOSMTPD_NOISE = ("auth_require_tls == False", "Session.login_data is deprecated", "unrecognised: ")
 _aiosmtpd_log = logging.getLogger("mail.log")
 _aiosmtpd_log.setLevel(logging.WARNING)
 _aiosmtpd_log.addFilter(lambda record: not any(noise in record.getMessage() for noise in _AIOSMTPD_NOISE))
 warnings.filterwarnings("ignore", message="Requiring AUTH while not requiring TLS")
 
+
+
+# SMTP verbs this relay does not implement but a real client or MTA may send (RFC 5321's
+# obsolete ones, registered extensions, Postfix's and Exchange's): the only unrecognised
+# commands whose verb is logged. Anything else may be a secret (a password line after 538).
+KNOWN_VERBS = frozenset({
+    "ATRN", "BDAT", "BURL", "ETRN", "LHLO", "ONEX", "SAML", "SEND", "SOML", "TURN", "VERB",
+    "X-EXPS", "X-LINK2STATE", "XCLIENT", "XEXCH50", "XFORWARD", "XUSR",
+})
+
+
+def loggable_verb(command: str) -> str | None:
+    """What of an unrecognised command may be logged: a known verb's first 16 characters, else nothing."""
+    return command[:16] if command in KNOWN_VERBS else None
+
+
+# Enhanced status codes (RFC 2034/3463) for aiosmtpd's replies that have none, by reply code;
+# other codes take their class's ``X.0.0``. The greeting, EHLO/HELO replies (RFC 2034 3),
+# 334 and 354 are 2xx/3xx and left alone: only errors and the few 2xx below are completed.
+_ENHANCED_BY_CODE = {
+    421: "4.3.0", 451: "4.3.0", 454: "4.7.0", 500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1",
+    504: "5.5.4", 530: "5.7.0", 550: "5.0.0", 552: "5.3.4", 553: "5.1.3", 554: "5.7.0", 555: "5.5.4",
+}
+_PLAIN_SUCCESSES = {
+    "250 OK": "250 2.0.0 OK",
+    "221 Bye": "221 2.0.0 Bye",
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+    "252 Cannot VRFY user, but will accept message and attempt delivery":
+        "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
+}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+
+
+def with_enhanced_code(status: str) -> str:
+    """``status`` with an enhanced status code, when it is an error or a known plain success without one."""
+    if status in _PLAIN_SUCCESSES:
+        return _PLAIN_SUCCESSES[status]
+    if status[:1] not in ("4", "5") or len(status) < 4 or status[3] not in " -" or _HAS_ENHANCED.match(status):
+        return status
+    enhanced = _ENHANCED_BY_CODE.get(int(status[:3]), f"{status[0]}.0.0")
+    return f"{status[:4]}{enhanced} {status[4:]}"
+
+
+def is_error(status: str) -> bool:
+    """A 4xx or 5xx reply: what ``server.max_errors`` counts."""
+    return status[:1] in ("4", "5")
 
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext
@@ -87,16 +140,23 @@ class RelaySMTP(SMTP):
       connection without a word. Here it says ``421 4.4.2`` first, the DATA phase has its
       own total bound (``data_timeout``: a slow upload is not cut by the idle timer, and a
       trickling one cannot last for ever), and a whole session has ``session_timeout``.
-    - STARTTLS runs on the event loop's TLS layer (``smtp_STARTTLS``), not aiosmtpd's own.
+    - STARTTLS runs on the event loop's TLS layer (``smtp_STARTTLS``), not aiosmtpd's own;
+      a failed handshake is one log line, not a traceback.
+    - Control characters in a HELO/EHLO argument or a MAIL/RCPT argument are refused before
+      aiosmtpd parses them (its address parser turns some into something else, and its HELO
+      keeps a bare CR that would reach the Received header): ``smtp_HELO`` ... ``smtp_RCPT``.
+    - ``push`` sees every reply: it adds the enhanced status codes aiosmtpd's lack, replaces
+      the "unrecognised" reply that echoes the line (and logs the verb only when it is a
+      known one: the line may be a password), and counts errors for ``server.max_errors``
+      (``421 4.7.0`` and the connection closed once they are spent, as Postfix's
+      ``smtpd_hard_error_limit``).
     """
 
     # aiosmtpd's own replies, as we send them instead (its lack the enhanced status codes of
     # RFC 3463), with the command they refuse when they end a transaction (None: they don't).
     _OWN_REPLIES: dict[str, tuple[SMTPReply, str | None]] = {
-        "552 Error: Too much mail data": (_TOO_BIG, "DATA"),
         "552 Error: message size exceeds fixed maximum message size": (_TOO_BIG, "MAIL"),
         "530 Must issue a STARTTLS command first": (SMTPReply(530, "5.7.0", "Must issue a STARTTLS command first"), None),
-        "500 Line too long (see RFC5321 4.5.3.1.6)": (SMTPReply(500, "5.5.2", "Line too long (see RFC 5321 4.5.3.1.6)"), "DATA"),
         # No SMTPUTF8 (SendCloud does not offer it): say why a non-ASCII address is refused.
         "500 Error: strict ASCII mode": (
             SMTPReply(553, "5.6.7", "Non-ASCII commands and addresses need SMTPUTF8, which SendCloud does not support"), None
@@ -107,7 +167,15 @@ class RelaySMTP(SMTP):
     }
 
     def __init__(
-        self, handler: SessionEvents, connections: set[RelaySMTP], *, data_timeout: float, session_timeout: float, **kwargs
+        self,
+        handler: SessionEvents,
+        connections: set[RelaySMTP],
+        *,
+        data_timeout: float,
+        session_timeout: float,
+        max_errors: int,
+        max_line_length: int,
+        **kwargs,
     ):
         super().__init__(handler, **kwargs)
         self._connections = connections
@@ -117,6 +185,9 @@ class RelaySMTP(SMTP):
         self._data_timeout = data_timeout
         self._session_timeout = session_timeout
         self._session_timer: asyncio.TimerHandle | None = None
+        self._max_errors = max_errors
+        self._errors = 0  # error replies so far in this connection (STARTTLS does not reset it)
+        self._max_line_length = max_line_length  # of a DATA line, without its CRLF
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's __init__ looks for smtp_*, auth_* and handle_* methods in dir() of this
@@ -139,13 +210,70 @@ class RelaySMTP(SMTP):
         return address, arg[match.end():]
 
     async def push(self, status):
-        own = self._OWN_REPLIES.get(status) if isinstance(status, str) else None
+        if self.transport is None or self.transport.is_closing():
+            return  # closed after a 421: nothing more goes out
+        if not isinstance(status, str):  # a 334 challenge
+            await super().push(status)
+            return
+        if status.startswith(_UNRECOGNISED_PREFIX):
+            verb = loggable_verb(status[len(_UNRECOGNISED_PREFIX):].partition('"')[0])
+            event(log, None, {"client": self.client_ip, "listener": self.event_handler.listener.name,
+                              "command": verb or "-"}, "unrecognised command", logging.WARNING)
+            status = str(_NOT_RECOGNISED)
+        own = self._OWN_REPLIES.get(status)
         if own is not None:
             reply, stage = own
             status = str(reply)
             if stage is not None:
                 self.event_handler.refused_by_aiosmtpd(self, stage, reply)
+        status = with_enhanced_code(status)
+        if is_error(status):
+            if self._errors >= self._max_errors:
+                await self._too_many_errors()
+                return
+            self._errors += 1
         await super().push(status)
+
+    async def _too_many_errors(self) -> None:
+        """``421`` and close, and stop: a command the client pipelined after it is never run.
+
+        The commands already read are dropped with the connection: a cancelled task runs on
+        until it waits, and a buffered pipelined transaction would need no wait to be spooled.
+        """
+        self.event_handler.expired(self, _TOO_MANY_ERRORS)
+        await super().push(str(_TOO_MANY_ERRORS))
+        self._reader._buffer.clear()  # type: ignore[attr-defined]
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
+        self.transport.close()
+
+    async def _refuse(self, stage: str, refusal: SMTPReply | None) -> bool:
+        """Say ``refusal``, if there is one, and log it as a refusal of ``stage``."""
+        if refusal is None:
+            return False
+        self.event_handler.refused_by_aiosmtpd(self, stage, refusal)
+        await self.push(str(refusal))
+        return True
+
+    @syntax("HELO hostname")
+    async def smtp_HELO(self, hostname: str) -> None:
+        if not await self._refuse("HELO", check_helo(hostname or "")):
+            await super().smtp_HELO(hostname)
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if not await self._refuse("EHLO", check_helo(hostname or "")):
+            await super().smtp_EHLO(hostname)
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if not await self._refuse("MAIL", check_address_chars(arg or "", "MAIL")):
+            await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if not await self._refuse("RCPT", check_address_chars(arg or "", "RCPT")):
+            await super().smtp_RCPT(arg)
 
     def connection_made(self, transport) -> None:
         self.client_ip = (transport.get_extra_info("peername") or ("",))[0]
@@ -191,6 +319,8 @@ class RelaySMTP(SMTP):
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - aiosmtpd closes the connection on this one
+            event(log, None, {"client": self.client_ip, "listener": self.event_handler.listener.name},
+                  f"STARTTLS handshake failed: {error.__class__.__name__}: {error}", logging.WARNING)
             raise TLSSetupException() from error
         self._original_transport = plain
         self._reader._transport = self._writer._transport = self.transport = transport  # type: ignore[attr-defined]
@@ -252,13 +382,14 @@ class RelaySMTP(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             try:
-                content = await read_message(self._reader, self.data_size_limit, self.line_length_limit)
+                content = await read_message(self._reader, self.data_size_limit, self._max_line_length + 2)
             except asyncio.CancelledError:  # the client went away during DATA
                 self._writer.close()
                 raise
-            if isinstance(content, str):  # the refusal of a message read to its end
+            if isinstance(content, SMTPReply):  # the refusal of a message read to its end
+                self.event_handler.refused_by_aiosmtpd(self, "DATA", content)
                 self._set_post_data_state()
-                await self.push(content)
+                await self.push(str(content))
                 return
             self.envelope.content = self.envelope.original_content = content
             status = await self._call_handler_hook("DATA")

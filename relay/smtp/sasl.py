@@ -27,6 +27,7 @@ from relay.policy.checks import (
     auth_locked_out,
     auth_unavailable,
     check_auth_allowed,
+    check_auth_identity,
 )
 
 log = logging.getLogger("relay.smtpd")
@@ -52,7 +53,7 @@ class SASLMechanisms:
         if len(parts) != 3:
             await server.push("501 5.5.2 Can't split auth value")
             return AuthResult(success=False, handled=True)
-        return await self._check(server, parts[1], parts[2])
+        return await self._check(server, parts[1], parts[2], authzid=parts[0])
 
     async def auth_LOGIN(self, server: SMTP, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -76,9 +77,14 @@ class SASLMechanisms:
             await server.push("501 5.5.2 Can't decode base64")
             return None
 
-    async def _check(self, server: SMTP, login: bytes, password: bytes) -> AuthResult:
+    async def _check(self, server: SMTP, login: bytes, password: bytes, authzid: bytes = b"") -> AuthResult:
         username = login.decode("utf-8", "replace")
         client = server.client_ip
+        refusal = check_auth_identity(username) or check_auth_identity(authzid.decode("utf-8", "replace"))
+        if refusal is not None:  # never a valid user: no password check, and the name is not logged
+            metrics.AUTH.labels(self.listener.name, "bad_identity").inc()
+            event(log, None, {"client": client, "listener": self.listener.name}, f"AUTH refused: {refusal}", logging.WARNING)
+            return AuthResult(success=False, handled=False, message=str(refusal))
         fields = {"client": client, "listener": self.listener.name, "sasl_username": username}
         limits = self.services.limits
         try:

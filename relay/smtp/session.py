@@ -19,6 +19,7 @@ from aiosmtpd.proxy_protocol import ProxyData
 from aiosmtpd.smtp import (
     Envelope,
     Session,
+    TLSSetupException,
 )
 
 from relay.config import Config, Listener, Rate
@@ -150,9 +151,7 @@ class ListenerHandler(SASLMechanisms):
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
-        if self.listener.auth == "none":
-            responses = [line for line in responses if not line[4:].startswith("AUTH")]
-        return responses
+        return ehlo_reply(responses, offer_auth=self.listener.auth != "none")
 
     # -- the transaction --------------------------------------------------------------------
 
@@ -267,8 +266,21 @@ class ListenerHandler(SASLMechanisms):
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug must cost the client a retry, never a 500 that reads as a permanent refusal."""
+        if isinstance(error, TLSSetupException):  # logged in one line by RelaySMTP.smtp_STARTTLS; no reply
+            return ""
         log.exception("SMTP session error on listener %s", self.listener.name)
         return "451 4.3.0 Internal error, try again later"
+
+
+def ehlo_reply(lines: list[str], offer_auth: bool) -> list[str]:
+    """aiosmtpd's EHLO lines with PIPELINING (RFC 2920: aiosmtpd reads commands line by line,
+    so pipelined ones are answered in order) and ENHANCEDSTATUSCODES (RFC 2034: RelaySMTP.push
+    completes aiosmtpd's replies), in Postfix's order; without HELP (not an extension: neither
+    SendCloud nor Postfix lists it), and without AUTH where none is offered."""
+    hostname, *keywords = (line[4:] for line in lines)
+    kept = [word for word in keywords if word != "HELP" and (offer_auth or not word.startswith("AUTH"))]
+    keywords = [hostname, "PIPELINING", *kept, "ENHANCEDSTATUSCODES"]
+    return [f"250-{keyword}" for keyword in keywords[:-1]] + [f"250 {keywords[-1]}"]
 
 
 def _reverse_path(address: str) -> str:

@@ -6,8 +6,12 @@ A dialog file is a script, one step per line (``#`` starts a comment):
     @source IP         connect from this local address (127.0.0.2 is the trusted network)
     @starttls          send STARTTLS, expect 220, and wrap the socket in TLS
     @data N            send N bytes of message text in 78-character lines, then the final dot
+    @line N            send one line of N octets (CRLF added)
     > LINE             send LINE (CRLF added); a lone `>` sends an empty line
+    >e LINE            send LINE with Python's backslash escapes decoded (\\r, \\x00, \\r\\n: several
+                       commands in one write, as a pipelining client sends them), CRLF added
     < TEXT             read one reply; its last line must start with TEXT
+    <= TEXT            read one reply; its last line must be TEXT
     <* TEXT            read one reply; some line of it must contain TEXT
     <! TEXT            read one reply; no line of it may contain TEXT
 
@@ -16,6 +20,7 @@ A new SMTP behaviour to pin down is a new file, not new code (as chasquid's test
 
 from __future__ import annotations
 
+import codecs
 import socket
 import ssl
 from pathlib import Path
@@ -85,10 +90,16 @@ def run_dialog(path: Path, relay, tls: ssl.SSLContext) -> None:
                 line = b"x" * 76 + b"\r\n"
                 talk.send(b"Subject: filler\r\n\r\n" + line * (size // len(line) + 1) + b".\r\n")
                 transcript.append(f"(sent {size} bytes of data)")
+            elif step.startswith("@line "):
+                talk.send(b"x" * int(step.split()[1]) + b"\r\n")
+                transcript.append(f"(sent a line of {step.split()[1]} octets)")
+            elif step.startswith(">e "):
+                talk.send(codecs.decode(step[3:], "unicode_escape").encode("latin-1") + b"\r\n")
+                transcript.append(step)
             elif step == ">" or step.startswith("> "):
                 talk.send(step[2:].encode() + b"\r\n")
                 transcript.append(step)
-            elif step.startswith(("< ", "<* ", "<! ")):
+            elif step.startswith(("< ", "<* ", "<! ", "<= ")):
                 marker, _, expected = step.partition(" ")
                 reply = talk.read_reply()
                 transcript.extend("< " + line for line in reply)
@@ -96,6 +107,7 @@ def run_dialog(path: Path, relay, tls: ssl.SSLContext) -> None:
                     "<": reply[-1].startswith(expected),
                     "<*": any(expected in line for line in reply),
                     "<!": not any(expected in line for line in reply),
+                    "<=": reply[-1] == expected,
                 }[marker]
                 if not ok:
                     raise AssertionError(
@@ -120,7 +132,8 @@ def dialog_relay(tmp_path_factory, ca, ca_file):
 
     workdir = tmp_path_factory.mktemp("dialogs")
     with FakeSendCloud(ca, KEYS) as fake:
-        config = relay_config(workdir, ca, ca_file, fake.port)
+        # A small max_line_length, so a dialog can go past it; 20 errors (the default) per session.
+        config = relay_config(workdir, ca, ca_file, fake.port, max_line_length="4KiB")
         with RelayProcess(workdir, config, env={"SC_TRIGGER_KEY": KEYS["acme_trigger"]}) as relay:
             yield relay
 

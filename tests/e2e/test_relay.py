@@ -111,7 +111,7 @@ def test_plaintext_pipelined_after_starttls_is_discarded(relay, sendcloud, clien
         with client_tls.wrap_socket(sock, server_hostname="localhost") as tls:
             tls_stream = tls.makefile("rb")
             tls.sendall(b"NOOP\r\n")
-            assert tls_stream.readline() == b"250 OK\r\n"  # NOOP's reply, not the injected MAIL's
+            assert tls_stream.readline() == b"250 2.0.0 OK\r\n"  # NOOP's reply, not the injected MAIL's
             tls.sendall(b"QUIT\r\n")
             assert tls_stream.readline().startswith(b"221")
 

@@ -44,7 +44,9 @@ def test_minimal_config_validates_with_documented_defaults():
     assert [listener.name for listener in config.server.listeners] == ["smtp"]
     assert config.server.listeners[0].bind == "0.0.0.0"
     assert config.server.max_message_size == 16_000_000  # SendCloud's SIZE 16000000
-    assert config.server.max_recipients == 100
+    assert config.server.max_recipients == 1000  # Postfix's smtpd_recipient_limit
+    assert config.server.max_errors == 20
+    assert config.server.max_line_length == 1 << 20
     assert config.upstream.kind == "capture"
     assert config.accounts["acme_trigger"].type == "trigger"
     assert config.users["billing"].channels == {"trigger": "acme_trigger"}

@@ -13,22 +13,23 @@ import random
 
 import pytest
 
-from relay.smtp.data import read_message
+from relay.smtp.data import LINE_TOO_LONG, NUL_IN_DATA, TOO_MUCH_DATA, read_message
 
 LINE_LIMIT = 20  # small, so long lines and block boundaries are easy to reach
 
 
-async def reference(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> bytes | str:
-    content, size, refusal, at_line_start = bytearray(), 0, None, True
+async def reference(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int):
+    content, size, refusal, nul, at_line_start = bytearray(), 0, None, False, True
     while True:
         line = await reader.readuntil(b"\n")
         if at_line_start and line == b".\r\n":
-            return refusal or bytes(content)
+            return refusal or (NUL_IN_DATA if nul else bytes(content))
         size += len(line)
+        nul = nul or b"\0" in line
         if len(line) > line_limit:
-            refusal = refusal or "500 Line too long (see RFC5321 4.5.3.1.6)"
+            refusal = refusal or LINE_TOO_LONG
         elif size_limit and size > size_limit:
-            refusal = refusal or "552 Error: Too much mail data"
+            refusal = refusal or TOO_MUCH_DATA
         content += line[1:] if at_line_start and line.startswith(b".") else line
         at_line_start = line.endswith(b"\r\n")
 
@@ -52,7 +53,7 @@ async def run(reader_function, stream: bytes, packets: list[int], size_limit: in
         result = "EOF"
     await feeder
     rest = await reader.read()
-    return (bytes(result) if not isinstance(result, str) else result), rest
+    return (bytes(result) if isinstance(result, bytearray) else result), rest
 
 
 def outcome(stream: bytes, packets: list[int], size_limit: int | None = None, limit: int = 1 << 16):
@@ -73,6 +74,8 @@ CASES = {
     "line of exactly the limit": b"y" * (LINE_LIMIT - 2) + b"\r\n" + b"z" * (LINE_LIMIT - 1) + b"\r\n.\r\n",
     "first line is a dot line": b".\r\n",
     "crlf then end": b"\r\n.\r\n",
+    "NUL before a dot line": b"a\r\n\x00.\r\nMAIL FROM:<x@y>\r\n.\r\nQUIT\r\n",
+    "NUL and a long line": b"\x00\r\n" + b"x" * 50 + b"\r\n.\r\n",
 }
 
 
@@ -94,11 +97,11 @@ def test_a_line_without_end_is_refused_without_being_kept():
         reader.feed_data(b"\r\n.\r\n")
         return await task
 
-    assert asyncio.run(scenario()) == "500 Line too long (see RFC5321 4.5.3.1.6)"
+    assert asyncio.run(scenario()) is LINE_TOO_LONG
 
 
 def test_same_as_line_by_line_on_random_streams():
-    alphabet = [b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"a", b"bc", b"\r\n.\r\n", b"xxxxxxxxxx"]
+    alphabet = [b"\r", b"\n", b".", b"\r\n", b"\r\n.", b"a", b"bc", b"\r\n.\r\n", b"xxxxxxxxxx", b"\x00"]
     for seed in range(400):
         rng = random.Random(seed)
         stream = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 60)))
@@ -107,3 +110,9 @@ def test_same_as_line_by_line_on_random_streams():
         size_limit = rng.choice([None, 10, 40])
         real, expected = outcome(stream, packets, size_limit, limit=rng.choice([5, 21, 1 << 16]))
         assert real == expected, (seed, stream, packets, size_limit)
+
+
+def test_a_nul_refuses_the_message_and_leaves_the_next_command():
+    """``\\r\\n\\0.\\r\\n`` is content to us but could end DATA for an upstream that drops NULs."""
+    real, _ = outcome(b"a\r\n\x00.\r\nMAIL FROM:<x@y>\r\n.\r\nQUIT\r\n", [1000])
+    assert real == (NUL_IN_DATA, b"QUIT\r\n")
