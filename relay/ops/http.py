@@ -156,7 +156,8 @@ class AdminServer:
         message = await self.relay.spool.get(request.match_info["id"])
         if message is None:
             return web.json_response({"error": "no such message"}, status=404)
-        return web.json_response(queue_view.show_record(message, time.time()))
+        fates = await self.relay.spool.fates(message.id)
+        return web.json_response(queue_view.show_record(message, time.time(), fates))
 
     async def reload(self, request: web.Request) -> web.Response:
         error, restart_needed = await self.relay.reload()

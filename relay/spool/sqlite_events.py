@@ -8,6 +8,7 @@ indexes are created if missing, so an older spool.db gains them when opened.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -350,3 +351,34 @@ class SqliteEvents:
 
     async def due_fanout(self, now: float, limit: int) -> list[OutboxRow]:
         return await self._read(due_fanout, self._store().conn, now, limit)
+
+
+class SqliteSuppressionReader:
+    """The suppression list read from the spool's file on a connection of its own, off the loop:
+    what an acceptor process (which has no spool) keeps its :class:`SuppressionCache` from."""
+
+    def __init__(self, path):
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def _query(self, fn: Callable[[sqlite3.Connection], Any], empty: Any) -> Any:
+        if self._conn is None:
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
+            self._conn.execute("PRAGMA busy_timeout=10000")
+        try:
+            return fn(self._conn)
+        except sqlite3.OperationalError as error:
+            if "no such table" in str(error):  # a spool the main process has not opened yet
+                return empty
+            raise
+
+    async def suppression_version(self) -> int:
+        return await asyncio.to_thread(self._query, suppression_version, 0)
+
+    async def suppressions(self) -> list[SuppressionRow]:
+        return await asyncio.to_thread(self._query, suppressions, [])
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await asyncio.to_thread(self._conn.close)
+            self._conn = None
