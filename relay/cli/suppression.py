@@ -28,12 +28,18 @@ def cmd_suppression(args: argparse.Namespace) -> int:
 async def _suppression(args: argparse.Namespace, config) -> int:
     now = time.time()
     if args.action in ("add", "remove", "import") and not args.target:
-        print(f"suppression {args.action} needs {'a FILE' if args.action == 'import' else 'an address'}", file=sys.stderr)
+        print(
+            f"suppression {args.action} needs {'a FILE' if args.action == 'import' else 'an address'}", file=sys.stderr
+        )
         return 2
     try:
         text = Path(args.target).read_text(encoding="utf-8") if args.action == "import" else None
         rows = parse_csv(text, now) if text is not None else None
-        entry = events_view.manual_entry(args.target, args.reason, args.account, args.expires, now) if args.action == "add" else None
+        entry = (
+            events_view.manual_entry(args.target, args.reason, args.account, args.expires, now)
+            if args.action == "add"
+            else None
+        )
     except (OSError, ValueError) as error:  # SuppressionImportError lists every bad line
         print(f"suppression {args.action}: {error}", file=sys.stderr)
         return 1
@@ -47,8 +53,10 @@ async def _suppression(args: argparse.Namespace, config) -> int:
             else:
                 for e in found:
                     record = events_view.entry_record(e)
-                    print(f"{e.address}  {e.reason}  {','.join(record['channels'])}  {e.account or '*'}  "
-                          f"added {record['added_at']}" + (f"  expires {record['expires_at']}" if e.expires_at else ""))
+                    print(
+                        f"{e.address}  {e.reason}  {','.join(record['channels'])}  {e.account or '*'}  "
+                        f"added {record['added_at']}" + (f"  expires {record['expires_at']}" if e.expires_at else "")
+                    )
                 print(f"-- {len(found)} entr{'y' if len(found) == 1 else 'ies'}")
             return 0
         if args.action == "export":
@@ -56,7 +64,10 @@ async def _suppression(args: argparse.Namespace, config) -> int:
             return 0
         if args.action == "add":
             await spool.add_suppressions([events_view.entry_row(entry)])
-            print(f"{entry.address}: suppressed ({entry.reason})" + (f" for account {entry.account}" if entry.account else ""))
+            print(
+                f"{entry.address}: suppressed ({entry.reason})"
+                + (f" for account {entry.account}" if entry.account else "")
+            )
             return 0
         if args.action == "import":
             count = await spool.add_suppressions([events_view.entry_row(row.to_entry(now)) for row in rows])

@@ -82,13 +82,13 @@ class Scheduler:
         spool: Spool,
         connect: Connect = open_connection,
         suppressions: SuppressionCache | None = None,
-        delivered: Callable[[QueuedMessage, list[str]], Awaitable[None]] | None = None,
+        recorded: Callable[[QueuedMessage, list[RecipientUpdate]], Awaitable[None]] | None = None,
     ):
         self._config = config
         self._spool = spool
         self._connect = connect  # tests hand in a fake upstream
         self._suppressions = suppressions  # recipients suppressed for the routed channel fail at once
-        self._delivered = delivered  # told which recipients SendCloud accepted (the statistics' "requested")
+        self._recorded = recorded  # told every recorded outcome (statistics, the teams' fan-out)
         self._accounts: dict[str, _Account] = {}
         self._retiring: list[asyncio.Task] = []  # workers finishing their last transaction
         self.upstream_health = UpstreamHealth()
@@ -311,10 +311,8 @@ class Scheduler:
         for bounce in bounces:
             log.info("%s: sender non-delivery notification: %s", message.id, bounce.id)
             self.submit(bounce)
-        by_idx = {recipient.idx: recipient.address for recipient in message.recipients}
-        accepted = [by_idx[update.idx] for update in updates if update.state is State.DELIVERED]
-        if accepted and self._delivered is not None:
-            await self._delivered(message, accepted)
+        if self._recorded is not None:
+            await self._recorded(message, updates)
 
     def _suppressed(self, message: QueuedMessage) -> list[RecipientUpdate]:
         """Recipients suppressed for the channel and account the message was routed to: failed

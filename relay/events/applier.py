@@ -21,7 +21,7 @@ from relay.events.status import status_after
 from relay.events.suppression import from_event
 from relay.events.webhook import WebhookEvent, relay_ids, to_event
 from relay.observe import metrics
-from relay.spool import Spool
+from relay.spool import QueuedMessage, RecipientUpdate, Spool, State
 from relay.spool.events_model import Applied, EventTarget, Fate, OutboxRow, RecipientEvent, StatRow
 
 log = logging.getLogger("relay.events")
@@ -38,10 +38,14 @@ def account_of(config: Config, api_user: str | None) -> str | None:
 
 def stat_rows(counts: Mapping[str, int], dimensions: Mapping[str, str], hour: str) -> list[StatRow]:
     """One counter row per group and counter: every group partitions all the mail (see stats)."""
-    return [(hour, group, value, counter, count) for group, value in dimensions.items() for counter, count in counts.items()]
+    return [
+        (hour, group, value, counter, count) for group, value in dimensions.items() for counter, count in counts.items()
+    ]
 
 
-def requested_rows(user: str, account: str, channel: str, label: int | None, addresses: Iterable[str], at: float) -> list[StatRow]:
+def requested_rows(
+    user: str, account: str, channel: str, label: int | None, addresses: Iterable[str], at: float
+) -> list[StatRow]:
     """The ``requested`` counters for recipients SendCloud accepted at the final dot."""
     hour = stats.hour_bucket(at)
     rows: list[StatRow] = []
@@ -53,7 +57,8 @@ def requested_rows(user: str, account: str, channel: str, label: int | None, add
 def history_entry(event: WebhookEvent, at: float) -> RecipientEvent:
     details = event.details
     return RecipientEvent(
-        event.event, at,
+        event.event,
+        at,
         ip=details.get("ip") or details.get("outIp") or None,
         url=details.get("url") or None,
         sub_stat=details.get("subStat") or None,
@@ -77,7 +82,15 @@ def decide(
     entry = from_event(address, event.event, account, at, config.events.suppress) if address else None
     suppression = None
     if entry is not None:
-        suppression = (entry.address, entry.reason, entry.channels, entry.account, entry.added_at, entry.expires_at, entry.source)
+        suppression = (
+            entry.address,
+            entry.reason,
+            entry.channels,
+            entry.account,
+            entry.added_at,
+            entry.expires_at,
+            entry.source,
+        )
     if target is None:
         return Applied(event_id, suppression=suppression)
     fate = fate or Fate()
@@ -97,16 +110,50 @@ def decide(
     )
 
 
-def _outbox(config: Config, event_id: int, event: WebhookEvent, target: EventTarget, now: float) -> tuple[OutboxRow, ...]:
+def _outbox(
+    config: Config, event_id: int, event: WebhookEvent, target: EventTarget, now: float
+) -> tuple[OutboxRow, ...]:
     user = config.users.get(target.user)
     if user is None or user.events_url is None:
         return ()
     details = {key: value for key, value in event.details.items() if key not in ("raw_message", "html", "text")}
     body = fanout.payload(
-        f"sc-{event_id}", event.event, target.message_id, target.address, target.user, target.account,
-        target.channel, target.label, event.timestamp_raw, event.email_id, details,
+        f"sc-{event_id}",
+        event.event,
+        target.message_id,
+        target.address,
+        target.user,
+        target.account,
+        target.channel,
+        target.label,
+        event.timestamp_raw,
+        event.email_id,
+        details,
     )
     return (OutboxRow(target.user, user.events_url, body, now, now),)
+
+
+def failed_outbox(config: Config, message: QueuedMessage, update: RecipientUpdate, now: float) -> OutboxRow | None:
+    """The ``failed`` event a team hears when the relay itself gives up on a recipient
+    (suppressed, refused upstream, expired): SendCloud never saw it, so no webhook will say it."""
+    user = config.users.get(message.user)
+    if user is None or user.events_url is None or update.state is not State.FAILED:
+        return None
+    address = next((r.address for r in message.recipients if r.idx == update.idx), None)
+    body = fanout.payload(
+        f"failed-{message.id}-{update.idx}",
+        "failed",
+        message.id,
+        address,
+        message.user,
+        message.account,
+        message.channel,
+        message.label,
+        int(now * 1000),
+        None,
+        {"reply": update.last_reply, "status": update.dsn_status},
+    )
+    return OutboxRow(message.user, user.events_url, body, now, now)
 
 
 class Applier:
@@ -144,7 +191,9 @@ class Applier:
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - stays unapplied in the spool: retried on the next start
-                log.exception("event %d (%s) could not be applied; it is retried at the next start", event_id, event.event)
+                log.exception(
+                    "event %d (%s) could not be applied; it is retried at the next start", event_id, event.event
+                )
             finally:
                 self._queue.task_done()
 
@@ -177,8 +226,18 @@ class Applier:
             account = target.account if target else account_of(config, event.api_user)
             metrics.event_applied(event.event, account, target is not None)
             if target is None:
-                log.info("event %d: %s for %s (emailId %s) matches no message the relay knows",
-                         event_id, event.event, event.recipient or "-", email_id or "-")
+                log.info(
+                    "event %d: %s for %s (emailId %s) matches no message the relay knows",
+                    event_id,
+                    event.event,
+                    event.recipient or "-",
+                    email_id or "-",
+                )
             else:
-                log.info("%s: to=<%s>, sendcloud=%s%s", target.message_id, target.address, event.event,
-                         f", suppressed for {','.join(sorted(applied.suppression[2]))}" if applied.suppression else "")
+                log.info(
+                    "%s: to=<%s>, sendcloud=%s%s",
+                    target.message_id,
+                    target.address,
+                    event.event,
+                    f", suppressed for {','.join(sorted(applied.suppression[2]))}" if applied.suppression else "",
+                )

@@ -73,12 +73,15 @@ class FanoutWorker:
                 return
             now = time.time()
             secret = user.events_secret.get_secret_value().encode()
-            headers = {"Content-Type": "application/json", "X-Relay-Signature": fanout.signature_header(secret, row.body, int(now))}
+            headers = {
+                "Content-Type": "application/json",
+                "X-Relay-Signature": fanout.signature_header(secret, row.body, int(now)),
+            }
             try:
                 async with self._session.post(user.events_url, data=row.body, headers=headers) as response:
                     delivered = 200 <= response.status < 300
                     outcome = f"HTTP {response.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as error:
+            except (aiohttp.ClientError, TimeoutError, OSError) as error:
                 delivered, outcome = False, type(error).__name__
             if delivered:
                 metrics.FANOUT.labels(row.user, "delivered").inc()

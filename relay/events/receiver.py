@@ -27,7 +27,9 @@ from relay.spool.events_model import ReceivedEvent
 log = logging.getLogger("relay.events")
 
 PATH = "/webhooks/sendcloud"
-_MAX_BODY = 32 * 1024 * 1024  # a route event carries the whole reply (raw_message); SendCloud's limit is 16 MB + encoding
+_MAX_BODY = (
+    32 * 1024 * 1024
+)  # a route event carries the whole reply (raw_message); SendCloud's limit is 16 MB + encoding
 
 
 def app_key_for(config: Config, api_user: str | None) -> str | None:
@@ -90,8 +92,14 @@ class Receiver:
         event = to_event(fields)
         if why is not None:
             metrics.EVENTS_REFUSED.labels(why).inc()
-            log.warning("webhook from %s refused (%s): event=%s apiUser=%s timestamp=%s",
-                        request.remote, why, event.event or "-", event.api_user or "-", event.timestamp_raw or "-")
+            log.warning(
+                "webhook from %s refused (%s): event=%s apiUser=%s timestamp=%s",
+                request.remote,
+                why,
+                event.event or "-",
+                event.api_user or "-",
+                event.timestamp_raw or "-",
+            )
             return web.Response(status=403, text="forbidden\n")
         kept = {key: value for key, value in fields.items() if key != "signature"}
         stored = ReceivedEvent(now, event.event, json.dumps(kept, ensure_ascii=False), dedupe_keys(event))

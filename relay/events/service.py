@@ -8,10 +8,10 @@ import time
 from collections.abc import Callable
 
 from relay.config import Config
-from relay.events.applier import Applier, requested_rows
+from relay.events.applier import Applier, failed_outbox, requested_rows
 from relay.events.fanout_worker import FanoutWorker
 from relay.events.receiver import Receiver
-from relay.spool import QueuedMessage, Spool
+from relay.spool import QueuedMessage, RecipientUpdate, Spool, State
 from relay.tls import server_context
 
 log = logging.getLogger("relay.events")
@@ -50,14 +50,22 @@ class EventsService:
         await self.applier.stop()
         await self.fanout.stop()
 
-    async def delivered(self, message: QueuedMessage, addresses: list[str]) -> None:
-        """Count ``requested`` for recipients SendCloud accepted at the final dot (never raises:
-        the mail is already recorded as delivered)."""
+    async def recorded(self, message: QueuedMessage, updates: list[RecipientUpdate]) -> None:
+        """After delivery recorded outcomes: count ``requested`` for the recipients SendCloud
+        accepted at the final dot, and tell the team of those the relay failed. Never raises:
+        the outcomes are already durable, and a lost count must not look like a failed delivery."""
+        now = time.time()
+        by_idx = {recipient.idx: recipient.address for recipient in message.recipients}
+        accepted = [by_idx[u.idx] for u in updates if u.state is State.DELIVERED and u.idx in by_idx]
+        failed = [row for row in (failed_outbox(self._config(), message, u, now) for u in updates) if row is not None]
         try:
-            rows = requested_rows(message.user, message.account, message.channel, message.label, addresses, time.time())
-            await self._spool.add_stats(rows)
-        except Exception:  # noqa: BLE001 - a lost count must not look like a failed delivery
-            log.exception("%s: could not count %d requested recipient(s)", message.id, len(addresses))
+            if accepted:
+                rows = requested_rows(message.user, message.account, message.channel, message.label, accepted, now)
+                await self._spool.add_stats(rows)
+            if failed:
+                await self._spool.enqueue_fanout(failed)
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("%s: could not count or fan out %d outcome(s)", message.id, len(updates))
 
     async def _prune(self) -> None:
         while True:

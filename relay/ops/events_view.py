@@ -73,8 +73,7 @@ def manual_entry(address: str, reason: str | None, account: str | None, expires:
         raise ValueError(f"reason {reason!r} is not one of {', '.join(REASONS)}")
     if "@" not in address:
         raise ValueError(f"{address!r} is not an address")
-    return Entry(normalise_address(address), reason, CHANNELS, account or None, now,
-                 parse_expiry(expires or "", now))
+    return Entry(normalise_address(address), reason, CHANNELS, account or None, now, parse_expiry(expires or "", now))
 
 
 def entry_row(entry: Entry) -> tuple:

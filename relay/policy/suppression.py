@@ -35,7 +35,6 @@ class Entry:
     source: str | None = None  # the account whose event added it (informative; not the scope)
 
 
-
 def normalise_address(addr: str) -> str:
     """The form addresses are stored and looked up in: trimmed, without ``<>``, lowercased.
 
@@ -178,7 +177,9 @@ class SuppressionCache:
     def entries_for(self, address: str) -> list[Entry]:
         return self._by_address.get(normalise_address(address), [])
 
-    def rcpt_refusal(self, address: str, user_channels: Mapping[str, str], now: float | None = None) -> SMTPReply | None:
+    def rcpt_refusal(
+        self, address: str, user_channels: Mapping[str, str], now: float | None = None
+    ) -> SMTPReply | None:
         return rcpt_refusal(self.entries_for(address), user_channels, time.time() if now is None else now, address)
 
     def routed_refusal(self, address: str, channel: str, account: str, now: float | None = None) -> SMTPReply | None:

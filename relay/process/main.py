@@ -57,7 +57,7 @@ class Relay:
         self.suppressions = SuppressionCache(self.spool.suppression_version, self.spool.suppressions)
         self.events = EventsService(lambda: self.config, self.spool)
         self.scheduler = Scheduler(lambda: self.config, self.spool, suppressions=self.suppressions,
-                                   delivered=self.events.delivered)
+                                   recorded=self.events.recorded)
         self.preparer = Preparer()
         self.rates = PersistentRates(rate_store(config.spool))
         self.limits = LocalLimits(lambda: self.config)  # the one table, asked by acceptors too

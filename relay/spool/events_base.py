@@ -48,6 +48,9 @@ class EventStore(Protocol):
     async def stats(self, since_hour: str, until_hour: str | None = None) -> list[StatRow]:
         """Counters of the UTC hours ``since_hour`` through ``until_hour`` (inclusive)."""
 
+    async def enqueue_fanout(self, rows: list[OutboxRow]) -> None:
+        """Outbox rows for outcomes the relay decided itself (events' rows come with apply_event)."""
+
     async def due_fanout(self, now: float, limit: int) -> list[OutboxRow]: ...
 
     async def fanout_done(self, row_id: int) -> None:

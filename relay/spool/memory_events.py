@@ -76,9 +76,7 @@ class MemoryEvents:
         if applied.suppression is not None:
             self._add_suppressions([applied.suppression])
         self._add_stats(applied.stats)
-        for row in applied.outbox:
-            row_id = self._new_id()
-            self._fanout[row_id] = dataclasses.replace(row, id=row_id)
+        self._enqueue_fanout(applied.outbox)
         if applied.event_id in self._events:
             self._events[applied.event_id] = (self._events[applied.event_id][0], True)
 
@@ -86,7 +84,9 @@ class MemoryEvents:
         return await self._write(self._prune_events, older_than, limit)
 
     def _prune_events(self, older_than: float, limit: int) -> int:
-        gone = [i for i, (event, applied) in sorted(self._events.items()) if applied and event.received_at < older_than][:limit]
+        gone = [
+            i for i, (event, applied) in sorted(self._events.items()) if applied and event.received_at < older_than
+        ][:limit]
         for event_id in gone:
             del self._events[event_id]
         self._event_keys = {key: i for key, i in self._event_keys.items() if i in self._events}
@@ -121,6 +121,14 @@ class MemoryEvents:
             key = (hour, group, value, counter)
             self._stats[key] = self._stats.get(key, 0) + count
 
+    async def enqueue_fanout(self, rows: list[OutboxRow]) -> None:
+        await self._write(self._enqueue_fanout, list(rows))
+
+    def _enqueue_fanout(self, rows) -> None:
+        for row in rows:
+            row_id = self._new_id()
+            self._fanout[row_id] = dataclasses.replace(row, id=row_id)
+
     async def fanout_done(self, row_id: int) -> None:
         await self._write(self._fanout_done, row_id)
 
@@ -130,7 +138,9 @@ class MemoryEvents:
     async def fanout_retry(self, row_id: int, attempts: int, next_attempt: float) -> None:
         def retry() -> None:
             if row_id in self._fanout:
-                self._fanout[row_id] = dataclasses.replace(self._fanout[row_id], attempts=attempts, next_attempt=next_attempt)
+                self._fanout[row_id] = dataclasses.replace(
+                    self._fanout[row_id], attempts=attempts, next_attempt=next_attempt
+                )
 
         await self._write(retry)
 
@@ -145,13 +155,22 @@ class MemoryEvents:
             for recipient in entry.recipients:
                 by_email_id = email_id is not None and recipient.email_id == email_id
                 by_address = (
-                    queue_id is not None and address is not None
-                    and recipient.message_id == queue_id and recipient.address.lower() == address.lower()
+                    queue_id is not None
+                    and address is not None
+                    and recipient.message_id == queue_id
+                    and recipient.address.lower() == address.lower()
                 )
                 if by_email_id or (by_address and found is None):
                     message = entry.message
-                    found = EventTarget(recipient.message_id, recipient.idx, recipient.address, message.user,
-                                        message.account, message.channel, message.label)
+                    found = EventTarget(
+                        recipient.message_id,
+                        recipient.idx,
+                        recipient.address,
+                        message.user,
+                        message.account,
+                        message.channel,
+                        message.label,
+                    )
                     if by_email_id:
                         return await _answer(found)
         return await _answer(found)
@@ -169,8 +188,13 @@ class MemoryEvents:
 
     async def stats(self, since_hour: str, until_hour: str | None = None) -> list[StatRow]:
         until = until_hour or "9999"
-        return await _answer([(*key, count) for key, count in sorted(self._stats.items()) if since_hour <= key[0] <= until])
+        return await _answer(
+            [(*key, count) for key, count in sorted(self._stats.items()) if since_hour <= key[0] <= until]
+        )
 
     async def due_fanout(self, now: float, limit: int) -> list[OutboxRow]:
-        due = sorted((row for row in self._fanout.values() if row.next_attempt <= now), key=lambda row: (row.next_attempt, row.id))
+        due = sorted(
+            (row for row in self._fanout.values() if row.next_attempt <= now),
+            key=lambda row: (row.next_attempt, row.id),
+        )
         return await _answer(due[:limit])

@@ -109,7 +109,9 @@ def store_event(conn: sqlite3.Connection, event: ReceivedEvent) -> int | None:
     cursor = conn.execute(
         "INSERT INTO events (received_at, event, fields) VALUES (?,?,?)", (event.received_at, event.event, event.fields)
     )
-    conn.executemany("INSERT INTO event_keys (key, event_id) VALUES (?,?)", [(key, cursor.lastrowid) for key in event.keys])
+    conn.executemany(
+        "INSERT INTO event_keys (key, event_id) VALUES (?,?)", [(key, cursor.lastrowid) for key in event.keys]
+    )
     return cursor.lastrowid
 
 
@@ -121,7 +123,9 @@ def unapplied_events(conn: sqlite3.Connection, limit: int) -> list[ReceivedEvent
     return [ReceivedEvent(received_at, event, fields, (), id) for id, received_at, event, fields in rows]
 
 
-def event_target(conn: sqlite3.Connection, email_id: str | None, queue_id: str | None, address: str | None) -> EventTarget | None:
+def event_target(
+    conn: sqlite3.Connection, email_id: str | None, queue_id: str | None, address: str | None
+) -> EventTarget | None:
     """The recipient an event is about: by SendCloud's emailId, else by queue ID and address."""
     select = (
         "SELECT r.message_id, r.idx, r.address, m.user, m.account, m.channel, m.label "
@@ -132,7 +136,8 @@ def event_target(conn: sqlite3.Connection, email_id: str | None, queue_id: str |
         row = conn.execute(select + "WHERE r.email_id = ? LIMIT 1", (email_id,)).fetchone()
     if row is None and queue_id and address:
         row = conn.execute(
-            select + "WHERE r.message_id = ? AND lower(r.address) = lower(?) ORDER BY r.idx LIMIT 1", (queue_id, address)
+            select + "WHERE r.message_id = ? AND lower(r.address) = lower(?) ORDER BY r.idx LIMIT 1",
+            (queue_id, address),
         ).fetchone()
     return EventTarget(*row) if row else None
 
@@ -165,7 +170,8 @@ def apply_event(conn: sqlite3.Connection, applied: Applied) -> None:
         if applied.status is not None:
             conn.execute(
                 "INSERT INTO recipient_status (message_id, idx, status, status_time) VALUES (?,?,?,?) "
-                "ON CONFLICT (message_id, idx) DO UPDATE SET status = excluded.status, status_time = excluded.status_time",
+                "ON CONFLICT (message_id, idx) DO UPDATE SET "
+                "status = excluded.status, status_time = excluded.status_time",
                 (target.message_id, target.idx, applied.status, applied.status_time),
             )
         if applied.history is not None:
@@ -185,7 +191,8 @@ def apply_event(conn: sqlite3.Connection, applied: Applied) -> None:
 def prune_events(conn: sqlite3.Connection, older_than: float, limit: int) -> int:
     """Forget up to ``limit`` applied events received before ``older_than`` (their keys with them)."""
     return conn.execute(
-        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE received_at < ? AND applied = 1 ORDER BY id LIMIT ?)",
+        "DELETE FROM events WHERE id IN "
+        "(SELECT id FROM events WHERE received_at < ? AND applied = 1 ORDER BY id LIMIT ?)",
         (older_than, limit),
     ).rowcount
 
@@ -229,9 +236,18 @@ def remove_suppression(conn: sqlite3.Connection, address: str, account: str | No
 
 def suppressions(conn: sqlite3.Connection) -> list[SuppressionRow]:
     return [
-        (address, reason, frozenset(channels.split(",")) if channels else frozenset(), account or None, added_at, expires_at, source)
+        (
+            address,
+            reason,
+            frozenset(channels.split(",")) if channels else frozenset(),
+            account or None,
+            added_at,
+            expires_at,
+            source,
+        )
         for address, account, reason, channels, added_at, expires_at, source in conn.execute(
-            "SELECT address, account, reason, channels, added_at, expires_at, source FROM suppressions ORDER BY address, account"
+            "SELECT address, account, reason, channels, added_at, expires_at, source "
+            "FROM suppressions ORDER BY address, account"
         )
     ]
 
@@ -255,7 +271,8 @@ def add_stats(conn: sqlite3.Connection, rows: Iterable[StatRow]) -> None:
 def stats(conn: sqlite3.Connection, since_hour: str, until_hour: str | None = None) -> list[StatRow]:
     """Counters of the hours from ``since_hour`` through ``until_hour`` (inclusive; None: to now)."""
     return conn.execute(
-        "SELECT hour, grp, value, counter, count FROM stats WHERE hour >= ? AND hour <= ? ORDER BY hour, grp, value, counter",
+        "SELECT hour, grp, value, counter, count FROM stats "
+        "WHERE hour >= ? AND hour <= ? ORDER BY hour, grp, value, counter",
         (since_hour, until_hour or "9999"),
     ).fetchall()
 
@@ -324,6 +341,9 @@ class SqliteEvents:
 
     async def add_stats(self, rows: list[StatRow]) -> None:
         await self._write(_on_conn(add_stats), list(rows))
+
+    async def enqueue_fanout(self, rows: list[OutboxRow]) -> None:
+        await self._write(_on_conn(enqueue_fanout), list(rows))
 
     async def fanout_done(self, row_id: int) -> None:
         await self._write(_on_conn(fanout_done), row_id)

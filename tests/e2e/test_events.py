@@ -41,6 +41,7 @@ def with_events(events_port: int, team_port: int | None = None):
         if team_port is not None:
             config["users"][USER]["events_url"] = f"http://127.0.0.1:{team_port}/mail-events"
             config["users"][USER]["events_secret"] = TEAM_SECRET
+
     return patch
 
 
@@ -57,13 +58,23 @@ def post(port: int, fields: dict, as_json: bool = False) -> int:
         data, kind = json.dumps(fields).encode(), "application/json"
     else:
         data, kind = urllib.parse.urlencode(fields).encode(), "application/x-www-form-urlencoded"
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/webhooks/sendcloud", data=data,
-                                     headers={"Content-Type": kind}, method="POST")
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/webhooks/sendcloud", data=data, headers={"Content-Type": kind}, method="POST"
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
+
+
+def rcpt_reply(relay, client_tls, address: str) -> tuple[int, bytes]:
+    """The RCPT reply an authenticated application gets for ``address``."""
+    with smtplib.SMTP("127.0.0.1", relay.port("submission"), timeout=20) as client:
+        client.starttls(context=client_tls)
+        client.login(USER, PASSWORD)
+        client.mail("app@acme.com")
+        return client.rcpt(address)
 
 
 def show(relay, queue_id: str) -> dict:
@@ -81,8 +92,10 @@ def delivered(relay, queue_id: str, count: int) -> dict:
 
 def events_of(relay, queue_id: str, address: str, count: int) -> dict:
     """The recipient's record once ``count`` events are applied (they are applied after the 200)."""
+
     def recipient():
         return next(r for r in show(relay, queue_id)["recipients"] if r["address"] == address)
+
     assert wait_until(lambda: len(recipient()["events"]) >= count, 10), recipient()
     return recipient()
 
@@ -111,9 +124,23 @@ def test_events_show_the_fate_of_each_recipient_in_queue_show_and_stats(make_rel
     assert post(port, signed({**base, "event": "open", "ip": "203.0.113.9"})) == 200
     # By SC-Custom-Relay-Id + recipient (no emailId): userHeaders as SendCloud echoes them.
     headers = json.dumps({"SC-Custom-Relay-Id": queue_id, "SC-Custom-Relay-User": USER})
-    assert post(port, signed({"event": "invalid", "apiUser": "acme_trigger", "recipient": "two@example.net",
-                              "userHeaders": headers, "subStat": "406", "subStatDesc": "address does not exist"}),
-                as_json=True) == 200
+    assert (
+        post(
+            port,
+            signed(
+                {
+                    "event": "invalid",
+                    "apiUser": "acme_trigger",
+                    "recipient": "two@example.net",
+                    "userHeaders": headers,
+                    "subStat": "406",
+                    "subStatDesc": "address does not exist",
+                }
+            ),
+            as_json=True,
+        )
+        == 200
+    )
 
     one = events_of(relay, queue_id, "one@example.net", 3)
     assert one["status"] == "delivered"
@@ -121,19 +148,30 @@ def test_events_show_the_fate_of_each_recipient_in_queue_show_and_stats(make_rel
     assert one["events"][0]["ip"] == "10.1.2.3" and one["events"][1]["ip"] == "203.0.113.9"
     two = events_of(relay, queue_id, "two@example.net", 1)
     assert two["status"] == "invalid" and two["state"] == "delivered"
-    assert two["events"][0] | {"time": None} == {"event": "invalid", "time": None, "subStat": "406",
-                                                  "subStatDesc": "address does not exist"}
+    assert two["events"][0] | {"time": None} == {
+        "event": "invalid",
+        "time": None,
+        "subStat": "406",
+        "subStatDesc": "address does not exist",
+    }
 
     row = stats(relay)
     assert row["user"] == USER
     assert {key: row[key] for key in ("requested", "delivered", "invalid", "open", "unique_open", "click")} == {
-        "requested": 2, "delivered": 1, "invalid": 1, "open": 2, "unique_open": 1, "click": 0}
+        "requested": 2,
+        "delivered": 1,
+        "invalid": 1,
+        "open": 2,
+        "unique_open": 1,
+        "click": 0,
+    }
     assert row["delivered_rate"] == 0.5 and row["open_rate"] == 1.0
 
     # The invalid address is now suppressed relay-wide, for every channel.
     listed = json.loads(relay.cli("suppression", "list", "--json", "-c", str(relay.config_path)).stdout)
     assert [(e["address"], e["reason"], e["channels"], e["account"]) for e in listed] == [
-        ("two@example.net", "invalid", ["batch", "trigger"], None)]
+        ("two@example.net", "invalid", ["batch", "trigger"], None)
+    ]
 
 
 def test_unsigned_stale_and_duplicate_events_change_nothing(make_relay, client_tls):
@@ -168,7 +206,9 @@ def test_unsigned_stale_and_duplicate_events_change_nothing(make_relay, client_t
     assert APP_KEY not in relay.log() and BATCH_APP_KEY not in relay.log()
 
 
-def test_suppressed_recipients_are_refused_at_rcpt_and_failed_after_routing(make_relay, client_tls, sendcloud, tmp_path):
+def test_suppressed_recipients_are_refused_at_rcpt_and_failed_after_routing(
+    make_relay, client_tls, sendcloud, tmp_path
+):
     relay = make_relay(with_events(free_port()))
     config = ["-c", str(relay.config_path)]
     csv_file = tmp_path / "list.csv"
@@ -178,11 +218,7 @@ def test_suppressed_recipients_are_refused_at_rcpt_and_failed_after_routing(make
     assert relay.cli("suppression", "add", "Gone@Example.net", *config).returncode == 0
 
     def rcpt(address: str) -> tuple[int, bytes]:
-        with smtplib.SMTP("127.0.0.1", relay.port("submission"), timeout=20) as client:
-            client.starttls(context=client_tls)
-            client.login(USER, PASSWORD)
-            client.mail("app@acme.com")
-            return client.rcpt(address)
+        return rcpt_reply(relay, client_tls, address)
 
     assert wait_until(lambda: rcpt("gone@example.net")[0] == 550, 5)
     code, text = rcpt("gone@example.net")
@@ -191,11 +227,18 @@ def test_suppressed_recipients_are_refused_at_rcpt_and_failed_after_routing(make
     assert rcpt("news-off@example.net")[0] == 250  # the trigger channel may still carry it
 
     # Routed to batch (the newsletter rule): the batch-suppressed recipient fails at once, with a DSN.
-    queue_id = submit(relay, client_tls, ["news-off@example.net", "reader@example.net"],
-                      message("news", extra_headers="X-Mail-Type: newsletter\r\n"))
+    queue_id = submit(
+        relay,
+        client_tls,
+        ["news-off@example.net", "reader@example.net"],
+        message("news", extra_headers="X-Mail-Type: newsletter\r\n"),
+    )
     assert wait_until(lambda: all(r["state"] != "queued" for r in show(relay, queue_id)["recipients"]), 20)
     off, reader = show(relay, queue_id)["recipients"]
-    assert off["state"] == "failed" and off["last_reply"] == f"550 5.1.1 <news-off@example.net>: suppressed (unsubscribe {day})"
+    assert (
+        off["state"] == "failed"
+        and off["last_reply"] == f"550 5.1.1 <news-off@example.net>: suppressed (unsubscribe {day})"
+    )
     assert reader["state"] == "delivered"
     arrived = sendcloud.wait_for(2)
     assert ["reader@example.net"] in [m.rcpt_tos for m in arrived]
@@ -247,26 +290,49 @@ def team():
     endpoint.stop()
 
 
-def test_a_team_endpoint_that_is_down_gets_every_event_once_back_also_after_a_restart(make_relay, client_tls, team):
+def test_a_team_endpoint_that_is_down_gets_every_event_once_back_also_after_a_restart(
+    make_relay, client_tls, team, sendcloud
+):
     port = free_port()
     relay = make_relay(with_events(port, team.port))
-    queue_id = submit(relay, client_tls, ["one@example.net"], message("team"))
-    email_id = delivered(relay, queue_id, 1)["recipients"][0]["email_id"]
+    sendcloud.rcpt_replies["bad@example.net"] = "550 5.1.1 no such user"  # failed by the relay: a "failed" event
+    queue_id = submit(relay, client_tls, ["one@example.net", "bad@example.net"], message("team"))
+    assert wait_until(lambda: all(r["state"] != "queued" for r in show(relay, queue_id)["recipients"]), 20)
+    email_id = show(relay, queue_id)["recipients"][0]["email_id"]
     base = {"apiUser": "acme_trigger", "emailId": email_id, "recipient": "one@example.net"}
     sent = [signed({**base, "event": name}) for name in ("deliver", "open", "click")]
     for fields in sent:
         assert post(port, fields) == 200
-    assert wait_until(lambda: relay.log().count("try 2 again") >= 3, 15), relay.log()  # the team is down
+    assert wait_until(lambda: relay.log().count("try 2 again") >= 4, 15), relay.log()  # the team is down
 
     relay.stop()
     relay.start()
     team.start()
-    assert wait_until(lambda: len(team.received) >= 3, 30), relay.log()
+    assert wait_until(lambda: len(team.received) >= 4, 40), relay.log()
     got = {item["event"]: item for item in team.received}
-    assert sorted(got) == ["click", "deliver", "open"]
+    assert sorted(got) == ["click", "deliver", "failed", "open"]
+    assert got["failed"]["recipient"] == "bad@example.net" and got["failed"]["details"]["reply"].startswith("550")
     assert len({item["id"] for item in team.received}) == len(team.received)
     deliver = got["deliver"]
     assert (deliver["queue_id"], deliver["recipient"], deliver["user"], deliver["account"], deliver["channel"]) == (
-        queue_id, "one@example.net", USER, "acme_trigger", "trigger")
+        queue_id,
+        "one@example.net",
+        USER,
+        "acme_trigger",
+        "trigger",
+    )
     assert deliver["email_id"] == email_id and deliver["timestamp"] == int(sent[0]["timestamp"])
     assert TEAM_SECRET not in relay.log()
+
+
+def test_acceptor_processes_refuse_suppressed_recipients_too(make_relay, client_tls):
+    relay = make_relay(with_events(free_port()), processes=2)
+    assert (
+        relay.cli(
+            "suppression", "add", "gone@example.net", "--reason", "report_spam", "-c", str(relay.config_path)
+        ).returncode
+        == 0
+    )
+
+    # Every acceptor keeps its own snapshot: a few connections reach both of them.
+    assert wait_until(lambda: all(rcpt_reply(relay, client_tls, "gone@example.net")[0] == 550 for _ in range(6)), 10)

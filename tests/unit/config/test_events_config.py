@@ -41,7 +41,10 @@ def test_a_receiver_without_any_app_key_is_refused():
 
 
 def test_per_account_app_keys_are_enough():
-    text = BASE.replace("domain: acme.com}", "domain: acme.com, app_key: per-account}") + "events: {listen: 0.0.0.0:8026}\n"
+    text = (
+        BASE.replace("domain: acme.com}", "domain: acme.com, app_key: per-account}")
+        + "events: {listen: 0.0.0.0:8026}\n"
+    )
     assert parse_config(text, source=SOURCE).accounts["acme_trigger"].app_key.get_secret_value() == "per-account"
 
 

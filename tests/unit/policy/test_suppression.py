@@ -70,17 +70,27 @@ REFUSALS = {
     "batch_only_user_is_refused": ([entry("unsubscribe", BATCH)], {"batch": "acme_batch"}, "unsubscribe 2026-11-30"),
     "trigger_only_user_not_refused_by_batch_entry": ([entry("unsubscribe", BATCH)], {"trigger": "acme_trigger"}, None),
     "one_entry_per_channel_together_refuse": (
-        [entry("unsubscribe", BATCH), entry("manual", TRIGGER, added_at=ADDED + DAY)], BOTH, "manual 2026-12-01"
+        [entry("unsubscribe", BATCH), entry("manual", TRIGGER, added_at=ADDED + DAY)],
+        BOTH,
+        "manual 2026-12-01",
     ),
     "account_entry_for_one_of_two_accounts": ([entry("manual", account="acme_batch")], BOTH, None),
     "account_entries_for_both_accounts": (
-        [entry("manual", account="acme_batch"), entry("manual", account="acme_trigger")], BOTH, "manual 2026-11-30"
+        [entry("manual", account="acme_batch"), entry("manual", account="acme_trigger")],
+        BOTH,
+        "manual 2026-11-30",
     ),
     "account_entry_for_another_team": ([entry("manual", account="promo_batch")], {"batch": "acme_batch"}, None),
     "expired_entry_does_not_refuse": ([entry(expires_at=NOW - 1)], BOTH, None),
-    "expired_and_live_entry": ([entry(expires_at=NOW - 1), entry("report_spam", added_at=ADDED - DAY)], BOTH, "report_spam 2026-11-29"),
+    "expired_and_live_entry": (
+        [entry(expires_at=NOW - 1), entry("report_spam", added_at=ADDED - DAY)],
+        BOTH,
+        "report_spam 2026-11-29",
+    ),
     "names_the_most_recent_entry": (
-        [entry("invalid", added_at=ADDED - 300 * DAY), entry("report_spam", added_at=ADDED)], BOTH, "report_spam 2026-11-30"
+        [entry("invalid", added_at=ADDED - 300 * DAY), entry("report_spam", added_at=ADDED)],
+        BOTH,
+        "report_spam 2026-11-30",
     ),
     "no_entries": ([], BOTH, None),
     "user_without_channels": ([entry()], {}, None),

@@ -71,7 +71,8 @@ async def test_event_target_by_email_id_then_by_queue_id_and_address(spool):
     by_email_id = EventTarget("Q1", 0, "a@example.org", "billing", "acme_trigger", "trigger", 7)
     assert await spool.event_target(EMAIL_ID, None, None) == by_email_id
     assert await spool.event_target(None, "Q1", "b@example.ORG") == EventTarget(
-        "Q1", 1, "B@Example.org", "billing", "acme_trigger", "trigger", 7)
+        "Q1", 1, "B@Example.org", "billing", "acme_trigger", "trigger", 7
+    )
     assert await spool.event_target("unknown$x@y", "Q1", "a@example.org") == by_email_id
     assert await spool.event_target("unknown$x@y", None, None) is None
     assert await spool.event_target(None, "Q2", "a@example.org") is None
@@ -84,8 +85,9 @@ async def test_applying_keeps_status_and_history_per_recipient(spool):
     second = await spool.store_event(received(keys=("token:2",), event="open"))
     await spool.apply_event(Applied(first, target, "delivered", T0 + 5, RecipientEvent("deliver", T0 + 5)))
     await spool.apply_event(Applied(second, target, "delivered", T0 + 5, RecipientEvent("open", T0 + 9, ip="1.2.3.4")))
-    assert await spool.fates("Q1") == {0: Fate("delivered", T0 + 5, (
-        RecipientEvent("deliver", T0 + 5), RecipientEvent("open", T0 + 9, ip="1.2.3.4")))}
+    assert await spool.fates("Q1") == {
+        0: Fate("delivered", T0 + 5, (RecipientEvent("deliver", T0 + 5), RecipientEvent("open", T0 + 9, ip="1.2.3.4")))
+    }
     assert await spool.fates("Q2") == {}
     await spool.delete("Q1")
     assert await spool.fates("Q1") == {}
@@ -122,16 +124,22 @@ async def test_suppression_list_replace_remove_and_version(spool):
 
 
 async def test_stats_add_up_per_hour_group_value_and_counter(spool):
-    await spool.add_stats([("2026-12-01T10", "user", "billing", "requested", 2), ("2026-12-01T11", "user", "billing", "requested", 1)])
+    await spool.add_stats(
+        [("2026-12-01T10", "user", "billing", "requested", 2), ("2026-12-01T11", "user", "billing", "requested", 1)]
+    )
     await spool.add_stats([("2026-12-01T10", "user", "billing", "requested", 3)])
     assert await spool.stats("2026-12-01T10") == [
-        ("2026-12-01T10", "user", "billing", "requested", 5), ("2026-12-01T11", "user", "billing", "requested", 1)]
+        ("2026-12-01T10", "user", "billing", "requested", 5),
+        ("2026-12-01T11", "user", "billing", "requested", 1),
+    ]
     assert await spool.stats("2026-12-01T00", "2026-12-01T10") == [("2026-12-01T10", "user", "billing", "requested", 5)]
 
 
 async def test_fanout_rows_are_due_retried_and_done(spool):
     event_id = await spool.store_event(received())
-    rows = tuple(OutboxRow("billing", "https://x.example/hook", f'{{"id":"{n}"}}'.encode(), T0, T0 + n) for n in range(2))
+    rows = tuple(
+        OutboxRow("billing", "https://x.example/hook", f'{{"id":"{n}"}}'.encode(), T0, T0 + n) for n in range(2)
+    )
     await spool.apply_event(Applied(event_id, outbox=rows))
     first, second = await spool.due_fanout(T0 + 5, 10)
     assert [r.body for r in (first, second)] == [b'{"id":"0"}', b'{"id":"1"}']
