@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from relay.config import parse_duration
+from relay.config import Config, parse_duration
 from relay.events import stats
 from relay.events.suppression import parse_expiry
 from relay.policy.suppression import CHANNELS, REASONS, Entry, normalise_address
@@ -78,3 +78,26 @@ def manual_entry(address: str, reason: str | None, account: str | None, expires:
 
 def entry_row(entry: Entry) -> tuple:
     return (entry.address, entry.reason, entry.channels, entry.account, entry.added_at, entry.expires_at, entry.source)
+
+
+def config_lines(config: Config) -> list[str]:
+    """`check-config`'s events section: the receiver, whose key checks whose events, who fans out where."""
+    events = config.events
+    if events.listen:
+        scheme = "https" if events.tls else "http"
+        lines = [
+            f"\nevents: receiver on {scheme}://{events.listen}/webhooks/sendcloud, max_age {events.max_age:g}s, "
+            f"retention {events.retention:g}s"
+        ]
+        for name, account in config.accounts.items():
+            key = "its own app_key" if account.app_key else "events.app_key" if events.app_key else "NO KEY"
+            lines.append(f"  events of {account.api_user} ({name}) checked with {key}")
+    else:
+        lines = ["\nevents: no receiver (events.listen is not set)"]
+    lines.append("  suppress: " + ", ".join(f"{event} -> {channels}" for event, channels in events.suppress.items()))
+    fanning = [(name, user.events_url) for name, user in config.users.items() if user.events_url]
+    for name, url in fanning:
+        lines.append(f"  user {name}: events fanned out to {url}")
+    if not fanning:
+        lines.append("  no user fans out events (users.*.events_url)")
+    return lines
