@@ -18,7 +18,9 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from relay.events.applier import Applier
 from relay.events.receiver import Receiver, app_key_for
+from relay.events.webhook import to_event
 from relay.spool import State
+from relay.spool.events_model import ReceivedEvent
 from relay.spool.memory import MemorySpool
 from tests.unit.helpers import config_from
 from tests.unit.spool.test_protocol import message, update
@@ -202,3 +204,19 @@ async def test_events_left_unapplied_are_applied_at_the_next_start(setup):
         assert (await spool.fates("Q1"))[0].status == "delivered"
     finally:
         await restarted.stop()
+
+
+async def test_a_batch_sees_its_own_earlier_events(setup):
+    """Three opens of one recipient decided in one batch: one unique open, three history lines."""
+    _, spool, applier = setup
+    await applier.stop()
+    batch = []
+    for n in range(3):
+        fields = signed({**EVENT, "event": "open"}, timestamp=str(int(time.time()) - n))
+        event_id = await spool.store_event(ReceivedEvent(time.time(), "open", json.dumps(fields), (f"token:{n}",)))
+        batch.append((event_id, to_event(fields)))
+    await applier.apply(batch)
+    counters = {counter: count for _, group, _, counter, count in await spool.stats("2000-01-01T00") if group == "user"}
+    assert counters == {"open": 3, "unique_open": 1}
+    assert len((await spool.fates("Q1"))[0].events) == 3
+    assert await spool.unapplied_events(10) == []
