@@ -102,7 +102,8 @@ async def burst(port: int, queue_id: str, recipients: list[str], count: int, rat
         async def one(n: int, at: float) -> None:
             nonlocal failures
             await asyncio.sleep(max(0.0, at - time.monotonic()))
-            fields = signed({"event": names[n % 3], "apiUser": "bench_trigger", "recipient": recipients[n % len(recipients)],
+            recipient = recipients[n % len(recipients)]
+            fields = signed({"event": names[n % 3], "apiUser": "bench_trigger", "recipient": recipient,
                              "userHeaders": headers, "ip": "203.0.113.9"})
             started = time.monotonic()
             try:

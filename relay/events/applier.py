@@ -237,7 +237,7 @@ class Applier:
             fate = None
             if target is not None:
                 key = (target.message_id, target.idx)
-                fate = seen[key] if key in seen else (await self._spool.fates(target.message_id)).get(target.idx)
+                fate = seen[key] if key in seen else (await self._spool.fates(*key)).get(target.idx)
             applied = decide(config, event_id, event, target, fate, now)
             if target is not None:
                 seen[key] = Fate(applied.status, applied.status_time, (*(fate.events if fate else ()), applied.history))

@@ -25,8 +25,9 @@ class EventStore(Protocol):
     async def apply_event(self, applied: Applied) -> None:
         """What one event changes, and the event marked applied, in one durable write."""
 
-    async def fates(self, message_id: str) -> dict[int, Fate]:
-        """SendCloud's status and history per recipient index (only recipients that have any)."""
+    async def fates(self, message_id: str, idx: int | None = None) -> dict[int, Fate]:
+        """SendCloud's status and history per recipient index (only recipients that have any;
+        only recipient ``idx`` when given)."""
 
     async def prune_events(self, older_than: float, limit: int) -> int:
         """Forget at most ``limit`` applied events received before ``older_than``."""

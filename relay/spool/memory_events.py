@@ -175,10 +175,12 @@ class MemoryEvents:
                         return await _answer(found)
         return await _answer(found)
 
-    async def fates(self, message_id: str) -> dict[int, Fate]:
+    async def fates(self, message_id: str, idx: int | None = None) -> dict[int, Fate]:
         if message_id not in self._entries:
             return await _answer({})
-        return await _answer({idx: fate for (mid, idx), fate in sorted(self._fates.items()) if mid == message_id})
+        return await _answer(
+            {i: fate for (mid, i), fate in sorted(self._fates.items()) if mid == message_id and idx in (None, i)}
+        )
 
     async def suppressions(self) -> list[SuppressionRow]:
         return await _answer(sorted(self._suppressions.values(), key=lambda row: (row[0], row[3] or "")))

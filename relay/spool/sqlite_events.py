@@ -142,24 +142,28 @@ def event_target(
     return EventTarget(*row) if row else None
 
 
-def fates(conn: sqlite3.Connection, message_id: str) -> dict[int, Fate]:
-    """SendCloud's status and event history of each recipient of a message that has any."""
+def fates(conn: sqlite3.Connection, message_id: str, idx: int | None = None) -> dict[int, Fate]:
+    """SendCloud's status and event history of each recipient of a message that has any
+    (only recipient ``idx``, given one: the applier reads one recipient per event)."""
+    where, args = (
+        ("message_id = ?", (message_id,)) if idx is None else ("message_id = ? AND idx = ?", (message_id, idx))
+    )
     status = {
-        idx: (value, time)
-        for idx, value, time in conn.execute(
-            "SELECT idx, status, status_time FROM recipient_status WHERE message_id = ?", (message_id,)
+        row_idx: (value, time)
+        for row_idx, value, time in conn.execute(
+            f"SELECT idx, status, status_time FROM recipient_status WHERE {where}", args
         )
     }
     history: dict[int, list[RecipientEvent]] = {}
-    for idx, *fields in conn.execute(
+    for row_idx, *fields in conn.execute(
         "SELECT idx, event, time, ip, url, sub_stat, sub_stat_desc FROM recipient_events "
-        "WHERE message_id = ? ORDER BY time, rowid",
-        (message_id,),
+        f"WHERE {where} ORDER BY time, rowid",
+        args,
     ):
-        history.setdefault(idx, []).append(RecipientEvent(*fields))
+        history.setdefault(row_idx, []).append(RecipientEvent(*fields))
     return {
-        idx: Fate(*status.get(idx, (None, None)), tuple(history.get(idx, ())))
-        for idx in sorted(set(status) | set(history))
+        row_idx: Fate(*status.get(row_idx, (None, None)), tuple(history.get(row_idx, ())))
+        for row_idx in sorted(set(status) | set(history))
     }
 
 
@@ -357,8 +361,8 @@ class SqliteEvents:
     async def event_target(self, email_id: str | None, queue_id: str | None, address: str | None) -> EventTarget | None:
         return await self._read(event_target, self._store().conn, email_id, queue_id, address)
 
-    async def fates(self, message_id: str) -> dict[int, Fate]:
-        return await self._read(fates, self._store().conn, message_id)
+    async def fates(self, message_id: str, idx: int | None = None) -> dict[int, Fate]:
+        return await self._read(fates, self._store().conn, message_id, idx)
 
     async def suppressions(self) -> list[SuppressionRow]:
         return await self._read(suppressions, self._store().conn)

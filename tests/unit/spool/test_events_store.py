@@ -173,3 +173,13 @@ async def test_sqlite_keeps_events_across_a_reopen(tmp_path):
         assert len(await spool.suppressions()) == 1
     finally:
         await spool.close()
+
+
+async def test_fates_of_one_recipient(spool):
+    await delivered_message(spool)
+    event_id = await spool.store_event(received())
+    for idx in (0, 1):
+        target = EventTarget("Q1", idx, "x", "billing", "acme_trigger", "trigger", 7)
+        await spool.apply_event(Applied(event_id, target, "delivered", T0, RecipientEvent("deliver", T0 + idx)))
+    assert await spool.fates("Q1", 1) == {1: Fate("delivered", T0, (RecipientEvent("deliver", T0 + 1),))}
+    assert len(await spool.fates("Q1")) == 2
