@@ -19,7 +19,15 @@ from aiohttp import web
 
 from relay.config import Config, split_host_port
 from relay.events.applier import Applier, account_of
-from relay.events.webhook import dedupe_keys, is_probe, is_stale, parse_webhook, signature_ok, to_event
+from relay.events.webhook import (
+    WebhookEvent,
+    dedupe_keys,
+    is_probe,
+    is_stale,
+    parse_webhook,
+    signature_ok,
+    to_event,
+)
 from relay.observe import metrics
 from relay.spool import Spool
 from relay.spool.events_model import ReceivedEvent
@@ -40,9 +48,8 @@ def app_key_for(config: Config, api_user: str | None) -> str | None:
     return key.get_secret_value() if key is not None else None
 
 
-def refusal(config: Config, fields: dict[str, str], now: float) -> str | None:
+def refusal(config: Config, event: WebhookEvent, now: float) -> str | None:
     """Why a (non-probe) event is refused with 403, or None: bad or missing signature, stale."""
-    event = to_event(fields)
     key = app_key_for(config, event.api_user)
     if key is None or not signature_ok(key, event.timestamp_raw, event.token, event.signature):
         return "signature"
@@ -88,8 +95,8 @@ class Receiver:
             return web.Response(text="ok\n")
         now = time.time()
         config = self._config()
-        why = refusal(config, fields, now)
         event = to_event(fields)
+        why = refusal(config, event, now)
         if why is not None:
             metrics.EVENTS_REFUSED.labels(why).inc()
             log.warning(
