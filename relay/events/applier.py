@@ -170,6 +170,8 @@ class Applier:
         self._spool = spool
         self._queue: asyncio.Queue[tuple[int, WebhookEvent]] = asyncio.Queue()
         self._task: asyncio.Task | None = None
+        # Applied from the spool at start: the receiver may have queued some of them meanwhile.
+        self._backlogged: set[int] = set()
 
     def submit(self, event_id: int, event: WebhookEvent) -> None:
         self._queue.put_nowait((event_id, event))
@@ -195,7 +197,7 @@ class Applier:
             while len(batch) < _BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:
-                await self.apply(batch)
+                await self.apply([item for item in batch if item[0] not in self._backlogged])
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - they stay unapplied in the spool: retried on the next start
@@ -206,7 +208,7 @@ class Applier:
 
     async def _backlog(self) -> None:
         """Events a crash left stored but unapplied: applied before anything new."""
-        seen: set[int] = set()
+        seen = self._backlogged
         while pending := [e for e in await self._spool.unapplied_events(_BATCH) if e.id not in seen]:
             seen.update(e.id for e in pending)
             await self.apply([(e.id, to_event(json.loads(e.fields))) for e in pending])
@@ -214,6 +216,8 @@ class Applier:
             log.info("applied %d event(s) stored before the last stop", len(seen))
 
     async def apply(self, batch: list[tuple[int, WebhookEvent]]) -> None:
+        if not batch:
+            return
         config = self._config()
         now = time.time()
         seen: dict[tuple[str, int], Fate] = {}  # the batch's own effects, ahead of the spool

@@ -220,3 +220,19 @@ async def test_a_batch_sees_its_own_earlier_events(setup):
     assert counters == {"open": 3, "unique_open": 1}
     assert len((await spool.fates("Q1"))[0].events) == 3
     assert await spool.unapplied_events(10) == []
+
+
+async def test_an_event_both_left_unapplied_and_queued_at_start_is_applied_once(setup):
+    """The receiver answers while the applier is still working through the backlog."""
+    _, spool, applier = setup
+    await applier.stop()
+    fields = signed({**EVENT, "event": "open"})
+    event_id = await spool.store_event(ReceivedEvent(time.time(), "open", json.dumps(fields), ("token:x",)))
+    restarted = Applier(lambda: CONFIG, spool)
+    restarted.submit(event_id, to_event(fields))  # queued before the backlog is read
+    await restarted.start()
+    try:
+        await restarted.idle()
+        assert [e.event for e in (await spool.fates("Q1"))[0].events] == ["open"]
+    finally:
+        await restarted.stop()
