@@ -26,7 +26,8 @@ from relay.spool.events_model import Applied, EventTarget, Fate, OutboxRow, Reci
 
 log = logging.getLogger("relay.events")
 
-_BATCH = 500  # events decided and written together (also: unapplied ones read per step on start)
+_BATCH = 500  # events decided and written together (also: unapplied ones read per step)
+_RETRY_AFTER = 5.0  # seconds before events whose write failed are read back from the spool
 
 
 def account_of(config: Config, api_user: str | None) -> str | None:
@@ -198,24 +199,46 @@ class Applier:
                 batch.append(self._queue.get_nowait())
             try:
                 await self.apply([item for item in batch if item[0] not in self._backlogged])
+                failed = False
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - they stay unapplied in the spool: retried on the next start
-                log.exception("%d event(s) could not be applied; they are retried at the next start", len(batch))
+            except Exception:  # noqa: BLE001 - they stay unapplied in the spool and are read back from it
+                log.exception("%d event(s) could not be applied; trying again in %.0fs", len(batch), _RETRY_AFTER)
+                failed = True
             finally:
                 for _ in batch:
                     self._queue.task_done()
+            if failed:
+                await self._retry_from_spool()
+
+    async def _retry_from_spool(self) -> None:
+        """Until a pass over the spool's unapplied events succeeds (new ones are stored meanwhile)."""
+        while True:
+            await asyncio.sleep(_RETRY_AFTER)
+            try:
+                await self._backlog()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the spool still fails: wait and read again
+                log.exception("stored events could not be applied; trying again in %.0fs", _RETRY_AFTER)
 
     async def _backlog(self) -> None:
-        """Events a crash left stored but unapplied: applied before anything new."""
-        seen = self._backlogged
+        """Events stored but not applied (a crash, a failed write): applied from the spool."""
+        seen: set[int] = set()
         while pending := [e for e in await self._spool.unapplied_events(_BATCH) if e.id not in seen]:
             seen.update(e.id for e in pending)
+            self._backlogged.update(e.id for e in pending)  # some may be queued too: applied once
             await self.apply([(e.id, to_event(json.loads(e.fields))) for e in pending])
         if seen:
-            log.info("applied %d event(s) stored before the last stop", len(seen))
+            log.info("applied %d stored event(s) from the spool", len(seen))
 
     async def apply(self, batch: list[tuple[int, WebhookEvent]]) -> None:
+        """Decide and write a batch; raises (after writing the rest) if a write failed.
+
+        An event whose decision fails (a bug, a spool read error) is left unapplied and logged,
+        so one bad event never holds up the others; it is tried again from the spool later.
+        """
         if not batch:
             return
         config = self._config()
@@ -223,10 +246,19 @@ class Applier:
         seen: dict[tuple[str, int], Fate] = {}  # the batch's own effects, ahead of the spool
         decided: list[tuple[WebhookEvent, Applied]] = []
         for event_id, event in batch:
-            decided += [(event, applied) for applied in await self._decide(config, event_id, event, seen, now)]
-        await asyncio.gather(*(self._spool.apply_event(applied) for _, applied in decided))
-        for event, applied in decided:
-            self._report(config, event, applied)
+            try:
+                decided += [(event, applied) for applied in await self._decide(config, event_id, event, seen, now)]
+            except Exception:  # noqa: BLE001 - see above
+                log.exception("event %d (%s) could not be decided; it stays stored, unapplied", event_id, event.event)
+        written = await asyncio.gather(
+            *(self._spool.apply_event(applied) for _, applied in decided), return_exceptions=True
+        )
+        for (event, applied), outcome in zip(decided, written, strict=True):
+            if not isinstance(outcome, BaseException):
+                self._report(config, event, applied)
+        failures = [outcome for outcome in written if isinstance(outcome, BaseException)]
+        if failures:
+            raise failures[0]
 
     async def _decide(
         self, config: Config, event_id: int, event: WebhookEvent, seen: dict[tuple[str, int], Fate], now: float

@@ -16,6 +16,7 @@ from urllib.parse import urlencode
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from relay.events import applier as applier_module
 from relay.events.applier import Applier
 from relay.events.receiver import Receiver, app_key_for
 from relay.events.webhook import to_event
@@ -236,3 +237,45 @@ async def test_an_event_both_left_unapplied_and_queued_at_start_is_applied_once(
         assert [e.event for e in (await spool.fates("Q1"))[0].events] == ["open"]
     finally:
         await restarted.stop()
+
+
+async def test_events_whose_write_failed_are_applied_once_the_spool_works_again(setup, monkeypatch):
+    client, spool, applier = setup
+    monkeypatch.setattr("relay.events.applier._RETRY_AFTER", 0.05)
+    real_apply_event = spool.apply_event
+
+    async def disk_full(applied):
+        raise OSError("disk full")
+
+    spool.apply_event = disk_full
+    assert await post(client, signed(EVENT)) == 200  # stored: the answer does not wait for applying
+    await applier.idle()
+    assert len(await spool.unapplied_events(10)) == 1
+    spool.apply_event = real_apply_event
+    for _ in range(100):
+        if not await spool.unapplied_events(10):
+            break
+        await asyncio.sleep(0.01)
+    assert [e.event for e in (await spool.fates("Q1"))[0].events] == ["deliver"]
+
+
+async def test_an_event_that_cannot_be_decided_does_not_hold_up_the_others(setup, monkeypatch):
+    _, spool, applier = setup
+    await applier.stop()
+
+    real_decide = applier_module.decide
+
+    def decide(config, event_id, event, *rest):
+        if event.event == "click":
+            raise KeyError("a bug")
+        return real_decide(config, event_id, event, *rest)
+
+    monkeypatch.setattr(applier_module, "decide", decide)
+    batch = []
+    for n, name in enumerate(("open", "click", "deliver")):
+        fields = signed({**EVENT, "event": name})
+        event_id = await spool.store_event(ReceivedEvent(time.time(), name, json.dumps(fields), (f"token:{n}",)))
+        batch.append((event_id, to_event(fields)))
+    await applier.apply(batch)
+    assert [e.event for e in (await spool.fates("Q1"))[0].events] == ["open", "deliver"]
+    assert [e.event for e in await spool.unapplied_events(10)] == ["click"]
