@@ -53,16 +53,17 @@ def signed(fields: dict, app_key: str = APP_KEY, timestamp: str | None = None) -
     return {**fields, "timestamp": timestamp, "token": token, "signature": signature}
 
 
-def post(port: int, fields: dict, as_json: bool = False) -> int:
+def post(port: int, fields: dict, as_json: bool = False, tls=None) -> int:
     if as_json:
         data, kind = json.dumps(fields).encode(), "application/json"
     else:
         data, kind = urllib.parse.urlencode(fields).encode(), "application/x-www-form-urlencoded"
+    scheme = "https" if tls else "http"
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/webhooks/sendcloud", data=data, headers={"Content-Type": kind}, method="POST"
+        f"{scheme}://127.0.0.1:{port}/webhooks/sendcloud", data=data, headers={"Content-Type": kind}, method="POST"
     )
     try:
-        with urllib.request.urlopen(request, timeout=10) as response:
+        with urllib.request.urlopen(request, timeout=10, context=tls) as response:
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
@@ -166,6 +167,11 @@ def test_events_show_the_fate_of_each_recipient_in_queue_show_and_stats(make_rel
         "click": 0,
     }
     assert row["delivered_rate"] == 0.5 and row["open_rate"] == 1.0
+
+    status, text = relay.http("/metrics")
+    assert status == 200
+    assert 'sendcloud_relay_events_total{account="acme_trigger",event="open"} 2.0' in text
+    assert 'sendcloud_relay_events_total{account="acme_trigger",event="invalid"} 1.0' in text
 
     # The invalid address is now suppressed relay-wide, for every channel.
     listed = json.loads(relay.cli("suppression", "list", "--json", "-c", str(relay.config_path)).stdout)
@@ -336,3 +342,20 @@ def test_acceptor_processes_refuse_suppressed_recipients_too(make_relay, client_
 
     # Every acceptor keeps its own snapshot: a few connections reach both of them.
     assert wait_until(lambda: all(rcpt_reply(relay, client_tls, "gone@example.net")[0] == 550 for _ in range(6)), 10)
+
+
+def test_the_receiver_serves_https_with_events_tls(make_relay, client_tls):
+    port = free_port()
+
+    def patch(config: dict) -> None:
+        with_events(port)(config)
+        config["events"]["tls"] = {"cert": "cert.pem", "key": "key.pem"}
+
+    relay = make_relay(patch)
+    queue_id = submit(relay, client_tls, ["one@example.net"], message("https"))
+    email_id = delivered(relay, queue_id, 1)["recipients"][0]["email_id"]
+    event = {"event": "deliver", "apiUser": "acme_trigger", "emailId": email_id, "recipient": "one@example.net"}
+    assert post(port, signed(event), tls=client_tls) == 200
+    assert events_of(relay, queue_id, "one@example.net", 1)["status"] == "delivered"
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        post(port, signed(event))  # no plaintext on a TLS receiver
