@@ -103,12 +103,20 @@ async def burst(port: int, queue_id: str, recipients: list[str], count: int, rat
             nonlocal failures
             await asyncio.sleep(max(0.0, at - time.monotonic()))
             recipient = recipients[n % len(recipients)]
-            fields = signed({"event": names[n % 3], "apiUser": "bench_trigger", "recipient": recipient,
-                             "userHeaders": headers, "ip": "203.0.113.9"})
+            fields = signed(
+                {
+                    "event": names[n % 3],
+                    "apiUser": "bench_trigger",
+                    "recipient": recipient,
+                    "userHeaders": headers,
+                    "ip": "203.0.113.9",
+                }
+            )
             started = time.monotonic()
             try:
-                async with session.post(url, data=urlencode(fields),
-                                        headers={"Content-Type": "application/x-www-form-urlencoded"}) as response:
+                async with session.post(
+                    url, data=urlencode(fields), headers={"Content-Type": "application/x-www-form-urlencoded"}
+                ) as response:
                     await response.read()
                     if response.status != 200:
                         failures += 1
@@ -123,7 +131,7 @@ async def burst(port: int, queue_id: str, recipients: list[str], count: int, rat
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def main() -> None:
@@ -138,8 +146,13 @@ def main() -> None:
         (workdir / "relay.yaml").write_text(yaml.safe_dump(config(workdir, smtp_port, events_port)))
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         with open(workdir / "relay.log", "wb") as log:
-            relay = subprocess.Popen([sys.executable, "-m", "relay", "serve", "-c", str(workdir / "relay.yaml")],
-                                     cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+            relay = subprocess.Popen(
+                [sys.executable, "-m", "relay", "serve", "-c", str(workdir / "relay.yaml")],
+                cwd=workdir,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             wait_for_port(smtp_port)
             wait_for_port(events_port)
@@ -149,7 +162,7 @@ def main() -> None:
                 client.mail("app@bench.test")
                 for address in recipients:
                     client.rcpt(address)
-                code, reply = client.data(b"From: app@bench.test\r\nSubject: burst\r\n\r\nhello\r\n")
+                _, reply = client.data(b"From: app@bench.test\r\nSubject: burst\r\n\r\nhello\r\n")
             queue_id = reply.decode().rsplit(" ", 1)[1]
             sent_at = time.monotonic()
             latencies, failures = asyncio.run(burst(events_port, queue_id, recipients, args.events, args.rate))
@@ -159,12 +172,15 @@ def main() -> None:
                 time.sleep(0.05)
             applied_in = time.monotonic() - sent_at
             result = {
-                "events": args.events, "target_rate": args.rate, "failures": failures,
+                "events": args.events,
+                "target_rate": args.rate,
+                "failures": failures,
                 "answered_per_s": round(args.events / answered_in, 1),
                 "p50_ms": round(statistics.median(latencies) * 1000, 1),
                 "p99_ms": round(percentile(latencies, 99) * 1000, 1),
                 "max_ms": round(max(latencies) * 1000, 1),
-                "applied": applied(db), "applied_per_s": round(args.events / applied_in, 1),
+                "applied": applied(db),
+                "applied_per_s": round(args.events / applied_in, 1),
                 "all_applied_after_s": round(applied_in, 2),
             }
             print(json.dumps(result))

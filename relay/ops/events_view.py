@@ -85,10 +85,8 @@ def config_lines(config: Config) -> list[str]:
     events = config.events
     if events.listen:
         scheme = "https" if events.tls else "http"
-        lines = [
-            f"\nevents: receiver on {scheme}://{events.listen}/webhooks/sendcloud, max_age {events.max_age:g}s, "
-            f"retention {events.retention:g}s"
-        ]
+        receiver = f"{scheme}://{events.listen}/webhooks/sendcloud"
+        lines = [f"\nevents: receiver on {receiver}, max_age {events.max_age:g}s, retention {events.retention:g}s"]
         for name, account in config.accounts.items():
             key = "its own app_key" if account.app_key else "events.app_key" if events.app_key else "NO KEY"
             lines.append(f"  events of {account.api_user} ({name}) checked with {key}")

@@ -192,11 +192,14 @@ class AdminServer:
     async def suppression_add(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
-            if not isinstance(body, dict) or not isinstance(body.get("address"), str):
-                raise ValueError('a JSON object with "address" is required')
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("address"), str):
+            return web.json_response({"error": 'a JSON object with "address" is required'}, status=400)
+        try:
             entry = events_view.manual_entry(body["address"], body.get("reason"), body.get("account"),
                                              body.get("expires"), time.time())
-        except ValueError as error:  # bad JSON is a ValueError too
+        except ValueError as error:
             return web.json_response({"error": str(error)}, status=400)
         await self.relay.spool.add_suppressions([events_view.entry_row(entry)])
         log.info("suppression: %s added by the admin API (%s)", entry.address, entry.reason)

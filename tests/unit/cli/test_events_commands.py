@@ -52,12 +52,13 @@ def test_add_list_export_import_remove(config_file, capsys, tmp_path):
     )
     assert run(capsys, "suppression", "add", "b@example.org", "--account", "acme_trigger", "-c", config_file)[0] == 0
     code, out, _ = run(capsys, "suppression", "list", "--json", "-c", config_file)
+    assert code == 0
     listed = json.loads(out)
     assert [(e["address"], e["reason"], e["account"], e["expires_at"] is not None) for e in listed] == [
         ("a@example.org", "unsubscribe", None, True),
         ("b@example.org", "manual", "acme_trigger", False),
     ]
-    code, exported, _ = run(capsys, "suppression", "export", "-c", config_file)
+    _, exported, _ = run(capsys, "suppression", "export", "-c", config_file)
     assert exported.splitlines()[0] == "address,reason,account,expires,channels"
     assert run(capsys, "suppression", "remove", "a@example.org", "-c", config_file)[0] == 0
     assert run(capsys, "suppression", "remove", "a@example.org", "-c", config_file)[0] == 1
@@ -90,9 +91,10 @@ def test_stats_json_and_table(config_file, capsys, tmp_path):
 
     asyncio.run(seed())
     code, out, _ = run(capsys, "stats", "--since", "1d", "--group", "user", "--json", "-c", config_file)
+    assert code == 0
     (row,) = json.loads(out)["rows"]
     assert (row["user"], row["requested"], row["delivered"], row["delivered_rate"]) == ("billing", 10, 9, 0.9)
-    code, out, _ = run(capsys, "stats", "-c", config_file)
+    _, out, _ = run(capsys, "stats", "-c", config_file)
     header, line = out.splitlines()
     assert header.split()[:3] == ["period", "requested", "delivered"] and line.split()[1:3] == ["10", "9"]
     assert run(capsys, "stats", "--since", "someday", "-c", config_file)[0] == 2
