@@ -57,7 +57,8 @@ def list_lines(messages: list[QueuedMessage], now: float | None = None) -> list[
 def event_record(event: RecipientEvent) -> dict:
     """One event of a recipient's history, with SendCloud's field names; absent fields left out."""
     record = {"event": event.event, "time": event.time}
-    for key, value in (("ip", event.ip), ("url", event.url), ("subStat", event.sub_stat), ("subStatDesc", event.sub_stat_desc)):
+    fields = (("ip", event.ip), ("url", event.url), ("subStat", event.sub_stat), ("subStatDesc", event.sub_stat_desc))
+    for key, value in fields:
         if value is not None:
             record[key] = value
     return record
@@ -123,6 +124,7 @@ def show_lines(
             lines.append(f"      SendCloud status: {fate.status or '-'}")
             for e in fate.events:
                 when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
-                extra = ", ".join(f"{key} {value}" for key, value in event_record(e).items() if key not in ("event", "time"))
+                shown = event_record(e).items()
+                extra = ", ".join(f"{key} {value}" for key, value in shown if key not in ("event", "time"))
                 lines.append(f"        {when} {e.event}" + (f" ({extra})" if extra else ""))
     return lines
