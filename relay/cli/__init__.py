@@ -8,14 +8,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from relay.cli import check, dkim, domain, passwords, queue, send_test, serve
+from relay.cli import check, dkim, domain, passwords, queue, send_test, serve, stats, suppression
 from relay.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sendcloud-relay", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (serve, check, passwords, dkim, domain, queue, send_test):
+    for group in (serve, check, passwords, dkim, domain, queue, send_test, suppression, stats):
         group.register(sub)
     return parser
 

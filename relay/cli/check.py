@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from relay.cli.common import load, with_config
+from relay.ops import events_view
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -49,6 +50,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  max_message_size {config.server.max_message_size} bytes, max_recipients {config.server.max_recipients}")
     print(f"  retry {', '.join(f'{s:g}s' for s in config.spool.retry)}; max_lifetime {config.spool.max_lifetime:g}s")
     print(f"spool: {config.spool.backend} {config.spool.path}")
+    for line in events_view.config_lines(config):
+        print(line)
     return 0
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
+import time
 
 from relay.cli.common import load, with_config
 from relay.config import (
@@ -38,7 +40,10 @@ async def _queue(args: argparse.Namespace, config: Config) -> int:
             if message is None:
                 print(f"{args.id}: no such message", file=sys.stderr)
                 return 1
-            for line in queue_view.show_lines(message, config):
+            if args.json:
+                print(json.dumps(queue_view.show_record(message, time.time(), await spool.fates(args.id)), indent=2))
+                return 0
+            for line in queue_view.show_lines(message, config, fates=await spool.fates(args.id)):
                 print(line)
             return 0
         if args.action == "retry":
@@ -59,4 +64,5 @@ def register(sub) -> None:
     queue.add_argument("action", choices=["list", "show", "retry", "delete", "flush"])
     queue.add_argument("id", nargs="?")
     queue.add_argument("--all", action="store_true", help="list: include delivered and failed messages")
+    queue.add_argument("--json", action="store_true", help="show: one JSON object, SendCloud's events included")
     queue.set_defaults(func=cmd_queue)

@@ -19,6 +19,7 @@ from relay.config.schema import (
     Channel,
     Config,
     DkimKey,
+    Events,
     Listener,
     Logging,
     MessageOptions,
@@ -37,7 +38,7 @@ from relay.config.schema import (
 from relay.config.units import Rate, parse_duration, parse_rate, split_host_port
 
 __all__ = [
-    "Account", "Admin", "Channel", "Config", "ConfigError", "DkimKey", "Listener", "Logging", "MessageOptions",
+    "Account", "Admin", "Channel", "Config", "ConfigError", "DkimKey", "Events", "Listener", "Logging", "MessageOptions",
     "Rate", "Resolver", "Rule", "Server", "Spool", "TLSFiles", "TLSPolicy", "TLSRule", "Tracking", "Upstream",
     "User", "acceptor_count", "load_admin_settings", "load_config", "load_demo_config", "parse_config",
     "parse_duration", "parse_rate", "split_host_port",

@@ -25,4 +25,6 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         changed.append("spool.path")
     if old.admin.listen != new.admin.listen:
         changed.append("admin.listen")
+    if (old.events.listen, old.events.tls) != (new.events.listen, new.events.tls):
+        changed.append("events.listen")  # the receiver's socket and certificate are made at start
     return changed

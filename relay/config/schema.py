@@ -12,6 +12,7 @@ import os
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -177,6 +178,7 @@ class Upstream(_Model):
 class Account(_Model):
     api_user: str = Field(pattern=r"^[A-Za-z0-9@_-]{1,64}$")
     api_key: SecretStr | None = None
+    app_key: SecretStr | None = None  # the console's WebHook APP KEY for this API_USER; else events.app_key
     type: Channel
     domain: str
 
@@ -199,6 +201,16 @@ class Sender(_Model):
     from_local: str = Field(default="noreply", pattern=_LOCAL_PART)  # local part `rewrite` uses
 
 
+def _events_url(value: str) -> str:
+    parsed = urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("must be an http:// or https:// URL with a host")
+    return value
+
+
+EventsURL = Annotated[str, AfterValidator(_events_url)]
+
+
 class MessageOptions(_Model):
     """What a user or a rule may set for its messages; unset values are inherited (rule > user > global)."""
 
@@ -213,6 +225,14 @@ class User(MessageOptions):
     channels: dict[Channel, str] = Field(min_length=1)
     allowed_senders: list[str] = []
     rate_limit: RateLimit | None = None  # recipients accepted per period, e.g. 600/hour
+    events_url: EventsURL | None = None  # this team's events, POSTed as signed JSON (Team fan-out)
+    events_secret: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _events_url_is_signed(self) -> User:
+        if self.events_url is not None and self.events_secret is None:
+            raise ValueError("events_url needs events_secret (or events_secret_file): teams must be able to check the signature")
+        return self
 
 
 class RuleMatch(_Model):
@@ -263,6 +283,22 @@ class Admin(_Model):
     upstream_unready_after: Duration | None = 900.0  # /readyz fails once upstream fails this long
 
 
+SuppressSetting = Literal["all", "batch", "trigger", "none"]
+
+
+class Events(_Model):
+    """SendCloud's webhooks (``/webhooks/sendcloud``): the receiver, its key, what events change."""
+
+    listen: HostPort | None = None  # null: no receiver (SendCloud's servers must reach it)
+    tls: TLSFiles | None = None  # HTTPS on the receiver itself; else a reverse proxy terminates TLS
+    app_key: SecretStr | None = None  # the console's WebHook APP KEY; accounts.*.app_key overrides
+    max_age: Duration = 3600.0  # events whose timestamp is further from now are refused (403)
+    suppress: dict[Literal["invalid", "report_spam", "unsubscribe"], SuppressSetting] = {
+        "invalid": "all", "report_spam": "all", "unsubscribe": "batch",
+    }
+    retention: Duration = 30 * 86400.0  # events, message history and bodies kept this long
+
+
 class Logging(_Model):
     format: Literal["plain", "json"] = "plain"
     level: Literal["debug", "info", "warning"] = "info"
@@ -271,6 +307,7 @@ class Logging(_Model):
 
 class Config(_Model):
     server: Server
+    events: Events = Events()
     spool: Spool = Spool()
     upstream: Upstream = Upstream()
     admin: Admin = Admin()
@@ -310,6 +347,13 @@ class Config(_Model):
                 raise CrossReferenceError(
                     ("tls_rules", index, "rule"), f"{tls_rule.rule} can never be met: upstream.tls is none"
                 )
+        if self.events.listen and self.events.app_key is None and any(a.app_key is None for a in self.accounts.values()):
+            missing = ", ".join(name for name, a in self.accounts.items() if a.app_key is None)
+            raise CrossReferenceError(
+                ("events", "app_key"),
+                f"events.listen is set but no APP KEY checks the events of {missing}: set events.app_key "
+                "or accounts.*.app_key (unsigned events are never accepted)",
+            )
         for name, account in self.accounts.items():
             if account.api_key is None and self.upstream.kind == "sendcloud":
                 raise CrossReferenceError(("accounts", name), "api_key (or api_key_file) is required")

@@ -9,10 +9,11 @@ worker at a time.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from relay.config import Account, Config, Upstream
@@ -33,6 +34,7 @@ from relay.lines import header_block, header_length
 from relay.observe import metrics
 from relay.observe.health import UpstreamHealth, attempt_failed
 from relay.observe.logs import event
+from relay.policy.suppression import SuppressionCache
 from relay.rewrite.xsmtpapi import for_transaction
 from relay.routing import tls_policy
 from relay.spool import (
@@ -74,10 +76,19 @@ class _Account:
 
 
 class Scheduler:
-    def __init__(self, config: Callable[[], Config], spool: Spool, connect: Connect = open_connection):
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        spool: Spool,
+        connect: Connect = open_connection,
+        suppressions: SuppressionCache | None = None,
+        recorded: Callable[[QueuedMessage, list[RecipientUpdate]], Awaitable[None]] | None = None,
+    ):
         self._config = config
         self._spool = spool
         self._connect = connect  # tests hand in a fake upstream
+        self._suppressions = suppressions  # recipients suppressed for the routed channel fail at once
+        self._recorded = recorded  # told every recorded outcome (statistics, the teams' fan-out)
         self._accounts: dict[str, _Account] = {}
         self._retiring: list[asyncio.Task] = []  # workers finishing their last transaction
         self.upstream_health = UpstreamHealth()
@@ -251,8 +262,10 @@ class Scheduler:
         policy = RetryPolicy(tuple(config.spool.retry), config.spool.retry_jitter, config.spool.max_lifetime)
         per_transaction = config.upstream.max_recipients_per_transaction
         throttle = self.throttles[message.account]
-        updates: list[RecipientUpdate] = []
-        for chunk, key in _transactions(message, config, per_transaction):
+        updates = self._suppressed(message)
+        failed_now = {update.idx for update in updates}
+        sending = dataclasses.replace(message, recipients=[r for r in message.recipients if r.idx not in failed_now])
+        for chunk, key in _transactions(sending, config, per_transaction):
             addresses = [recipient.address for recipient in chunk]
             probe = await throttle.acquire()  # waits while SendCloud has asked the account to slow down
             started = time.monotonic()
@@ -298,6 +311,25 @@ class Scheduler:
         for bounce in bounces:
             log.info("%s: sender non-delivery notification: %s", message.id, bounce.id)
             self.submit(bounce)
+        if self._recorded is not None:
+            await self._recorded(message, updates)
+
+    def _suppressed(self, message: QueuedMessage) -> list[RecipientUpdate]:
+        """Recipients suppressed for the channel and account the message was routed to: failed
+        now with the reason (their DSN follows as for any failure), never sent upstream."""
+        if self._suppressions is None:
+            return []
+        now = time.time()
+        updates = []
+        for recipient in message.recipients:
+            reply = self._suppressions.routed_refusal(recipient.address, message.channel, message.account, now)
+            if reply is None:
+                continue
+            updates.append(RecipientUpdate(message.id, recipient.idx, State.FAILED, recipient.attempts, now, str(reply),
+                                           dsn_status=reply.enhanced))
+            metrics.delivery_result(message.user, message.account, message.channel, State.FAILED.value)
+            event(log, message.id, {"to": recipient.address, "status": "suppressed"}, str(reply))
+        return updates
 
     async def _text(self, message_id: str, head: bytes, rest: bytes, offset: int, size: int) -> AsyncIterator[bytes]:
         """The message for one transaction: its header section, then the body as spooled."""

@@ -1,9 +1,10 @@
-"""The suppression list's decisions: who is added, when an entry applies, what RCPT hears.
+"""The suppression list's maintenance: what events add, the CSV import and export.
 
 An entry names an address, why it is there and the channels it covers. Entries added from
 SendCloud's events are relay-wide (``account`` None): a recipient who reported spam through
 one team's mail is not mailed by the next team either. Operators may limit a manual entry to
-one account. The store only keeps entries; every decision is here, tested as tables.
+one account. Enforcement (when an entry applies, the 550) is in ``relay.policy.suppression``,
+below the SMTP and delivery stages that use it.
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import io
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone, tzinfo
+from datetime import datetime, timezone
 
-from relay.errors import SMTPReply
 from relay.events.status import canonical
-
-CHANNELS = frozenset({"trigger", "batch"})
+from relay.policy.suppression import CHANNELS, REASONS, Entry, normalise_address
 
 # What ``events.suppress`` values mean.
 SETTING_CHANNELS = {"all": CHANNELS, "batch": frozenset({"batch"}), "trigger": frozenset({"trigger"}), "none": frozenset()}
@@ -27,20 +26,6 @@ DEFAULT_SUPPRESS = {"invalid": "all", "report_spam": "all", "unsubscribe": "batc
 
 # Only these events add entries (whatever else the setting names): a soft bounce passes.
 SUPPRESSING_EVENTS = frozenset(DEFAULT_SUPPRESS)
-
-REASONS = ("invalid", "report_spam", "unsubscribe", "manual")
-
-
-@dataclass(frozen=True)
-class Entry:
-    address: str  # normalised (see normalise_address)
-    reason: str  # one of REASONS
-    channels: frozenset[str]
-    account: str | None  # None: relay-wide (every account of those channels)
-    added_at: float
-    expires_at: float | None = None
-    source: str | None = None  # the account whose event added it (informative; not the scope)
-
 
 def channels_for(event_name: str, suppress_setting: Mapping[str, str]) -> frozenset[str]:
     """The channels an event suppresses its recipient for, per ``events.suppress``.
@@ -67,90 +52,6 @@ def from_event(
     if not channels:
         return None
     return Entry(normalise_address(address), canonical(event_name), channels, None, at, None, account)
-
-
-def normalise_address(addr: str) -> str:
-    """The form addresses are stored and looked up in: trimmed, without ``<>``, lowercased.
-
-    The local part is lowercased too, though RFC 5321 lets it be case-sensitive: SendCloud
-    treats addresses case-insensitively, so its events may name ``Foo@x`` for mail sent to
-    ``foo@x``, and no real mailbox distinguishes the two. Erring this way can only withhold
-    mail from someone who asked not to get it. A trailing dot of the domain is dropped.
-    """
-    addr = addr.strip()
-    if addr.startswith("<") and addr.endswith(">"):
-        addr = addr[1:-1].strip()
-    local, at, domain = addr.rpartition("@")
-    if not at:
-        return addr.lower()
-    return f"{local.lower()}@{domain.lower().rstrip('.')}"
-
-
-def applies(entry: Entry, channel: str, account: str | None, now: float) -> bool:
-    """Whether ``entry`` stops mail on ``channel`` through ``account`` at ``now``.
-
-    An entry expires at ``expires_at`` (from then on it no longer applies).
-    """
-    if entry.expires_at is not None and now >= entry.expires_at:
-        return False
-    if channel not in entry.channels:
-        return False
-    return entry.account is None or entry.account == account
-
-
-def _named(entries: Iterable[Entry]) -> Entry | None:
-    """The entry a refusal names: the most recently added; ties by reason, then account.
-
-    The most recent reason is the one the sender can act on ("unsubscribed last week" rather
-    than "bounced two years ago"), and the tie-break makes the reply independent of the
-    order the store returns entries in.
-    """
-    return max(entries, key=lambda e: (e.added_at, e.reason, e.account or ""), default=None)
-
-
-def _reply(entry: Entry, address: str | None, tz: tzinfo) -> SMTPReply:
-    day = datetime.fromtimestamp(entry.added_at, tz).strftime("%Y-%m-%d")
-    return SMTPReply(550, "5.1.1", f"<{address or entry.address}>: suppressed ({entry.reason} {day})")
-
-
-def rcpt_refusal(
-    entries: Iterable[Entry],
-    user_channels: Mapping[str, str],
-    now: float,
-    address: str | None = None,
-    tz: tzinfo = timezone.utc,
-) -> SMTPReply | None:
-    """The RCPT reply when the address is suppressed for every channel the user has, else None.
-
-    ``entries`` are the address's entries, ``user_channels`` maps channel → account. The
-    channel a message takes is only known after DATA, so RCPT refuses only when no channel
-    could carry it. The reply names one of the entries that apply (see ``_named``); ``address``
-    is the address as the client wrote it (else the entry's), the date is ``tz``'s (UTC).
-    """
-    entries = list(entries)
-    if not user_channels:
-        return None
-    applying: list[Entry] = []
-    for channel, account in user_channels.items():
-        found = [entry for entry in entries if applies(entry, channel, account, now)]
-        if not found:
-            return None
-        applying.extend(found)
-    return _reply(_named(applying), address, tz)
-
-
-def routed_refusal(
-    entries: Iterable[Entry],
-    channel: str,
-    account: str,
-    now: float,
-    address: str | None = None,
-    tz: tzinfo = timezone.utc,
-) -> SMTPReply | None:
-    """The failure for a recipient suppressed for the channel and account the message was
-    routed to (after DATA: the recipient is failed at once and a DSN tells the sender)."""
-    named = _named(entry for entry in entries if applies(entry, channel, account, now))
-    return _reply(named, address, tz) if named is not None else None
 
 
 # --- CSV import and export -------------------------------------------------------------

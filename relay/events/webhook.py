@@ -260,13 +260,18 @@ def is_stale(event_time: float | None, now: float, max_age: float) -> bool:
 def dedupe_keys(event: WebhookEvent) -> tuple[str, ...]:
     """Keys under which a redelivery of this event is recognised: its token, and its
     (canonical event, emailId, timestamp). Whether SendCloud's retries keep the token is not
-    documented, hence both. A ``request`` event has no emailId: its messageId stands in
-    (else its emailIds). An empty token gives no token key.
+    documented, hence both. Without an emailId, its messageId (else its emailIds), the
+    relay's queue ID and the recipient stand in: events of two recipients of one message in
+    one millisecond, mapped by ``userHeaders``, are two events. An empty token gives no token key.
     """
     keys = []
     if event.token:
         keys.append(f"token:{event.token}")
-    subject = event.email_id or event.message_id or ",".join(event.email_ids)
+    subject = event.email_id
+    if not subject:
+        queue_id, _ = relay_ids(event)
+        parts = (event.message_id or ",".join(event.email_ids), queue_id, event.recipient_key)
+        subject = ":".join(part for part in parts if part)
     keys.append(f"event:{event.event}:{subject}:{event.timestamp_raw.strip()}")
     return tuple(keys)
 

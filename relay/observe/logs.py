@@ -183,6 +183,10 @@ def secrets_of(config: Config) -> list[str]:
     found += [key.key.get_secret_value() for key in config.dkim.values()]
     if config.admin.token is not None:
         found.append(config.admin.token.get_secret_value())
+    found += [account.app_key.get_secret_value() for account in config.accounts.values() if account.app_key]
+    found += [user.events_secret.get_secret_value() for user in config.users.values() if user.events_secret]
+    if config.events.app_key is not None:
+        found.append(config.events.app_key.get_secret_value())
     return found
 
 

@@ -183,3 +183,24 @@ def process_gone(name: str) -> None:
     """A child process exited: its open sessions no longer count (its counters still do)."""
     if _shared:
         multiprocess.mark_process_dead(name, _shared)
+
+
+# -- SendCloud's webhook events (relay/events) -----------------------------------------------
+
+EVENTS = Counter(
+    _P + "events", "SendCloud webhook events applied, by canonical event name and account", ["event", "account"]
+)
+EVENTS_UNMATCHED = Counter(
+    _P + "events_unmatched", "Signed events for a message or recipient the relay does not know", ["event"]
+)
+EVENTS_REFUSED = Counter(
+    _P + "events_refused", "Webhook requests answered 400 or 403 (unreadable, bad signature, stale)", ["reason"]
+)
+EVENTS_DUPLICATE = Counter(_P + "events_duplicate", "Webhook events received again (SendCloud's retries), not applied")
+FANOUT = Counter(_P + "fanout", "POSTs to the teams' events_url, by user and result", ["user", "result"])
+
+
+def event_applied(event: str, account: str | None, matched: bool) -> None:
+    EVENTS.labels(event, account or "").inc()
+    if not matched:
+        EVENTS_UNMATCHED.labels(event).inc()

@@ -8,6 +8,10 @@
 | ``GET /api/queue[?all=1]`` | `queue list` as JSON | if set |
 | ``GET /api/queue/ID`` | `queue show ID` as JSON | if set |
 | ``POST /api/reload`` | reload the config now; the answer says whether it was taken | if set |
+| ``GET /api/stats[?since=7d&until=DATE&by=day&group=user]`` | `stats --json` | if set |
+| ``GET /api/suppressions`` | `suppression list --json` | if set |
+| ``POST /api/suppressions`` | add: ``{"address", "reason"?, "account"?, "expires"?}`` | if set |
+| ``DELETE /api/suppressions/ADDRESS[?account=A]`` | remove (every entry of the address without account) | if set |
 
 It runs on the relay's own event loop, so a wedged loop fails ``/healthz`` as it should.
 The probes never need the token, so Kubernetes and Docker can call them without a secret;
@@ -28,7 +32,8 @@ from aiohttp import web
 from relay.config import Config, split_host_port
 from relay.observe import metrics
 from relay.observe.health import readiness_problems
-from relay.ops import queue_view
+from relay.ops import events_view, queue_view
+from relay.policy.suppression import normalise_address
 from relay.spool import Spool
 
 log = logging.getLogger("relay.admin")
@@ -64,6 +69,10 @@ class AdminServer:
         app.router.add_get("/api/queue", self.queue_list)
         app.router.add_get("/api/queue/{id}", self.queue_show)
         app.router.add_post("/api/reload", self.reload)
+        app.router.add_get("/api/stats", self.stats)
+        app.router.add_get("/api/suppressions", self.suppressions)
+        app.router.add_post("/api/suppressions", self.suppression_add)
+        app.router.add_delete("/api/suppressions/{address}", self.suppression_remove)
         return app
 
     async def start(self, listen: str) -> None:
@@ -156,10 +165,50 @@ class AdminServer:
         message = await self.relay.spool.get(request.match_info["id"])
         if message is None:
             return web.json_response({"error": "no such message"}, status=404)
-        return web.json_response(queue_view.show_record(message, time.time()))
+        fates = await self.relay.spool.fates(message.id)
+        return web.json_response(queue_view.show_record(message, time.time(), fates))
 
     async def reload(self, request: web.Request) -> web.Response:
         error, restart_needed = await self.relay.reload()
         if error is not None:
             return web.json_response({"reloaded": False, "error": error}, status=422)
         return web.json_response({"reloaded": True, "restart_needed": restart_needed})
+
+    # -- statistics and the suppression list (the same queries as `stats` and `suppression`) --
+
+    async def stats(self, request: web.Request) -> web.Response:
+        query = request.query
+        try:
+            rows = await events_view.stats_rows(self.relay.spool, query.get("since", "7d"), query.get("until"),
+                                                query.get("by", "day"), query.get("group"), time.time())
+        except ValueError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        return web.json_response({"rows": rows})
+
+    async def suppressions(self, request: web.Request) -> web.Response:
+        found = await events_view.entries(self.relay.spool, time.time())
+        return web.json_response([events_view.entry_record(entry) for entry in found])
+
+    async def suppression_add(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("address"), str):
+            return web.json_response({"error": 'a JSON object with "address" is required'}, status=400)
+        try:
+            entry = events_view.manual_entry(body["address"], body.get("reason"), body.get("account"),
+                                             body.get("expires"), time.time())
+        except ValueError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        await self.relay.spool.add_suppressions([events_view.entry_row(entry)])
+        log.info("suppression: %s added by the admin API (%s)", entry.address, entry.reason)
+        return web.json_response(events_view.entry_record(entry), status=201)
+
+    async def suppression_remove(self, request: web.Request) -> web.Response:
+        address = normalise_address(request.match_info["address"])
+        removed = await self.relay.spool.remove_suppression(address, request.query.get("account") or None)
+        if not removed:
+            return web.json_response({"error": "no such entry"}, status=404)
+        log.info("suppression: %s removed by the admin API (%d entries)", address, removed)
+        return web.json_response({"removed": removed})

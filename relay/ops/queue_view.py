@@ -8,9 +8,11 @@ as data, and :func:`list_lines` prints those records.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 from relay.config import Config
 from relay.spool import QueuedMessage, State
+from relay.spool.events_model import Fate, RecipientEvent
 
 
 def format_age(seconds: float) -> str:
@@ -52,8 +54,20 @@ def list_lines(messages: list[QueuedMessage], now: float | None = None) -> list[
     return lines
 
 
-def show_record(message: QueuedMessage, now: float) -> dict:
-    """`queue show` as data (``/api/queue/ID``): the message and every recipient's state."""
+def event_record(event: RecipientEvent) -> dict:
+    """One event of a recipient's history, with SendCloud's field names; absent fields left out."""
+    record = {"event": event.event, "time": event.time}
+    fields = (("ip", event.ip), ("url", event.url), ("subStat", event.sub_stat), ("subStatDesc", event.sub_stat_desc))
+    for key, value in fields:
+        if value is not None:
+            record[key] = value
+    return record
+
+
+def show_record(message: QueuedMessage, now: float, fates: Mapping[int, Fate] | None = None) -> dict:
+    """`queue show --json` (``/api/queue/ID``): the message, every recipient's state and, from
+    ``fates``, SendCloud's status (None until an event says) and every event."""
+    fates = fates or {}
     record = list_record(message, now) | {
         "listener": message.listener,
         "client": message.client,
@@ -68,14 +82,19 @@ def show_record(message: QueuedMessage, now: float) -> dict:
             "next_attempt": r.next_attempt if not r.state.final else None,
             "last_reply": r.last_reply,
             "email_id": r.email_id,
+            "status": fates[r.idx].status if r.idx in fates else None,
+            "events": [event_record(e) for e in fates[r.idx].events] if r.idx in fates else [],
         }
         for r in message.recipients
     ]
     return record
 
 
-def show_lines(message: QueuedMessage, config: Config | None, now: float | None = None) -> list[str]:
+def show_lines(
+    message: QueuedMessage, config: Config | None, now: float | None = None, fates: Mapping[int, Fate] | None = None
+) -> list[str]:
     now = time.time() if now is None else now
+    fates = fates or {}
     account = config.accounts.get(message.account) if config else None
     api_user = f" (api_user {account.api_user})" if account else ""
     lines = [
@@ -100,4 +119,12 @@ def show_lines(message: QueuedMessage, config: Config | None, now: float | None 
             lines.append(f"      last reply: {r.last_reply}")
         if r.email_id:
             lines.append(f"      SendCloud emailId: {r.email_id}")
+        fate = fates.get(r.idx)
+        if fate is not None:
+            lines.append(f"      SendCloud status: {fate.status or '-'}")
+            for e in fate.events:
+                when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.time))
+                shown = event_record(e).items()
+                extra = ", ".join(f"{key} {value}" for key, value in shown if key not in ("event", "time"))
+                lines.append(f"        {when} {e.event}" + (f" ({extra})" if extra else ""))
     return lines

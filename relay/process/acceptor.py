@@ -21,6 +21,7 @@ from relay.observe import logs
 from relay.policy.anvil import LimitsUnavailable
 from relay.policy.auth import Authenticator
 from relay.policy.rates import PersistentRates
+from relay.policy.suppression import SuppressionCache
 from relay.process.ipc import (
     FRAME_HEADER,
     READY,
@@ -37,6 +38,7 @@ from relay.smtp.session import Services
 from relay.spool import (
     NewMessage,
     rate_store,
+    suppression_reader,
     use_queue_id_partition,
 )
 from relay.tls import ServerTLS, server_context
@@ -194,6 +196,8 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
     spool = SpoolClient(reader, writer, reconfigure, lambda answer: limits.answered(answer))
     limits = RemoteLimits(writer, spool.closed)  # questions are asked (and answered) only from now on
     preparer = Preparer()
+    listed = suppression_reader(config.spool)  # read from the spool's file, as the rates are
+    suppressions = SuppressionCache(listed.suppression_version, listed.suppressions)
     services = Services(
         config=lambda: current,
         intake=spool.store,  # the main process hands each message it stores to its scheduler
@@ -201,9 +205,11 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
         preparer=preparer,
         limits=limits,
         rates=rates,
+        suppressions=suppressions,
     )
     listeners = ListenerGroup(services, tls.context if tls else None)
     await rates.start()
+    suppressions.start()
     await listeners.start(listening)
     write_frame(writer, READY)
     stop = asyncio.Event()
@@ -217,6 +223,8 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
         limits.close()
     await listeners.stop(0 if gone.done() else current.server.shutdown_grace)
     await rates.stop()
+    await suppressions.stop()
+    await listed.close()
     writer.close()
     await asyncio.to_thread(preparer.close)
 

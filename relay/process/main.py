@@ -30,11 +30,13 @@ from relay.config import (
 )
 from relay.config.diff import restart_needed
 from relay.delivery.scheduler import Scheduler, upstream_tls
+from relay.events.service import EventsService
 from relay.observe import logs, metrics
 from relay.ops.http import AdminBackend, AdminServer
 from relay.policy.anvil import LocalLimits
 from relay.policy.auth import Authenticator
 from relay.policy.rates import PersistentRates
+from relay.policy.suppression import SuppressionCache
 from relay.process.supervisor import AcceptorPool
 from relay.rewrite.pipeline import Preparer
 from relay.smtp.listeners import ListenerGroup
@@ -52,7 +54,10 @@ class Relay:
         self._verbose = verbose
         self.stopping = False
         self.spool = open_spool(config.spool)
-        self.scheduler = Scheduler(lambda: self.config, self.spool)
+        self.suppressions = SuppressionCache(self.spool.suppression_version, self.spool.suppressions)
+        self.events = EventsService(lambda: self.config, self.spool)
+        self.scheduler = Scheduler(lambda: self.config, self.spool, suppressions=self.suppressions,
+                                   recorded=self.events.recorded)
         self.preparer = Preparer()
         self.rates = PersistentRates(rate_store(config.spool))
         self.limits = LocalLimits(lambda: self.config)  # the one table, asked by acceptors too
@@ -66,6 +71,7 @@ class Relay:
             preparer=self.preparer,
             limits=self.limits,
             rates=self.rates,
+            suppressions=self.suppressions,
         )
         self.tls = ServerTLS(config.server.tls, config.server.hostname) if config.server.tls else None
         acceptors = acceptor_count(config)
@@ -91,11 +97,14 @@ class Relay:
     async def start(self) -> None:
         async with self._reload_lock:  # a SIGHUP while starting reloads once everything runs
             await self.spool.open()
+            await self.suppressions.refresh()  # the list as it is before the first RCPT
+            self.suppressions.start()
             await self.rates.start()
             await self.scheduler.start()
             await self.listeners.start()
             if self.config.admin.listen:
                 await self.admin.start(self.config.admin.listen)
+            await self.events.start()  # the webhook receiver only with events.listen
         pending = await self.spool.counts()
         loop_module = type(asyncio.get_running_loop()).__module__
         log.info(
@@ -139,6 +148,8 @@ class Relay:
         log.info("shutting down: no new connections, sessions in a transaction get %.0fs", grace)
         await self.listeners.stop(grace)
         await self.scheduler.stop(grace)
+        await self.events.stop()
+        await self.suppressions.stop()
         await asyncio.to_thread(self.preparer.close)
         await self.rates.stop()
         await self.spool.close()

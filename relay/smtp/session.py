@@ -38,6 +38,7 @@ from relay.policy.checks import (
     rate_budgets,
 )
 from relay.policy.rates import PersistentRates
+from relay.policy.suppression import SuppressionCache
 from relay.rewrite.pipeline import Preparer, Submission
 from relay.smtp.protocol import RelaySMTP, hook_names
 from relay.smtp.sasl import SASLMechanisms
@@ -58,6 +59,7 @@ class Services:
     limits: SharedLimits  # connection counts and AUTH failures: one table per relay (relay.policy.anvil)
     rates: PersistentRates  # shared with other processes through the spool database
     preparer: Preparer
+    suppressions: SuppressionCache | None = None  # the suppression list, refreshed in the background
 
 
 
@@ -172,6 +174,7 @@ class ListenerHandler(SASLMechanisms):
         refusal = (
             check_relay(user, address)
             or check_recipient(address, len(envelope.rcpt_tos), config.server.max_recipients)
+            or self._suppressed(config, user, address)
             or self._over_rate(rate_budgets(config, user, server.client_ip), len(envelope.rcpt_tos) + 1)
         )
         if refusal:
@@ -249,6 +252,13 @@ class ListenerHandler(SASLMechanisms):
             "account": route.account, "rule": route.rule, "label": message.label, "status": "queued",
         })
         return f"250 2.0.0 Ok: queued as {message.id}"
+
+    def _suppressed(self, config: Config, user: str | None, address: str) -> SMTPReply | None:
+        """550 when the address is suppressed for every channel the user has (from the cache: no I/O)."""
+        cache = self.services.suppressions
+        if cache is None or user is None or user not in config.users:
+            return None
+        return cache.rcpt_refusal(address, config.users[user].channels)
 
     # -- rate limits: checked at RCPT, charged at DATA before spooling, given back if that fails
 

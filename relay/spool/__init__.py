@@ -28,6 +28,7 @@ from relay.spool.model import (
 __all__ = [
     "BodyGone", "FileRegion", "NewMessage", "Piece", "QueuedMessage", "RateStore", "Recipient", "RecipientUpdate",
     "Spool", "State", "WindowKey", "is_eight_bit", "new_queue_id", "open_spool", "piece_chunks", "rate_store",
+    "suppression_reader",
     "use_queue_id_partition",
 ]
 
@@ -47,4 +48,13 @@ def rate_store(settings: SpoolSettings) -> RateStore:
         from relay.spool.sqlite import SqliteRateStore
 
         return SqliteRateStore(settings.path)
+    raise ValueError(f"spool.backend {settings.backend!r} is not supported")
+
+
+def suppression_reader(settings: SpoolSettings):
+    """The suppression list of the spool, read on a connection of its own (for acceptor processes)."""
+    if settings.backend == "sqlite":
+        from relay.spool.sqlite_events import SqliteSuppressionReader
+
+        return SqliteSuppressionReader(settings.path)
     raise ValueError(f"spool.backend {settings.backend!r} is not supported")

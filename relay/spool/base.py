@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Protocol
 
+from relay.spool.events_base import EventStore
 from relay.spool.model import NewMessage, QueuedMessage, RecipientUpdate
 
 WindowKey = tuple[str, float, int]  # a rate window: (counter key, period in seconds, window number)
@@ -24,7 +25,7 @@ class BodyGone(Exception):
     """The message was deleted (``queue delete``) while its body was being read."""
 
 
-class Spool(Protocol):
+class Spool(EventStore, Protocol):
     """A durable queue: a write returns only once it is committed (fsynced)."""
 
     commits: int  # durable commits so far (each an fsync for SQLite): what bench/ divides by messages

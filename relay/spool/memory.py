@@ -24,6 +24,7 @@ from typing import Any
 
 from relay.lines import header_length
 from relay.spool.base import BodyGone
+from relay.spool.memory_events import MemoryEvents
 from relay.spool.model import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, piece_chunks
 
 _CHUNK = 256 * 1024  # bodies are read in pieces of this size, as SqliteSpool's blobs
@@ -37,10 +38,11 @@ class _Entry:
     recipients: list[Recipient]  # by idx
 
 
-class MemorySpool:
+class MemorySpool(MemoryEvents):
     """:class:`~relay.spool.base.Spool` in memory (no threads, nothing survives the object)."""
 
     def __init__(self) -> None:
+        super().__init__()  # the event tables (relay/spool/memory_events.py)
         self.commits = 0
         self.operations = 0
         self.fail_writes: Exception | None = None  # set by a test: every write raises it, nothing changes

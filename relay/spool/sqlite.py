@@ -35,6 +35,7 @@ from relay.spool.model import (
     is_eight_bit,
     piece_chunks,
 )
+from relay.spool.sqlite_events import SqliteEvents, create_schema
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -86,6 +87,7 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
     conn.executescript(_SCHEMA)
+    create_schema(conn)  # events, statistics, suppressions, fan-out (relay/spool/sqlite_events.py)
     present = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
     for column, (kind, existing) in _ADDED_COLUMNS.items():
         if column not in present:
@@ -294,7 +296,7 @@ def _recipient(row: tuple) -> Recipient:
 _STOP = object()
 
 
-class SqliteSpool:
+class SqliteSpool(SqliteEvents):
     """Async face of the spool for the server: group-committed writes, threaded reads."""
 
     def __init__(self, path: Path):

@@ -343,6 +343,15 @@ def test_different_events_share_no_key(changes):
     assert not set(dedupe_keys(to_event(deliver_fields()))) & set(dedupe_keys(to_event(deliver_fields(**changes))))
 
 
+def test_events_without_email_id_of_two_recipients_in_one_millisecond_share_no_key():
+    def mapped_by_headers(recipient: str):
+        headers = '{"SC-Custom-Relay-Id": "3ZK7Q9M2XD4HWT"}'
+        return to_event({"event": "open", "recipient": recipient, "userHeaders": headers, "timestamp": "1", "token": ""})
+
+    assert dedupe_keys(mapped_by_headers("a@x.org")) == ("event:open:3ZK7Q9M2XD4HWT:a@x.org:1",)
+    assert not set(dedupe_keys(mapped_by_headers("a@x.org"))) & set(dedupe_keys(mapped_by_headers("b@x.org")))
+
+
 def test_dedupe_keys_of_a_request_use_its_message_id_and_skip_an_empty_token():
     fields = {"event": "request", "messageId": "m", "emailIds": "m0$a@x.org", "timestamp": "1"}
     assert dedupe_keys(to_event(fields)) == ("event:request:m:1",)

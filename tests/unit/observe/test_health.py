@@ -58,6 +58,10 @@ RELOADS = {
     "admin_listen": ("upstream: {kind: capture}", "admin: {listen: '127.0.0.1:9025'}\nupstream: {kind: capture}",
                      ["admin.listen"]),
     "admin_token_applies": ("upstream: {kind: capture}", "admin: {token: abcdef}\nupstream: {kind: capture}", []),
+    "events_listen": ("upstream: {kind: capture}", "events: {listen: '127.0.0.1:8026', app_key: k}\nupstream: {kind: capture}",
+                      ["events.listen"]),
+    "events_suppress_applies": ("upstream: {kind: capture}", "events: {suppress: {unsubscribe: all}}\nupstream: {kind: capture}",
+                                []),
 }
 
 

@@ -163,5 +163,6 @@ def test_show_record_has_every_recipient():
     assert record["client"] == "10.20.0.5" and record["sender"] == "billing@acme.com" and record["size"] == 1234
     delivered, deferred = record["recipients"]
     assert delivered == {"address": "r0@example.org", "state": "delivered", "attempts": 1, "next_attempt": None,
-                         "last_reply": "250 #mid#Queued", "email_id": "mid0$r0@example.org"}
+                         "last_reply": "250 #mid#Queued", "email_id": "mid0$r0@example.org",
+                         "status": None, "events": []}
     assert deferred["next_attempt"] == NOW + 300 and deferred["last_reply"] == "451 4.7.1 greylisted"

@@ -1,0 +1,80 @@
+"""The events stage as the process runs it: receiver, applier, fan-out and retention together."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from relay.config import Config
+from relay.events.applier import Applier, failed_outbox, requested_rows
+from relay.events.fanout_worker import FanoutWorker
+from relay.events.receiver import Receiver
+from relay.spool import QueuedMessage, RecipientUpdate, Spool, State
+from relay.tls import server_context
+
+log = logging.getLogger("relay.events")
+
+_PRUNE_EVERY = 3600.0
+_PRUNE_BATCH = 1000  # events deleted per write: the spool writer is never held for long
+
+
+class EventsService:
+    def __init__(self, config: Callable[[], Config], spool: Spool):
+        self._config = config
+        self._spool = spool
+        self.applier = Applier(config, spool)
+        self.receiver = Receiver(config, spool, self.applier)
+        self.fanout = FanoutWorker(config, spool)
+        self._pruner: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """The applier and fan-out always run (outbox rows and unapplied events may wait from
+        before); the receiver only when ``events.listen`` is set."""
+        config = self._config()
+        await self.applier.start()
+        await self.fanout.start()
+        self._pruner = asyncio.create_task(self._prune(), name="events-retention")
+        if config.events.listen:
+            tls = None
+            if config.events.tls is not None:
+                tls = await asyncio.to_thread(server_context, config.events.tls, config.server.hostname)
+            await self.receiver.start(config.events.listen, tls)
+
+    async def stop(self) -> None:
+        await self.receiver.stop()
+        if self._pruner is not None:
+            self._pruner.cancel()
+            await asyncio.gather(self._pruner, return_exceptions=True)
+        await self.applier.stop()
+        await self.fanout.stop()
+
+    async def recorded(self, message: QueuedMessage, updates: list[RecipientUpdate]) -> None:
+        """After delivery recorded outcomes: count ``requested`` for the recipients SendCloud
+        accepted at the final dot, and tell the team of those the relay failed. Never raises:
+        the outcomes are already durable, and a lost count must not look like a failed delivery."""
+        now = time.time()
+        by_idx = {recipient.idx: recipient.address for recipient in message.recipients}
+        accepted = [by_idx[u.idx] for u in updates if u.state is State.DELIVERED and u.idx in by_idx]
+        failed = [row for row in (failed_outbox(self._config(), message, u, now) for u in updates) if row is not None]
+        try:
+            if accepted:
+                rows = requested_rows(message.user, message.account, message.channel, message.label, accepted, now)
+                await self._spool.add_stats(rows)
+            if failed:
+                await self._spool.enqueue_fanout(failed)
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("%s: could not count or fan out %d outcome(s)", message.id, len(updates))
+
+    async def _prune(self) -> None:
+        while True:
+            try:
+                older_than = time.time() - self._config().events.retention
+                while await self._spool.prune_events(older_than, _PRUNE_BATCH) == _PRUNE_BATCH:
+                    await asyncio.sleep(0.1)  # let mail and events through between batches
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - retried at the next sweep
+                log.exception("pruning old events failed")
+            await asyncio.sleep(_PRUNE_EVERY)
