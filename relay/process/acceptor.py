@@ -72,13 +72,14 @@ class SpoolClient:
         if self.closed.is_set():
             raise SpoolUnreachable("main process gone")
         self._sequence += 1
+        sequence = self._sequence  # this message's own: other sessions store while this one awaits
         future = asyncio.get_running_loop().create_future()
-        self._waiting[self._sequence] = future
+        self._waiting[sequence] = future
         try:
             # Shielded: a session cancelled mid-body must not leave the main process a partial one.
-            await asyncio.shield(write_message(self._writer, self._sequence, message))
+            await asyncio.shield(write_message(self._writer, sequence, message))
         except ConnectionError as error:
-            self._waiting.pop(self._sequence, None)
+            self._waiting.pop(sequence, None)
             raise SpoolUnreachable(f"main process gone: {error}") from None
         await future
 
