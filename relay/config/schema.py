@@ -20,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationInfo,
     model_validator,
 )
 
@@ -283,7 +284,7 @@ class Config(_Model):
     resolver: Resolver = Resolver()
 
     @model_validator(mode="after")
-    def _references_resolve(self) -> Config:
+    def _references_resolve(self, info: ValidationInfo) -> Config:
         for name, user in self.users.items():
             for channel, account_name in user.channels.items():
                 account = self.accounts.get(account_name)
@@ -309,7 +310,9 @@ class Config(_Model):
                     ("tls_rules", index, "rule"), f"{tls_rule.rule} can never be met: upstream.tls is none"
                 )
         for name, account in self.accounts.items():
-            if account.api_key is None and self.upstream.kind == "sendcloud":
+            # An acceptor process's config has its api_keys withheld (relay.process.ipc).
+            withheld = bool(info.context and info.context.get("secrets_withheld"))
+            if account.api_key is None and self.upstream.kind == "sendcloud" and not withheld:
                 raise CrossReferenceError(("accounts", name), "api_key (or api_key_file) is required")
             if (
                 account.api_key is not None

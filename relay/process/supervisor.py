@@ -15,11 +15,12 @@ to one ``cleanup``/``qmgr`` side. This is the same shape:
   only then answers; the acceptor says ``250`` after that answer. Any failure of that path is
   an exception in ``store``, so the listener answers ``451 4.3.0`` as for a local spool error.
 
-Frames on the socketpair are an 8-byte header (metadata length, data length) then a pickle
-of the metadata, then the data bytes (sent without re-encoding). Pickle is safe here: both
-ends are this program, and the socketpair is reachable by nobody else. The main process's
-first frame is the config, and a reload sends the new one the same way, so every process
-runs the config the main process validated. A message goes as :class:`BodyPiece` frames of
+Frames on the socketpair are an 8-byte header (metadata length, data length) then the
+metadata as JSON, then the data bytes (sent without re-encoding): never pickle, so an
+acceptor taken over from the internet cannot run code in the main process
+(:mod:`relay.process.ipc`). The main process's first frame is the config without the
+upstream secrets (no ``api_key``, no admin token), and a reload sends the new one the same
+way, so every process runs the config the main process validated. A message goes as :class:`BodyPiece` frames of
 at most 256 KB, the acceptor waiting for the socket to drain after each, then one frame
 with the message without its body: the main process keeps the pieces as they come and the
 spool writes them as pieces, so a 10 MB message is never a second whole copy on either
@@ -70,8 +71,11 @@ from relay.process.ipc import (
     READY,
     TOLD_METHODS,
     BodyPiece,
+    FrameError,
     LimitsAnswer,
     LimitsCall,
+    MessageFrame,
+    Stored,
     read_frame,
     write_frame,
 )
@@ -217,6 +221,9 @@ class AcceptorPool:
                     frame, data = await read_frame(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
+                except FrameError as error:  # not this program at the other end any more
+                    log.error("acceptor %d: closing its link: %s", index, error)
+                    return
                 if isinstance(frame, BodyPiece):
                     if frame.sequence not in bodies:
                         bodies[frame.sequence] = ReceivedBody(self._spill_directory)
@@ -225,8 +232,13 @@ class AcceptorPool:
                 if isinstance(frame, LimitsCall):
                     await self._answer(index, writer, frame)
                     continue
-                sequence, message = frame  # no local may keep the body: it would live until the next message
-                task = asyncio.create_task(self._store(writer, sequence, message, bodies.pop(sequence, None)))
+                if not isinstance(frame, MessageFrame):
+                    log.error("acceptor %d: closing its link: unexpected %s frame", index, type(frame).__name__)
+                    return
+                # no local may keep the body: it would live until the next message
+                task = asyncio.create_task(
+                    self._store(writer, frame.sequence, frame.message, bodies.pop(frame.sequence, None))
+                )
                 pending.add(task)
                 task.add_done_callback(pending.discard)
         finally:
@@ -257,9 +269,9 @@ class AcceptorPool:
             await self._intake(message)
         except Exception as error:  # noqa: BLE001 - the acceptor answers 451 and logs it
             log.exception("%s: could not spool message from an acceptor", message.id)
-            reply = (sequence, f"{type(error).__name__}: {error}")
+            reply = Stored(sequence, f"{type(error).__name__}: {error}")
         else:
-            reply = (sequence, None)
+            reply = Stored(sequence, None)
         finally:
             if body is not None:
                 body.close()
