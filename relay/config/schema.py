@@ -27,6 +27,9 @@ from pydantic import (
 from relay.config.formats import is_supported_hash, key_algorithm
 from relay.config.units import Duration, HostPort, RateLimit, Size
 
+# Validation context key: the config was loaded or sent without the upstream secrets.
+SECRETS_WITHHELD = "secrets_withheld"
+
 Channel = Literal["trigger", "batch"]
 SenderMode = Literal["align", "rewrite", "keep"]
 TLSPolicy = Literal["may", "encrypt", "verify"]
@@ -310,8 +313,8 @@ class Config(_Model):
                     ("tls_rules", index, "rule"), f"{tls_rule.rule} can never be met: upstream.tls is none"
                 )
         for name, account in self.accounts.items():
-            # An acceptor process's config has its api_keys withheld (relay.process.ipc).
-            withheld = bool(info.context and info.context.get("secrets_withheld"))
+            # Withheld: an acceptor process's config (relay.process.ipc), a read-only command's.
+            withheld = bool(info.context and info.context.get(SECRETS_WITHHELD))
             if account.api_key is None and self.upstream.kind == "sendcloud" and not withheld:
                 raise CrossReferenceError(("accounts", name), "api_key (or api_key_file) is required")
             if (

@@ -5,7 +5,7 @@
 | ``GET /healthz`` | 200 while the process and its event loop answer (liveness) | never |
 | ``GET /readyz`` | 200, or 503 with the reasons: spool write, workers, upstream (readiness) | never |
 | ``GET /metrics`` | Prometheus text format | if set |
-| ``GET /api/queue[?all=1]`` | `queue list` as JSON | if set |
+| ``GET /api/queue[?all=1&user=&to=&state=&since=&limit=&after=]`` | `queue list --json`, paged | if set |
 | ``GET /api/queue/ID`` | `queue show ID` as JSON | if set |
 | ``POST /api/reload`` | reload the config now; the answer says whether it was taken | if set |
 
@@ -19,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -35,6 +38,7 @@ log = logging.getLogger("relay.admin")
 
 _PROBE_TIMEOUT = 5.0  # a spool write slower than this counts as failing
 _PROBE_REUSE = 1.0  # seconds a spool probe's result answers further /readyz calls
+_QUEUE_PAGE = 1000  # /api/queue without a limit: one page, and the cursor to the next
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class AdminBackend:
     dead_workers: Callable[[], list[str]]  # delivery tasks that ended while they should run
     failing_since: Callable[[], Mapping[str, float]]  # per account: since when the upstream fails
     reload: Callable[[], Awaitable[tuple[str | None, list[str]]]]  # (why refused, or None; restart needed)
+    config_path: Path | None = None  # the file reloads read (None: the embedded demo)
 
 
 class AdminServer:
@@ -147,10 +152,21 @@ class AdminServer:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def queue_list(self, request: web.Request) -> web.Response:
-        include_final = request.query.get("all", "") not in ("", "0", "false", "no")
-        messages = await self.relay.spool.list(include_final)
+        """`queue list --json`: the same filters as query parameters, a page of at most ``limit``."""
+        parameters = request.query
         now = time.time()
-        return web.json_response({"messages": [queue_view.list_record(m, now) for m in messages], "count": len(messages)})
+        try:
+            query = queue_view.list_query(
+                include_final=parameters.get("all", "") not in ("", "0", "false", "no"),
+                user=parameters.get("user"), to=parameters.get("to"), state=parameters.get("state"),
+                since=parameters.get("since"), after=parameters.get("after"),
+                limit=parameters.get("limit", _QUEUE_PAGE), now=now,
+            )
+        except ValueError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        messages, more_after = queue_view.page(await self.relay.spool.list(query), query)
+        return web.json_response({"messages": [queue_view.list_record(m, now) for m in messages],
+                                  "count": len(messages), "next_after": more_after})
 
     async def queue_show(self, request: web.Request) -> web.Response:
         message = await self.relay.spool.get(request.match_info["id"])
@@ -160,6 +176,9 @@ class AdminServer:
 
     async def reload(self, request: web.Request) -> web.Response:
         error, restart_needed = await self.relay.reload()
+        # Which relay this is, so `sendcloud-relay reload` can say whether it reached the one meant.
+        identity = {"hostname": socket.gethostname(), "pid": os.getpid(),
+                    "config": str(self.relay.config_path) if self.relay.config_path else None}
         if error is not None:
-            return web.json_response({"reloaded": False, "error": error}, status=422)
-        return web.json_response({"reloaded": True, "restart_needed": restart_needed})
+            return web.json_response({"reloaded": False, "error": error} | identity, status=422)
+        return web.json_response({"reloaded": True, "restart_needed": restart_needed} | identity)

@@ -22,6 +22,7 @@ import struct
 from pydantic import ValidationError
 
 from relay.config import Config
+from relay.config.schema import SECRETS_WITHHELD
 from relay.errors import SMTPReply
 from relay.policy.anvil import LimitsUnavailable
 from relay.spool import (
@@ -91,7 +92,6 @@ TOLD_METHODS = frozenset({"release", "auth_succeeded"})
 PER_CONNECTION_METHODS = frozenset({"admit", "admit_address", "release"})  # first argument: a connection key
 
 _MESSAGE_FIELDS = {field.name: field for field in dataclasses.fields(NewMessage) if field.name != "body"}
-_WITHHELD = {"secrets_withheld": True}  # validation context: the config of an acceptor
 
 
 # -- the config an acceptor runs ----------------------------------------------------------------
@@ -111,7 +111,7 @@ def acceptor_config_data(config: Config) -> dict:
 def acceptor_config(data: object) -> Config:
     """The config :func:`acceptor_config_data` sent, validated as any config is."""
     try:
-        return Config.model_validate(data, context=_WITHHELD)
+        return Config.model_validate(data, context={SECRETS_WITHHELD: True})
     except ValidationError as error:
         raise FrameError(f"config frame: {error.error_count()} invalid value(s)") from None
 

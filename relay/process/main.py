@@ -46,7 +46,8 @@ log = logging.getLogger("relay")
 
 
 class Relay:
-    def __init__(self, config: Config, load: Callable[[], Config] = load_demo_config, verbose: bool = False):
+    def __init__(self, config: Config, load: Callable[[], Config] = load_demo_config, verbose: bool = False,
+                 config_path: Path | None = None):
         self.config = config
         self._load = load
         self._verbose = verbose
@@ -80,6 +81,7 @@ class Relay:
             dead_workers=self.scheduler.dead_workers,
             failing_since=lambda: self.scheduler.upstream_health.failing_since,
             reload=self.reload,
+            config_path=config_path.resolve() if config_path else None,
         ))
         self._reload_lock = asyncio.Lock()
 
@@ -160,7 +162,7 @@ def _loading(key: str, what: str, make: Callable, *args):
 async def serve(config: Config, config_path: Path | None = None, verbose: bool = False) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config."""
     load = (lambda: load_config(config_path)) if config_path else load_demo_config
-    relay = Relay(config, load, verbose)
+    relay = Relay(config, load, verbose, config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task] = set()

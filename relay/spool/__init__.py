@@ -10,7 +10,7 @@ package names a backend.
 from __future__ import annotations
 
 from relay.config import Spool as SpoolSettings
-from relay.spool.base import BodyGone, RateStore, Spool, WindowKey
+from relay.spool.base import BodyGone, ListQuery, RateStore, Spool, WindowKey
 from relay.spool.model import (
     FileRegion,
     NewMessage,
@@ -26,7 +26,7 @@ from relay.spool.model import (
 )
 
 __all__ = [
-    "BodyGone", "FileRegion", "NewMessage", "Piece", "QueuedMessage", "RateStore", "Recipient", "RecipientUpdate",
+    "BodyGone", "FileRegion", "ListQuery", "NewMessage", "Piece", "QueuedMessage", "RateStore", "Recipient", "RecipientUpdate",
     "Spool", "State", "WindowKey", "is_eight_bit", "new_queue_id", "open_spool", "piece_chunks", "rate_store",
     "use_queue_id_partition",
 ]
