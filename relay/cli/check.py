@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from relay.cli.common import load, with_config
+from relay.cli.common import config_path, load, with_config
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load(args)
-    print(f"config {args.config or '<embedded demo>'}: ok\n")
+    print(f"config {config_path(args)}: ok\n")
     print("listeners:")
     for listener in config.server.listeners:
         print(f"  {listener.name:<12} {listener.bind}:{listener.port:<5} tls={listener.tls:<8} auth={listener.auth}"

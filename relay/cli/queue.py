@@ -1,8 +1,8 @@
 """`queue list / show / retry / delete / flush`: the spool, through the same Spool protocol the relay uses.
 
-`list` and `show` only read: they load the config without its secrets, so they work on a host
-(or in a shell) where ``${SC_KEY}`` and the key files are not there. Every action refuses a
-spool that does not exist rather than creating an empty one.
+No action uses a secret, so the config is loaded without them: `queue` works on a host (or
+in a shell) where ``${SC_KEY}`` and the key files are not there. Every action refuses a spool
+that does not exist rather than creating an empty one.
 """
 
 from __future__ import annotations
@@ -18,11 +18,8 @@ from relay.config import Config
 from relay.ops import queue_view
 from relay.spool import State, open_spool
 
-_READ_ONLY = frozenset({"list", "show"})
-
-
 def cmd_queue(args: argparse.Namespace) -> int:
-    config = load(args, secrets=args.action not in _READ_ONLY)
+    config = load(args, secrets=False)
     if config.spool.backend == "sqlite" and not config.spool.path.exists():
         print(f"no spool at {config.spool.path} (spool.path): nothing was ever queued here, or the "
               "config is not the relay's", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,9 @@ from tests.support.relay import REPO, wait_for_port, wait_until
 
 
 def run(*args: str, cwd: Path, input: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The command in a fresh process; ``env`` replaces the environment, except where this code comes from."""
+    if env is not None and "PYTHONPATH" in os.environ:
+        env = env | {"PYTHONPATH": os.environ["PYTHONPATH"]}
     return subprocess.run(
         [sys.executable, "-m", "relay", *args], cwd=cwd, input=input, capture_output=True, text=True, timeout=60, env=env
     )
@@ -77,3 +81,82 @@ def test_demo_starts_with_no_config_and_captures_mail(tmp_path):
     finally:
         process.terminate()
         assert process.wait(30) == 0
+
+
+QUEUE_CONFIG = """\
+server:
+  hostname: relay.test
+  listeners:
+    - {name: smtp, port: 2525, tls: none, auth: optional}
+upstream: {kind: sendcloud}
+admin: {token: "${RELAY_ADMIN_TOKEN}"}
+spool: {path: spool.db}
+accounts:
+  acme_trigger: {api_user: acme_trigger, api_key: "${SC_KEY}", type: trigger, domain: acme.com}
+  acme_batch: {api_user: acme_batch, api_key_file: /run/secrets/absent, type: batch, domain: acme.com}
+users:
+  billing: {channels: {trigger: acme_trigger}}
+  crm: {channels: {trigger: acme_trigger, batch: acme_batch}}
+"""
+
+
+def spool_with(path: Path, messages: list[tuple[str, str, list[str]]]) -> None:
+    from relay.spool import NewMessage
+    from relay.spool.sqlite import open_store
+
+    store = open_store(path)
+    for number, (queue_id, user, recipients) in enumerate(messages):
+        store.insert(NewMessage(queue_id, 1_700_000_000.0 + number, user, "smtp", "10.0.0.5", "acme_trigger",
+                                "trigger", "app@acme.com", recipients, b"Subject: x\r\n\r\nx\r\n"))
+    store.conn.close()
+
+
+def test_queue_list_filters_and_pages_without_any_secret_in_the_environment(tmp_path):
+    """`${SC_KEY}` unset and a key file absent: `queue` needs no secret, so it still works."""
+    config = tmp_path / "relay.yaml"
+    config.write_text(QUEUE_CONFIG)
+    spool_with(tmp_path / "spool.db", [("M1", "billing", ["a@x.org"]), ("M2", "crm", ["b@x.org"]),
+                                       ("M3", "crm", ["c@x.org", "B@X.org"]), ("M4", "crm", ["d@x.org"])])
+    env = {"PATH": "/usr/bin:/bin"}
+    first = run("queue", "list", "--user", "crm", "--limit", "2", "--json", "-c", str(config), cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr
+    page = json.loads(first.stdout)
+    assert [m["id"] for m in page["messages"]] == ["M2", "M3"] and page["next_after"] == "M3"
+    rest = run("queue", "list", "--user", "crm", "--after", "M3", "-c", str(config), cwd=tmp_path, env=env)
+    assert rest.returncode == 0 and "M4" in rest.stdout and "M2" not in rest.stdout, rest.stderr
+    assert rest.stdout.rstrip().endswith("-- 1 message(s)")
+    by_recipient = run("queue", "list", "--to", "b@x.org", "--json", "-c", str(config), cwd=tmp_path, env=env)
+    assert [m["id"] for m in json.loads(by_recipient.stdout)["messages"]] == ["M2", "M3"]
+    shown = run("queue", "show", "M3", "--json", "-c", str(config), cwd=tmp_path, env=env)
+    assert [r["address"] for r in json.loads(shown.stdout)["recipients"]] == ["c@x.org", "B@X.org"]
+    assert run("queue", "flush", "-c", str(config), cwd=tmp_path, env=env).returncode == 0
+    refused = run("queue", "list", "--since", "yesterday", "-c", str(config), cwd=tmp_path, env=env)
+    assert refused.returncode == 2 and "since 'yesterday'" in refused.stderr
+
+
+def test_queue_on_a_missing_spool_says_so_and_creates_nothing(tmp_path):
+    config = tmp_path / "relay.yaml"
+    config.write_text(QUEUE_CONFIG)
+    result = run("queue", "list", "-c", str(config), cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    assert "no spool at spool.db" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "spool.db").exists()
+
+
+def test_commands_find_their_config_in_the_environment_and_only_serve_falls_back_to_the_demo(tmp_path):
+    config = tmp_path / "relay.yaml"
+    config.write_text(QUEUE_CONFIG.replace("api_key_file: /run/secrets/absent", 'api_key: "${SC_KEY}"'))
+    env = {"PATH": "/usr/bin:/bin", "SC_KEY": "k", "RELAY_ADMIN_TOKEN": "t"}
+    found = run("check-config", cwd=tmp_path, env=env | {"SENDCLOUD_RELAY_CONFIG": str(config)})
+    assert found.returncode == 0 and f"config {config}: ok" in found.stdout, found.stderr
+    for command in (["check-config"], ["queue", "list"], ["reload"]):
+        missing = run(*command, cwd=tmp_path, env=env)
+        assert missing.returncode == 1 and "no config found" in missing.stderr, (command, missing.stderr)
+        assert "Traceback" not in missing.stderr
+
+
+def test_queue_help_is_per_action(tmp_path):
+    listing = run("queue", "list", "--help", cwd=tmp_path)
+    assert listing.returncode == 0 and "--since" in listing.stdout and "--after" in listing.stdout
+    show = run("queue", "show", "--help", cwd=tmp_path)
+    assert "ID" in show.stdout and "--since" not in show.stdout

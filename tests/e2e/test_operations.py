@@ -211,6 +211,8 @@ def test_reload_changes_password_and_rule_without_dropping_a_session_or_queued_m
     relay.write_config(config)
     result = relay.cli("reload")
     assert result.returncode == 0 and "reloaded" in result.stdout, result.stdout + result.stderr
+    reached = f"on {socket.gethostname()} (pid {relay.process.pid}, config {relay.config_path.resolve()})"
+    assert reached in result.stdout  # the relay it reached, so a wrong -c or port shows
 
     code, _ = open_session.data(message("finished after reload"))  # the session was not dropped
     assert code == 250
