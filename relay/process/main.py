@@ -1,7 +1,8 @@
 """`serve`: wires config, spool, delivery, listeners and the admin endpoint; reloads; stops in order.
 
 Shutdown order matters for "never lose mail": stop accepting, let sessions in a
-transaction finish (bounded), then stop delivery workers, then close the spool. A SIGKILL at
+transaction and deliveries in flight finish (side by side, within one ``shutdown_grace``),
+then close the spool, which mail accepted meanwhile still reached. A SIGKILL at
 any point instead loses nothing either: whatever got a ``250`` is committed, and on start
 every recipient that is not final is picked up again by the scheduler's first poll.
 
@@ -136,11 +137,11 @@ class Relay:
             return None, waiting
 
     async def stop(self) -> None:
+        """One ``server.shutdown_grace`` for everything: sessions and deliveries finish side by side."""
         self.stopping = True
         grace = self.config.server.shutdown_grace
-        log.info("shutting down: no new connections, sessions in a transaction get %.0fs", grace)
-        await self.listeners.stop(grace)
-        await self.scheduler.stop(grace)
+        log.info("shutting down: no new connections; sessions in a transaction and deliveries get %.0fs", grace)
+        await asyncio.gather(self.listeners.stop(grace), self.scheduler.stop(grace))
         await asyncio.to_thread(self.preparer.close)
         await self.rates.stop()
         await self.spool.close()

@@ -88,6 +88,7 @@ from relay.spool import (
 log = logging.getLogger("relay.workers")
 
 _RESTART_DELAY = 1.0  # seconds before an acceptor that died is started again
+_EXIT_MARGIN = 2.0  # seconds past the shutdown grace an acceptor has to exit before it is killed
 
 
 def _metrics_name(index: int) -> str:
@@ -144,12 +145,19 @@ class AcceptorPool:
     async def stop(self, grace: float = 0) -> None:
         """SIGTERM every acceptor and keep storing for them until they have all exited.
 
-        Each acceptor applies ``server.shutdown_grace`` to its own sessions.
+        Each acceptor applies ``server.shutdown_grace`` to its own sessions, from the same
+        moment; one still running ``_EXIT_MARGIN`` after ``grace`` is killed, so the relay's
+        shutdown stays within one grace (a session cut then gets no ``250``: nothing is lost).
         """
         self._stopping = True
         for process in self._processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+        _, late = await asyncio.wait(self._supervisors, timeout=grace + _EXIT_MARGIN) if self._supervisors else ((), ())
+        for index, process in self._processes.items():
+            if late and process.poll() is None:
+                log.error("acceptor %d (pid %d) still running after the shutdown grace; killing it", index, process.pid)
+                process.kill()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
         for _, server in self._servers:
             server.close()

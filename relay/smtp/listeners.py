@@ -15,6 +15,8 @@ from relay.smtp.session import ListenerHandler, Services
 
 log = logging.getLogger("relay.smtpd")
 
+_GOODBYE = 0.5  # seconds a session told 421 at shutdown has to hang up before it is cut
+
 
 class ListenerGroup:
     """All listening sockets, and the sessions they opened, for start and orderly shutdown."""
@@ -75,14 +77,27 @@ class ListenerGroup:
                      listener.tls, listener.auth, ", PROXY protocol" if listener.proxy_protocol else "")
 
     async def stop(self, grace: float) -> None:
-        """Stop accepting; close idle sessions; give busy ones ``grace`` seconds to finish."""
+        """Stop accepting; close idle sessions; give busy ones ``grace`` seconds to finish.
+
+        Returns as soon as no session is in a transaction: a session told ``421`` gets
+        ``_GOODBYE`` seconds to hang up, then is cut, since closing a TLS connection otherwise
+        waits for the client's close_notify (asyncio's 30 s SSL shutdown timeout).
+        """
         for server in self._servers:
             server.close()
-        deadline = time.monotonic() + grace
-        while self.connections and time.monotonic() < deadline:
-            for connection in list(self.connections):
-                connection.close_idle()
-            await asyncio.sleep(0.05)
-        for connection in list(self.connections):
-            connection.abort()
         self._servers.clear()
+        now = time.monotonic()
+        deadline = now + grace
+        told: dict[RelaySMTP, float] = {}  # sessions told 421, and when
+        while self.connections and now < deadline:
+            for connection in list(self.connections):
+                if not connection.in_transaction:
+                    connection.close_idle()
+                    told.setdefault(connection, now)
+            if all(connection in told and now - told[connection] >= _GOODBYE for connection in self.connections):
+                break
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()

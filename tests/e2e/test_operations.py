@@ -13,6 +13,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -366,3 +368,45 @@ def test_json_log_lines_share_the_queue_id(make_relay, sendcloud, client_tls):
     assert [entry["status"] for entry in mine] == ["queued", "sent"]
     assert mine[0]["from"] == "app@acme.com" and mine[0]["user"] == USER and mine[0]["size"] > 0
     assert mine[1]["to"] == "j@example.net" and mine[1]["detail"].startswith("250")
+
+
+def _timed_stop(relay) -> float:
+    began = time.monotonic()
+    assert relay.stop(timeout=60) == 0, relay.log()
+    return time.monotonic() - began
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_of_an_idle_relay_does_not_wait_for_the_grace(make_relay, client_tls, processes):
+    """No session in a transaction and nothing being delivered: nothing to wait for."""
+    relay = make_relay(processes=processes, shutdown_grace="30s")
+    idle = _login(relay, client_tls, PASSWORD)  # a session between transactions is told 421, not waited for
+    assert idle.noop()[0] == 250
+    assert _timed_stop(relay) < 5
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_gives_a_session_and_a_delivery_one_grace_in_total(make_relay, sendcloud, client_tls, processes):
+    """A session mid-transaction finishes within the grace; a delivery stuck upstream is not given a second one."""
+    grace = 6.0
+    relay = make_relay(processes=processes, shutdown_grace=f"{grace:g}s")
+    answer = threading.Event()
+    sendcloud.data_hook = lambda rcpt_tos: answer.wait(3 * grace) and None  # no reply to the final dot in time
+    submit(relay, client_tls, ["stuck@example.net"], message("being delivered"))
+    assert wait_until(lambda: sendcloud.data_attempts == 1, 10)
+    finishing = _login(relay, client_tls, PASSWORD)
+    finishing.mail("app@acme.com")
+    assert finishing.rcpt("late@example.net")[0] == 250
+    hanging = _login(relay, client_tls, PASSWORD)
+    hanging.mail("app@acme.com")
+    assert hanging.rcpt("never@example.net")[0] == 250  # and then says nothing more
+
+    began = time.monotonic()
+    relay.process.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    assert finishing.data(message("finished while stopping"))[0] == 250  # inside the grace: accepted
+    assert relay.process.wait(4 * grace) == 0, relay.log()
+    assert time.monotonic() - began < grace + 2.5  # one grace, not one for sessions and one for delivery
+    relay.process = None
+    hanging.close()
+    answer.set()
