@@ -6,11 +6,18 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from relay.cli.common import config_path, load, with_config
+from relay.process.startup import tls_problem
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load(args)
+    problem = tls_problem(config)
+    if problem is not None:
+        print(f"config {config_path(args)}: {problem}", file=sys.stderr)
+        return 1
     print(f"config {config_path(args)}: ok\n")
     print("listeners:")
     for listener in config.server.listeners:
@@ -33,7 +40,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config.rules:
         print("\nrules (first match wins):")
         for index, rule in enumerate(config.rules):
-            conditions = rule.match.model_dump(exclude_none=True) or "always"
+            conditions = _yaml(rule.match.model_dump(mode="json", exclude_none=True))
             print(f"  {index}: {conditions} -> {rule.channel}" + (f"; {_options_text(rule)}" if _options_text(rule) else ""))
     if config.tls_rules:
         print("\nupstream TLS rules (first match wins; default verify):")
@@ -50,6 +57,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  retry {', '.join(f'{s:g}s' for s in config.spool.retry)}; max_lifetime {config.spool.max_lifetime:g}s")
     print(f"spool: {config.spool.backend} {config.spool.path}")
     return 0
+
+
+def _yaml(value: object) -> str:
+    """A rule's conditions as they are written in the config (YAML flow style), on one line."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip() if value else "always"
 
 
 def _options_text(options) -> str:

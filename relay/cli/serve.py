@@ -27,8 +27,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("relay").warning("%s; running the embedded demo config (capture upstream)", NOT_FOUND)
     with shared_metrics(several_processes=acceptor_count(config) > 1):
         from relay.process.main import serve  # imports relay.observe.metrics: only now
+        from relay.process.startup import StartupError
 
-        run_event_loop(serve(config, path, args.verbose), config.server.event_loop)
+        try:
+            run_event_loop(serve(config, path, args.verbose), config.server.event_loop)
+        except StartupError as error:
+            print(f"fatal: {error}", file=sys.stderr)
+            return 1
     return 0
 
 

@@ -58,6 +58,7 @@ class AdminServer:
     def __init__(self, relay: AdminBackend):
         self.relay = relay
         self._runner: web.AppRunner | None = None
+        self._socket: socket.socket | None = None
         self._probe: asyncio.Task | None = None
         self._probe_done_at = 0.0
 
@@ -71,19 +72,39 @@ class AdminServer:
         app.router.add_post("/api/reload", self.reload)
         return app
 
-    async def start(self, listen: str) -> None:
+    async def bind(self) -> None:
+        """Bind ``admin.listen`` (if on) without serving yet; OSError names the address that failed."""
+        listen = self.relay.config().admin.listen
+        if not listen:
+            return
         host, port = split_host_port(listen)
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))  # listen() only when served: until then a connection is refused
+            self._socket = sock
+        except OSError as error:
+            sock.close()
+            raise OSError(error.errno, error.strerror, f"{listen} (admin.listen)") from None
+
+    async def serve(self) -> None:
+        if self._socket is None:
+            return
+        listen = self.relay.config().admin.listen
         self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        await web.SockSite(self._runner, self._socket).start()
         log.info("admin endpoint on http://%s/ (/metrics, /healthz, /readyz, /api/queue, /api/reload)", listen)
-        if self.relay.config().admin.token is None and host not in ("127.0.0.1", "::1", "localhost"):
+        if self.relay.config().admin.token is None and split_host_port(listen)[0] not in ("127.0.0.1", "::1", "localhost"):
             log.warning("admin endpoint on %s has no admin.token: anyone who reaches it can read the queue", listen)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0) -> None:
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the socket too
             self._runner = None
+        elif self._socket is not None:
+            self._socket.close()
+        self._socket = None
 
     @web.middleware
     async def _token_check(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):

@@ -36,12 +36,13 @@ from relay.ops.http import AdminBackend, AdminServer
 from relay.policy.anvil import LocalLimits
 from relay.policy.auth import Authenticator
 from relay.policy.rates import PersistentRates
+from relay.process.startup import StartupError, bind_all, serve_all, server_tls
 from relay.process.supervisor import AcceptorPool
 from relay.rewrite.pipeline import Preparer
 from relay.smtp.listeners import ListenerGroup
 from relay.smtp.session import Services
 from relay.spool import NewMessage, open_spool, rate_store
-from relay.tls import ServerTLS, server_context
+from relay.tls import server_context
 
 log = logging.getLogger("relay")
 
@@ -49,6 +50,7 @@ log = logging.getLogger("relay")
 class Relay:
     def __init__(self, config: Config, load: Callable[[], Config] = load_demo_config, verbose: bool = False,
                  config_path: Path | None = None):
+        self.tls = server_tls(config)  # first: a certificate that cannot load stops the start here
         self.config = config
         self._load = load
         self._verbose = verbose
@@ -69,7 +71,6 @@ class Relay:
             limits=self.limits,
             rates=self.rates,
         )
-        self.tls = ServerTLS(config.server.tls, config.server.hostname) if config.server.tls else None
         acceptors = acceptor_count(config)
         self.acceptors = (
             AcceptorPool(config, self.intake, self.spool.spill_directory, self.limits, acceptors) if acceptors > 1 else None
@@ -95,10 +96,15 @@ class Relay:
         async with self._reload_lock:  # a SIGHUP while starting reloads once everything runs
             await self.spool.open()
             await self.rates.start()
+            listening = [self.listeners, self.admin]  # events and http_api listeners join this list
+            try:
+                await bind_all(listening)  # every socket bound before any serves
+            except StartupError:
+                await self.rates.stop()
+                await self.spool.close()
+                raise
             await self.scheduler.start()
-            await self.listeners.start()
-            if self.config.admin.listen:
-                await self.admin.start(self.config.admin.listen)
+            await serve_all(listening)
         pending = await self.spool.counts()
         loop_module = type(asyncio.get_running_loop()).__module__
         log.info(

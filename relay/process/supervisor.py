@@ -80,6 +80,7 @@ from relay.process.ipc import (
     write_frame,
 )
 from relay.process.spill import ReceivedBody
+from relay.smtp.listeners import bind_error
 from relay.spool import (
     NewMessage,
     use_queue_id_partition,
@@ -113,15 +114,23 @@ class AcceptorPool:
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._stopping = False
 
-    async def start(self) -> None:
+    async def bind(self) -> None:
+        """Bind every listener, exactly as a one-process relay binds them, but never served here."""
         use_queue_id_partition(0, self._count + 1)
         loop = asyncio.get_running_loop()
         for listener in self._config.server.listeners:
-            # Bound here exactly as a one-process relay binds them, but never served here.
-            server = await loop.create_server(
-                asyncio.Protocol, host=listener.bind, port=listener.port, reuse_address=True, start_serving=False
-            )
+            try:
+                server = await loop.create_server(
+                    asyncio.Protocol, host=listener.bind, port=listener.port, reuse_address=True, start_serving=False
+                )
+            except OSError as error:
+                raise bind_error(error, listener) from None
             self._servers.append((listener.name, server))
+
+    async def serve(self) -> None:
+        """Start the acceptor processes on the bound sockets; returns once every one serves."""
+        loop = asyncio.get_running_loop()
+        for listener in self._config.server.listeners:
             log.info("listening on %s:%d (%s, tls=%s, auth=%s) in %d acceptor processes",
                      listener.bind, listener.port, listener.name, listener.tls, listener.auth, self._count)
         started = [loop.create_future() for _ in range(self._count)]

@@ -18,6 +18,11 @@ log = logging.getLogger("relay.smtpd")
 _GOODBYE = 0.5  # seconds a session told 421 at shutdown has to hang up before it is cut
 
 
+def bind_error(error: OSError, listener: Listener) -> OSError:
+    """``error`` with the listener's address as its ``filename``, which the start-up message names."""
+    return OSError(error.errno, error.strerror, f"{listener.bind}:{listener.port} (listener {listener.name})")
+
+
 class ListenerGroup:
     """All listening sockets, and the sessions they opened, for start and orderly shutdown."""
 
@@ -60,21 +65,34 @@ class ListenerGroup:
 
         return factory
 
-    async def start(self, bound: dict[str, list[socket.socket]] | None = None) -> None:
-        """Listen as configured, or on the sockets already ``bound`` per listener name (acceptor processes)."""
+    async def bind(self) -> None:
+        """Bind every configured listener without serving yet; OSError names the address that failed."""
         loop = asyncio.get_running_loop()
         for listener in self.services.config().server.listeners:
             tls = self.tls_context if listener.tls == "implicit" else None
-            if bound is not None:
-                for sock in bound[listener.name]:
-                    self._servers.append(await loop.create_server(self._factory(listener), sock=sock, ssl=tls))
-                continue
-            server = await loop.create_server(
-                self._factory(listener), host=listener.bind, port=listener.port, ssl=tls, reuse_address=True
-            )
+            try:
+                server = await loop.create_server(
+                    self._factory(listener), host=listener.bind, port=listener.port, ssl=tls,
+                    reuse_address=True, start_serving=False,
+                )
+            except OSError as error:
+                raise bind_error(error, listener) from None
             self._servers.append(server)
+
+    async def serve(self) -> None:
+        """Serve on the sockets :meth:`bind` made."""
+        for server, listener in zip(self._servers, self.services.config().server.listeners, strict=True):
+            await server.start_serving()
             log.info("listening on %s:%d (%s, tls=%s, auth=%s%s)", listener.bind, listener.port, listener.name,
                      listener.tls, listener.auth, ", PROXY protocol" if listener.proxy_protocol else "")
+
+    async def start(self, bound: dict[str, list[socket.socket]]) -> None:
+        """Serve on the sockets already ``bound`` per listener name (acceptor processes)."""
+        loop = asyncio.get_running_loop()
+        for listener in self.services.config().server.listeners:
+            tls = self.tls_context if listener.tls == "implicit" else None
+            for sock in bound[listener.name]:
+                self._servers.append(await loop.create_server(self._factory(listener), sock=sock, ssl=tls))
 
     async def stop(self, grace: float) -> None:
         """Stop accepting; close idle sessions; give busy ones ``grace`` seconds to finish.

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import trustme
+
 from relay.policy.auth import verify_password
+from tests.support import free_port
 from tests.support.relay import REPO, wait_for_port, wait_until
 
 
@@ -35,7 +40,10 @@ def test_check_config_prints_the_routing_table_of_the_example(tmp_path, monkeypa
     example = (REPO / "config" / "relay.example.yaml").read_text()
     (tmp_path / "sc_batch").write_text("batch-key\n")
     config = tmp_path / "relay.yaml"
-    config.write_text(example.replace("/run/secrets/sc_batch", "sc_batch"))
+    leaf = trustme.CA().issue_cert("relay.example.com")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "fullchain.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "privkey.pem"))
+    config.write_text(example.replace("/run/secrets/sc_batch", "sc_batch").replace("/etc/sendcloud-relay/tls/", ""))
     result = run("check-config", "-c", str(config), cwd=tmp_path, env={"SC_TRIGGER_KEY": "k", "PATH": "/usr/bin"})
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -45,6 +53,7 @@ def test_check_config_prints_the_routing_table_of_the_example(tmp_path, monkeypa
     assert "mailhub: no password (trusted networks only); trusted networks 10.20.0.0/16" in out
     assert "submission   0.0.0.0:587" in out
     assert "batch-key" not in out and "SC_TRIGGER_KEY" not in out
+    assert "  0: {header: {X-Mail-Type: newsletter}} -> batch" in out  # rules as YAML, as written
 
 
 def test_check_config_names_file_line_and_key(tmp_path):
@@ -160,3 +169,53 @@ def test_queue_help_is_per_action(tmp_path):
     assert listing.returncode == 0 and "--since" in listing.stdout and "--after" in listing.stdout
     show = run("queue", "show", "--help", cwd=tmp_path)
     assert "ID" in show.stdout and "--since" not in show.stdout
+
+
+def serve_config(tmp_path: Path, ports: list[int], tls: str = "") -> Path:
+    listeners = "".join(
+        f"    - {{name: l{index}, bind: 127.0.0.1, port: {port}, tls: {'starttls' if tls else 'none'}, auth: optional}}\n"
+        for index, port in enumerate(ports)
+    )
+    config = tmp_path / "relay.yaml"
+    config.write_text(
+        f"server:\n  hostname: relay.test\n  processes: 1\n  listeners:\n{listeners}{tls}"
+        "upstream: {kind: capture}\nadmin: {listen: null}\nspool: {path: spool.db}\n"
+        "accounts:\n  a: {api_user: a, type: trigger, domain: acme.com}\n"
+        "users:\n  billing: {channels: {trigger: a}}\n"
+    )
+    return config
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_serve_on_a_port_in_use_says_which_in_one_line_before_serving_any(tmp_path, processes):
+    first = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        config = serve_config(tmp_path, [first, busy])
+        config.write_text(config.read_text().replace("processes: 1", f"processes: {processes}"))
+        result = run("serve", "-c", str(config), cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fatal: cannot listen on 127.0.0.1:{busy} (listener l1): "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert "listening on" not in result.stderr  # the free port was bound, never served
+
+
+TLS_FILES = "  tls: {cert: cert.pem, key: key.pem}\n"
+
+
+def test_serve_and_check_config_name_a_missing_or_mismatched_certificate(tmp_path):
+    config = serve_config(tmp_path, [free_port()], tls=TLS_FILES)
+    for command in ("serve", "check-config"):
+        result = run(command, "-c", str(config), cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "server.tls.cert: cannot read cert.pem: No such file or directory" in result.stderr
+    ca = trustme.CA()
+    ca.issue_cert("relay.test").cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    ca.issue_cert("other.test").private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    for command in ("serve", "check-config"):
+        result = run(command, "-c", str(config), cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert "server.tls: cert.pem and key.pem do not load together" in result.stderr
