@@ -120,7 +120,7 @@ def register(sub) -> None:
         func=cmd_check_config
     )
     route = with_config(sub.add_parser("route", help="show which rule a sample message hits, and its options"))
-    route.add_argument("--user", required=True)
+    route.add_argument("--user", required=True, help="the local user sending (AUTH user or trusted network's)")
     route.add_argument("--listener", help="listener name (default: the first)")
     route.add_argument("--from", dest="sender", default="", help="envelope sender")
     route.add_argument("--to", action="append", required=True, help="recipient (repeatable)")

@@ -18,6 +18,7 @@ from relay.config import Config
 from relay.ops import queue_view
 from relay.spool import State, open_spool
 
+
 def cmd_queue(args: argparse.Namespace) -> int:
     config = load(args, secrets=False)
     if config.spool.backend == "sqlite" and not config.spool.path.exists():
@@ -106,11 +107,11 @@ def register(sub) -> None:
     listing.add_argument("--after", metavar="ID", help="start after this queue ID (the next page)")
     listing.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     show = with_config(actions.add_parser("show", help="every recipient's state, attempts, last reply and why it waits"))
-    show.add_argument("id", metavar="ID")
+    show.add_argument("id", metavar="ID", help="the queue ID (from queue list, or the 250 reply)")
     show.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     retry = with_config(actions.add_parser("retry", help="make one message's waiting recipients due now"))
-    retry.add_argument("id", metavar="ID")
+    retry.add_argument("id", metavar="ID", help="the queue ID")
     delete = with_config(actions.add_parser("delete", help="remove a message from the spool"))
-    delete.add_argument("id", metavar="ID")
+    delete.add_argument("id", metavar="ID", help="the queue ID")
     with_config(actions.add_parser("flush", help="make every deferred recipient due now (postqueue -f)"))
     queue.set_defaults(func=cmd_queue)

@@ -80,5 +80,5 @@ def register(sub) -> None:
     serve.set_defaults(func=cmd_serve)
 
     reload = with_config(sub.add_parser("reload", help="make the running relay re-read its config (via admin.listen)"))
-    reload.add_argument("--timeout", type=float, default=30)
+    reload.add_argument("--timeout", type=float, default=30, help="seconds to wait for the relay's answer (default 30)")
     reload.set_defaults(func=cmd_reload)

@@ -58,6 +58,9 @@ class ListQuery:
         )
 
 
+PENDING_MESSAGES = ListQuery()  # `queue list` without options
+
+
 class Spool(Protocol):
     """A durable queue: a write returns only once it is committed (fsynced)."""
 
@@ -96,7 +99,7 @@ class Spool(Protocol):
 
     # -- operators ---------------------------------------------------------------------------------
 
-    async def list(self, query: ListQuery = ListQuery()) -> list[QueuedMessage]:
+    async def list(self, query: ListQuery = PENDING_MESSAGES) -> list[QueuedMessage]:
         """The messages ``query`` selects, each with all its recipients, in queue-ID order."""
 
     async def get(self, message_id: str) -> QueuedMessage | None: ...

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.lines import header_length
-from relay.spool.base import BodyGone, ListQuery
+from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery
 from relay.spool.model import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, piece_chunks
 
 _CHUNK = 256 * 1024  # bodies are read in pieces of this size, as SqliteSpool's blobs
@@ -115,7 +115,7 @@ class MemorySpool:
             yield chunk
             offset += len(chunk)
 
-    async def list(self, query: ListQuery = ListQuery()) -> list[QueuedMessage]:
+    async def list(self, query: ListQuery = PENDING_MESSAGES) -> list[QueuedMessage]:
         selected = [message for message in self._messages({
             message_id: list(entry.recipients) for message_id, entry in self._entries.items()
         }) if query.matches(message)]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.lines import header_length
-from relay.spool.base import BodyGone, ListQuery, WindowKey
+from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery, WindowKey
 from relay.spool.model import (
     NewMessage,
     QueuedMessage,
@@ -241,7 +241,7 @@ class SpoolStore:
         found = self._messages({message_id: [_recipient(row) for row in rows]})
         return found[0] if found else None
 
-    def list(self, query: ListQuery = ListQuery()) -> list[QueuedMessage]:
+    def list(self, query: ListQuery = PENDING_MESSAGES) -> list[QueuedMessage]:
         rows = self.conn.execute(*list_sql(query)).fetchall()
         recipients = self._recipients_of([row[0] for row in rows])
         return [QueuedMessage(*row, recipients=recipients.get(row[0], [])) for row in rows]
@@ -413,7 +413,7 @@ class SqliteSpool:
     async def pending_summary(self) -> tuple[int, dict[str, int], float | None]:
         return await self._read(self._store().pending_summary)
 
-    async def list(self, query: ListQuery = ListQuery()) -> list[QueuedMessage]:
+    async def list(self, query: ListQuery = PENDING_MESSAGES) -> list[QueuedMessage]:
         return await self._read(self._store().list, query)
 
     async def get(self, message_id: str) -> QueuedMessage | None:

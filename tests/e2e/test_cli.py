@@ -22,7 +22,8 @@ def run(*args: str, cwd: Path, input: str | None = None, env: dict | None = None
     if env is not None and "PYTHONPATH" in os.environ:
         env = env | {"PYTHONPATH": os.environ["PYTHONPATH"]}
     return subprocess.run(
-        [sys.executable, "-m", "relay", *args], cwd=cwd, input=input, capture_output=True, text=True, timeout=60, env=env
+        [sys.executable, "-m", "relay", *args], cwd=cwd, input=input, capture_output=True, text=True, timeout=60, env=env,
+        check=False,
     )
 
 
@@ -219,3 +220,16 @@ def test_serve_and_check_config_name_a_missing_or_mismatched_certificate(tmp_pat
         result = run(command, "-c", str(config), cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
         assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
         assert "server.tls: cert.pem and key.pem do not load together" in result.stderr
+
+
+def test_queue_list_piped_into_head_ends_quietly(tmp_path):
+    config = tmp_path / "relay.yaml"
+    config.write_text(QUEUE_CONFIG)
+    spool_with(tmp_path / "spool.db", [(f"M{n:05d}", "billing", ["a@x.org"]) for n in range(3000)])
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        f'"{sys.executable}" -m relay queue list -c "{config}" | head -1; echo "relay exited ${{PIPESTATUS[0]}}" >&2',
+        shell=True, executable="/bin/bash", cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env, check=False,
+    )
+    assert result.stdout.startswith("ID ") and len(result.stdout.splitlines()) == 1
+    assert result.stderr == "relay exited 141\n"  # as a process killed by SIGPIPE: no traceback, no noise
