@@ -127,6 +127,19 @@ def test_admin_token_guards_metrics_and_api_but_not_probes(make_relay):
     assert relay.cli("reload").returncode == 0  # the CLI reads the token from the config
 
 
+def test_api_queue_filters_and_pages_as_queue_list_does(relay, sendcloud, client_tls):
+    sendcloud.stop()  # everything stays queued
+    ids = [submit(relay, client_tls, [f"r{n}@example.net"], message(f"m{n}")) for n in range(3)]
+    status, body = relay.http("/api/queue?limit=2")
+    first = json.loads(body)
+    assert status == 200 and [m["id"] for m in first["messages"]] == ids[:2] and first["next_after"] == ids[1]
+    rest = json.loads(relay.http(f"/api/queue?limit=2&after={first['next_after']}")[1])
+    assert [m["id"] for m in rest["messages"]] == ids[2:] and rest["next_after"] is None
+    assert [m["id"] for m in json.loads(relay.http("/api/queue?to=R1@example.net")[1])["messages"]] == [ids[1]]
+    status, body = relay.http("/api/queue?state=sent")
+    assert status == 400 and "state 'sent'" in json.loads(body)["error"]
+
+
 # -- readiness ------------------------------------------------------------------------------------
 
 
