@@ -88,6 +88,7 @@ def test_demo_starts_with_no_config_and_captures_mail(tmp_path):
         envelope = json.loads(next(capture.glob("*.json")).read_text())
         assert envelope["rcpt_to"] == ["you@example.net"] and envelope["api_user"] == "demo_trigger"
         assert "acceptor 1 started" in (tmp_path / "demo.log").read_text()  # the default: processes auto
+        assert "no config found" in (tmp_path / "demo.log").read_text()  # and it says it runs the demo
     finally:
         process.terminate()
         assert process.wait(30) == 0
