@@ -269,8 +269,8 @@ class AcceptorPool:
         if call.method not in (ASKED_METHODS if call.sequence is not None else TOLD_METHODS):
             log.error("acceptor %d: unknown limits call %r", index, call.method)
             return
-        args = ((index, call.args[0]), *call.args[1:]) if call.method in PER_CONNECTION_METHODS else call.args
         try:
+            args = ((index, call.args[0]), *call.args[1:]) if call.method in PER_CONNECTION_METHODS else call.args
             value = getattr(self._limits, call.method)(*args)
             if call.sequence is not None:
                 value = await value

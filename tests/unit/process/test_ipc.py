@@ -23,6 +23,7 @@ from relay.process.ipc import (
     Stored,
     decode,
     encode,
+    read_frame,
 )
 from relay.process.supervisor import AcceptorPool
 from relay.rewrite.dkim import generate
@@ -128,3 +129,16 @@ def test_an_acceptors_config_has_no_upstream_secret_but_keeps_what_it_serves_wit
     assert received.dkim["acme.com"].key == config.dkim["acme.com"].key  # signing runs in the acceptor
     assert received.users == config.users  # AUTH too
     assert received.model_copy(update={"accounts": config.accounts, "admin": config.admin}) == config
+
+
+async def test_a_limits_call_without_its_arguments_is_answered_unavailable(tmp_path):
+    config = secret_config()
+    pool = AcceptorPool(config, intake=None, spill_directory=tmp_path, limits=LocalLimits(lambda: config), count=1)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    await pool._answer(0, writer, LimitsCall(1, "admit", ()))  # no connection key: a broken or hostile acceptor
+    their_reader, their_writer = await asyncio.open_unix_connection(sock=theirs)
+    answer, _ = await asyncio.wait_for(read_frame(their_reader), 5)
+    assert isinstance(answer.value, LimitsUnavailable)
+    writer.close()
+    their_writer.close()
