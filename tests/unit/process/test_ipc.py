@@ -135,7 +135,7 @@ async def test_a_limits_call_without_its_arguments_is_answered_unavailable(tmp_p
     config = secret_config()
     pool = AcceptorPool(config, intake=None, spill_directory=tmp_path, limits=LocalLimits(lambda: config), count=1)
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    reader, writer = await asyncio.open_unix_connection(sock=ours)
+    _, writer = await asyncio.open_unix_connection(sock=ours)
     await pool._answer(0, writer, LimitsCall(1, "admit", ()))  # no connection key: a broken or hostile acceptor
     their_reader, their_writer = await asyncio.open_unix_connection(sock=theirs)
     answer, _ = await asyncio.wait_for(read_frame(their_reader), 5)
