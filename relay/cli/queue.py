@@ -16,20 +16,20 @@ import time
 from relay.cli.common import load, with_config
 from relay.config import Config
 from relay.ops import queue_view
-from relay.spool import State, open_spool
+from relay.spool import SpoolMissing, State, open_spool
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
     config = load(args, secrets=False)
-    if config.spool.backend == "sqlite" and not config.spool.path.exists():
-        print(f"no spool at {config.spool.path} (spool.path): nothing was ever queued here, or the "
-              "config is not the relay's", file=sys.stderr)
+    try:
+        return asyncio.run(_ACTIONS[args.action](args, config))
+    except SpoolMissing as error:
+        print(f"{error} (spool.path): nothing was ever queued here, or the config is not the relay's", file=sys.stderr)
         return 1
-    return asyncio.run(_ACTIONS[args.action](args, config))
 
 
 async def _with_spool(config: Config, act):
-    spool = open_spool(config.spool)
+    spool = open_spool(config.spool, create=False)
     await spool.open()
     try:
         return await act(spool)

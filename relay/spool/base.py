@@ -21,6 +21,10 @@ from relay.spool.model import NewMessage, QueuedMessage, RecipientUpdate, State
 WindowKey = tuple[str, float, int]  # a rate window: (counter key, period in seconds, window number)
 
 
+class SpoolMissing(Exception):
+    """There is no spool where the settings say (opened with ``create=False``: the operator's commands)."""
+
+
 class BodyGone(Exception):
     """The message was deleted (``queue delete``) while its body was being read."""
 

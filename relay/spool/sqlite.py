@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.lines import header_length
-from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery, WindowKey
+from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery, SpoolMissing, WindowKey
 from relay.spool.model import (
     NewMessage,
     QueuedMessage,
@@ -345,8 +345,9 @@ _STOP = object()
 class SqliteSpool:
     """Async face of the spool for the server: group-committed writes, threaded reads."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, create: bool = True):
         self.path = path
+        self._create = create  # False: `queue` on a spool that is not there says so instead
         self.commits = 0  # one fsync of the WAL each: the number `bench/` divides by messages
         self.operations = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -355,6 +356,8 @@ class SqliteSpool:
         self._read_store: SpoolStore | None = None
 
     async def open(self) -> None:
+        if not self._create and not await asyncio.to_thread(self.path.exists):
+            raise SpoolMissing(f"no spool at {self.path}")
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(target=self._write_loop, args=(ready,), name="spool-writer", daemon=True)
         self._writer.start()
