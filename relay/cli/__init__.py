@@ -1,20 +1,27 @@
-"""The `sendcloud-relay` command (argparse: the standard library does this job well).
-
-One module per command group; each registers its subcommands in :func:`build_parser`.
-"""
+"""The `sendcloud-relay` command: one module per command group, each registering its subcommands."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from relay import __version__
 from relay.cli import check, dkim, domain, passwords, queue, send_test, serve, stats, suppression
 from relay.config import ConfigError
 
+_BROKEN_PIPE = 141  # what a shell reports for a command whose reader went away (128 + SIGPIPE)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sendcloud-relay", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="sendcloud-relay",
+        description="An SMTP relay and submission gateway in front of SendCloud.",
+        epilog="Each command finds its config as -c FILE, else $SENDCLOUD_RELAY_CONFIG, else "
+               "/etc/sendcloud-relay/relay.yaml. `sendcloud-relay COMMAND --help` for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"sendcloud-relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (serve, check, passwords, dkim, domain, queue, send_test, suppression, stats):
         group.register(sub)
     return parser
@@ -31,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # piped into `head`: the rest of the output has no reader
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush fails silently
+        return _BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -6,13 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from relay.cli.common import load, with_config
+import yaml
+
+from relay.cli.common import config_path, load, with_config
 from relay.ops import events_view
+from relay.process.startup import tls_problem
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load(args)
-    print(f"config {args.config or '<embedded demo>'}: ok\n")
+    problem = tls_problem(config)
+    if problem is not None:
+        print(f"config {config_path(args)}: {problem}", file=sys.stderr)
+        return 1
+    print(f"config {config_path(args)}: ok\n")
     print("listeners:")
     for listener in config.server.listeners:
         print(f"  {listener.name:<12} {listener.bind}:{listener.port:<5} tls={listener.tls:<8} auth={listener.auth}"
@@ -34,7 +41,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config.rules:
         print("\nrules (first match wins):")
         for index, rule in enumerate(config.rules):
-            conditions = rule.match.model_dump(exclude_none=True) or "always"
+            conditions = _yaml(rule.match.model_dump(mode="json", exclude_none=True))
             print(f"  {index}: {conditions} -> {rule.channel}" + (f"; {_options_text(rule)}" if _options_text(rule) else ""))
     if config.tls_rules:
         print("\nupstream TLS rules (first match wins; default verify):")
@@ -53,6 +60,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for line in events_view.config_lines(config):
         print(line)
     return 0
+
+
+def _yaml(value: object) -> str:
+    """A rule's conditions as they are written in the config (YAML flow style), on one line."""
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip() if value else "always"
 
 
 def _options_text(options) -> str:
@@ -111,7 +123,7 @@ def register(sub) -> None:
         func=cmd_check_config
     )
     route = with_config(sub.add_parser("route", help="show which rule a sample message hits, and its options"))
-    route.add_argument("--user", required=True)
+    route.add_argument("--user", required=True, help="the local user sending (AUTH user or trusted network's)")
     route.add_argument("--listener", help="listener name (default: the first)")
     route.add_argument("--from", dest="sender", default="", help="envelope sender")
     route.add_argument("--to", action="append", required=True, help="recipient (repeatable)")

@@ -1,17 +1,48 @@
-"""What every command shares: where its config comes from."""
+"""What every command shares: where its config comes from.
+
+As the spec's Commands section says: ``-c FILE``, else ``$SENDCLOUD_RELAY_CONFIG``, else
+``/etc/sendcloud-relay/relay.yaml`` when it exists; only `serve` falls back to the embedded
+demo config (and says so).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
-from relay.config import Config, load_config, load_demo_config
+from relay.config import Config, ConfigError, load_config
+
+ENVIRONMENT_VARIABLE = "SENDCLOUD_RELAY_CONFIG"
+SYSTEM_PATH = Path("/etc/sendcloud-relay/relay.yaml")
+NOT_FOUND = f"no config found: give -c FILE, set ${ENVIRONMENT_VARIABLE}, or create {SYSTEM_PATH}"
 
 
-def load(args: argparse.Namespace) -> Config:
-    return load_config(args.config) if args.config else load_demo_config()
+def find_config(given: Path | None, environ: Mapping[str, str], system_path: Path = SYSTEM_PATH) -> Path | None:
+    """The config file a command uses, or None when there is none to use."""
+    if given is not None:
+        return given
+    if environ.get(ENVIRONMENT_VARIABLE):
+        return Path(environ[ENVIRONMENT_VARIABLE])
+    return system_path if system_path.exists() else None
+
+
+def config_path(args: argparse.Namespace) -> Path | None:
+    return find_config(args.config, os.environ)
+
+
+def load(args: argparse.Namespace, secrets: bool = True) -> Config:
+    """The command's config; ``secrets=False`` for commands that only read the spool."""
+    path = config_path(args)
+    if path is None:
+        raise ConfigError(NOT_FOUND)
+    return load_config(path, secrets=secrets)
 
 
 def with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("-c", "--config", type=Path, help="config file (default: the embedded demo config)")
+    parser.add_argument(
+        "-c", "--config", type=Path,
+        help=f"config file (default: ${ENVIRONMENT_VARIABLE}, else {SYSTEM_PATH})",
+    )
     return parser

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from pathlib import Path
 
+from relay.cli.common import config_path, with_config
 from relay.config import (
     load_config,
 )
@@ -19,7 +19,8 @@ def cmd_domain_check(args: argparse.Namespace) -> int:
     from relay.ops.domaincheck import Expected, check_domain, make_resolver, table
     from relay.rewrite.dkim import dns_record
 
-    config = load_config(args.config) if args.config else None
+    path = config_path(args)
+    config = load_config(path) if path else None
     settings = config.resolver if config else Resolver()
     if args.nameserver:
         host, _, port = args.nameserver.rpartition(":") if args.nameserver.count(":") == 1 else (args.nameserver, "", "")
@@ -47,11 +48,11 @@ def cmd_domain_check(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     domain = sub.add_parser("domain", help="sending domain DNS").add_subparsers(dest="domain_command", required=True)
     check = domain.add_parser("check", help="check SPF, DKIM, MX and DMARC as SendCloud's domain page does")
-    check.add_argument("domain")
-    check.add_argument("-c", "--config", type=Path, help="config: resolver settings and own DKIM keys")
-    check.add_argument("--json", action="store_true")
+    check.add_argument("domain", help="the sending domain")
+    with_config(check)  # optional here: its resolver settings and own DKIM keys, when there is one
+    check.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     check.add_argument("--nameserver", help="IP[:PORT] to ask instead of the system resolver")
     check.add_argument("--selector", help="DKIM selector (default: the config's for this domain, else mail)")
-    check.add_argument("--spf-include", default="spf.sendcloud.org")
-    check.add_argument("--mx", default="mx.sendcloud.org")
+    check.add_argument("--spf-include", default="spf.sendcloud.org", help="the SPF include needed (default %(default)s)")
+    check.add_argument("--mx", default="mx.sendcloud.org", help="the MX host needed (default %(default)s)")
     check.set_defaults(func=cmd_domain_check)

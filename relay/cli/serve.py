@@ -7,10 +7,11 @@ import logging
 import sys
 
 from relay.cli import admin_client
-from relay.cli.common import load, with_config
+from relay.cli.common import NOT_FOUND, config_path, with_config
 from relay.config import (
     acceptor_count,
     load_admin_settings,
+    load_config,
     load_demo_config,
 )
 from relay.observe import logs
@@ -19,14 +20,20 @@ from relay.process.loop import run_event_loop
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = load(args)
+    path = config_path(args)
+    config = load_config(path) if path else load_demo_config()
     logs.configure(config.logging, logs.secrets_of(config), args.verbose)
-    if not args.config:
-        logging.getLogger("relay").info("no -c given: running the embedded demo config (capture upstream)")
+    if path is None:
+        logging.getLogger("relay").warning("%s; running the embedded demo config (capture upstream)", NOT_FOUND)
     with shared_metrics(several_processes=acceptor_count(config) > 1):
         from relay.process.main import serve  # imports relay.observe.metrics: only now
+        from relay.process.startup import StartupError
 
-        run_event_loop(serve(config, args.config, args.verbose), config.server.event_loop)
+        try:
+            run_event_loop(serve(config, path, args.verbose), config.server.event_loop)
+        except StartupError as error:
+            print(f"fatal: {error}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -38,7 +45,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
     ``admin`` section is read here; the relay validates the rest. (SIGHUP does the same
     reload, for `systemctl reload` and `docker kill -s HUP`, but its outcome is only logged.)
     """
-    settings = load_admin_settings(args.config) if args.config else load_demo_config().admin
+    path = config_path(args)
+    if path is None:
+        print(NOT_FOUND, file=sys.stderr)
+        return 1
+    settings = load_admin_settings(path)
     if not settings.listen:
         print("admin.listen is off in this config: send SIGHUP to the relay's process instead", file=sys.stderr)
         return 1
@@ -48,12 +59,19 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(error, file=sys.stderr)
         return 1
     if not answer.get("reloaded"):
-        print(f"reload refused, the relay keeps its running config:\n{answer.get('error')}", file=sys.stderr)
+        print(f"reload refused by {_relay_named(answer)}; it keeps its running config:\n{answer.get('error')}",
+              file=sys.stderr)
         return 1
-    print("reloaded")
+    print(f"reloaded {_relay_named(answer)}")
     for setting in answer.get("restart_needed", []):
         print(f"  {setting} changed: takes effect at the next restart")
     return 0
+
+
+def _relay_named(answer: dict) -> str:
+    """Which relay took the reload, as its answer names it: the one the operator meant, or not."""
+    return (f"the relay on {answer.get('hostname', '?')} (pid {answer.get('pid', '?')}, "
+            f"config {answer.get('config') or '<embedded demo>'})")
 
 
 def register(sub) -> None:
@@ -62,5 +80,5 @@ def register(sub) -> None:
     serve.set_defaults(func=cmd_serve)
 
     reload = with_config(sub.add_parser("reload", help="make the running relay re-read its config (via admin.listen)"))
-    reload.add_argument("--timeout", type=float, default=30)
+    reload.add_argument("--timeout", type=float, default=30, help="seconds to wait for the relay's answer (default 30)")
     reload.set_defaults(func=cmd_reload)

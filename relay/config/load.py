@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from relay.config.schema import Admin, Config, CrossReferenceError
+from relay.config.schema import SECRETS_WITHHELD, Admin, Config, CrossReferenceError
 
 
 class ConfigError(Exception):
@@ -106,8 +106,40 @@ def _where(source: str, root: Any, loc: tuple, message: str) -> str:
     return f"{position}: {dotted}: {message}" if dotted else f"{position}: {message}"
 
 
-def parse_config(text: str, source: str = "<config>", base: Path | None = None) -> Config:
-    """Validate YAML text into a :class:`Config`; raise :class:`ConfigError` naming file and line."""
+# What commands that only read the spool never need, so never resolve: ${ENV} unset or a
+# *_file unreadable there must not stop `queue list` on a host without the secrets.
+_SECRET_KEYS = ("api_key", "api_key_file", "password_hash", "password_hash_file", "token", "token_file")
+
+
+def _minus(node: Any, keys: tuple[str, ...]) -> Any:
+    """A mapping without ``keys``, its line numbers kept (anything else as it is)."""
+    if not isinstance(node, dict):
+        return node
+    kept = _LineDict((key, value) for key, value in node.items() if key not in keys)
+    kept.lines = dict(getattr(node, "lines", {}))
+    return kept
+
+
+def _without_secrets(raw: dict) -> dict:
+    """The raw config minus the api_keys, password hashes, DKIM keys and admin token."""
+    stripped = _minus(raw, ("dkim",))
+    for section in ("accounts", "users"):
+        if isinstance(raw.get(section), dict):
+            entries = _minus(raw[section], ())
+            for name, entry in raw[section].items():
+                entries[name] = _minus(entry, _SECRET_KEYS)
+            stripped[section] = entries
+    if "admin" in raw:
+        stripped["admin"] = _minus(raw["admin"], _SECRET_KEYS)
+    return stripped
+
+
+def parse_config(text: str, source: str = "<config>", base: Path | None = None, secrets: bool = True) -> Config:
+    """Validate YAML text into a :class:`Config`; raise :class:`ConfigError` naming file and line.
+
+    ``secrets=False`` (commands that only read the spool) leaves out the api_keys, password
+    hashes, DKIM keys and the admin token, without resolving their ``${ENV}`` or files.
+    """
     try:
         raw = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
     except yaml.YAMLError as error:
@@ -116,9 +148,11 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None) 
         raise ConfigError(f"{source}{line}: not valid YAML: {getattr(error, 'problem', error)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    if not secrets:
+        raw = _without_secrets(raw)
     data = _resolve_secrets(raw, (), source, raw, base or Path.cwd())
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={SECRETS_WITHHELD: not secrets})
     except ValidationError as error:
         raise ConfigError(_problems(error, source, data)) from None
     except CrossReferenceError as error:
@@ -154,14 +188,14 @@ def load_admin_settings(path: Path | str) -> Admin:
         raise ConfigError(_problems(error, str(path), raw, ("admin",))) from None
 
 
-def load_config(path: Path | str) -> Config:
+def load_config(path: Path | str, secrets: bool = True) -> Config:
     """Read and validate a config file; ``*_file`` paths are relative to the file's folder."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
-    return parse_config(text, source=str(path), base=path.parent)
+    return parse_config(text, source=str(path), base=path.parent, secrets=secrets)
 
 
 def load_demo_config() -> Config:

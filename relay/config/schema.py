@@ -21,11 +21,15 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    ValidationInfo,
     model_validator,
 )
 
 from relay.config.formats import is_supported_hash, key_algorithm
 from relay.config.units import Duration, HostPort, RateLimit, Size
+
+# Validation context key: the config was loaded or sent without the upstream secrets.
+SECRETS_WITHHELD = "secrets_withheld"
 
 Channel = Literal["trigger", "batch"]
 SenderMode = Literal["align", "rewrite", "keep"]
@@ -322,7 +326,7 @@ class Config(_Model):
     resolver: Resolver = Resolver()
 
     @model_validator(mode="after")
-    def _references_resolve(self) -> Config:
+    def _references_resolve(self, info: ValidationInfo) -> Config:
         for name, user in self.users.items():
             for channel, account_name in user.channels.items():
                 account = self.accounts.get(account_name)
@@ -355,7 +359,9 @@ class Config(_Model):
                 "or accounts.*.app_key (unsigned events are never accepted)",
             )
         for name, account in self.accounts.items():
-            if account.api_key is None and self.upstream.kind == "sendcloud":
+            # Withheld: an acceptor process's config (relay.process.ipc), a read-only command's.
+            withheld = bool(info.context and info.context.get(SECRETS_WITHHELD))
+            if account.api_key is None and self.upstream.kind == "sendcloud" and not withheld:
                 raise CrossReferenceError(("accounts", name), "api_key (or api_key_file) is required")
             if (
                 account.api_key is not None

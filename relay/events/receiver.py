@@ -9,15 +9,17 @@ stored, and no answer says more than the status: a caller without the key learns
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
 
 from aiohttp import web
 
-from relay.config import Config, split_host_port
+from relay.config import Config
 from relay.events.applier import Applier, account_of
 from relay.events.webhook import (
     WebhookEvent,
@@ -29,8 +31,10 @@ from relay.events.webhook import (
     to_event,
 )
 from relay.observe import metrics
+from relay.sockets import bind_listening
 from relay.spool import Spool
 from relay.spool.events_model import ReceivedEvent
+from relay.tls import server_context
 
 log = logging.getLogger("relay.events")
 
@@ -64,6 +68,8 @@ class Receiver:
         self._spool = spool
         self._applier = applier
         self._runner: web.AppRunner | None = None
+        self._socket: socket.socket | None = None
+        self._tls: ssl.SSLContext | None = None
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=_MAX_BODY)
@@ -71,17 +77,36 @@ class Receiver:
         app.router.add_post(PATH, self.webhook)
         return app
 
-    async def start(self, listen: str, tls: ssl.SSLContext | None = None) -> None:
-        host, port = split_host_port(listen)
+    async def bind(self) -> None:
+        """Bind ``events.listen`` (if set) and load ``events.tls`` before anything serves: a port in
+        use or a certificate that does not load stops the start (an OSError naming it)."""
+        config = self._config()
+        if not config.events.listen:
+            return
+        if config.events.tls is not None:
+            files = config.events.tls
+            try:
+                self._tls = await asyncio.to_thread(server_context, files, config.server.hostname)
+            except (OSError, ssl.SSLError) as error:
+                raise OSError(getattr(error, "errno", None), getattr(error, "strerror", None) or str(error),
+                              f"{files.cert} and {files.key} (events.tls)") from None
+        self._socket = bind_listening(config.events.listen, "events.listen")
+
+    async def serve(self) -> None:
+        if self._socket is None:
+            return
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, ssl_context=tls, reuse_address=True).start()
-        log.info("SendCloud webhook receiver on %s://%s%s", "https" if tls else "http", listen, PATH)
+        await web.SockSite(self._runner, self._socket, ssl_context=self._tls).start()
+        log.info("SendCloud webhook receiver on %s://%s%s", "https" if self._tls else "http", self._config().events.listen, PATH)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0) -> None:
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the socket too
             self._runner = None
+        elif self._socket is not None:
+            self._socket.close()
+        self._socket = None
 
     async def probe(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

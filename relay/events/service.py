@@ -12,7 +12,6 @@ from relay.events.applier import Applier, failed_outbox, requested_rows
 from relay.events.fanout_worker import FanoutWorker
 from relay.events.receiver import Receiver
 from relay.spool import QueuedMessage, RecipientUpdate, Spool, State
-from relay.tls import server_context
 
 log = logging.getLogger("relay.events")
 
@@ -31,16 +30,11 @@ class EventsService:
 
     async def start(self) -> None:
         """The applier and fan-out always run (outbox rows and unapplied events may wait from
-        before); the receiver only when ``events.listen`` is set."""
-        config = self._config()
+        before); the receiver (bound and served with the other listeners) only when
+        ``events.listen`` is set."""
         await self.applier.start()
         await self.fanout.start()
         self._pruner = asyncio.create_task(self._prune(), name="events-retention")
-        if config.events.listen:
-            tls = None
-            if config.events.tls is not None:
-                tls = await asyncio.to_thread(server_context, config.events.tls, config.server.hostname)
-            await self.receiver.start(config.events.listen, tls)
 
     async def stop(self) -> None:
         await self.receiver.stop()

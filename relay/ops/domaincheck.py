@@ -30,6 +30,7 @@ class Record:
     host: str
     needed: str
     found: list[str]
+    error: str | None = None  # why the lookup failed (status error): timeout, SERVFAIL, ...
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -54,14 +55,17 @@ def make_resolver(settings: Resolver) -> dns.asyncresolver.Resolver:
     return resolver
 
 
-async def _lookup(resolver: dns.asyncresolver.Resolver, host: str, kind: str) -> list[str] | None:
-    """Answers as text (TXT strings of one record joined); [] when none; None when DNS failed."""
+async def _lookup(resolver: dns.asyncresolver.Resolver, host: str, kind: str) -> list[str] | str:
+    """Answers as text (TXT strings of one record joined); [] when none; why, as a str, when DNS failed."""
     try:
         answer = await resolver.resolve(host, kind)
     except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
         return []
-    except (dns.resolver.NoNameservers, dns.exception.Timeout):
-        return None
+    except dns.exception.Timeout:
+        servers = ", ".join(str(server) for server in resolver.nameservers) or "the system resolver"
+        return f"no answer from {servers} within {resolver.lifetime:g}s"
+    except dns.exception.DNSException as error:  # SERVFAIL/REFUSED from every server, a bad name, ...
+        return str(error) or type(error).__name__
     if kind == "TXT":
         return [b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer]
     return [rdata.exchange.to_text().rstrip(".").lower() for rdata in answer]
@@ -117,11 +121,12 @@ async def check_domain(domain: str, resolver: dns.asyncresolver.Resolver, expect
     )
 
     def row(name, required, found, judge, kind, host, needed):
-        status = "error" if found is None else judge(found)
-        relevant = [] if found is None else found
+        if isinstance(found, str):
+            return Record(name, required, "error", kind, host, needed, [], error=found)
+        relevant = found
         if kind == "TXT" and name == "SPF":
             relevant = [value for value in relevant if value.lower().startswith("v=spf1")]
-        return Record(name, required, status, kind, host, needed, relevant)
+        return Record(name, required, judge(found), kind, host, needed, relevant)
 
     return [
         row("SPF", True, spf, lambda found: judge_spf(found, expected.spf_include), "TXT", domain,
@@ -143,4 +148,6 @@ def table(records: list[Record]) -> list[str]:
         )
         for value in record.found:
             lines.append(f"{'':<6} found: {value}")
+        if record.error:
+            lines.append(f"{'':<6} lookup failed: {record.error}")
     return lines

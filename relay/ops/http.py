@@ -5,7 +5,7 @@
 | ``GET /healthz`` | 200 while the process and its event loop answer (liveness) | never |
 | ``GET /readyz`` | 200, or 503 with the reasons: spool write, workers, upstream (readiness) | never |
 | ``GET /metrics`` | Prometheus text format | if set |
-| ``GET /api/queue[?all=1]`` | `queue list` as JSON | if set |
+| ``GET /api/queue[?all=1&user=&to=&state=&since=&limit=&after=]`` | `queue list --json`, paged | if set |
 | ``GET /api/queue/ID`` | `queue show ID` as JSON | if set |
 | ``POST /api/reload`` | reload the config now; the answer says whether it was taken | if set |
 | ``GET /api/stats[?since=7d&until=DATE&by=day&group=user]`` | `stats --json` | if set |
@@ -23,9 +23,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from aiohttp import web
 
@@ -34,12 +37,14 @@ from relay.observe import metrics
 from relay.observe.health import readiness_problems
 from relay.ops import events_view, queue_view
 from relay.policy.suppression import normalise_address
+from relay.sockets import bind_listening
 from relay.spool import Spool
 
 log = logging.getLogger("relay.admin")
 
 _PROBE_TIMEOUT = 5.0  # a spool write slower than this counts as failing
 _PROBE_REUSE = 1.0  # seconds a spool probe's result answers further /readyz calls
+_QUEUE_PAGE = 1000  # /api/queue without a limit: one page, and the cursor to the next
 
 
 @dataclass(frozen=True)
@@ -52,12 +57,14 @@ class AdminBackend:
     dead_workers: Callable[[], list[str]]  # delivery tasks that ended while they should run
     failing_since: Callable[[], Mapping[str, float]]  # per account: since when the upstream fails
     reload: Callable[[], Awaitable[tuple[str | None, list[str]]]]  # (why refused, or None; restart needed)
+    config_path: Path | None = None  # the file reloads read (None: the embedded demo)
 
 
 class AdminServer:
     def __init__(self, relay: AdminBackend):
         self.relay = relay
         self._runner: web.AppRunner | None = None
+        self._socket: socket.socket | None = None
         self._probe: asyncio.Task | None = None
         self._probe_done_at = 0.0
 
@@ -75,19 +82,30 @@ class AdminServer:
         app.router.add_delete("/api/suppressions/{address}", self.suppression_remove)
         return app
 
-    async def start(self, listen: str) -> None:
-        host, port = split_host_port(listen)
+    async def bind(self) -> None:
+        """Bind ``admin.listen`` (if on) without serving yet; OSError names the address that failed."""
+        listen = self.relay.config().admin.listen
+        if listen:
+            self._socket = bind_listening(listen, "admin.listen")
+
+    async def serve(self) -> None:
+        if self._socket is None:
+            return
+        listen = self.relay.config().admin.listen
         self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        await web.SockSite(self._runner, self._socket).start()
         log.info("admin endpoint on http://%s/ (/metrics, /healthz, /readyz, /api/queue, /api/reload)", listen)
-        if self.relay.config().admin.token is None and host not in ("127.0.0.1", "::1", "localhost"):
+        if self.relay.config().admin.token is None and split_host_port(listen)[0] not in ("127.0.0.1", "::1", "localhost"):
             log.warning("admin endpoint on %s has no admin.token: anyone who reaches it can read the queue", listen)
 
-    async def stop(self) -> None:
+    async def stop(self, grace: float = 0) -> None:
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # closes the socket too
             self._runner = None
+        elif self._socket is not None:
+            self._socket.close()
+        self._socket = None
 
     @web.middleware
     async def _token_check(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
@@ -156,10 +174,21 @@ class AdminServer:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def queue_list(self, request: web.Request) -> web.Response:
-        include_final = request.query.get("all", "") not in ("", "0", "false", "no")
-        messages = await self.relay.spool.list(include_final)
+        """`queue list --json`: the same filters as query parameters, a page of at most ``limit``."""
+        parameters = request.query
         now = time.time()
-        return web.json_response({"messages": [queue_view.list_record(m, now) for m in messages], "count": len(messages)})
+        try:
+            query = queue_view.list_query(
+                include_final=parameters.get("all", "") not in ("", "0", "false", "no"),
+                user=parameters.get("user"), to=parameters.get("to"), state=parameters.get("state"),
+                since=parameters.get("since"), after=parameters.get("after"),
+                limit=parameters.get("limit", _QUEUE_PAGE), now=now,
+            )
+        except ValueError as error:
+            return web.json_response({"error": str(error)}, status=400)
+        messages, more_after = queue_view.page(await self.relay.spool.list(query), query)
+        return web.json_response({"messages": [queue_view.list_record(m, now) for m in messages],
+                                  "count": len(messages), "next_after": more_after})
 
     async def queue_show(self, request: web.Request) -> web.Response:
         message = await self.relay.spool.get(request.match_info["id"])
@@ -170,9 +199,12 @@ class AdminServer:
 
     async def reload(self, request: web.Request) -> web.Response:
         error, restart_needed = await self.relay.reload()
+        # Which relay this is, so `sendcloud-relay reload` can say whether it reached the one meant.
+        identity = {"hostname": socket.gethostname(), "pid": os.getpid(),
+                    "config": str(self.relay.config_path) if self.relay.config_path else None}
         if error is not None:
-            return web.json_response({"reloaded": False, "error": error}, status=422)
-        return web.json_response({"reloaded": True, "restart_needed": restart_needed})
+            return web.json_response({"reloaded": False, "error": error} | identity, status=422)
+        return web.json_response({"reloaded": True, "restart_needed": restart_needed} | identity)
 
     # -- statistics and the suppression list (the same queries as `stats` and `suppression`) --
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from datetime import datetime
 
-from relay.config import Config
-from relay.spool import QueuedMessage, State
+from relay.config import Config, parse_duration
+from relay.spool import ListQuery, QueuedMessage, State
 from relay.spool.events_model import Fate, RecipientEvent
 
 
@@ -25,6 +26,60 @@ def format_age(seconds: float) -> str:
             rest = (seconds % size) // small_size
             return f"{seconds // size}{name}" + (f"{rest}{small_name}" if rest else "")
     return f"{seconds}s"
+
+
+def list_query(
+    *,
+    include_final: bool = False,
+    user: str | None = None,
+    to: str | None = None,
+    state: str | None = None,
+    since: str | None = None,
+    after: str | None = None,
+    limit: str | int | None = None,
+    now: float,
+) -> ListQuery:
+    """`queue list`'s options (or ``/api/queue``'s parameters) as a spool query; ValueError says which is wrong.
+
+    ``since`` is an age (``1d``, ``90m``) or an ISO date or time (``2026-12-01``, local time
+    unless it says otherwise). The page asked of the spool is one longer than ``limit``, so
+    :func:`page` can tell whether there is more.
+    """
+    try:
+        chosen_state = State(state) if state is not None else None
+    except ValueError:
+        raise ValueError(f"state {state!r}: one of {', '.join(s.value for s in State)}") from None
+    if limit is not None:
+        try:
+            limit = int(limit)
+        except ValueError:
+            raise ValueError(f"limit {limit!r} is not a number") from None
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+    return ListQuery(
+        include_final=include_final, user=user, to=to, state=chosen_state,
+        since=_since(since, now) if since is not None else None,
+        after=after, limit=limit + 1 if limit is not None else None,
+    )
+
+
+def _since(text: str, now: float) -> float:
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(f"since {text!r}: an age such as 1d or 90m, or a date such as 2026-12-01") from None
+
+
+def page(messages: list[QueuedMessage], query: ListQuery) -> tuple[list[QueuedMessage], str | None]:
+    """The messages to show for a :func:`list_query` query, and the cursor for the next page (None: no more)."""
+    if query.limit is None or len(messages) < query.limit:
+        return messages, None
+    shown = messages[: query.limit - 1]
+    return shown, shown[-1].id
 
 
 def list_record(message: QueuedMessage, now: float) -> dict:
@@ -42,7 +97,7 @@ def list_record(message: QueuedMessage, now: float) -> dict:
     }
 
 
-def list_lines(messages: list[QueuedMessage], now: float | None = None) -> list[str]:
+def list_lines(messages: list[QueuedMessage], now: float | None = None, more_after: str | None = None) -> list[str]:
     now = time.time() if now is None else now
     lines = [f"{'ID':<16} {'AGE':>6} {'USER':<12} {'ACCOUNT':<16} {'RCPTS':>5} STATE"]
     for record in (list_record(message, now) for message in messages):
@@ -50,7 +105,7 @@ def list_lines(messages: list[QueuedMessage], now: float | None = None) -> list[
             f"{record['id']:<16} {record['age']:>6} {record['user']:<12} {record['account']:<16} "
             f"{record['recipients_pending']:>2}/{record['recipients_total']:<2} {record['state']}"
         )
-    lines.append(f"-- {len(messages)} message(s)")
+    lines.append(f"-- {len(messages)} message(s)" + (f"; more with --after {more_after}" if more_after else ""))
     return lines
 
 

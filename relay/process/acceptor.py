@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import logging
 import os
-import pickle
 import signal
 import socket
 
@@ -25,8 +24,12 @@ from relay.policy.suppression import SuppressionCache
 from relay.process.ipc import (
     FRAME_HEADER,
     READY,
+    FrameError,
     LimitsAnswer,
     LimitsCall,
+    Stored,
+    check_lengths,
+    decode,
     read_frame,
     write_frame,
     write_message,
@@ -74,13 +77,14 @@ class SpoolClient:
         if self.closed.is_set():
             raise SpoolUnreachable("main process gone")
         self._sequence += 1
+        sequence = self._sequence  # this message's own: other sessions store while this one awaits
         future = asyncio.get_running_loop().create_future()
-        self._waiting[self._sequence] = future
+        self._waiting[sequence] = future
         try:
             # Shielded: a session cancelled mid-body must not leave the main process a partial one.
-            await asyncio.shield(write_message(self._writer, self._sequence, message))
+            await asyncio.shield(write_message(self._writer, sequence, message))
         except ConnectionError as error:
-            self._waiting.pop(self._sequence, None)
+            self._waiting.pop(sequence, None)
             raise SpoolUnreachable(f"main process gone: {error}") from None
         await future
 
@@ -94,12 +98,18 @@ class SpoolClient:
                 if isinstance(frame, Config):
                     self._reconfigure(frame)
                     continue
-                sequence, error = frame
-                future = self._waiting.pop(sequence, None)
+                if not isinstance(frame, Stored):
+                    raise FrameError(f"unexpected {type(frame).__name__} frame")
+                future = self._waiting.pop(frame.sequence, None)
                 if future is not None and not future.done():
-                    future.set_exception(SpoolUnreachable(error)) if error else future.set_result(None)
+                    if frame.error:
+                        future.set_exception(SpoolUnreachable(frame.error))
+                    else:
+                        future.set_result(None)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except FrameError as error:
+            log.error("acceptor %d: closing the link to the main process: %s", os.getpid(), error)
         finally:
             self.closed.set()
             for future in self._waiting.values():
@@ -240,8 +250,11 @@ def acceptor_main() -> None:
     args = parser.parse_args()
     use_queue_id_partition(args.partition, args.partitions)
     ipc = socket.socket(fileno=args.ipc)
-    meta_length, _ = FRAME_HEADER.unpack(_receive(ipc, FRAME_HEADER.size))  # the first frame: the config
-    config = pickle.loads(_receive(ipc, meta_length))
+    meta_length, data_length = FRAME_HEADER.unpack(_receive(ipc, FRAME_HEADER.size))  # the first frame: the config
+    check_lengths(meta_length, data_length)
+    config = decode(_receive(ipc, meta_length))
+    if not isinstance(config, Config):
+        raise SystemExit(f"the main process's first frame is not the config: {type(config).__name__}")
     logs.configure(config.logging, logs.secrets_of(config), args.verbose)
     listening: dict[str, list[socket.socket]] = {}
     for item in args.listen:

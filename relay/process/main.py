@@ -1,7 +1,8 @@
 """`serve`: wires config, spool, delivery, listeners and the admin endpoint; reloads; stops in order.
 
 Shutdown order matters for "never lose mail": stop accepting, let sessions in a
-transaction finish (bounded), then stop delivery workers, then close the spool. A SIGKILL at
+transaction and deliveries in flight finish (side by side, within one ``shutdown_grace``),
+then close the spool, which mail accepted meanwhile still reached. A SIGKILL at
 any point instead loses nothing either: whatever got a ``250`` is committed, and on start
 every recipient that is not final is picked up again by the scheduler's first poll.
 
@@ -37,18 +38,21 @@ from relay.policy.anvil import LocalLimits
 from relay.policy.auth import Authenticator
 from relay.policy.rates import PersistentRates
 from relay.policy.suppression import SuppressionCache
+from relay.process.startup import StartupError, bind_all, serve_all, server_tls
 from relay.process.supervisor import AcceptorPool
 from relay.rewrite.pipeline import Preparer
 from relay.smtp.listeners import ListenerGroup
 from relay.smtp.session import Services
 from relay.spool import NewMessage, open_spool, rate_store
-from relay.tls import ServerTLS, server_context
+from relay.tls import server_context
 
 log = logging.getLogger("relay")
 
 
 class Relay:
-    def __init__(self, config: Config, load: Callable[[], Config] = load_demo_config, verbose: bool = False):
+    def __init__(self, config: Config, load: Callable[[], Config] = load_demo_config, verbose: bool = False,
+                 config_path: Path | None = None):
+        self.tls = server_tls(config)  # first: a certificate that cannot load stops the start here
         self.config = config
         self._load = load
         self._verbose = verbose
@@ -73,7 +77,6 @@ class Relay:
             rates=self.rates,
             suppressions=self.suppressions,
         )
-        self.tls = ServerTLS(config.server.tls, config.server.hostname) if config.server.tls else None
         acceptors = acceptor_count(config)
         self.acceptors = (
             AcceptorPool(config, self.intake, self.spool.spill_directory, self.limits, acceptors) if acceptors > 1 else None
@@ -86,6 +89,7 @@ class Relay:
             dead_workers=self.scheduler.dead_workers,
             failing_since=lambda: self.scheduler.upstream_health.failing_since,
             reload=self.reload,
+            config_path=config_path.resolve() if config_path else None,
         ))
         self._reload_lock = asyncio.Lock()
 
@@ -100,11 +104,16 @@ class Relay:
             await self.suppressions.refresh()  # the list as it is before the first RCPT
             self.suppressions.start()
             await self.rates.start()
+            listening = [self.listeners, self.admin, self.events.receiver]  # http_api joins this list
+            try:
+                await bind_all(listening)  # every socket bound before any serves
+            except StartupError:
+                await self.rates.stop()
+                await self.spool.close()
+                raise
             await self.scheduler.start()
-            await self.listeners.start()
-            if self.config.admin.listen:
-                await self.admin.start(self.config.admin.listen)
-            await self.events.start()  # the webhook receiver only with events.listen
+            await self.events.start()  # applier, fan-out and retention; the receiver serves with the listeners
+            await serve_all(listening)
         pending = await self.spool.counts()
         loop_module = type(asyncio.get_running_loop()).__module__
         log.info(
@@ -143,11 +152,11 @@ class Relay:
             return None, waiting
 
     async def stop(self) -> None:
+        """One ``server.shutdown_grace`` for everything: sessions and deliveries finish side by side."""
         self.stopping = True
         grace = self.config.server.shutdown_grace
-        log.info("shutting down: no new connections, sessions in a transaction get %.0fs", grace)
-        await self.listeners.stop(grace)
-        await self.scheduler.stop(grace)
+        log.info("shutting down: no new connections; sessions in a transaction and deliveries get %.0fs", grace)
+        await asyncio.gather(self.listeners.stop(grace), self.scheduler.stop(grace))
         await self.events.stop()
         await self.suppressions.stop()
         await asyncio.to_thread(self.preparer.close)
@@ -171,7 +180,7 @@ def _loading(key: str, what: str, make: Callable, *args):
 async def serve(config: Config, config_path: Path | None = None, verbose: bool = False) -> None:
     """Run until SIGTERM or SIGINT; SIGHUP reloads the config."""
     load = (lambda: load_config(config_path)) if config_path else load_demo_config
-    relay = Relay(config, load, verbose)
+    relay = Relay(config, load, verbose, config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     reloads: set[asyncio.Task] = set()

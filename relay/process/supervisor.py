@@ -15,11 +15,12 @@ to one ``cleanup``/``qmgr`` side. This is the same shape:
   only then answers; the acceptor says ``250`` after that answer. Any failure of that path is
   an exception in ``store``, so the listener answers ``451 4.3.0`` as for a local spool error.
 
-Frames on the socketpair are an 8-byte header (metadata length, data length) then a pickle
-of the metadata, then the data bytes (sent without re-encoding). Pickle is safe here: both
-ends are this program, and the socketpair is reachable by nobody else. The main process's
-first frame is the config, and a reload sends the new one the same way, so every process
-runs the config the main process validated. A message goes as :class:`BodyPiece` frames of
+Frames on the socketpair are an 8-byte header (metadata length, data length) then the
+metadata as JSON, then the data bytes (sent without re-encoding): never pickle, so an
+acceptor taken over from the internet cannot run code in the main process
+(:mod:`relay.process.ipc`). The main process's first frame is the config without the
+upstream secrets (no ``api_key``, no admin token), and a reload sends the new one the same
+way, so every process runs the config the main process validated. A message goes as :class:`BodyPiece` frames of
 at most 256 KB, the acceptor waiting for the socket to drain after each, then one frame
 with the message without its body: the main process keeps the pieces as they come and the
 spool writes them as pieces, so a 10 MB message is never a second whole copy on either
@@ -70,12 +71,16 @@ from relay.process.ipc import (
     READY,
     TOLD_METHODS,
     BodyPiece,
+    FrameError,
     LimitsAnswer,
     LimitsCall,
+    MessageFrame,
+    Stored,
     read_frame,
     write_frame,
 )
 from relay.process.spill import ReceivedBody
+from relay.smtp.listeners import bind_error
 from relay.spool import (
     NewMessage,
     use_queue_id_partition,
@@ -84,6 +89,7 @@ from relay.spool import (
 log = logging.getLogger("relay.workers")
 
 _RESTART_DELAY = 1.0  # seconds before an acceptor that died is started again
+_EXIT_MARGIN = 2.0  # seconds past the shutdown grace an acceptor has to exit before it is killed
 
 
 def _metrics_name(index: int) -> str:
@@ -108,15 +114,23 @@ class AcceptorPool:
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._stopping = False
 
-    async def start(self) -> None:
+    async def bind(self) -> None:
+        """Bind every listener, exactly as a one-process relay binds them, but never served here."""
         use_queue_id_partition(0, self._count + 1)
         loop = asyncio.get_running_loop()
         for listener in self._config.server.listeners:
-            # Bound here exactly as a one-process relay binds them, but never served here.
-            server = await loop.create_server(
-                asyncio.Protocol, host=listener.bind, port=listener.port, reuse_address=True, start_serving=False
-            )
+            try:
+                server = await loop.create_server(
+                    asyncio.Protocol, host=listener.bind, port=listener.port, reuse_address=True, start_serving=False
+                )
+            except OSError as error:
+                raise bind_error(error, listener) from None
             self._servers.append((listener.name, server))
+
+    async def serve(self) -> None:
+        """Start the acceptor processes on the bound sockets; returns once every one serves."""
+        loop = asyncio.get_running_loop()
+        for listener in self._config.server.listeners:
             log.info("listening on %s:%d (%s, tls=%s, auth=%s) in %d acceptor processes",
                      listener.bind, listener.port, listener.name, listener.tls, listener.auth, self._count)
         started = [loop.create_future() for _ in range(self._count)]
@@ -140,12 +154,19 @@ class AcceptorPool:
     async def stop(self, grace: float = 0) -> None:
         """SIGTERM every acceptor and keep storing for them until they have all exited.
 
-        Each acceptor applies ``server.shutdown_grace`` to its own sessions.
+        Each acceptor applies ``server.shutdown_grace`` to its own sessions, from the same
+        moment; one still running ``_EXIT_MARGIN`` after ``grace`` is killed, so the relay's
+        shutdown stays within one grace (a session cut then gets no ``250``: nothing is lost).
         """
         self._stopping = True
         for process in self._processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
+        _, late = await asyncio.wait(self._supervisors, timeout=grace + _EXIT_MARGIN) if self._supervisors else ((), ())
+        for index, process in self._processes.items():
+            if late and process.poll() is None:
+                log.error("acceptor %d (pid %d) still running after the shutdown grace; killing it", index, process.pid)
+                process.kill()
         await asyncio.gather(*self._supervisors, return_exceptions=True)
         for _, server in self._servers:
             server.close()
@@ -217,6 +238,9 @@ class AcceptorPool:
                     frame, data = await read_frame(reader)
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
+                except FrameError as error:  # not this program at the other end any more
+                    log.error("acceptor %d: closing its link: %s", index, error)
+                    return
                 if isinstance(frame, BodyPiece):
                     if frame.sequence not in bodies:
                         bodies[frame.sequence] = ReceivedBody(self._spill_directory)
@@ -225,8 +249,13 @@ class AcceptorPool:
                 if isinstance(frame, LimitsCall):
                     await self._answer(index, writer, frame)
                     continue
-                sequence, message = frame  # no local may keep the body: it would live until the next message
-                task = asyncio.create_task(self._store(writer, sequence, message, bodies.pop(sequence, None)))
+                if not isinstance(frame, MessageFrame):
+                    log.error("acceptor %d: closing its link: unexpected %s frame", index, type(frame).__name__)
+                    return
+                # no local may keep the body: it would live until the next message
+                task = asyncio.create_task(
+                    self._store(writer, frame.sequence, frame.message, bodies.pop(frame.sequence, None))
+                )
                 pending.add(task)
                 task.add_done_callback(pending.discard)
         finally:
@@ -240,8 +269,8 @@ class AcceptorPool:
         if call.method not in (ASKED_METHODS if call.sequence is not None else TOLD_METHODS):
             log.error("acceptor %d: unknown limits call %r", index, call.method)
             return
-        args = ((index, call.args[0]), *call.args[1:]) if call.method in PER_CONNECTION_METHODS else call.args
         try:
+            args = ((index, call.args[0]), *call.args[1:]) if call.method in PER_CONNECTION_METHODS else call.args
             value = getattr(self._limits, call.method)(*args)
             if call.sequence is not None:
                 value = await value
@@ -257,9 +286,9 @@ class AcceptorPool:
             await self._intake(message)
         except Exception as error:  # noqa: BLE001 - the acceptor answers 451 and logs it
             log.exception("%s: could not spool message from an acceptor", message.id)
-            reply = (sequence, f"{type(error).__name__}: {error}")
+            reply = Stored(sequence, f"{type(error).__name__}: {error}")
         else:
-            reply = (sequence, None)
+            reply = Stored(sequence, None)
         finally:
             if body is not None:
                 body.close()

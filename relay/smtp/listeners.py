@@ -15,6 +15,13 @@ from relay.smtp.session import ListenerHandler, Services
 
 log = logging.getLogger("relay.smtpd")
 
+_GOODBYE = 0.5  # seconds a session told 421 at shutdown has to hang up before it is cut
+
+
+def bind_error(error: OSError, listener: Listener) -> OSError:
+    """``error`` with the listener's address as its ``filename``, which the start-up message names."""
+    return OSError(error.errno, error.strerror, f"{listener.bind}:{listener.port} (listener {listener.name})")
+
 
 class ListenerGroup:
     """All listening sockets, and the sessions they opened, for start and orderly shutdown."""
@@ -65,31 +72,57 @@ class ListenerGroup:
 
         return factory
 
-    async def start(self, bound: dict[str, list[socket.socket]] | None = None) -> None:
-        """Listen as configured, or on the sockets already ``bound`` per listener name (acceptor processes)."""
+    async def bind(self) -> None:
+        """Bind every configured listener without serving yet; OSError names the address that failed."""
         loop = asyncio.get_running_loop()
         for listener in self.services.config().server.listeners:
             tls = self.tls_context if listener.tls == "implicit" else None
-            if bound is not None:
-                for sock in bound[listener.name]:
-                    self._servers.append(await loop.create_server(self._factory(listener), sock=sock, ssl=tls))
-                continue
-            server = await loop.create_server(
-                self._factory(listener), host=listener.bind, port=listener.port, ssl=tls, reuse_address=True
-            )
+            try:
+                server = await loop.create_server(
+                    self._factory(listener), host=listener.bind, port=listener.port, ssl=tls,
+                    reuse_address=True, start_serving=False,
+                )
+            except OSError as error:
+                raise bind_error(error, listener) from None
             self._servers.append(server)
+
+    async def serve(self) -> None:
+        """Serve on the sockets :meth:`bind` made."""
+        for server, listener in zip(self._servers, self.services.config().server.listeners, strict=True):
+            await server.start_serving()
             log.info("listening on %s:%d (%s, tls=%s, auth=%s%s)", listener.bind, listener.port, listener.name,
                      listener.tls, listener.auth, ", PROXY protocol" if listener.proxy_protocol else "")
 
+    async def start(self, bound: dict[str, list[socket.socket]]) -> None:
+        """Serve on the sockets already ``bound`` per listener name (acceptor processes)."""
+        loop = asyncio.get_running_loop()
+        for listener in self.services.config().server.listeners:
+            tls = self.tls_context if listener.tls == "implicit" else None
+            for sock in bound[listener.name]:
+                self._servers.append(await loop.create_server(self._factory(listener), sock=sock, ssl=tls))
+
     async def stop(self, grace: float) -> None:
-        """Stop accepting; close idle sessions; give busy ones ``grace`` seconds to finish."""
+        """Stop accepting; close idle sessions; give busy ones ``grace`` seconds to finish.
+
+        Returns as soon as no session is in a transaction: a session told ``421`` gets
+        ``_GOODBYE`` seconds to hang up, then is cut, since closing a TLS connection otherwise
+        waits for the client's close_notify (asyncio's 30 s SSL shutdown timeout).
+        """
         for server in self._servers:
             server.close()
-        deadline = time.monotonic() + grace
-        while self.connections and time.monotonic() < deadline:
-            for connection in list(self.connections):
-                connection.close_idle()
-            await asyncio.sleep(0.05)
-        for connection in list(self.connections):
-            connection.abort()
         self._servers.clear()
+        now = time.monotonic()
+        deadline = now + grace
+        told: dict[RelaySMTP, float] = {}  # sessions told 421, and when
+        while self.connections and now < deadline:
+            for connection in list(self.connections):
+                if not connection.in_transaction:
+                    connection.close_idle()
+                    told.setdefault(connection, now)
+            if all(connection in told and now - told[connection] >= _GOODBYE for connection in self.connections):
+                break
+            await asyncio.sleep(0.05)
+            now = time.monotonic()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()

@@ -10,7 +10,7 @@ package names a backend.
 from __future__ import annotations
 
 from relay.config import Spool as SpoolSettings
-from relay.spool.base import BodyGone, RateStore, Spool, WindowKey
+from relay.spool.base import BodyGone, ListQuery, RateStore, Spool, SpoolMissing, WindowKey
 from relay.spool.model import (
     FileRegion,
     NewMessage,
@@ -26,19 +26,20 @@ from relay.spool.model import (
 )
 
 __all__ = [
-    "BodyGone", "FileRegion", "NewMessage", "Piece", "QueuedMessage", "RateStore", "Recipient", "RecipientUpdate",
-    "Spool", "State", "WindowKey", "is_eight_bit", "new_queue_id", "open_spool", "piece_chunks", "rate_store",
-    "suppression_reader",
+    "BodyGone", "FileRegion", "ListQuery", "NewMessage", "Piece", "QueuedMessage", "RateStore", "Recipient",
+    "RecipientUpdate", "Spool", "SpoolMissing", "State", "WindowKey", "is_eight_bit", "new_queue_id", "open_spool",
+    "piece_chunks", "rate_store", "suppression_reader",
     "use_queue_id_partition",
 ]
 
 
-def open_spool(settings: SpoolSettings) -> Spool:
-    """The spool ``spool.backend`` names (not opened yet: ``await spool.open()``)."""
+def open_spool(settings: SpoolSettings, create: bool = True) -> Spool:
+    """The spool ``spool.backend`` names (not opened yet: ``await spool.open()``); with
+    ``create=False`` opening raises :class:`SpoolMissing` rather than making an empty one."""
     if settings.backend == "sqlite":
         from relay.spool.sqlite import SqliteSpool
 
-        return SqliteSpool(settings.path)
+        return SqliteSpool(settings.path, create)
     raise ValueError(f"spool.backend {settings.backend!r} is not supported")
 
 

@@ -12,17 +12,58 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from relay.spool.events_base import EventStore
-from relay.spool.model import NewMessage, QueuedMessage, RecipientUpdate
+from relay.spool.model import NewMessage, QueuedMessage, RecipientUpdate, State
 
 WindowKey = tuple[str, float, int]  # a rate window: (counter key, period in seconds, window number)
 
 
+class SpoolMissing(Exception):
+    """There is no spool where the settings say (opened with ``create=False``: the operator's commands)."""
+
+
 class BodyGone(Exception):
     """The message was deleted (``queue delete``) while its body was being read."""
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """What `queue list` and ``/api/queue`` ask for: filters, then a page in queue-ID (arrival) order.
+
+    Without ``include_final`` only messages with a recipient still waiting are listed; a
+    ``state`` that is final (delivered, failed) looks at every message, as ``--all`` does.
+    """
+
+    include_final: bool = False
+    user: str | None = None
+    to: str | None = None  # a recipient's address, compared without regard to case
+    state: State | None = None  # a message with at least one recipient in this state
+    since: float | None = None  # received at or after
+    after: str | None = None  # the cursor: queue IDs after this one
+    limit: int | None = None
+
+    @property
+    def pending_only(self) -> bool:
+        return not self.include_final and (self.state is None or not self.state.final)
+
+    def matches(self, message: QueuedMessage) -> bool:
+        """Whether ``message`` (with all its recipients) passes the filters; the reference for every backend."""
+        states = {recipient.state for recipient in message.recipients}
+        return (
+            (not self.pending_only or any(not state.final for state in states))
+            and (self.user is None or message.user == self.user)
+            and (self.to is None or any(r.address.lower() == self.to.lower() for r in message.recipients))
+            and (self.state is None or self.state in states)
+            and (self.since is None or message.received_at >= self.since)
+            and (self.after is None or message.id > self.after)
+        )
+
+
+PENDING_MESSAGES = ListQuery()  # `queue list` without options
 
 
 class Spool(EventStore, Protocol):
@@ -63,7 +104,8 @@ class Spool(EventStore, Protocol):
 
     # -- operators ---------------------------------------------------------------------------------
 
-    async def list(self, include_final: bool = False) -> list[QueuedMessage]: ...
+    async def list(self, query: ListQuery = PENDING_MESSAGES) -> list[QueuedMessage]:
+        """The messages ``query`` selects, each with all its recipients, in queue-ID order."""
 
     async def get(self, message_id: str) -> QueuedMessage | None: ...
 

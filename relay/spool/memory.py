@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.lines import header_length
-from relay.spool.base import BodyGone
+from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery
 from relay.spool.memory_events import MemoryEvents
 from relay.spool.model import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, piece_chunks
 
@@ -117,12 +117,11 @@ class MemorySpool(MemoryEvents):
             yield chunk
             offset += len(chunk)
 
-    async def list(self, include_final: bool = False) -> list[QueuedMessage]:
-        return await _answer(self._messages({
-            message_id: list(entry.recipients)
-            for message_id, entry in self._entries.items()
-            if include_final or entry.body is not None
-        }))
+    async def list(self, query: ListQuery = PENDING_MESSAGES) -> list[QueuedMessage]:
+        selected = [message for message in self._messages({
+            message_id: list(entry.recipients) for message_id, entry in self._entries.items()
+        }) if query.matches(message)]
+        return await _answer(selected[: query.limit] if query.limit is not None else selected)
 
     async def get(self, message_id: str) -> QueuedMessage | None:
         entry = self._entries.get(message_id)

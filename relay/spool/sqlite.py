@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.lines import header_length
-from relay.spool.base import BodyGone, WindowKey
+from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery, SpoolMissing, WindowKey
 from relay.spool.model import (
     NewMessage,
     QueuedMessage,
@@ -63,6 +63,8 @@ CREATE TABLE IF NOT EXISTS recipients (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS recipients_pending
     ON recipients (next_attempt) WHERE state IN ('queued', 'deferred');
+CREATE INDEX IF NOT EXISTS recipients_pending_messages  -- `queue list`: pending messages in ID order
+    ON recipients (message_id) WHERE state IN ('queued', 'deferred');
 """
 
 # Columns added after the first release: added to an existing spool.db when it is opened,
@@ -241,19 +243,23 @@ class SpoolStore:
         found = self._messages({message_id: [_recipient(row) for row in rows]})
         return found[0] if found else None
 
-    def list(self, include_final: bool = False) -> list[QueuedMessage]:
-        where = "" if include_final else "WHERE body IS NOT NULL"
-        ids = [row[0] for row in self.conn.execute(f"SELECT id FROM messages {where} ORDER BY id")]
-        if not ids:
-            return []
-        recipients: dict[str, list[Recipient]] = {message_id: [] for message_id in ids}
-        for row in self.conn.execute(
-            "SELECT message_id, idx, address, state, attempts, next_attempt, last_reply, email_id "
-            "FROM recipients ORDER BY message_id, idx"
-        ):
-            if row[0] in recipients:
-                recipients[row[0]].append(_recipient(row))
-        return self._messages(recipients)
+    def list(self, query: ListQuery = PENDING_MESSAGES) -> list[QueuedMessage]:
+        rows = self.conn.execute(*list_sql(query)).fetchall()
+        recipients = self._recipients_of([row[0] for row in rows])
+        return [QueuedMessage(*row, recipients=recipients.get(row[0], [])) for row in rows]
+
+    def _recipients_of(self, ids: list[str]) -> dict[str, list[Recipient]]:
+        """Every recipient of these messages, found by the recipients' primary key."""
+        found: dict[str, list[Recipient]] = {}
+        for start in range(0, len(ids), 500):  # stay under SQLite's bound-variable limit
+            chunk = ids[start : start + 500]
+            for row in self.conn.execute(
+                "SELECT message_id, idx, address, state, attempts, next_attempt, last_reply, email_id "
+                f"FROM recipients WHERE message_id IN ({','.join('?' * len(chunk))}) ORDER BY message_id, idx",
+                chunk,
+            ):
+                found.setdefault(row[0], []).append(_recipient(row))
+        return found
 
     def counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state").fetchall())
@@ -288,6 +294,48 @@ class SpoolStore:
         return found
 
 
+def list_sql(query: ListQuery) -> tuple[str, list]:
+    """One page of `queue list` as SQL and its parameters: the work is the page, not the spool.
+
+    Pending messages are found by walking ``recipients_pending_messages`` in message-ID order
+    (literal states, so SQLite sees that the partial index applies), each joined to its message
+    by primary key, and the walk stops at ``limit``; with final messages included the walk is
+    over the messages' primary key instead. Filters are checked per message on the way (``to``
+    by the recipients' primary key), so a selective filter walks further, never sorts.
+    """
+    where, parameters = [], []
+    for condition, value in (
+        ("m.id > ?", query.after),
+        ("m.user = ?", query.user),
+        ("m.received_at >= ?", query.since),
+        ("EXISTS (SELECT 1 FROM recipients t WHERE t.message_id = m.id AND lower(t.address) = ?)",
+         query.to.lower() if query.to is not None else None),
+    ):
+        if value is not None:
+            where.append(condition)
+            parameters.append(value)
+    columns = ", ".join(f"m.{column}" for column in _MESSAGE_COLUMNS.split(", "))
+    if query.pending_only:
+        if query.state is not None:
+            where.append("p.state = ?")
+            parameters.append(query.state.value)
+        sql = (
+            f"SELECT {columns} FROM recipients p INDEXED BY recipients_pending_messages "
+            "JOIN messages m ON m.id = p.message_id "
+            f"WHERE p.state IN ('queued', 'deferred'){''.join(f' AND {w}' for w in where)} "
+            "GROUP BY p.message_id ORDER BY p.message_id"
+        )
+    else:
+        if query.state is not None:
+            where.append("EXISTS (SELECT 1 FROM recipients s WHERE s.message_id = m.id AND s.state = ?)")
+            parameters.append(query.state.value)
+        sql = f"SELECT {columns} FROM messages m{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY m.id"
+    if query.limit is not None:
+        sql += " LIMIT ?"
+        parameters.append(query.limit)
+    return sql, parameters
+
+
 def _recipient(row: tuple) -> Recipient:
     message_id, idx, address, state, attempts, next_attempt, last_reply, email_id = row
     return Recipient(message_id, idx, address, State(state), attempts, next_attempt, last_reply, email_id)
@@ -299,8 +347,9 @@ _STOP = object()
 class SqliteSpool(SqliteEvents):
     """Async face of the spool for the server: group-committed writes, threaded reads."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, create: bool = True):
         self.path = path
+        self._create = create  # False: `queue` on a spool that is not there says so instead
         self.commits = 0  # one fsync of the WAL each: the number `bench/` divides by messages
         self.operations = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -309,6 +358,8 @@ class SqliteSpool(SqliteEvents):
         self._read_store: SpoolStore | None = None
 
     async def open(self) -> None:
+        if not self._create and not await asyncio.to_thread(self.path.exists):
+            raise SpoolMissing(f"no spool at {self.path}")
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self._writer = threading.Thread(target=self._write_loop, args=(ready,), name="spool-writer", daemon=True)
         self._writer.start()
@@ -367,8 +418,8 @@ class SqliteSpool(SqliteEvents):
     async def pending_summary(self) -> tuple[int, dict[str, int], float | None]:
         return await self._read(self._store().pending_summary)
 
-    async def list(self, include_final: bool = False) -> list[QueuedMessage]:
-        return await self._read(self._store().list, include_final)
+    async def list(self, query: ListQuery = PENDING_MESSAGES) -> list[QueuedMessage]:
+        return await self._read(self._store().list, query)
 
     async def get(self, message_id: str) -> QueuedMessage | None:
         return await self._read(self._store().get, message_id)

@@ -13,6 +13,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,19 @@ def test_admin_token_guards_metrics_and_api_but_not_probes(make_relay):
     assert relay.cli("reload").returncode == 0  # the CLI reads the token from the config
 
 
+def test_api_queue_filters_and_pages_as_queue_list_does(relay, sendcloud, client_tls):
+    sendcloud.stop()  # everything stays queued
+    ids = [submit(relay, client_tls, [f"r{n}@example.net"], message(f"m{n}")) for n in range(3)]
+    status, body = relay.http("/api/queue?limit=2")
+    first = json.loads(body)
+    assert status == 200 and [m["id"] for m in first["messages"]] == ids[:2] and first["next_after"] == ids[1]
+    rest = json.loads(relay.http(f"/api/queue?limit=2&after={first['next_after']}")[1])
+    assert [m["id"] for m in rest["messages"]] == ids[2:] and rest["next_after"] is None
+    assert [m["id"] for m in json.loads(relay.http("/api/queue?to=R1@example.net")[1])["messages"]] == [ids[1]]
+    status, body = relay.http("/api/queue?state=sent")
+    assert status == 400 and "state 'sent'" in json.loads(body)["error"]
+
+
 # -- readiness ------------------------------------------------------------------------------------
 
 
@@ -211,6 +226,8 @@ def test_reload_changes_password_and_rule_without_dropping_a_session_or_queued_m
     relay.write_config(config)
     result = relay.cli("reload")
     assert result.returncode == 0 and "reloaded" in result.stdout, result.stdout + result.stderr
+    reached = f"on {socket.gethostname()} (pid {relay.process.pid}, config {relay.config_path.resolve()})"
+    assert reached in result.stdout  # the relay it reached, so a wrong -c or port shows
 
     code, _ = open_session.data(message("finished after reload"))  # the session was not dropped
     assert code == 250
@@ -364,3 +381,45 @@ def test_json_log_lines_share_the_queue_id(make_relay, sendcloud, client_tls):
     assert [entry["status"] for entry in mine] == ["queued", "sent"]
     assert mine[0]["from"] == "app@acme.com" and mine[0]["user"] == USER and mine[0]["size"] > 0
     assert mine[1]["to"] == "j@example.net" and mine[1]["detail"].startswith("250")
+
+
+def _timed_stop(relay) -> float:
+    began = time.monotonic()
+    assert relay.stop(timeout=60) == 0, relay.log()
+    return time.monotonic() - began
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_of_an_idle_relay_does_not_wait_for_the_grace(make_relay, client_tls, processes):
+    """No session in a transaction and nothing being delivered: nothing to wait for."""
+    relay = make_relay(processes=processes, shutdown_grace="30s")
+    idle = _login(relay, client_tls, PASSWORD)  # a session between transactions is told 421, not waited for
+    assert idle.noop()[0] == 250
+    assert _timed_stop(relay) < 5
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_gives_a_session_and_a_delivery_one_grace_in_total(make_relay, sendcloud, client_tls, processes):
+    """A session mid-transaction finishes within the grace; a delivery stuck upstream is not given a second one."""
+    grace = 8.0
+    relay = make_relay(processes=processes, shutdown_grace=f"{grace:g}s")
+    answer = threading.Event()
+    sendcloud.data_hook = lambda rcpt_tos: answer.wait(3 * grace) and None  # no reply to the final dot in time
+    submit(relay, client_tls, ["stuck@example.net"], message("being delivered"))
+    assert wait_until(lambda: sendcloud.data_attempts == 1, 10)
+    finishing = _login(relay, client_tls, PASSWORD)
+    finishing.mail("app@acme.com")
+    assert finishing.rcpt("late@example.net")[0] == 250
+    hanging = _login(relay, client_tls, PASSWORD)
+    hanging.mail("app@acme.com")
+    assert hanging.rcpt("never@example.net")[0] == 250  # and then says nothing more
+
+    began = time.monotonic()
+    relay.process.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    assert finishing.data(message("finished while stopping"))[0] == 250  # inside the grace: accepted
+    assert relay.process.wait(4 * grace) == 0, relay.log()
+    assert time.monotonic() - began < grace + 4  # one grace, not one for sessions and one for delivery (2 x 8 s)
+    relay.process = None
+    hanging.close()
+    answer.set()

@@ -20,7 +20,7 @@ from relay.delivery.scheduler import Scheduler
 from relay.delivery.sendcloud import queued_message_id
 from relay.delivery.transport import Key, Result, Transaction
 from relay.errors import SMTPReply
-from relay.spool import NewMessage, State, new_queue_id
+from relay.spool import ListQuery, NewMessage, State, new_queue_id
 from relay.spool.memory import MemorySpool
 from tests.unit.helpers import BASE, config_from
 
@@ -213,7 +213,7 @@ async def test_a_550_fails_the_recipient_and_a_dsn_is_stored_and_delivered_to_th
     await harness.intake(message)
     await until(final(harness, message.id))
     assert await harness.states(message.id) == [State.DELIVERED, State.FAILED]
-    (dsn,) = [m for m in await harness.spool.list(include_final=True) if m.id != message.id]
+    (dsn,) = [m for m in await harness.spool.list(ListQuery(include_final=True)) if m.id != message.id]
     assert (dsn.sender, dsn.listener, dsn.account, [r.address for r in dsn.recipients]) == (
         "", "bounce", "acme_trigger", ["billing@acme.com"],
     )
@@ -232,7 +232,7 @@ async def test_a_failure_of_a_message_from_the_null_sender_makes_no_dsn(start):
     await harness.intake(message)
     await until(final(harness, message.id))
     await asyncio.sleep(5 * POLL)
-    assert [m.id for m in await harness.spool.list(include_final=True)] == [message.id]
+    assert [m.id for m in await harness.spool.list(ListQuery(include_final=True))] == [message.id]
     assert len(harness.upstream.sent) == 1
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 
-from relay.ops.queue_view import format_age, list_lines, list_record, show_lines, show_record
-from relay.spool import QueuedMessage, Recipient, State
+from relay.ops.queue_view import format_age, list_lines, list_query, list_record, page, show_lines, show_record
+from relay.spool import ListQuery, QueuedMessage, Recipient, State
 from tests.unit.helpers import BASE, config_from
 
 NOW = 1_700_000_000.0
@@ -166,3 +168,56 @@ def test_show_record_has_every_recipient():
                          "last_reply": "250 #mid#Queued", "email_id": "mid0$r0@example.org",
                          "status": None, "events": []}
     assert deferred["next_attempt"] == NOW + 300 and deferred["last_reply"] == "451 4.7.1 greylisted"
+
+
+QUERIES = {
+    "nothing": ({}, ListQuery()),
+    "all": ({"include_final": True}, ListQuery(include_final=True)),
+    "age_days": ({"since": "1d"}, ListQuery(since=NOW - 86400)),
+    "age_minutes": ({"since": "90m"}, ListQuery(since=NOW - 5400)),
+    "date_local": ({"since": "2026-12-01"}, ListQuery(since=datetime(2026, 12, 1).timestamp())),
+    "limit_asks_one_more": ({"limit": "50"}, ListQuery(limit=51)),
+    "state": ({"state": "deferred"}, ListQuery(state=State.DEFERRED)),
+    "cursor_and_filters": ({"after": "3ZK7", "user": "crm", "to": "a@x.org"},
+                           ListQuery(after="3ZK7", user="crm", to="a@x.org")),
+}
+
+
+@pytest.mark.parametrize("given, query", QUERIES.values(), ids=QUERIES.keys())
+def test_list_query_from_options(given, query):
+    assert list_query(now=NOW, **given) == query
+
+
+REFUSED = {
+    "state": ({"state": "sent"}, "state 'sent': one of queued, deferred, delivered, failed"),
+    "since": ({"since": "yesterday"}, "since 'yesterday': an age such as 1d"),
+    "limit_text": ({"limit": "ten"}, "limit 'ten' is not a number"),
+    "limit_zero": ({"limit": 0}, "limit must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("given, why", REFUSED.values(), ids=REFUSED.keys())
+def test_list_query_says_which_option_is_wrong(given, why):
+    with pytest.raises(ValueError, match=why.replace("(", r"\(")):
+        list_query(now=NOW, **given)
+
+
+def listed(*ids: str) -> list[QueuedMessage]:
+    return [QueuedMessage(i, NOW, "u", "smtp", "10.0.0.5", "acct", "trigger", "s@x.org", 1) for i in ids]
+
+
+PAGES = {
+    "no_limit": (ListQuery(), listed("A", "B"), ["A", "B"], None),
+    "short_page_is_the_last": (ListQuery(limit=3), listed("A", "B"), ["A", "B"], None),
+    "full_page_has_a_next": (ListQuery(limit=3), listed("A", "B", "C"), ["A", "B"], "B"),
+}
+
+
+@pytest.mark.parametrize("query, messages, shown, cursor", PAGES.values(), ids=PAGES.keys())
+def test_page_shows_the_limit_and_the_cursor_to_the_rest(query, messages, shown, cursor):
+    got, after = page(messages, query)
+    assert [m.id for m in got] == shown and after == cursor
+
+
+def test_list_lines_says_how_to_get_the_next_page():
+    assert list_lines(listed("A"), NOW, more_after="A")[-1] == "-- 1 message(s); more with --after A"

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from relay.spool import BodyGone, NewMessage, RecipientUpdate, Spool, State
+from relay.spool import BodyGone, ListQuery, NewMessage, RecipientUpdate, Spool, State
 from relay.spool.memory import MemorySpool
 from relay.spool.sqlite import SqliteSpool
 
@@ -58,7 +58,7 @@ def shape(messages) -> list[tuple]:
 
 async def everything(spool: Spool) -> tuple:
     """All an operator can see, to compare before and after a write that must change nothing."""
-    listed = await spool.list(include_final=True)
+    listed = await spool.list(ListQuery(include_final=True))
     return shape(listed), await spool.counts(), await spool.pending_summary(), [await body(spool, m.id) for m in listed]
 
 
@@ -97,7 +97,7 @@ async def test_a_stored_message_is_seen_alike_by_due_get_list_counts_and_pending
 
 async def test_an_empty_spool_reports_nothing(spool):
     assert await spool.due(T0, 100) == []
-    assert await spool.list(include_final=True) == []
+    assert await spool.list(ListQuery(include_final=True)) == []
     assert await spool.counts() == {}
     assert await spool.pending_summary() == (0, {}, None)
     assert await spool.start("NOSUCH") is None
@@ -178,7 +178,7 @@ async def test_a_partly_delivered_message_keeps_its_body_and_a_final_one_drops_i
     assert await spool.start("A1") is None
     assert await spool.due(T0 + 10**6, 100) == []
     assert await spool.list() == []
-    assert [m.id for m in await spool.list(include_final=True)] == ["A1"]
+    assert [m.id for m in await spool.list(ListQuery(include_final=True))] == ["A1"]
     assert [(r.state, r.email_id) for r in (await spool.get("A1")).recipients] == [
         (State.DELIVERED, "M0$a@example.org"), (State.FAILED, None),
     ]
@@ -273,7 +273,7 @@ async def test_delete_forgets_the_message_and_says_whether_it_was_there(spool):
     assert await spool.delete("A1") is False
     assert await spool.get("A1") is None
     assert await spool.start("A1") is None
-    assert [m.id for m in await spool.list(include_final=True)] == ["B2"]
+    assert [m.id for m in await spool.list(ListQuery(include_final=True))] == ["B2"]
     assert await spool.counts() == {"queued": 2}
 
 
@@ -282,9 +282,9 @@ async def test_purge_forgets_only_final_messages_that_arrived_before_the_cutoff(
         await spool.store(message(message_id, received_at=received_at))
     await spool.record([update(message_id, idx, State.DELIVERED) for message_id in ("A1", "C3") for idx in (0, 1)])
     assert await spool.purge_final(T0 + 100) == 1  # A1: final and old; B2 pending; C3 not old enough
-    assert [m.id for m in await spool.list(include_final=True)] == ["B2", "C3"]
+    assert [m.id for m in await spool.list(ListQuery(include_final=True))] == ["B2", "C3"]
     assert await spool.purge_final(T0 + 101) == 1
-    assert [m.id for m in await spool.list(include_final=True)] == ["B2"]
+    assert [m.id for m in await spool.list(ListQuery(include_final=True))] == ["B2"]
 
 
 # -- what callers get, and what writes cost --------------------------------------------------------------

@@ -9,7 +9,7 @@ import sqlite3
 
 import pytest
 
-from relay.spool import FileRegion, NewMessage, RecipientUpdate, State, new_queue_id
+from relay.spool import FileRegion, ListQuery, NewMessage, RecipientUpdate, State, new_queue_id
 from relay.spool.sqlite import BodyGone, SqliteSpool, open_store
 
 RECEIVED = 1_700_000_000.0
@@ -209,7 +209,7 @@ async def test_all_delivered_nulls_body_and_leaves_the_list(spool, store):
     assert await spooled(spool, message.id) is None
     assert await spool.due(RECEIVED + 10**6, 100) == []
     assert [m.id for m in store.list()] == []
-    (kept,) = store.list(include_final=True)
+    (kept,) = store.list(ListQuery(include_final=True))
     assert [(r.state, r.email_id) for r in kept.recipients] == [
         (State.DELIVERED, "mid0$a@example.org"),
         (State.DELIVERED, "mid1$b@example.org"),
