@@ -82,7 +82,8 @@ async def _suppression(args: argparse.Namespace, config) -> int:
 
 def register(sub) -> None:
     parser = with_config(sub.add_parser("suppression", help="the suppression list"))
-    parser.add_argument("action", choices=["list", "add", "remove", "import", "export"])
+    parser.add_argument("action", choices=["list", "add", "remove", "import", "export"],
+                        help="list the entries, add or remove an address, import or export CSV")
     parser.add_argument("target", nargs="?", help="add/remove: the address; import: the CSV file")
     parser.add_argument("--reason", help="add: invalid, report_spam, unsubscribe or manual (default)")
     parser.add_argument("--account", help="add: only for this account; remove: only this account's entry")
