@@ -20,7 +20,7 @@ import queue
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -194,12 +194,24 @@ class SpoolStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def due(self, now: float, limit: int) -> list[QueuedMessage]:
-        """Messages with at least one recipient due, carrying only their due recipients."""
+    def due(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        """Messages of ``accounts`` with at least one recipient due, carrying only their due recipients."""
+        return self._due(now, limit, accounts, "IN")
+
+    def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        """As :meth:`due`, for the messages of every account *not* in ``accounts``."""
+        return self._due(now, limit, accounts, "NOT IN")
+
+    def _due(self, now: float, limit: int, accounts: Collection[str], membership: str) -> list[QueuedMessage]:
+        """Walks the partial index in next_attempt order (literal states, so SQLite sees that it
+        applies; CROSS JOIN keeps recipients the outer loop) and looks each message up by id."""
+        names = list(accounts)
         rows = self.conn.execute(
-            "SELECT message_id, idx, address, state, attempts, next_attempt, last_reply, email_id "
-            "FROM recipients WHERE state IN (?,?) AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
-            (*_PENDING, now, limit),
+            "SELECT r.message_id, r.idx, r.address, r.state, r.attempts, r.next_attempt, r.last_reply, r.email_id "
+            "FROM recipients AS r CROSS JOIN messages AS m ON m.id = r.message_id "
+            "WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ? "
+            f"AND m.account {membership} ({','.join('?' * len(names))}) ORDER BY r.next_attempt LIMIT ?",
+            (now, *names, limit),
         ).fetchall()
         recipients: dict[str, list[Recipient]] = {}
         for row in rows:
@@ -342,8 +354,11 @@ class SqliteSpool:
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
-        return await self._read(self._store().due, now, limit)
+    async def due(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        return await self._read(self._store().due, now, limit, accounts)
+
+    async def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        return await self._read(self._store().stranded, now, limit, accounts)
 
     async def start(self, message_id: str) -> tuple[bytes, int] | None:
         """The first bytes of a body, through the end of its header section, and its size;
