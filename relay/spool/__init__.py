@@ -37,7 +37,7 @@ def open_spool(settings: SpoolSettings) -> Spool:
     if settings.backend == "sqlite":
         from relay.spool.sqlite import SqliteSpool
 
-        return SqliteSpool(settings.path)
+        return SqliteSpool(settings.path, settings.commit_timeout)
     raise ValueError(f"spool.backend {settings.backend!r} is not supported")
 
 

@@ -19,6 +19,7 @@ import concurrent.futures
 import queue
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from pathlib import Path
@@ -309,10 +310,12 @@ _STOP = object()
 class SqliteSpool:
     """Async face of the spool for the server: group-committed writes, threaded reads."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, commit_timeout: float = 30.0):
         self.path = path
         self.commits = 0  # one fsync of the WAL each: the number `bench/` divides by messages
         self.operations = 0
+        self._commit_timeout = commit_timeout  # spool.commit_timeout: a write waits no longer
+        self._group_started: float | None = None  # time.monotonic() while the writer runs a group
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
@@ -390,8 +393,12 @@ class SqliteSpool:
         await self._write(SpoolStore.probe, now)
 
     def unavailable(self) -> str | None:
+        """The watchdog: a dead writer thread, or one stuck in a group longer than commit_timeout."""
         if self._writer is None or not self._writer.is_alive():
             return "the spool writer thread is not running"
+        started = self._group_started
+        if started is not None and time.monotonic() - started > self._commit_timeout:
+            return f"the spool writer has been stuck in a commit for {time.monotonic() - started:.0f}s"
         return None
 
     @property
@@ -405,11 +412,25 @@ class SqliteSpool:
     def _read(self, fn: Callable, *args: Any) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
-    def _write(self, fn: Callable, *args: Any) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put((fn, args, future, loop))
-        return future
+    async def _write(self, fn: Callable, *args: Any) -> Any:
+        """Queue a write for the writer thread and wait for its group's commit, at most commit_timeout.
+
+        On timeout a write the writer has not started is withdrawn (it will never commit, so the
+        caller's 451 is true); one inside the stuck group may still commit later. A caller that is
+        cancelled does not withdraw its write: an outcome of delivery is recorded all the same.
+        """
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((fn, args, done))
+        waiting = asyncio.wrap_future(done)
+        waiting.add_done_callback(_consume)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), self._commit_timeout)
+        except TimeoutError:
+            withdrawn = done.cancel()
+            raise TimeoutError(
+                f"the spool did not commit within spool.commit_timeout ({self._commit_timeout:g}s)"
+                + ("" if withdrawn else "; the write may still commit")
+            ) from None
 
     def _write_loop(self, ready: concurrent.futures.Future) -> None:
         try:
@@ -435,12 +456,20 @@ class SqliteSpool:
                 return
 
     def _commit_group(self, store: SpoolStore, batch: list) -> None:
+        batch = [item for item in batch if item[2].set_running_or_notify_cancel()]  # not withdrawn
         if not batch:
             return
+        self._group_started = time.monotonic()
+        try:
+            self._run_group(store, batch)
+        finally:
+            self._group_started = None
+
+    def _run_group(self, store: SpoolStore, batch: list) -> None:
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
             store.conn.execute("BEGIN IMMEDIATE")
-            for fn, args, _, _ in batch:
+            for fn, args, _ in batch:
                 store.conn.execute("SAVEPOINT op")
                 try:
                     outcomes.append((fn(store, *args), None))
@@ -459,17 +488,17 @@ class SqliteSpool:
                 except sqlite3.Error:
                     pass
             outcomes = [(None, error)] * len(batch)
-        for (_, _, future, loop), (result, error) in zip(batch, outcomes, strict=True):
-            loop.call_soon_threadsafe(_settle, future, result, error)
+        for (_, _, done), (result, error) in zip(batch, outcomes, strict=True):
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
 
 
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _consume(waiting: asyncio.Future) -> None:
+    """Retrieve the outcome of a write whose caller stopped waiting (timed out or cancelled)."""
+    if not waiting.cancelled():
+        waiting.exception()
 
 
 def open_store(path: Path) -> SpoolStore:

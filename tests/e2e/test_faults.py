@@ -328,3 +328,55 @@ def test_disk_full_is_451_never_250_and_the_relay_recovers(make_relay, sendcloud
     )
     assert not lost
     assert not set(refused) & set(received)  # a 451 really meant "not on disk"
+
+
+def queue_is_empty(relay) -> bool:
+    return "0 message(s)" in relay.cli("queue", "list").stdout
+
+
+def test_disk_filling_while_the_upstream_is_up_sends_no_message_twice(make_relay, sendcloud, small_disk):
+    """Delivery's outcome cannot be recorded (ENOSPC): the relay holds it in memory and retries the
+    record; it used to find the unchanged rows due at every poll and send them again."""
+    relay = make_relay(config_patch=lambda c: c["spool"].update(path=str(small_disk / "spool.db"), retry=["1s"]))
+    sendcloud.stop()  # the messages wait in the spool, tried once (deferred 1 s)
+    tokens = [f"fault-fill-{number}" for number in range(8)]
+    with smtplib.SMTP("127.0.0.1", relay.port("smtp"), timeout=20, source_address=(TRUSTED_SOURCE, 0)) as client:
+        for token in tokens:  # ~30 KB each: the WAL grows, so later commits need new space
+            body = f"Subject: {token}\r\n\r\n".encode() + (b"y" * 60 + b"\r\n") * 500
+            client.sendmail("app@acme.com", [f"{token}@example.net"], body)
+    assert wait_until(lambda: "deferred" in relay.cli("queue", "list").stdout, 15)
+    fill(small_disk, leave=0)
+    sendcloud.restart()
+    received = wait_for_tokens(sendcloud, set(tokens), timeout=30)
+    time.sleep(3)  # fifteen polls, three retry delays with the disk still full
+    during = tokens_received(sendcloud)
+    assert during == Counter(dict.fromkeys(tokens, 1)), during
+    assert "could not record the delivery outcome" in relay.log()
+
+    (small_disk / "filler").unlink()
+    assert wait_until(lambda: queue_is_empty(relay), 30), relay.cli("queue", "list").stdout
+    time.sleep(1)  # a poll after the queue emptied: a late duplicate would show now
+    after = tokens_received(sendcloud)
+    duplicates = sum(count - 1 for count in after.values() if count > 1)
+    report("disk fills while delivering", messages=len(tokens), received=len(received), duplicates=duplicates,
+           recorded_late="delivery outcome recorded after" in relay.log())
+    assert after == during
+    assert "delivery outcome recorded after" in relay.log()
+
+
+def test_a_slow_reply_to_the_final_dot_within_data_timeout_is_delivered_once(make_relay, sendcloud):
+    """upstream.timeout bounds each command; the final dot's reply has upstream.data_timeout (Postfix's
+    smtp_data_done_timeout). Timing it out at upstream.timeout made every slow accept a duplicate."""
+    relay = make_relay(config_patch=lambda c: c["upstream"].update(timeout="1s", data_timeout="30s"))
+
+    def slow_final_reply(rcpt_tos: list[str]) -> None:
+        time.sleep(2.5)  # past upstream.timeout, well within data_timeout
+
+    sendcloud.data_hook = slow_final_reply
+    token = "fault-slow-final-dot"
+    with smtplib.SMTP("127.0.0.1", relay.port("smtp"), timeout=20, source_address=(TRUSTED_SOURCE, 0)) as client:
+        client.sendmail("app@acme.com", [f"{token}@example.net"], f"Subject: {token}\r\n\r\nslow\r\n".encode())
+    wait_for_tokens(sendcloud, {token}, timeout=30)
+    time.sleep(4)  # the retry schedule's 1 s and 2 s have passed: a second try would have arrived
+    assert (tokens_received(sendcloud)[token], sendcloud.data_attempts) == (1, 1)
+    assert wait_until(lambda: queue_is_empty(relay), 30)

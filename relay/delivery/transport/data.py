@@ -62,8 +62,13 @@ class DotStuffer:
         return [b"." + stuffed if leading else stuffed]
 
 
-async def send_data(client: aiosmtplib.SMTP, pieces: AsyncIterable[Piece], timeout: float | None) -> SMTPResponse:
+async def send_data(client: aiosmtplib.SMTP, pieces: AsyncIterable[Piece], timeout: float | None,
+                    final_timeout: float | None = None) -> SMTPResponse:
     """DATA, the message, the final dot; the final reply. Raises aiosmtplib's exceptions as ``data()`` does.
+
+    ``final_timeout`` bounds the wait for the reply to the final dot (``upstream.data_timeout``,
+    as Postfix's smtp_data_done_timeout): the upstream may scan the message before it answers,
+    and giving up early makes a message it then accepts a duplicate at the next try.
 
     An exception from ``pieces`` (the message deleted from the spool while it was sent) closes
     the connection before the final dot, so the upstream discards what it got, and propagates.
@@ -90,7 +95,7 @@ async def send_data(client: aiosmtplib.SMTP, pieces: AsyncIterable[Piece], timeo
                     await _drained(protocol, timeout)
             for out in stuffer.end():
                 protocol.write(out)
-            reply = await protocol.read_response(timeout=timeout)
+            reply = await protocol.read_response(timeout=final_timeout if final_timeout is not None else timeout)
     except BaseException as error:
         if not isinstance(error, aiosmtplib.SMTPDataError):  # no final dot was sent: the upstream must drop it
             client.close()

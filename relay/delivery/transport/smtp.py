@@ -55,7 +55,7 @@ class Connection:
                 return self._all(transaction, SMTPReply(554, "5.6.3", f"{self.relay} does not offer 8BITMIME for this 8-bit message"))
             options.append("BODY=8BITMIME")
         try:
-            replies, data_reply = await _transact(client, transaction, options)
+            replies, data_reply = await _transact(client, transaction, options, self._upstream.data_timeout)
         except aiosmtplib.SMTPResponseException as error:  # MAIL refused
             if error.code == 421:
                 await self.close()
@@ -136,7 +136,8 @@ class Connection:
         return Result([reply] * len(transaction.recipients), None, self.relay)
 
 
-async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: list[str]) -> tuple[list[SMTPReply], SMTPReply | None]:
+async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: list[str],
+                    data_timeout: float) -> tuple[list[SMTPReply], SMTPReply | None]:
     """MAIL, each RCPT, DATA: every recipient ends with the reply that decided its fate.
 
     Not aiosmtplib's ``sendmail()``: when DATA fails after some RCPTs were refused, it raises
@@ -161,7 +162,7 @@ async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: 
         await _reset(client)
         return [refused[address] for address in transaction.recipients], None
     try:
-        response = await send_data(client, transaction.text, client.timeout)
+        response = await send_data(client, transaction.text, client.timeout, data_timeout)
         data_reply = SMTPReply.received(response.code, response.message)
     except aiosmtplib.SMTPResponseException as error:
         data_reply = SMTPReply.received(error.code, error.message)

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import itertools
 import sqlite3
+import threading
 
 import pytest
 
@@ -429,3 +430,41 @@ def test_new_queue_id_shape():
     ids = [new_queue_id(RECEIVED + i * 12345.678) for i in range(100)]
     assert {len(i) for i in ids} == {14}
     assert all(set(i) <= set("0123456789BCDFGHJKLMNPQRSTVWXYZ") for i in ids)
+
+
+async def test_a_commit_that_hangs_times_out_and_the_watchdog_reports_the_stuck_writer(path, monkeypatch):
+    """spool.commit_timeout: the caller gets an error (the listener's 451) instead of waiting for
+    ever; a write queued behind the stuck one is withdrawn, so it never lands after its 451."""
+    release = threading.Event()
+    real_probe = SpoolStore.probe
+
+    def hanging_probe(store, now):
+        release.wait(10)  # an fsync that does not return (a dead disk, a hung NFS server)
+        real_probe(store, now)
+
+    monkeypatch.setattr(SpoolStore, "probe", hanging_probe)
+    spool = SqliteSpool(path, commit_timeout=0.3)
+    await spool.open()
+    try:
+        assert spool.unavailable() is None
+        stuck = asyncio.ensure_future(spool.probe(1.0))
+        await asyncio.sleep(0.05)  # the writer is in the probe's group now
+        behind = new_message()
+        with pytest.raises(TimeoutError, match="commit_timeout"):
+            await spool.store(behind)
+        with pytest.raises(TimeoutError, match="may still commit"):
+            await stuck
+        assert "stuck in a commit" in spool.unavailable()
+        release.set()
+        for _ in range(100):
+            if spool.unavailable() is None:
+                break
+            await asyncio.sleep(0.02)
+        assert spool.unavailable() is None
+        assert await spool.get(behind.id) is None  # withdrawn: not on disk after its 451
+        later = new_message()
+        await spool.store(later)
+        assert await spool.get(later.id) is not None
+    finally:
+        release.set()
+        await spool.close()
