@@ -380,3 +380,34 @@ def test_a_slow_reply_to_the_final_dot_within_data_timeout_is_delivered_once(mak
     time.sleep(4)  # the retry schedule's 1 s and 2 s have passed: a second try would have arrived
     assert (tokens_received(sendcloud)[token], sendcloud.data_attempts) == (1, 1)
     assert wait_until(lambda: queue_is_empty(relay), 30)
+
+
+# -- the upstream pipelines (SendCloud offers PIPELINING) ------------------------------------------
+
+
+def test_the_envelope_goes_upstream_in_one_read_and_a_refused_rcpt_in_the_middle_keeps_its_reply(make_relay, sendcloud):
+    assert sendcloud.pipelining  # as SendCloud's EHLO
+    relay = make_relay(config_patch=lambda c: c["spool"].update(retry=["1h"]))
+    sendcloud.rcpt_replies["refused@example.net"] = "550 5.1.1 no such user"
+    sendcloud.rcpt_replies["later@example.net"] = "451 4.3.0 try later"
+    rcpts = ["first@example.net", "refused@example.net", "later@example.net", "last@example.net"]
+    with smtplib.SMTP("127.0.0.1", relay.port("smtp"), timeout=20, source_address=(TRUSTED_SOURCE, 0)) as client:
+        client.ehlo()
+        client.mail("app@acme.com")
+        for address in rcpts:
+            assert client.rcpt(address)[0] == 250
+        code, reply = client.data(b"Subject: pipelined\r\n\r\nx\r\n")
+    assert code == 250
+    queue_id = reply.decode().rsplit(" ", 1)[1]
+    assert wait_until(lambda: any(b"Subject: pipelined" in m.data for m in sendcloud.messages), 20)
+    (message,) = [m for m in sendcloud.messages if b"Subject: pipelined" in m.data]
+    assert message.rcpt_tos == ["first@example.net", "last@example.net"]
+    (group,) = [read for read in sendcloud.reads if read.startswith(b"MAIL FROM:") and b"first@" in read]
+    assert group.endswith(b"DATA\r\n") and all(f"RCPT TO:<{address}>".encode() in group for address in rcpts)
+
+    def shown() -> str:
+        return relay.cli("queue", "show", queue_id).stdout
+
+    assert wait_until(lambda: "<refused@example.net>  failed" in shown(), 15), shown()
+    for address, state in [("first", "delivered"), ("later", "deferred"), ("last", "delivered")]:
+        assert f"<{address}@example.net>  {state}" in shown(), shown()

@@ -17,7 +17,7 @@ from relay.delivery.transport.base import (
     TLSRequired,
     Transaction,
 )
-from relay.delivery.transport.data import send_data
+from relay.delivery.transport.data import send_data, send_pipelined
 from relay.errors import SMTPReply
 from relay.spool import BodyGone
 
@@ -148,6 +148,8 @@ async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: 
     """
     if client.supports_extension("size"):
         options = [f"SIZE={transaction.size}", *options]
+    if client.supports_extension("pipelining"):
+        return await _pipelined(client, transaction, options, data_timeout)
     await client.mail(transaction.sender, options=options)
     refused: dict[str, SMTPReply] = {}
     for address in transaction.recipients:
@@ -168,6 +170,29 @@ async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: 
         data_reply = SMTPReply.received(error.code, error.message)
         if error.code != 421:
             await _reset(client)
+    return [refused.get(address, data_reply) for address in transaction.recipients], data_reply
+
+
+async def _pipelined(client: aiosmtplib.SMTP, transaction: Transaction, options: list[str],
+                     data_timeout: float) -> tuple[list[SMTPReply], SMTPReply | None]:
+    """As :func:`_transact`, with MAIL, the RCPTs and DATA in one write (the upstream offers
+    PIPELINING): one round trip instead of two plus one per recipient."""
+    sent = await send_pipelined(client, transaction.sender, options, transaction.recipients, transaction.text,
+                                client.timeout, data_timeout)
+    if sent.mail.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(sent.mail.code, sent.mail.message, transaction.sender)
+    refused = {
+        address: SMTPReply.received(reply.code, reply.message)
+        for address, reply in zip(transaction.recipients, sent.rcpts, strict=True)
+        if not 200 <= reply.code < 300
+    }
+    if sent.data is None:  # every recipient refused (or the session closed before DATA)
+        if all(reply.code != 421 for reply in refused.values()):
+            await _reset(client)
+        return [refused[address] for address in transaction.recipients], None
+    data_reply = SMTPReply.received(sent.data.code, sent.data.message)
+    if data_reply.code not in (250, 421):
+        await _reset(client)
     return [refused.get(address, data_reply) for address in transaction.recipients], data_reply
 
 
