@@ -316,7 +316,12 @@ class Scheduler:
             metrics.UPSTREAM_SECONDS.labels(message.account).observe(time.monotonic() - started)
             updates = self._outcomes(message, chunk, result, policy, throttle.remaining() if throttled else None)
             log.debug("%s: transaction of %d took %.3fs", message.id, len(chunk), time.monotonic() - started)
-            if not await self._record(message.id, updates, self._bounces(message, updates, head, config)):
+            try:
+                bounces = self._bounces(message, updates, head, config)
+            except Exception:  # noqa: BLE001 - the outcome is known: record it, or it is sent again
+                log.exception("%s: could not make the DSN; the failures are recorded without one", message.id)
+                bounces = []
+            if not await self._record(message.id, updates, bounces):
                 return
 
     def _outcomes(self, message: QueuedMessage, chunk: list[Recipient], result: Result, policy: RetryPolicy,

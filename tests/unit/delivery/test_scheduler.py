@@ -493,3 +493,19 @@ async def test_a_probe_that_fails_before_sending_does_not_leave_the_account_paus
     await harness.intake(second)
     await until(final(harness, second.id))
     await until(final(harness, first.id))  # the poller retries the one that failed
+
+
+async def test_a_dsn_that_cannot_be_made_does_not_send_the_message_again(start, monkeypatch):
+    """A bug in building DSNs once made every failed delivery raise after the upstream had
+    answered: the outcome was never recorded and the message went out again at every poll."""
+    def broken_dsn(**fields):
+        raise TypeError("a bug in the DSN")
+
+    monkeypatch.setattr(scheduler_module, "build_dsn", broken_dsn)
+    harness = await start(upstream=FakeUpstream(answer=by_address({"bad@example.org": SMTPReply.received(550, "5.1.1 no")})))
+    message = new_message(recipients=("good@example.org", "bad@example.org"))
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    await asyncio.sleep(10 * POLL)
+    assert await harness.states(message.id) == [State.DELIVERED, State.FAILED]
+    assert len(harness.upstream.sent) == 1
