@@ -35,6 +35,20 @@ SEED = int(os.environ.get("RELAY_FAULT_SEED", random.randrange(1 << 32)))
 TOKEN = re.compile(rb"Subject: (fault-[0-9a-z-]+)")
 
 
+@pytest.fixture(params=[1, "auto"], ids=["processes_1", "processes_auto"])
+def processes(request):
+    """Every fault test runs with one process and with the shipped default (acceptor processes)."""
+    return request.param
+
+
+@pytest.fixture
+def make_relay(processes, make_relay):
+    def make(config_patch=None, **server_overrides):
+        server_overrides.setdefault("processes", processes)
+        return make_relay(config_patch, **server_overrides)
+    return make
+
+
 def report(name: str, **figures) -> None:
     print(f"\n[fault figures] {name} seed={SEED}: " + ", ".join(f"{key}={value}" for key, value in figures.items()))
 
@@ -52,6 +66,7 @@ class Load:
     sessions: int = 4
     accepted: dict[str, str] = field(default_factory=dict)  # token → queue ID
     unacknowledged: set[str] = field(default_factory=set)
+    refused_at_data: set[str] = field(default_factory=set)  # a 4xx after the message was sent
     temporary_refusals: int = 0
     sent: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -105,6 +120,7 @@ class Load:
             else:
                 assert 400 <= code < 500, (code, reply)  # a fault is never a permanent refusal
                 self.temporary_refusals += 1
+                self.refused_at_data.add(token)
 
 
 def tokens_received(sendcloud) -> Counter[str]:
@@ -116,7 +132,11 @@ def wait_for_tokens(sendcloud, tokens: set[str], timeout: float) -> Counter[str]
     return tokens_received(sendcloud)
 
 
-def test_kill_9_at_random_moments_under_load_loses_nothing(make_relay, sendcloud):
+def queue_is_empty(relay) -> bool:
+    return "0 message(s)" in relay.cli("queue", "list").stdout
+
+
+def test_kill_9_at_random_moments_under_load_loses_nothing(make_relay, sendcloud, processes):
     kills = int(os.environ.get("RELAY_FAULT_KILLS", "3"))
     chance = random.Random(SEED)
     relay = make_relay()
@@ -133,11 +153,16 @@ def test_kill_9_at_random_moments_under_load_loses_nothing(make_relay, sendcloud
     duplicates = sum(count - 1 for count in received.values() if count > 1)
     report(
         "kill -9", kills=kills, sent=load.sent, accepted=len(accepted), unacknowledged=len(load.unacknowledged),
-        unacknowledged_delivered=len(load.unacknowledged & set(received)), lost=len(lost), duplicates=duplicates,
+        unacknowledged_delivered=len(load.unacknowledged & set(received)), refused_at_data=len(load.refused_at_data),
+        refused_at_data_delivered=len(load.refused_at_data & set(received)), lost=len(lost), duplicates=duplicates,
     )
     assert accepted, "the load never got a message through"
     assert not lost, f"accepted with 250 but never delivered: {sorted(lost)[:10]}"
-    assert set(received) <= accepted | load.unacknowledged  # nothing appears that was refused
+    # Nothing appears that was refused. With acceptor processes, an acceptor whose main process
+    # was killed after the commit and before its answer says 451 without knowing: such a 451 is
+    # as unknown a fate as no reply (docs/security.md, duplicate windows).
+    unknown = load.unacknowledged | (load.refused_at_data if processes == "auto" else set())
+    assert set(received) <= accepted | unknown, sorted(set(received) - accepted - unknown)[:10]
 
 
 def test_upstream_outage_under_load_delivers_everything_after(make_relay, sendcloud):
@@ -221,6 +246,8 @@ def test_upstream_answering_at_random_leaves_every_recipient_in_the_right_state(
             for address in recipients
         }
     assert final == expected, {a: heard.get(a) for a in expected if final.get(a) != expected[a]}
+    assert wait_until(lambda: queue_is_empty(relay), 30)
+    time.sleep(1)  # a poll after the queue emptied: a late duplicate would show now
     delivered = Counter(rcpt for m in sendcloud.messages for rcpt in m.rcpt_tos if rcpt.startswith("fz-"))
     assert set(delivered) == {a for a, s in expected.items() if s is State.DELIVERED}
     assert max(delivered.values()) == 1  # no recipient got the message twice
@@ -328,10 +355,6 @@ def test_disk_full_is_451_never_250_and_the_relay_recovers(make_relay, sendcloud
     )
     assert not lost
     assert not set(refused) & set(received)  # a 451 really meant "not on disk"
-
-
-def queue_is_empty(relay) -> bool:
-    return "0 message(s)" in relay.cli("queue", "list").stdout
 
 
 def test_disk_filling_while_the_upstream_is_up_sends_no_message_twice(make_relay, sendcloud, small_disk):

@@ -159,17 +159,22 @@ class _Collector:
         try:
             while reply is not None:
                 self.replies.append(reply)
-                if reply.code == 421 or len(self.replies) == self._expected:
+                if len(self.replies) == self._expected:
                     break
                 reply = self._protocol._read_response_from_buffer()
         except Exception as error:  # noqa: BLE001 - a malformed reply ends the collection
             self.set_exception(error)
             return
-        if (self.replies[-1].code == 421 or len(self.replies) == self._expected) and not self.complete.done():
+        if len(self.replies) == self._expected and not self.complete.done():
             self.complete.set_result(None)
 
     def set_exception(self, error: BaseException) -> None:
-        if not self.complete.done():
+        """The connection ended (or a reply was malformed); after a 421 that is the server closing."""
+        if self.complete.done():
+            return
+        if self.replies and self.replies[-1].code == 421:
+            self.complete.set_result(None)
+        else:
             self.complete.set_exception(error)
 
     def exception(self) -> BaseException | None:
@@ -177,8 +182,8 @@ class _Collector:
 
 
 async def _replies(protocol, commands: bytes, expected: int, timeout: float | None) -> list[SMTPResponse]:
-    """Write ``commands`` at once and read ``expected`` replies (fewer only up to a 421, which the
-    rest then share)."""
+    """Write ``commands`` at once and read ``expected`` replies; if the server closes after a 421,
+    the commands it left unanswered share that 421."""
     collector = _Collector(protocol, expected)
     protocol._response_waiter, protocol._response_pending = collector, True
     try:

@@ -24,6 +24,7 @@ class ScriptedServer:
         self.rcpt_replies, self.pause = rcpt_replies, pause
         self.reads: list[bytes] = []
         self.message = b""
+        self.closes_after_421 = True
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 scripted ESMTP\r\n")
@@ -44,7 +45,7 @@ class ScriptedServer:
                     address = line.split(b"<", 1)[1].rstrip(b">").decode()
                     reply = self.rcpt_replies.get(address, b"250 2.1.5 Ok")
                     writer.write(reply + b"\r\n")
-                    if reply.startswith(b"421"):  # closing: nothing after it is answered
+                    if reply.startswith(b"421") and self.closes_after_421:  # nothing after it is answered
                         await writer.drain()
                         writer.close()
                         return
@@ -120,3 +121,13 @@ async def test_a_421_answers_every_command_it_left_unanswered(connect):
     client = await connect(script)
     sent = await send_pipelined(client, "s@acme.com", [], RECIPIENTS, text(b"x\r\n"), 5)
     assert ([reply.code for reply in sent.rcpts], sent.data.code) == ([250, 421, 421], 421)
+
+
+async def test_replies_after_a_421_that_does_not_close_are_taken_as_given(connect):
+    """Every command of the group has its own reply while the server answers; only what a closing
+    server left unanswered gets its 421 (a 550 after it must not be retried as a 421)."""
+    script = ScriptedServer({"a@example.org": b"421 4.4.2 busy", "refused@example.org": b"550 5.1.1 no"})
+    script.closes_after_421 = False
+    client = await connect(script)
+    sent = await send_pipelined(client, "s@acme.com", [], RECIPIENTS, text(b"x\r\n"), 5)
+    assert ([reply.code for reply in sent.rcpts], sent.data.code) == ([421, 550, 250], 250)
