@@ -234,7 +234,7 @@ class Scheduler:
                 await self._hold_stranded()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a spool hiccup must not stop scheduling
+            except Exception:  # a spool hiccup must not stop scheduling
                 log.exception("queue poll failed; trying again")
             await asyncio.sleep(self._config().spool.poll_interval)
 
@@ -269,7 +269,7 @@ class Scheduler:
                 await self._deliver(message, account.connections)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the message stays pending and is retried
+            except Exception:  # the message stays pending and is retried
                 log.exception("%s: delivery failed unexpectedly; will retry", message.id)
             finally:
                 self._in_flight.discard(message.id)
@@ -318,7 +318,7 @@ class Scheduler:
             log.debug("%s: transaction of %d took %.3fs", message.id, len(chunk), time.monotonic() - started)
             try:
                 bounces = self._bounces(message, updates, head, config)
-            except Exception:  # noqa: BLE001 - the outcome is known: record it, or it is sent again
+            except Exception:  # the outcome is known: record it, or it is sent again
                 log.exception("%s: could not make the DSN; the failures are recorded without one", message.id)
                 bounces = []
             if not await self._record(message.id, updates, bounces):

@@ -224,5 +224,5 @@ async def _drained(protocol, timeout: float | None) -> None:
     """Wait until the transport's buffer is below its high-water mark, as ``StreamWriter.drain``."""
     try:
         await asyncio.wait_for(protocol._drain_helper(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise aiosmtplib.SMTPTimeoutError("Timed out sending the message upstream") from None

@@ -46,7 +46,7 @@ class Connection:
         except aiosmtplib.SMTPResponseException as error:  # e.g. 535 for a wrong api_key
             await self.close()
             return self._all(transaction, SMTPReply(None, None, f"upstream refused login or greeting: {error.code} {error.message}"))
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as error:
             await self.close()
             return self._all(transaction, SMTPReply(None, None, f"connect to {self.relay}: {_describe(error)}"))
         options = []
@@ -60,7 +60,7 @@ class Connection:
             if error.code == 421:
                 await self.close()
             return self._all(transaction, SMTPReply.received(error.code, error.message))
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as error:
             await self.close()
             return self._all(transaction, SMTPReply(None, None, f"lost connection with {self.relay}: {_describe(error)}"))
         except BodyGone:  # `queue delete` during DATA: the connection was closed before the final dot
@@ -81,7 +81,7 @@ class Connection:
             try:
                 await client.noop()
                 return client
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
                 await self.close()
         upstream, policy = self._upstream, self.key.tls
         if policy != "may" and upstream.tls == "none":
@@ -129,7 +129,7 @@ class Connection:
         try:
             if client.is_connected:
                 await asyncio.wait_for(client.quit(), timeout=5)
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
             client.close()
 
     def _all(self, transaction: Transaction, reply: SMTPReply) -> Result:
@@ -204,7 +204,7 @@ async def _reset(client: aiosmtplib.SMTP) -> None:
     """
     try:
         await client.rset()
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
         client.close()
 
 

@@ -295,7 +295,7 @@ async def deferred(spool, count: int = 1) -> list[str]:
 
 async def test_retry_one_message_makes_it_due_now(spool, store):
     """`queue retry ID` delivers now: its deferred recipients become due."""
-    first, second = await deferred(spool, 2)
+    first, _ = await deferred(spool, 2)
     assert await spool.due(RECEIVED + 1, 100, ACCOUNTS) == []
     assert store.retry(first) == 1
     assert [m.id for m in await spool.due(RECEIVED + 1, 100, ACCOUNTS)] == [first]
