@@ -97,7 +97,6 @@ class Scheduler:
         self._in_flight: set[str] = set()
         # Finished while a poll's read was under way: that read may show them stale.
         self._finished_during_poll: set[str] = set()
-        self._unroutable: set[str] = set()
         self._held: dict[str, _Held] = {}  # by queue ID: outcomes known but not on disk
         self._poller: asyncio.Task | None = None
         self._stopping = False
@@ -207,10 +206,7 @@ class Scheduler:
         if self._stopping or message.id in self._in_flight or message.id in self._held:
             return
         account = self._accounts.get(message.account)
-        if account is None:
-            if message.id not in self._unroutable:
-                self._unroutable.add(message.id)
-                log.warning("%s: account %s is not configured; message waits", message.id, message.account)
+        if account is None:  # removed meanwhile: the poller's stranded() finds it (_hold_stranded)
             return
         self._in_flight.add(message.id)
         account.queue.put_nowait(message)  # carries only the recipients to try now
@@ -242,8 +238,10 @@ class Scheduler:
         """Mail of an account no longer configured: deferred with the reason (for `queue show`),
         retried on the schedule's first delay, failed with a DSN at ``max_lifetime``."""
         config = self._config()
-        policy = RetryPolicy(tuple(config.spool.retry), config.spool.retry_jitter, config.spool.max_lifetime)
+        policy = _retry_policy(config)
         for message in await self._spool.stranded(time.time(), _POLL_BATCH, list(self._accounts)):
+            if message.id in self._in_flight or message.id in self._held or message.id in self._finished_during_poll:
+                continue  # a retiring worker has it, or its outcome is newer than this read
             now = time.time()
             updates = [
                 while_unconfigured(recipient, message.account, message.received_at, now, policy)
@@ -252,6 +250,8 @@ class Scheduler:
             start = await self._spool.start(message.id) if any(u.state is State.FAILED for u in updates) else None
             bounces = self._bounces(message, updates, start[0] if start else b"", config)
             await self._spool.record(updates, bounces)
+            log.warning("%s: account %s is not configured; %d recipient(s) %s", message.id, message.account,
+                        len(updates), "failed at max_lifetime" if updates[0].state is State.FAILED else "wait")
             self._submit_bounces(message.id, bounces)
 
     def _throttle_pauses(self) -> tuple[float, float]:
@@ -290,7 +290,7 @@ class Scheduler:
         head_size = header_length(first) or len(first)
         head, rest = first[:head_size], first[head_size:]
         config = self._config()
-        policy = RetryPolicy(tuple(config.spool.retry), config.spool.retry_jitter, config.spool.max_lifetime)
+        policy = _retry_policy(config)
         per_transaction = config.upstream.max_recipients_per_transaction
         throttle = self.throttles[message.account]
         for chunk, key in _transactions(message, config, per_transaction):
@@ -438,6 +438,10 @@ class Scheduler:
                 config.accounts[via].type if account else message.channel, "", [message.sender], dsn,
             )
         ]
+
+
+def _retry_policy(config: Config) -> RetryPolicy:
+    return RetryPolicy(tuple(config.spool.retry), config.spool.retry_jitter, config.spool.max_lifetime)
 
 
 def _dsn_account(config: Config, message: QueuedMessage) -> str:
