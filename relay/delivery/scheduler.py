@@ -182,7 +182,10 @@ class Scheduler:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         for held in self._held.values():
             held.next_try = 0.0
-        await self._record_held()
+        try:  # one last try, within the same grace: a stuck spool must not hold up the shutdown
+            await asyncio.wait_for(self._record_held(), grace)
+        except TimeoutError:
+            pass
         if self._held:
             log.error("stopping with %d delivery outcome(s) not on disk: %s will be sent again after the restart",
                       len(self._held), ", ".join(self._held))

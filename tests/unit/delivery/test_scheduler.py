@@ -509,3 +509,17 @@ async def test_a_dsn_that_cannot_be_made_does_not_send_the_message_again(start, 
     await asyncio.sleep(10 * POLL)
     assert await harness.states(message.id) == [State.DELIVERED, State.FAILED]
     assert len(harness.upstream.sent) == 1
+
+
+async def test_stopping_records_a_held_outcome_when_the_spool_takes_it_again():
+    harness = Harness(CONFIG, FakeUpstream())
+    await harness.scheduler.start()
+    message = new_message(recipients=("a@example.org",))
+    await harness.intake(message)
+    harness.spool.fail_writes = DISK_FULL
+    await until(lambda: harness.scheduler.held_outcomes() == [message.id])
+    harness.spool.fail_writes = None
+    harness.scheduler._held[message.id].next_try = float("inf")  # not before the stop
+    await harness.scheduler.stop(1.0)
+    assert await harness.states(message.id) == [State.DELIVERED]
+    assert harness.scheduler.held_outcomes() == []
