@@ -267,10 +267,12 @@ def test_upstream_answering_at_random_leaves_every_recipient_in_the_right_state(
     [("451 4.3.0 later", "550 5.7.1 no", "deferred", "failed"), ("550 5.1.1 unknown", "451 4.3.0 later", "failed", "deferred")],
     ids=["451_at_rcpt_then_550_at_data", "550_at_rcpt_then_451_at_data"],
 )
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one_command_at_a_time"])
 def test_regression_a_recipient_keeps_its_own_rcpt_reply_when_data_fails(
-    make_relay, sendcloud, rcpt_reply, data_reply, refused_state, accepted_state
+    make_relay, sendcloud, rcpt_reply, data_reply, refused_state, accepted_state, pipelining
 ):
     """Found by the random-replies test: the DATA reply used to overwrite the RCPT refusals."""
+    sendcloud.pipelining = pipelining
     relay = make_relay(config_patch=lambda c: c["spool"].update(retry=["1h"]))
     sendcloud.rcpt_replies["refused@example.net"] = rcpt_reply
     sendcloud.data_reply = data_reply
@@ -284,6 +286,8 @@ def test_regression_a_recipient_keeps_its_own_rcpt_reply_when_data_fails(
     assert wait_until(lambda: "1 attempt(s)" in shown() and "queued" not in shown(), 15), shown()
     assert f"<refused@example.net>  {refused_state}" in shown()
     assert f"<accepted@example.net>  {accepted_state}" in shown()
+    envelopes = [read for read in sendcloud.reads if read.startswith(b"MAIL FROM:")]
+    assert envelopes and all((b"RCPT TO:" in read) is pipelining for read in envelopes)
 
 
 # -- the disk fills up ---------------------------------------------------------------------------

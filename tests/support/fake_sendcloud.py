@@ -5,7 +5,7 @@ relay under test, running as a separate process, can deliver to it exactly as it
 the real service:
 
 - EHLO advertises ``PIPELINING``, ``SIZE 16000000``, ``8BITMIME`` and ``STARTTLS``; after
-  STARTTLS it advertises ``AUTH LOGIN`` only (no PLAIN), as SendCloud does (``pipelining=False``
+  STARTTLS it advertises ``AUTH LOGIN`` only (no PLAIN), as SendCloud does (``fake.pipelining = False``
   leaves PIPELINING out). No SMTPUTF8 or HELP is advertised.
 - MAIL, RCPT and DATA are refused with ``530 5.7.0 Authentication required`` until AUTH
   succeeded; AUTH itself is refused until STARTTLS.
@@ -225,14 +225,13 @@ class FakeSendCloud:
     """
 
     def __init__(
-        self, ca: trustme.CA, accounts: dict[str, str], host: str = "127.0.0.1", port: int = 0, starttls: bool = True,
-        pipelining: bool = True,
+        self, ca: trustme.CA, accounts: dict[str, str], host: str = "127.0.0.1", port: int = 0, starttls: bool = True
     ):
         """``starttls=False`` makes a plaintext endpoint (no STARTTLS; AUTH offered in the clear),
         for testing that the relay never sends mail or credentials where TLS is required."""
         self.host = host
         self.starttls = starttls
-        self.pipelining = pipelining
+        self.pipelining = True  # a test sets False for an upstream that answers each command before the next
         self.reads: list[bytes] = []  # every chunk a session's read got (after TLS: the plaintext)
         self.port = port
         self.accounts = dict(accounts)
