@@ -156,6 +156,7 @@ class Spool(_Model):
     max_lifetime: Duration = 5 * 86400.0
     poll_interval: Duration = 1.0
     keep_final: Duration = 7 * 86400.0  # delivered/failed records kept for `queue list --all`
+    commit_timeout: Duration = Field(default=30.0, gt=0)  # a write not committed by then fails (451 4.3.0)
 
 
 class Upstream(_Model):
@@ -165,6 +166,7 @@ class Upstream(_Model):
     tls: Literal["starttls", "implicit", "none"] = "starttls"
     ca_file: Path | None = None
     timeout: Duration = 60.0
+    data_timeout: Duration = Field(default=600.0, gt=0)  # for the reply to the final dot (smtp_data_done_timeout)
     connections_per_account: int = Field(default=4, ge=1)
     max_recipients_per_transaction: int = Field(default=100, ge=1)
     allow_plaintext_auth: bool = False

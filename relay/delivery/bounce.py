@@ -6,7 +6,6 @@ retried like any other; a failed DSN is never answered with another one (its sen
 
 from __future__ import annotations
 
-import dataclasses
 import email.utils
 import re
 import secrets
@@ -41,7 +40,7 @@ def build_dsn(
     queue_id, original_sender, reporting_mta, from_domain = map(
         _one_line, (queue_id, original_sender, reporting_mta, from_domain)
     )
-    recipients = [dataclasses.replace(r, address=_one_line(r.address)) for r in recipients]
+    recipients = [FailedRecipient(_one_line(r.address), r.reply, r.status) for r in recipients]
     boundary = f"{queue_id}.{secrets.token_hex(8)}/{reporting_mta}"
     listing = "\r\n".join(f"<{r.address}>: {_one_line(r.reply)}" for r in recipients)
     per_recipient = "\r\n\r\n".join(

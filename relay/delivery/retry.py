@@ -85,3 +85,17 @@ def after_attempt(
     # The last try happens at the deadline rather than one full delay after it.
     next_attempt = min(now + retry_delay(attempts, policy, random_fraction), deadline)
     return RecipientUpdate(recipient.message_id, recipient.idx, State.DEFERRED, attempts, next_attempt, text)
+
+
+def while_unconfigured(recipient: Recipient, account: str, received_at: float, now: float,
+                       policy: RetryPolicy) -> RecipientUpdate:
+    """A recipient whose account is no longer configured: it waits (deferred, as Postfix defers
+    mail for a transport it cannot use) without spending an attempt, looked at again after the
+    schedule's first delay, and fails at ``max_lifetime`` (4.4.7) so the sender gets a DSN."""
+    reason = f"account {account} is not configured"
+    deadline = received_at + policy.max_lifetime
+    if now >= deadline:
+        return RecipientUpdate(recipient.message_id, recipient.idx, State.FAILED, recipient.attempts, now,
+                               f"{reason} (gave up: message older than the spool's max_lifetime)", dsn_status="4.4.7")
+    return RecipientUpdate(recipient.message_id, recipient.idx, State.DEFERRED, recipient.attempts,
+                           min(now + policy.schedule[0], deadline), reason)

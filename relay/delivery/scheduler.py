@@ -18,14 +18,15 @@ from dataclasses import dataclass
 
 from relay.config import Account, Config, Upstream
 from relay.delivery.bounce import FailedRecipient, build_dsn
-from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle
+from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle, while_unconfigured
 from relay.delivery.sendcloud import email_ids
-from relay.delivery.throttle import AccountThrottle
+from relay.delivery.throttle import AccountThrottle, pause_length
 from relay.delivery.transport import (
     AccountPool,
     CaptureConnection,
     Connection,
     Key,
+    Result,
     TLSContexts,
     Transaction,
     open_connection,
@@ -52,6 +53,7 @@ log = logging.getLogger("relay.delivery")
 
 _POLL_BATCH = 500  # recipients fetched per poll; more come on the next poll
 _PURGE_EVERY = 3600.0  # seconds between sweeps of records older than spool.keep_final
+_MAX_RECORD_BACKOFF = 60.0  # seconds between retries of a record the spool refused, at most
 
 
 def upstream_tls(config: Config) -> TLSContexts | None:
@@ -75,6 +77,17 @@ class _Account:
     settings: tuple  # what the connections are made from: a change means new workers
 
 
+@dataclass
+class _Held:
+    """A transaction's outcome the spool refused to record: kept until a retry gets it on disk."""
+
+    message: QueuedMessage
+    updates: list[RecipientUpdate]
+    bounces: list[NewMessage]
+    failures: int
+    next_try: float  # time.monotonic()
+
+
 class Scheduler:
     def __init__(
         self,
@@ -96,7 +109,7 @@ class Scheduler:
         self._in_flight: set[str] = set()
         # Finished while a poll's read was under way: that read may show them stale.
         self._finished_during_poll: set[str] = set()
-        self._unroutable: set[str] = set()
+        self._held: dict[str, _Held] = {}  # by queue ID: outcomes known but not on disk
         self._poller: asyncio.Task | None = None
         self._stopping = False
 
@@ -179,6 +192,15 @@ class Scheduler:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._retiring, return_exceptions=True)
+        for held in self._held.values():
+            held.next_try = 0.0
+        try:  # one last try, within the same grace: a stuck spool must not hold up the shutdown
+            await asyncio.wait_for(self._record_held(), grace)
+        except TimeoutError:
+            pass
+        if self._held:
+            log.error("stopping with %d delivery outcome(s) not on disk: %s will be sent again after the restart",
+                      len(self._held), ", ".join(self._held))
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -196,13 +218,10 @@ class Scheduler:
         self._enqueue(queued)
 
     def _enqueue(self, message: QueuedMessage) -> None:
-        if self._stopping or message.id in self._in_flight:
+        if self._stopping or message.id in self._in_flight or message.id in self._held:
             return
         account = self._accounts.get(message.account)
-        if account is None:
-            if message.id not in self._unroutable:
-                self._unroutable.add(message.id)
-                log.warning("%s: account %s is not configured; message waits", message.id, message.account)
+        if account is None:  # removed meanwhile: the poller's stranded() finds it (_hold_stranded)
             return
         self._in_flight.add(message.id)
         account.queue.put_nowait(message)  # carries only the recipients to try now
@@ -216,17 +235,39 @@ class Scheduler:
                     purged = await self._spool.purge_final(time.time() - self._config().spool.keep_final)
                     if purged:
                         log.info("forgot %d delivered or failed message(s) older than spool.keep_final", purged)
+                await self._record_held()
                 backlog = sum(account.queue.qsize() for account in self._accounts.values())
                 if backlog < _POLL_BATCH:
                     self._finished_during_poll.clear()
-                    for message in await self._spool.due(time.time(), _POLL_BATCH):
+                    for message in await self._spool.due(time.time(), _POLL_BATCH, list(self._accounts)):
                         if message.id not in self._finished_during_poll:
                             self._enqueue(message)
+                await self._hold_stranded()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - a spool hiccup must not stop scheduling
+            except Exception:  # a spool hiccup must not stop scheduling
                 log.exception("queue poll failed; trying again")
             await asyncio.sleep(self._config().spool.poll_interval)
+
+    async def _hold_stranded(self) -> None:
+        """Mail of an account no longer configured: deferred with the reason (for `queue show`),
+        retried on the schedule's first delay, failed with a DSN at ``max_lifetime``."""
+        config = self._config()
+        policy = _retry_policy(config)
+        for message in await self._spool.stranded(time.time(), _POLL_BATCH, list(self._accounts)):
+            if message.id in self._in_flight or message.id in self._held or message.id in self._finished_during_poll:
+                continue  # a retiring worker has it, or its outcome is newer than this read
+            now = time.time()
+            updates = [
+                while_unconfigured(recipient, message.account, message.received_at, now, policy)
+                for recipient in message.recipients
+            ]
+            start = await self._spool.start(message.id) if any(u.state is State.FAILED for u in updates) else None
+            bounces = self._bounces(message, updates, start[0] if start else b"", config)
+            await self._spool.record(updates, bounces)
+            log.warning("%s: account %s is not configured; %d recipient(s) %s", message.id, message.account,
+                        len(updates), "failed at max_lifetime" if updates[0].state is State.FAILED else "wait")
+            await self._after_record(message, updates, bounces)
 
     def _throttle_pauses(self) -> tuple[float, float]:
         upstream = self._config().upstream
@@ -243,7 +284,7 @@ class Scheduler:
                 await self._deliver(message, account.connections)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the message stays pending and is retried
+            except Exception:  # the message stays pending and is retried
                 log.exception("%s: delivery failed unexpectedly; will retry", message.id)
             finally:
                 self._in_flight.discard(message.id)
@@ -251,7 +292,12 @@ class Scheduler:
 
     async def _deliver(self, message: QueuedMessage, pool: AccountPool) -> None:
         """Each transaction streams the message from the spool in chunks; only its header
-        section (which X-SMTPAPI splitting rewrites and a DSN quotes) is read whole."""
+        section (which X-SMTPAPI splitting rewrites and a DSN quotes) is read whole.
+
+        Each transaction's outcome is recorded before the next is sent, so a crash re-sends
+        at most the transaction in flight; when recording fails, the rest of the message
+        waits until the outcome is on disk (:meth:`_record`).
+        """
         start = await self._spool.start(message.id)
         if start is None:  # deleted with `queue delete`, or already final
             return
@@ -259,20 +305,23 @@ class Scheduler:
         head_size = header_length(first) or len(first)
         head, rest = first[:head_size], first[head_size:]
         config = self._config()
-        policy = RetryPolicy(tuple(config.spool.retry), config.spool.retry_jitter, config.spool.max_lifetime)
+        policy = _retry_policy(config)
         per_transaction = config.upstream.max_recipients_per_transaction
         throttle = self.throttles[message.account]
-        updates = self._suppressed(message)
-        failed_now = {update.idx for update in updates}
-        sending = dataclasses.replace(message, recipients=[r for r in message.recipients if r.idx not in failed_now])
-        for chunk, key in _transactions(sending, config, per_transaction):
+        suppressed = self._suppressed(message)
+        if suppressed:  # failed now with the reason, never sent upstream; their DSN as for any failure
+            if not await self._record(message, suppressed, self._bounces_or_none(message, suppressed, head, config)):
+                return
+            failed_now = {update.idx for update in suppressed}
+            message = dataclasses.replace(message, recipients=[r for r in message.recipients if r.idx not in failed_now])
+        for chunk, key in _transactions(message, config, per_transaction):
             addresses = [recipient.address for recipient in chunk]
             probe = await throttle.acquire()  # waits while SendCloud has asked the account to slow down
-            started = time.monotonic()
-            sent_head = for_transaction(head, addresses)  # X-SMTPAPI "to" may name only these recipients
-            text = self._text(message.id, sent_head, rest, len(first), size)
             throttled = False
-            try:
+            try:  # from here on the probe must be given back, whatever fails
+                started = time.monotonic()
+                sent_head = for_transaction(head, addresses)  # X-SMTPAPI "to" may name only these recipients
+                text = self._text(message.id, sent_head, rest, len(first), size)
                 connection = await pool.acquire(key)
                 try:
                     with metrics.UPSTREAM_IN_USE.labels(message.account).track_inprogress():
@@ -286,28 +335,97 @@ class Scheduler:
             finally:
                 throttle.release(probe, throttled)
             metrics.UPSTREAM_SECONDS.labels(message.account).observe(time.monotonic() - started)
-            now = time.time()
-            failing_since = self.upstream_health.record(message.account, attempt_failed(result.replies), now)
-            metrics.UPSTREAM_FAILING_SINCE.labels(message.account).set(failing_since or 0)
-            held_until = now + throttle.remaining() if throttled else None
-            ids = email_ids(result.upstream_id, addresses) if result.upstream_id else [None] * len(chunk)
-            for recipient, reply, email_id in zip(chunk, result.replies, ids, strict=True):
-                update = after_attempt(
-                    recipient, reply, message.received_at, now, policy, random.random(), email_id,
-                    held_until if is_account_throttle(reply) else None,
-                )
-                updates.append(update)
-                delivered = update.state is State.DELIVERED
-                metrics.delivery_result(message.user, message.account, message.channel, update.state.value,
-                                        now - message.received_at if delivered else None)
-                event(log, message.id, {
-                    "to": recipient.address, "relay": result.relay, "delay": now - message.received_at,
-                    "attempts": update.attempts, "email_id": email_id if delivered else None,
-                    "status": _status_word(update.state),
-                }, update.last_reply)
+            updates = self._outcomes(message, chunk, result, policy, throttle.remaining() if throttled else None)
             log.debug("%s: transaction of %d took %.3fs", message.id, len(chunk), time.monotonic() - started)
-        bounces = self._bounces(message, updates, head, config)
-        await self._spool.record(updates, bounces)
+            if not await self._record(message, updates, self._bounces_or_none(message, updates, head, config)):
+                return
+
+    def _bounces_or_none(self, message: QueuedMessage, updates: list[RecipientUpdate], head: bytes,
+                         config: Config) -> list[NewMessage]:
+        """The DSNs for these outcomes; none, logged, if one cannot be made: the outcome is
+        known and must be recorded all the same, or the message would be sent again."""
+        try:
+            return self._bounces(message, updates, head, config)
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("%s: could not make the DSN; the failures are recorded without one", message.id)
+            return []
+
+    def _outcomes(self, message: QueuedMessage, chunk: list[Recipient], result: Result, policy: RetryPolicy,
+                  paused_for: float | None) -> list[RecipientUpdate]:
+        """Each recipient's next state after one transaction, logged and counted."""
+        now = time.time()
+        failing_since = self.upstream_health.record(message.account, attempt_failed(result.replies), now)
+        metrics.UPSTREAM_FAILING_SINCE.labels(message.account).set(failing_since or 0)
+        held_until = now + paused_for if paused_for is not None else None
+        addresses = [recipient.address for recipient in chunk]
+        ids = email_ids(result.upstream_id, addresses) if result.upstream_id else [None] * len(chunk)
+        updates = []
+        for recipient, reply, email_id in zip(chunk, result.replies, ids, strict=True):
+            update = after_attempt(
+                recipient, reply, message.received_at, now, policy, random.random(), email_id,
+                held_until if is_account_throttle(reply) else None,
+            )
+            updates.append(update)
+            delivered = update.state is State.DELIVERED
+            metrics.delivery_result(message.user, message.account, message.channel, update.state.value,
+                                    now - message.received_at if delivered else None)
+            event(log, message.id, {
+                "to": recipient.address, "relay": result.relay, "delay": now - message.received_at,
+                "attempts": update.attempts, "email_id": email_id if delivered else None,
+                "status": _status_word(update.state),
+            }, update.last_reply)
+        return updates
+
+    # -- recording outcomes ---------------------------------------------------------------------
+
+    async def _record(self, message: QueuedMessage, updates: list[RecipientUpdate], bounces: list[NewMessage]) -> bool:
+        """Record known outcomes; if the spool refuses (disk full, I/O error), hold them.
+
+        A held message is never handed to a worker again (the upstream already has it): the
+        poller retries the record with backoff (:meth:`_record_held`) and only then may the
+        message's other recipients go. Returns whether the outcome is on disk.
+        """
+        try:
+            await self._spool.record(updates, bounces)
+        except Exception as error:  # noqa: BLE001 - whatever the spool says, the outcome is known
+            self._held[message.id] = _Held(message, updates, bounces, 1, time.monotonic() + self._record_backoff(1))
+            log.error("%s: could not record the delivery outcome (%s); holding it in memory and retrying; "
+                      "the message is not sent again", message.id, error)
+            return False
+        await self._after_record(message, updates, bounces)
+        return True
+
+    async def _record_held(self) -> None:
+        """Retry the records of held outcomes whose backoff has passed."""
+        for message_id, held in list(self._held.items()):
+            if held.next_try > time.monotonic():
+                continue
+            try:
+                # A record that timed out may have committed after all: its DSN is then there.
+                landed = bool(held.bounces) and await self._spool.get(held.bounces[0].id) is not None
+                if not landed:
+                    await self._spool.record(held.updates, held.bounces)
+            except Exception as error:  # noqa: BLE001 - still not on disk: keep holding
+                held.failures += 1
+                held.next_try = time.monotonic() + self._record_backoff(held.failures)
+                log.warning("%s: recording the delivery outcome failed again (%s); retry %d in %.1fs",
+                            message_id, error, held.failures, held.next_try - time.monotonic())
+                continue
+            del self._held[message_id]
+            log.info("%s: delivery outcome recorded after %d failed attempt(s)", message_id, held.failures)
+            await self._after_record(held.message, held.updates, [] if landed else held.bounces)
+
+    def held_outcomes(self) -> list[str]:
+        """Messages whose delivery outcome is known but not yet on disk."""
+        return list(self._held)
+
+    def _record_backoff(self, failures: int) -> float:
+        return pause_length(failures, self._config().spool.poll_interval, _MAX_RECORD_BACKOFF)
+
+    async def _after_record(self, message: QueuedMessage, updates: list[RecipientUpdate], bounces: list[NewMessage]) -> None:
+        """Outcomes on disk: their DSNs go to delivery, and the events stage hears of them
+        (statistics, the teams' fan-out; a DSN that landed with a record that timed out is
+        found by the poller instead)."""
         for bounce in bounces:
             log.info("%s: sender non-delivery notification: %s", message.id, bounce.id)
             self.submit(bounce)
@@ -349,7 +467,8 @@ class Scheduler:
         if not failed or not message.sender:  # never bounce a bounce
             return []
         now = time.time()
-        account = config.accounts.get(message.account)
+        via = _dsn_account(config, message)
+        account = config.accounts.get(via)
         dsn = build_dsn(
             queue_id=message.id,
             original_sender=message.sender,
@@ -362,10 +481,27 @@ class Scheduler:
         )
         return [
             NewMessage(
-                new_queue_id(now), now, message.user, "bounce", "local", message.account,
-                message.channel, "", [message.sender], dsn,
+                new_queue_id(now), now, message.user, "bounce", "local", via,
+                config.accounts[via].type if account else message.channel, "", [message.sender], dsn,
             )
         ]
+
+
+def _retry_policy(config: Config) -> RetryPolicy:
+    return RetryPolicy(tuple(config.spool.retry), config.spool.retry_jitter, config.spool.max_lifetime)
+
+
+def _dsn_account(config: Config, message: QueuedMessage) -> str:
+    """The account a DSN goes through: the message's own, else (removed from the config) the
+    account its user's channel maps to now, else any configured one."""
+    if message.account in config.accounts or not config.accounts:
+        return message.account
+    user = config.users.get(message.user)
+    channels = user.channels if user is not None else {}
+    for name in (channels.get(message.channel), *channels.values()):
+        if name in config.accounts:
+            return name
+    return next(iter(config.accounts))
 
 
 def _transactions(message: QueuedMessage, config: Config, size: int) -> list[tuple[list[Recipient], Key]]:

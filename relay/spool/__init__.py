@@ -39,7 +39,7 @@ def open_spool(settings: SpoolSettings, create: bool = True) -> Spool:
     if settings.backend == "sqlite":
         from relay.spool.sqlite import SqliteSpool
 
-        return SqliteSpool(settings.path, create)
+        return SqliteSpool(settings.path, settings.commit_timeout, create=create)
     raise ValueError(f"spool.backend {settings.backend!r} is not supported")
 
 

@@ -11,7 +11,7 @@ one exception a caller handles, and it lives here).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -87,8 +87,14 @@ class Spool(EventStore, Protocol):
 
     # -- delivery ---------------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
-        """Messages with a recipient due by ``now``, each carrying only its due recipients."""
+    async def due(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        """Messages of ``accounts`` with a recipient due by ``now``, each carrying only its due recipients.
+
+        Mail of an account no longer configured never stands in front of the rest.
+        """
+
+    async def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        """As :meth:`due`, for the accounts *not* in ``accounts`` (removed or renamed ones)."""
 
     async def start(self, message_id: str) -> tuple[bytes, int] | None:
         """A body's first bytes, through the end of its header section, and its size; None if gone or final."""

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,17 +83,13 @@ class MemorySpool(MemoryEvents):
 
     # -- reads ----------------------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
-        """Due recipients in next_attempt order (ties by message and index, as SQLite's index), at most ``limit``."""
-        found = sorted(
-            (recipient for entry in self._entries.values() for recipient in entry.recipients
-             if recipient.state in _PENDING and recipient.next_attempt <= now),
-            key=lambda recipient: (recipient.next_attempt, recipient.message_id, recipient.idx),
-        )[: max(limit, 0)]
-        grouped: dict[str, list[Recipient]] = {}
-        for recipient in found:
-            grouped.setdefault(recipient.message_id, []).append(recipient)
-        return await _answer(self._messages(grouped))
+    async def due(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        """Due recipients of ``accounts`` in next_attempt order (ties by message and index, as SQLite's index)."""
+        return await _answer(self._due(now, limit, lambda account: account in accounts))
+
+    async def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        """As :meth:`due`, for every account not in ``accounts``."""
+        return await _answer(self._due(now, limit, lambda account: account not in accounts))
 
     async def start(self, message_id: str) -> tuple[bytes, int] | None:
         """The first chunks of a body, through the end of its header section, and its size; None if gone or final."""
@@ -200,6 +196,17 @@ class MemorySpool(MemoryEvents):
             entry = self._entries[message_id]
             if not any(recipient.state in _PENDING for recipient in entry.recipients):
                 entry.body = None
+
+    def _due(self, now: float, limit: int, chosen: Callable[[str], bool]) -> list[QueuedMessage]:
+        found = sorted(
+            (recipient for entry in self._entries.values() if chosen(entry.message.account)
+             for recipient in entry.recipients if recipient.state in _PENDING and recipient.next_attempt <= now),
+            key=lambda recipient: (recipient.next_attempt, recipient.message_id, recipient.idx),
+        )[: max(limit, 0)]
+        grouped: dict[str, list[Recipient]] = {}
+        for recipient in found:
+            grouped.setdefault(recipient.message_id, []).append(recipient)
+        return self._messages(grouped)
 
     def _purge_final(self, older_than: float) -> int:
         gone = [

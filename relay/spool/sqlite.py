@@ -19,8 +19,9 @@ import concurrent.futures
 import queue
 import sqlite3
 import threading
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -198,12 +199,24 @@ class SpoolStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def due(self, now: float, limit: int) -> list[QueuedMessage]:
-        """Messages with at least one recipient due, carrying only their due recipients."""
+    def due(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        """Messages of ``accounts`` with at least one recipient due, carrying only their due recipients."""
+        return self._due(now, limit, accounts, "IN")
+
+    def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        """As :meth:`due`, for the messages of every account *not* in ``accounts``."""
+        return self._due(now, limit, accounts, "NOT IN")
+
+    def _due(self, now: float, limit: int, accounts: Collection[str], membership: str) -> list[QueuedMessage]:
+        """Walks the partial index in next_attempt order (literal states, so SQLite sees that it
+        applies; CROSS JOIN keeps recipients the outer loop) and looks each message up by id."""
+        names = list(accounts)
         rows = self.conn.execute(
-            "SELECT message_id, idx, address, state, attempts, next_attempt, last_reply, email_id "
-            "FROM recipients WHERE state IN (?,?) AND next_attempt <= ? ORDER BY next_attempt LIMIT ?",
-            (*_PENDING, now, limit),
+            "SELECT r.message_id, r.idx, r.address, r.state, r.attempts, r.next_attempt, r.last_reply, r.email_id "
+            "FROM recipients AS r CROSS JOIN messages AS m ON m.id = r.message_id "
+            "WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ? "
+            f"AND m.account {membership} ({','.join('?' * len(names))}) ORDER BY r.next_attempt LIMIT ?",
+            (now, *names, limit),
         ).fetchall()
         recipients: dict[str, list[Recipient]] = {}
         for row in rows:
@@ -347,11 +360,13 @@ _STOP = object()
 class SqliteSpool(SqliteEvents):
     """Async face of the spool for the server: group-committed writes, threaded reads."""
 
-    def __init__(self, path: Path, create: bool = True):
+    def __init__(self, path: Path, commit_timeout: float = 30.0, *, create: bool = True):
         self.path = path
         self._create = create  # False: `queue` on a spool that is not there says so instead
         self.commits = 0  # one fsync of the WAL each: the number `bench/` divides by messages
         self.operations = 0
+        self._commit_timeout = commit_timeout  # spool.commit_timeout: a write waits no longer
+        self._group_started: float | None = None  # time.monotonic() while the writer runs a group
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
@@ -395,8 +410,11 @@ class SqliteSpool(SqliteEvents):
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int) -> list[QueuedMessage]:
-        return await self._read(self._store().due, now, limit)
+    async def due(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        return await self._read(self._store().due, now, limit, accounts)
+
+    async def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+        return await self._read(self._store().stranded, now, limit, accounts)
 
     async def start(self, message_id: str) -> tuple[bytes, int] | None:
         """The first bytes of a body, through the end of its header section, and its size;
@@ -428,8 +446,12 @@ class SqliteSpool(SqliteEvents):
         await self._write(SpoolStore.probe, now)
 
     def unavailable(self) -> str | None:
+        """The watchdog: a dead writer thread, or one stuck in a group longer than commit_timeout."""
         if self._writer is None or not self._writer.is_alive():
             return "the spool writer thread is not running"
+        started = self._group_started
+        if started is not None and time.monotonic() - started > self._commit_timeout:
+            return f"the spool writer has been stuck in a commit for {time.monotonic() - started:.0f}s"
         return None
 
     @property
@@ -443,11 +465,25 @@ class SqliteSpool(SqliteEvents):
     def _read(self, fn: Callable, *args: Any) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
 
-    def _write(self, fn: Callable, *args: Any) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put((fn, args, future, loop))
-        return future
+    async def _write(self, fn: Callable, *args: Any) -> Any:
+        """Queue a write for the writer thread and wait for its group's commit, at most commit_timeout.
+
+        On timeout a write the writer has not started is withdrawn (it will never commit, so the
+        caller's 451 is true); one inside the stuck group may still commit later. A caller that is
+        cancelled does not withdraw its write: an outcome of delivery is recorded all the same.
+        """
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._queue.put((fn, args, done))
+        waiting = asyncio.wrap_future(done)
+        waiting.add_done_callback(_consume)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), self._commit_timeout)
+        except TimeoutError:
+            withdrawn = done.cancel()
+            raise TimeoutError(
+                f"the spool did not commit within spool.commit_timeout ({self._commit_timeout:g}s)"
+                + ("" if withdrawn else "; the write may still commit")
+            ) from None
 
     def _write_loop(self, ready: concurrent.futures.Future) -> None:
         try:
@@ -473,12 +509,20 @@ class SqliteSpool(SqliteEvents):
                 return
 
     def _commit_group(self, store: SpoolStore, batch: list) -> None:
+        batch = [item for item in batch if item[2].set_running_or_notify_cancel()]  # not withdrawn
         if not batch:
             return
+        self._group_started = time.monotonic()
+        try:
+            self._run_group(store, batch)
+        finally:
+            self._group_started = None
+
+    def _run_group(self, store: SpoolStore, batch: list) -> None:
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
             store.conn.execute("BEGIN IMMEDIATE")
-            for fn, args, _, _ in batch:
+            for fn, args, _ in batch:
                 store.conn.execute("SAVEPOINT op")
                 try:
                     outcomes.append((fn(store, *args), None))
@@ -497,17 +541,17 @@ class SqliteSpool(SqliteEvents):
                 except sqlite3.Error:
                     pass
             outcomes = [(None, error)] * len(batch)
-        for (_, _, future, loop), (result, error) in zip(batch, outcomes, strict=True):
-            loop.call_soon_threadsafe(_settle, future, result, error)
+        for (_, _, done), (result, error) in zip(batch, outcomes, strict=True):
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(result)
 
 
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _consume(waiting: asyncio.Future) -> None:
+    """Retrieve the outcome of a write whose caller stopped waiting (timed out or cancelled)."""
+    if not waiting.cancelled():
+        waiting.exception()
 
 
 def open_store(path: Path) -> SpoolStore:

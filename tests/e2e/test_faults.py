@@ -35,6 +35,20 @@ SEED = int(os.environ.get("RELAY_FAULT_SEED", random.randrange(1 << 32)))
 TOKEN = re.compile(rb"Subject: (fault-[0-9a-z-]+)")
 
 
+@pytest.fixture(params=[1, "auto"], ids=["processes_1", "processes_auto"])
+def processes(request):
+    """Every fault test runs with one process and with the shipped default (acceptor processes)."""
+    return request.param
+
+
+@pytest.fixture
+def make_relay(processes, make_relay):
+    def make(config_patch=None, **server_overrides):
+        server_overrides.setdefault("processes", processes)
+        return make_relay(config_patch, **server_overrides)
+    return make
+
+
 def report(name: str, **figures) -> None:
     print(f"\n[fault figures] {name} seed={SEED}: " + ", ".join(f"{key}={value}" for key, value in figures.items()))
 
@@ -52,6 +66,7 @@ class Load:
     sessions: int = 4
     accepted: dict[str, str] = field(default_factory=dict)  # token → queue ID
     unacknowledged: set[str] = field(default_factory=set)
+    refused_at_data: set[str] = field(default_factory=set)  # a 4xx after the message was sent
     temporary_refusals: int = 0
     sent: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -105,6 +120,7 @@ class Load:
             else:
                 assert 400 <= code < 500, (code, reply)  # a fault is never a permanent refusal
                 self.temporary_refusals += 1
+                self.refused_at_data.add(token)
 
 
 def tokens_received(sendcloud) -> Counter[str]:
@@ -116,7 +132,11 @@ def wait_for_tokens(sendcloud, tokens: set[str], timeout: float) -> Counter[str]
     return tokens_received(sendcloud)
 
 
-def test_kill_9_at_random_moments_under_load_loses_nothing(make_relay, sendcloud):
+def queue_is_empty(relay) -> bool:
+    return "0 message(s)" in relay.cli("queue", "list").stdout
+
+
+def test_kill_9_at_random_moments_under_load_loses_nothing(make_relay, sendcloud, processes):
     kills = int(os.environ.get("RELAY_FAULT_KILLS", "3"))
     chance = random.Random(SEED)
     relay = make_relay()
@@ -133,11 +153,16 @@ def test_kill_9_at_random_moments_under_load_loses_nothing(make_relay, sendcloud
     duplicates = sum(count - 1 for count in received.values() if count > 1)
     report(
         "kill -9", kills=kills, sent=load.sent, accepted=len(accepted), unacknowledged=len(load.unacknowledged),
-        unacknowledged_delivered=len(load.unacknowledged & set(received)), lost=len(lost), duplicates=duplicates,
+        unacknowledged_delivered=len(load.unacknowledged & set(received)), refused_at_data=len(load.refused_at_data),
+        refused_at_data_delivered=len(load.refused_at_data & set(received)), lost=len(lost), duplicates=duplicates,
     )
     assert accepted, "the load never got a message through"
     assert not lost, f"accepted with 250 but never delivered: {sorted(lost)[:10]}"
-    assert set(received) <= accepted | load.unacknowledged  # nothing appears that was refused
+    # Nothing appears that was refused. With acceptor processes, an acceptor whose main process
+    # was killed after the commit and before its answer says 451 without knowing: such a 451 is
+    # as unknown a fate as no reply (docs/security.md, duplicate windows).
+    unknown = load.unacknowledged | (load.refused_at_data if processes == "auto" else set())
+    assert set(received) <= accepted | unknown, sorted(set(received) - accepted - unknown)[:10]
 
 
 def test_upstream_outage_under_load_delivers_everything_after(make_relay, sendcloud):
@@ -192,7 +217,7 @@ def test_upstream_answering_at_random_leaves_every_recipient_in_the_right_state(
         replies.discard(None)
         if not replies:
             return None
-        reply = sorted(replies)[0]
+        reply = min(replies)
         with lock:  # the reply actually given applies to every recipient of the transaction
             for address in rcpt_tos:
                 heard[address][-1] = f"DATA {reply}"
@@ -221,6 +246,8 @@ def test_upstream_answering_at_random_leaves_every_recipient_in_the_right_state(
             for address in recipients
         }
     assert final == expected, {a: heard.get(a) for a in expected if final.get(a) != expected[a]}
+    assert wait_until(lambda: queue_is_empty(relay), 30)
+    time.sleep(1)  # a poll after the queue emptied: a late duplicate would show now
     delivered = Counter(rcpt for m in sendcloud.messages for rcpt in m.rcpt_tos if rcpt.startswith("fz-"))
     assert set(delivered) == {a for a, s in expected.items() if s is State.DELIVERED}
     assert max(delivered.values()) == 1  # no recipient got the message twice
@@ -240,10 +267,12 @@ def test_upstream_answering_at_random_leaves_every_recipient_in_the_right_state(
     [("451 4.3.0 later", "550 5.7.1 no", "deferred", "failed"), ("550 5.1.1 unknown", "451 4.3.0 later", "failed", "deferred")],
     ids=["451_at_rcpt_then_550_at_data", "550_at_rcpt_then_451_at_data"],
 )
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelined", "one_command_at_a_time"])
 def test_regression_a_recipient_keeps_its_own_rcpt_reply_when_data_fails(
-    make_relay, sendcloud, rcpt_reply, data_reply, refused_state, accepted_state
+    make_relay, sendcloud, rcpt_reply, data_reply, refused_state, accepted_state, pipelining
 ):
     """Found by the random-replies test: the DATA reply used to overwrite the RCPT refusals."""
+    sendcloud.pipelining = pipelining
     relay = make_relay(config_patch=lambda c: c["spool"].update(retry=["1h"]))
     sendcloud.rcpt_replies["refused@example.net"] = rcpt_reply
     sendcloud.data_reply = data_reply
@@ -257,6 +286,8 @@ def test_regression_a_recipient_keeps_its_own_rcpt_reply_when_data_fails(
     assert wait_until(lambda: "1 attempt(s)" in shown() and "queued" not in shown(), 15), shown()
     assert f"<refused@example.net>  {refused_state}" in shown()
     assert f"<accepted@example.net>  {accepted_state}" in shown()
+    envelopes = [read for read in sendcloud.reads if read.startswith(b"MAIL FROM:")]
+    assert envelopes and all((b"RCPT TO:" in read) is pipelining for read in envelopes)
 
 
 # -- the disk fills up ---------------------------------------------------------------------------
@@ -268,7 +299,7 @@ def small_disk(tmp_path):
     mountpoint = tmp_path / "small-disk"
     mountpoint.mkdir()
     mounted = os.geteuid() == 0 and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mountpoint)], capture_output=True, check=False
     ).returncode == 0
     require_peer(mounted, "mounting a tmpfs (root)")
     yield mountpoint
@@ -328,3 +359,82 @@ def test_disk_full_is_451_never_250_and_the_relay_recovers(make_relay, sendcloud
     )
     assert not lost
     assert not set(refused) & set(received)  # a 451 really meant "not on disk"
+
+
+def test_disk_filling_while_the_upstream_is_up_sends_no_message_twice(make_relay, sendcloud, small_disk):
+    """Delivery's outcome cannot be recorded (ENOSPC): the relay holds it in memory and retries the
+    record; it used to find the unchanged rows due at every poll and send them again."""
+    relay = make_relay(config_patch=lambda c: c["spool"].update(path=str(small_disk / "spool.db"), retry=["1s"]))
+    sendcloud.stop()  # the messages wait in the spool, tried once (deferred 1 s)
+    tokens = [f"fault-fill-{number}" for number in range(8)]
+    with smtplib.SMTP("127.0.0.1", relay.port("smtp"), timeout=20, source_address=(TRUSTED_SOURCE, 0)) as client:
+        for token in tokens:  # ~30 KB each: the WAL grows, so later commits need new space
+            body = f"Subject: {token}\r\n\r\n".encode() + (b"y" * 60 + b"\r\n") * 500
+            client.sendmail("app@acme.com", [f"{token}@example.net"], body)
+    assert wait_until(lambda: "deferred" in relay.cli("queue", "list").stdout, 15)
+    fill(small_disk, leave=0)
+    sendcloud.restart()
+    received = wait_for_tokens(sendcloud, set(tokens), timeout=30)
+    time.sleep(3)  # fifteen polls, three retry delays with the disk still full
+    during = tokens_received(sendcloud)
+    assert during == Counter(dict.fromkeys(tokens, 1)), during
+    assert "could not record the delivery outcome" in relay.log()
+
+    (small_disk / "filler").unlink()
+    assert wait_until(lambda: queue_is_empty(relay), 30), relay.cli("queue", "list").stdout
+    time.sleep(1)  # a poll after the queue emptied: a late duplicate would show now
+    after = tokens_received(sendcloud)
+    duplicates = sum(count - 1 for count in after.values() if count > 1)
+    report("disk fills while delivering", messages=len(tokens), received=len(received), duplicates=duplicates,
+           recorded_late="delivery outcome recorded after" in relay.log())
+    assert after == during
+    assert "delivery outcome recorded after" in relay.log()
+
+
+def test_a_slow_reply_to_the_final_dot_within_data_timeout_is_delivered_once(make_relay, sendcloud):
+    """upstream.timeout bounds each command; the final dot's reply has upstream.data_timeout (Postfix's
+    smtp_data_done_timeout). Timing it out at upstream.timeout made every slow accept a duplicate."""
+    relay = make_relay(config_patch=lambda c: c["upstream"].update(timeout="1s", data_timeout="30s"))
+
+    def slow_final_reply(rcpt_tos: list[str]) -> None:
+        time.sleep(2.5)  # past upstream.timeout, well within data_timeout
+
+    sendcloud.data_hook = slow_final_reply
+    token = "fault-slow-final-dot"
+    with smtplib.SMTP("127.0.0.1", relay.port("smtp"), timeout=20, source_address=(TRUSTED_SOURCE, 0)) as client:
+        client.sendmail("app@acme.com", [f"{token}@example.net"], f"Subject: {token}\r\n\r\nslow\r\n".encode())
+    wait_for_tokens(sendcloud, {token}, timeout=30)
+    time.sleep(4)  # the retry schedule's 1 s and 2 s have passed: a second try would have arrived
+    assert (tokens_received(sendcloud)[token], sendcloud.data_attempts) == (1, 1)
+    assert wait_until(lambda: queue_is_empty(relay), 30)
+
+
+# -- the upstream pipelines (SendCloud offers PIPELINING) ------------------------------------------
+
+
+def test_the_envelope_goes_upstream_in_one_read_and_a_refused_rcpt_in_the_middle_keeps_its_reply(make_relay, sendcloud):
+    assert sendcloud.pipelining  # as SendCloud's EHLO
+    relay = make_relay(config_patch=lambda c: c["spool"].update(retry=["1h"]))
+    sendcloud.rcpt_replies["refused@example.net"] = "550 5.1.1 no such user"
+    sendcloud.rcpt_replies["later@example.net"] = "451 4.3.0 try later"
+    rcpts = ["first@example.net", "refused@example.net", "later@example.net", "last@example.net"]
+    with smtplib.SMTP("127.0.0.1", relay.port("smtp"), timeout=20, source_address=(TRUSTED_SOURCE, 0)) as client:
+        client.ehlo()
+        client.mail("app@acme.com")
+        for address in rcpts:
+            assert client.rcpt(address)[0] == 250
+        code, reply = client.data(b"Subject: pipelined\r\n\r\nx\r\n")
+    assert code == 250
+    queue_id = reply.decode().rsplit(" ", 1)[1]
+    assert wait_until(lambda: any(b"Subject: pipelined" in m.data for m in sendcloud.messages), 20)
+    (message,) = [m for m in sendcloud.messages if b"Subject: pipelined" in m.data]
+    assert message.rcpt_tos == ["first@example.net", "last@example.net"]
+    (group,) = [read for read in sendcloud.reads if read.startswith(b"MAIL FROM:") and b"first@" in read]
+    assert group.endswith(b"DATA\r\n") and all(f"RCPT TO:<{address}>".encode() in group for address in rcpts)
+
+    def shown() -> str:
+        return relay.cli("queue", "show", queue_id).stdout
+
+    assert wait_until(lambda: "<refused@example.net>  failed" in shown(), 15), shown()
+    for address, state in [("first", "delivered"), ("later", "deferred"), ("last", "delivered")]:
+        assert f"<{address}@example.net>  {state}" in shown(), shown()

@@ -4,9 +4,9 @@ It speaks SendCloud's SMTP dialect as documented (see shared/notes/sendcloud.md)
 relay under test, running as a separate process, can deliver to it exactly as it would to
 the real service:
 
-- EHLO advertises ``SIZE 16000000``, ``8BITMIME`` and ``STARTTLS``; after STARTTLS it
-  advertises ``AUTH LOGIN`` only (no PLAIN), as SendCloud does. No PIPELINING, SMTPUTF8 or
-  HELP is advertised.
+- EHLO advertises ``PIPELINING``, ``SIZE 16000000``, ``8BITMIME`` and ``STARTTLS``; after
+  STARTTLS it advertises ``AUTH LOGIN`` only (no PLAIN), as SendCloud does (``fake.pipelining = False``
+  leaves PIPELINING out). No SMTPUTF8 or HELP is advertised.
 - MAIL, RCPT and DATA are refused with ``530 5.7.0 Authentication required`` until AUTH
   succeeded; AUTH itself is refused until STARTTLS.
 - The AUTH LOGIN username is the API_USER, optionally followed by ``#<label id>``; the
@@ -119,6 +119,10 @@ class _TrackedSMTP(SMTP):
         self._transports.discard(self._tcp_transport)
         super().connection_lost(error)
 
+    def data_received(self, data: bytes) -> None:
+        self.event_handler.fake.reads.append(bytes(data))  # what each read got: pipelining shows here
+        super().data_received(data)
+
 
 class _Controller(Controller):
     """A Controller serving on a socket bound beforehand by FakeSendCloud.
@@ -169,6 +173,8 @@ class _Handler:
         # hook in place aiosmtpd leaves setting session.host_name to us.
         session.host_name = hostname
         lines = [line for line in responses if line[4:] != "HELP"]
+        if self.fake.pipelining:
+            lines.insert(1, "250-PIPELINING")
         lines[-1] = "250 " + lines[-1][4:]
         return lines
 
@@ -225,6 +231,8 @@ class FakeSendCloud:
         for testing that the relay never sends mail or credentials where TLS is required."""
         self.host = host
         self.starttls = starttls
+        self.pipelining = True  # a test sets False for an upstream that answers each command before the next
+        self.reads: list[bytes] = []  # every chunk a session's read got (after TLS: the plaintext)
         self.port = port
         self.accounts = dict(accounts)
         self.messages: list[ReceivedMessage] = []

@@ -51,12 +51,12 @@ def send(conn: smtplib.SMTP, rcpts: list[str], body: bytes) -> tuple[int, bytes]
 
 def test_ehlo_matches_sendcloud_and_auth_is_required(fake, client_tls):
     with smtplib.SMTP("127.0.0.1", fake.port, timeout=10) as conn:
-        assert conn.ehlo() == (250, b"fake-smtp.sendcloud.test\nSIZE 16000000\n8BITMIME\nSTARTTLS")
+        assert conn.ehlo() == (250, b"fake-smtp.sendcloud.test\nPIPELINING\nSIZE 16000000\n8BITMIME\nSTARTTLS")
         assert conn.mail("app@acme.test") == (530, b"5.7.0 Authentication required")
         assert conn.docmd("AUTH", "LOGIN")[0] == 538  # no AUTH before STARTTLS
 
         conn.starttls(context=client_tls)
-        assert conn.ehlo() == (250, b"fake-smtp.sendcloud.test\nSIZE 16000000\n8BITMIME\nAUTH LOGIN")
+        assert conn.ehlo() == (250, b"fake-smtp.sendcloud.test\nPIPELINING\nSIZE 16000000\n8BITMIME\nAUTH LOGIN")
         for command in ("MAIL FROM:<app@acme.test>", "RCPT TO:<bob@example.com>", "DATA"):
             assert conn.docmd(command) == (530, b"5.7.0 Authentication required")
         assert conn.docmd("AUTH", "PLAIN AGFjbWVfdHJpZ2dlcgB0cmlnZ2VyLWtleQ==")[0] == 504

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable
+from dataclasses import dataclass
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
 from aiosmtplib.response import SMTPResponse
 
 from relay.lines import normalise_line_endings
@@ -62,8 +64,13 @@ class DotStuffer:
         return [b"." + stuffed if leading else stuffed]
 
 
-async def send_data(client: aiosmtplib.SMTP, pieces: AsyncIterable[Piece], timeout: float | None) -> SMTPResponse:
+async def send_data(client: aiosmtplib.SMTP, pieces: AsyncIterable[Piece], timeout: float | None,
+                    final_timeout: float | None = None) -> SMTPResponse:
     """DATA, the message, the final dot; the final reply. Raises aiosmtplib's exceptions as ``data()`` does.
+
+    ``final_timeout`` bounds the wait for the reply to the final dot (``upstream.data_timeout``,
+    as Postfix's smtp_data_done_timeout): the upstream may scan the message before it answers,
+    and giving up early makes a message it then accepts a duplicate at the next try.
 
     An exception from ``pieces`` (the message deleted from the spool while it was sent) closes
     the connection before the final dot, so the upstream discards what it got, and propagates.
@@ -72,10 +79,7 @@ async def send_data(client: aiosmtplib.SMTP, pieces: AsyncIterable[Piece], timeo
     the flow-control wait), hence its upper bound in pyproject.toml; every e2e delivery
     goes through here, and tests/unit/delivery/test_data.py compares the bytes with its own.
     """
-    protocol = client.protocol
-    if protocol is None or protocol._command_lock is None:
-        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
-    stuffer = DotStuffer()
+    protocol = _protocol(client)
     try:
         async with protocol._command_lock:
             protocol._response_pending = True
@@ -83,14 +87,7 @@ async def send_data(client: aiosmtplib.SMTP, pieces: AsyncIterable[Piece], timeo
             start = await protocol.read_response(timeout=timeout)
             if start.code != 354:
                 raise aiosmtplib.SMTPDataError(start.code, start.message)
-            protocol._response_pending = True  # an early refusal mid-DATA is kept, not dropped
-            async for piece in pieces:
-                for out in stuffer.feed(piece):
-                    protocol.write(out)
-                    await _drained(protocol, timeout)
-            for out in stuffer.end():
-                protocol.write(out)
-            reply = await protocol.read_response(timeout=timeout)
+            reply = await _message(protocol, pieces, timeout, final_timeout)
     except BaseException as error:
         if not isinstance(error, aiosmtplib.SMTPDataError):  # no final dot was sent: the upstream must drop it
             client.close()
@@ -100,9 +97,132 @@ async def send_data(client: aiosmtplib.SMTP, pieces: AsyncIterable[Piece], timeo
     return reply
 
 
+@dataclass(frozen=True)
+class Pipelined:
+    """The replies of one pipelined transaction, in the order the commands were sent."""
+
+    mail: SMTPResponse
+    rcpts: list[SMTPResponse]  # one per recipient
+    data: SMTPResponse | None  # DATA's refusal, or the final dot's reply; None: nobody to send to
+
+
+async def send_pipelined(client: aiosmtplib.SMTP, sender: str, options: list[str], recipients: list[str],
+                         pieces: AsyncIterable[Piece], timeout: float | None,
+                         final_timeout: float | None = None) -> Pipelined:
+    """MAIL, every RCPT and DATA in one write (RFC 2920: DATA ends the group), their replies read
+    in order; then, after a 354 with a recipient accepted, the message and the final reply.
+
+    SMTP replies are returned, not raised. A 421 ends the session: commands it left unanswered
+    get it too. Anything else that goes wrong closes the connection (before any final dot) and
+    propagates, as in :func:`send_data`.
+    """
+    protocol = _protocol(client)
+    commands = [b"MAIL FROM:" + b" ".join([quote_address(sender).encode("ascii"), *(o.encode("ascii") for o in options)])]
+    commands += [b"RCPT TO:" + quote_address(address).encode("ascii") for address in recipients]
+    commands.append(b"DATA")
+    try:
+        async with protocol._command_lock:
+            replies = await _replies(protocol, b"".join(command + b"\r\n" for command in commands), len(commands), timeout)
+            mail, rcpts, start = replies[0], replies[1:-1], replies[-1]
+            accepted = mail.code == 250 and any(200 <= reply.code < 300 for reply in rcpts)
+            if start.code != 354:
+                return Pipelined(mail, rcpts, start if accepted else None)
+            if not accepted:  # a server that says 354 with nobody to deliver to gets an empty message
+                protocol._response_pending = True
+                protocol.write(b".\r\n")
+                await protocol.read_response(timeout=timeout)
+                return Pipelined(mail, rcpts, None)
+            return Pipelined(mail, rcpts, await _message(protocol, pieces, timeout, final_timeout))
+    except BaseException:
+        client.close()
+        raise
+
+
+class _Collector:
+    """Stands in for aiosmtplib's one-shot response waiter while pipelined replies arrive.
+
+    aiosmtplib parses one reply per read into a future and drops what arrives until the future
+    is replaced, which would lose replies that come in separate segments; this keeps each reply
+    and parses what is already buffered, until ``expected`` replies are in.
+    """
+
+    def __init__(self, protocol, expected: int):
+        self._protocol = protocol
+        self._expected = expected
+        self.replies: list[SMTPResponse] = []
+        self.complete: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def done(self) -> bool:
+        return self.complete.done()
+
+    def set_result(self, reply: SMTPResponse) -> None:
+        try:
+            while reply is not None:
+                self.replies.append(reply)
+                if len(self.replies) == self._expected:
+                    break
+                reply = self._protocol._read_response_from_buffer()
+        except Exception as error:  # noqa: BLE001 - a malformed reply ends the collection
+            self.set_exception(error)
+            return
+        if len(self.replies) == self._expected and not self.complete.done():
+            self.complete.set_result(None)
+
+    def set_exception(self, error: BaseException) -> None:
+        """The connection ended (or a reply was malformed); after a 421 that is the server closing."""
+        if self.complete.done():
+            return
+        if self.replies and self.replies[-1].code == 421:
+            self.complete.set_result(None)
+        else:
+            self.complete.set_exception(error)
+
+    def exception(self) -> BaseException | None:
+        return self.complete.exception() if self.complete.done() and not self.complete.cancelled() else None
+
+
+async def _replies(protocol, commands: bytes, expected: int, timeout: float | None) -> list[SMTPResponse]:
+    """Write ``commands`` at once and read ``expected`` replies; if the server closes after a 421,
+    the commands it left unanswered share that 421."""
+    collector = _Collector(protocol, expected)
+    protocol._response_waiter, protocol._response_pending = collector, True
+    try:
+        protocol.write(commands)
+        await asyncio.wait_for(asyncio.shield(collector.complete), timeout)
+    except TimeoutError:
+        raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for the pipelined replies") from None
+    finally:
+        protocol._response_pending = False
+        if protocol.transport is not None:
+            protocol._response_waiter = asyncio.get_running_loop().create_future()
+    replies = collector.replies
+    return replies + [replies[-1]] * (expected - len(replies))
+
+
+async def _message(protocol, pieces: AsyncIterable[Piece], timeout: float | None,
+                   final_timeout: float | None) -> SMTPResponse:
+    """After the 354: the message, dot-stuffed, the final dot, and its reply (within ``final_timeout``)."""
+    stuffer = DotStuffer()
+    protocol._response_pending = True  # an early refusal mid-DATA is kept, not dropped
+    async for piece in pieces:
+        for out in stuffer.feed(piece):
+            protocol.write(out)
+            await _drained(protocol, timeout)
+    for out in stuffer.end():
+        protocol.write(out)
+    return await protocol.read_response(timeout=final_timeout if final_timeout is not None else timeout)
+
+
+def _protocol(client: aiosmtplib.SMTP):
+    protocol = client.protocol
+    if protocol is None or protocol._command_lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    return protocol
+
+
 async def _drained(protocol, timeout: float | None) -> None:
     """Wait until the transport's buffer is below its high-water mark, as ``StreamWriter.drain``."""
     try:
         await asyncio.wait_for(protocol._drain_helper(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise aiosmtplib.SMTPTimeoutError("Timed out sending the message upstream") from None

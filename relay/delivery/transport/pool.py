@@ -24,14 +24,18 @@ class AccountPool:
         self._busy = 0
 
     async def acquire(self, key: Key):
-        self._busy += 1
+        """A kept connection for ``key``, or a new one; counted busy only once it is handed out,
+        so a factory or a close that raises leaves the count as it was."""
         for connection in reversed(self._idle):
             if connection.key == key:
                 self._idle.remove(connection)
+                self._busy += 1
                 return connection
-        if self._idle and self._busy + len(self._idle) > self._size:
+        if self._idle and self._busy + 1 + len(self._idle) > self._size:
             await self._idle.pop(0).close()
-        return self._factory(key)
+        connection = self._factory(key)
+        self._busy += 1
+        return connection
 
     def release(self, connection) -> None:
         self._busy -= 1

@@ -17,7 +17,7 @@ from relay.delivery.transport.base import (
     TLSRequired,
     Transaction,
 )
-from relay.delivery.transport.data import send_data
+from relay.delivery.transport.data import send_data, send_pipelined
 from relay.errors import SMTPReply
 from relay.spool import BodyGone
 
@@ -46,7 +46,7 @@ class Connection:
         except aiosmtplib.SMTPResponseException as error:  # e.g. 535 for a wrong api_key
             await self.close()
             return self._all(transaction, SMTPReply(None, None, f"upstream refused login or greeting: {error.code} {error.message}"))
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as error:
             await self.close()
             return self._all(transaction, SMTPReply(None, None, f"connect to {self.relay}: {_describe(error)}"))
         options = []
@@ -55,12 +55,12 @@ class Connection:
                 return self._all(transaction, SMTPReply(554, "5.6.3", f"{self.relay} does not offer 8BITMIME for this 8-bit message"))
             options.append("BODY=8BITMIME")
         try:
-            replies, data_reply = await _transact(client, transaction, options)
+            replies, data_reply = await _transact(client, transaction, options, self._upstream.data_timeout)
         except aiosmtplib.SMTPResponseException as error:  # MAIL refused
             if error.code == 421:
                 await self.close()
             return self._all(transaction, SMTPReply.received(error.code, error.message))
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as error:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as error:
             await self.close()
             return self._all(transaction, SMTPReply(None, None, f"lost connection with {self.relay}: {_describe(error)}"))
         except BodyGone:  # `queue delete` during DATA: the connection was closed before the final dot
@@ -81,7 +81,7 @@ class Connection:
             try:
                 await client.noop()
                 return client
-            except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+            except (TimeoutError, aiosmtplib.SMTPException, OSError):
                 await self.close()
         upstream, policy = self._upstream, self.key.tls
         if policy != "may" and upstream.tls == "none":
@@ -129,14 +129,15 @@ class Connection:
         try:
             if client.is_connected:
                 await asyncio.wait_for(client.quit(), timeout=5)
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
             client.close()
 
     def _all(self, transaction: Transaction, reply: SMTPReply) -> Result:
         return Result([reply] * len(transaction.recipients), None, self.relay)
 
 
-async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: list[str]) -> tuple[list[SMTPReply], SMTPReply | None]:
+async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: list[str],
+                    data_timeout: float) -> tuple[list[SMTPReply], SMTPReply | None]:
     """MAIL, each RCPT, DATA: every recipient ends with the reply that decided its fate.
 
     Not aiosmtplib's ``sendmail()``: when DATA fails after some RCPTs were refused, it raises
@@ -147,6 +148,8 @@ async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: 
     """
     if client.supports_extension("size"):
         options = [f"SIZE={transaction.size}", *options]
+    if client.supports_extension("pipelining"):
+        return await _pipelined(client, transaction, options, data_timeout)
     await client.mail(transaction.sender, options=options)
     refused: dict[str, SMTPReply] = {}
     for address in transaction.recipients:
@@ -161,12 +164,35 @@ async def _transact(client: aiosmtplib.SMTP, transaction: Transaction, options: 
         await _reset(client)
         return [refused[address] for address in transaction.recipients], None
     try:
-        response = await send_data(client, transaction.text, client.timeout)
+        response = await send_data(client, transaction.text, client.timeout, data_timeout)
         data_reply = SMTPReply.received(response.code, response.message)
     except aiosmtplib.SMTPResponseException as error:
         data_reply = SMTPReply.received(error.code, error.message)
         if error.code != 421:
             await _reset(client)
+    return [refused.get(address, data_reply) for address in transaction.recipients], data_reply
+
+
+async def _pipelined(client: aiosmtplib.SMTP, transaction: Transaction, options: list[str],
+                     data_timeout: float) -> tuple[list[SMTPReply], SMTPReply | None]:
+    """As :func:`_transact`, with MAIL, the RCPTs and DATA in one write (the upstream offers
+    PIPELINING): one round trip instead of two plus one per recipient."""
+    sent = await send_pipelined(client, transaction.sender, options, transaction.recipients, transaction.text,
+                                client.timeout, data_timeout)
+    if sent.mail.code != 250:
+        raise aiosmtplib.SMTPSenderRefused(sent.mail.code, sent.mail.message, transaction.sender)
+    refused = {
+        address: SMTPReply.received(reply.code, reply.message)
+        for address, reply in zip(transaction.recipients, sent.rcpts, strict=True)
+        if not 200 <= reply.code < 300
+    }
+    if sent.data is None:  # every recipient refused (or the session closed before DATA)
+        if all(reply.code != 421 for reply in refused.values()):
+            await _reset(client)
+        return [refused[address] for address in transaction.recipients], None
+    data_reply = SMTPReply.received(sent.data.code, sent.data.message)
+    if data_reply.code not in (250, 421):
+        await _reset(client)
     return [refused.get(address, data_reply) for address in transaction.recipients], data_reply
 
 
@@ -178,7 +204,7 @@ async def _reset(client: aiosmtplib.SMTP) -> None:
     """
     try:
         await client.rset()
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
         client.close()
 
 

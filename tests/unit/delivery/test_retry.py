@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle, is_temporary, retry_delay
+from relay.delivery.retry import (
+    RetryPolicy,
+    after_attempt,
+    is_account_throttle,
+    is_temporary,
+    retry_delay,
+    while_unconfigured,
+)
 from relay.errors import SMTPReply
 from relay.spool import Recipient, State
 
@@ -210,3 +217,22 @@ def test_held_recipient_still_expires_at_the_end_of_its_lifetime():
     assert expired.state is State.FAILED
     near = after_attempt(recipient(), SMTPReply.received(536, "Frequency limited"), RECEIVED, NOW - 10, short, 0.5, held_until=NOW + 30)
     assert near.next_attempt == RECEIVED + 3600.0  # never past the deadline
+
+
+WAITING = "account gone is not configured"
+
+
+@pytest.mark.parametrize(
+    "attempts, now, expected",
+    [
+        (0, NOW, (State.DEFERRED, 0, NOW + 60.0, WAITING, None)),
+        (2, NOW, (State.DEFERRED, 2, NOW + 60.0, WAITING, None)),  # not an attempt: the count stays
+        (0, RECEIVED + 86400.0 - 10, (State.DEFERRED, 0, RECEIVED + 86400.0, WAITING, None)),  # not past the deadline
+        (1, RECEIVED + 86400.0, (State.FAILED, 1, RECEIVED + 86400.0,
+                                 WAITING + " (gave up: message older than the spool's max_lifetime)", "4.4.7")),
+    ],
+    ids=["waits_first_delay", "keeps_attempts", "capped_at_deadline", "expires_with_4.4.7"],
+)
+def test_a_recipient_of_an_unconfigured_account_waits_then_expires(attempts, now, expected):
+    update = while_unconfigured(recipient(attempts), "gone", RECEIVED, now, EXACT)
+    assert (update.state, update.attempts, update.next_attempt, update.last_reply, update.dsn_status) == expected

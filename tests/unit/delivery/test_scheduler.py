@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from relay.delivery import scheduler as scheduler_module
 from relay.delivery.scheduler import Scheduler
 from relay.delivery.sendcloud import queued_message_id
 from relay.delivery.transport import Key, Result, Transaction
@@ -335,8 +337,11 @@ async def test_mail_of_an_account_removed_by_reconfigure_waits_in_the_spool_unti
     await harness.intake(late)
     await asyncio.sleep(10 * POLL)
     assert [s.transaction.queue_id for s in upstream.sent] == [in_flight.id]
-    assert await harness.states(waiting.id) == [State.QUEUED, State.QUEUED]
-    assert await harness.states(late.id) == [State.QUEUED, State.QUEUED]
+    for stranded in (waiting, late):  # deferred with the reason `queue show` gives, no attempt spent
+        recipients = (await harness.spool.get(stranded.id)).recipients
+        assert {(r.state, r.attempts, r.last_reply) for r in recipients} == {
+            (State.DEFERRED, 0, "account acme_batch is not configured"),
+        }
 
     harness.reconfigure(TWO_ACCOUNTS)  # back: the poller finds what waited
     await until(final(harness, waiting.id))
@@ -362,3 +367,159 @@ async def test_536_frequency_limited_pauses_the_account_without_spending_an_atte
     first, second = upstream.sent
     assert second.at - first.at >= 0.1 - 0.01  # not before the pause ended
     assert throttle.consecutive == 0  # the probe got through: the account runs again
+
+
+# -- outcomes the spool refuses to record (disk full) ----------------------------------------------------
+
+
+DISK_FULL = OSError(28, "No space left on device")
+
+
+async def test_an_outcome_the_spool_cannot_record_is_held_and_the_message_is_never_sent_again(start):
+    harness = await start()
+    message = new_message(recipients=("a@example.org",))
+    await harness.intake(message)
+    harness.spool.fail_writes = DISK_FULL  # the store got through; the record after delivery will not
+    await until(lambda: harness.scheduler.held_outcomes() == [message.id])
+    await asyncio.sleep(20 * POLL)  # twenty polls that find it due (still queued on disk)
+    harness.scheduler.submit(message)
+    assert len(harness.upstream.sent) == 1
+    assert await harness.states(message.id) == [State.QUEUED]
+
+    harness.spool.fail_writes = None  # space returns: the held outcome is recorded by a retry
+    await until(final(harness, message.id))
+    await asyncio.sleep(5 * POLL)
+    assert harness.scheduler.held_outcomes() == []
+    (recipient,) = (await harness.spool.get(message.id)).recipients
+    assert (recipient.state, recipient.attempts, recipient.email_id) == (State.DELIVERED, 1, "MSG10$a@example.org")
+    assert len(harness.upstream.sent) == 1
+
+
+async def test_each_transaction_is_recorded_before_the_next_is_sent(start):
+    """Two transactions (at most 2 recipients each): the first one's record fails, so the second
+    waits until it is on disk; every recipient is sent exactly once."""
+    harness = await start()
+    addresses = ["a@example.org", "b@example.org", "c@example.org"]
+    message = new_message(recipients=addresses)
+    await harness.intake(message)
+    harness.spool.fail_writes = DISK_FULL
+    await until(lambda: harness.scheduler.held_outcomes() == [message.id])
+    await asyncio.sleep(10 * POLL)
+    assert [s.transaction.recipients for s in harness.upstream.sent] == [addresses[:2]]
+
+    harness.spool.fail_writes = None
+    await until(final(harness, message.id))
+    await asyncio.sleep(5 * POLL)
+    assert [s.transaction.recipients for s in harness.upstream.sent] == [addresses[:2], addresses[2:]]
+    assert await harness.states(message.id) == [State.DELIVERED] * 3
+
+
+async def test_a_held_failure_gets_exactly_one_dsn_once_it_is_recorded(start):
+    harness = await start(upstream=FakeUpstream(answer=by_address({}, SMTPReply.received(550, "5.1.1 no such user"))))
+    message = new_message(recipients=("bad@example.org",))
+    await harness.intake(message)
+    harness.spool.fail_writes = DISK_FULL
+    await until(lambda: harness.scheduler.held_outcomes() == [message.id])
+    await asyncio.sleep(5 * POLL)
+    harness.spool.fail_writes = None
+    await until(final(harness, message.id))
+    (dsn,) = [m for m in await harness.spool.list(ListQuery(include_final=True)) if m.id != message.id]
+    await until(final(harness, dsn.id))
+    await asyncio.sleep(5 * POLL)
+    assert [s.transaction.queue_id for s in harness.upstream.sent] == [message.id, dsn.id]
+
+
+# -- mail of an account that is not configured ------------------------------------------------------------
+
+
+async def test_600_recipients_of_an_unconfigured_account_do_not_block_a_deliverable_one(start):
+    harness = await start()
+    stranded = [
+        new_message(recipients=[f"r{n}@example.org" for n in range(100)], account="gone_account")
+        for _ in range(6)
+    ]
+    for message in stranded:  # due before the deliverable one, and stored only: the poller must find all
+        await harness.spool.store(message)
+    deliverable = new_message(recipients=("a@example.org",))
+    await harness.spool.store(deliverable)
+    await until(final(harness, deliverable.id))
+    assert {s.transaction.queue_id for s in harness.upstream.sent} == {deliverable.id}
+
+    async def all_waiting() -> bool:
+        recipients = [r for m in stranded for r in (await harness.spool.get(m.id)).recipients]
+        return {(r.state, r.attempts, r.last_reply) for r in recipients} == {
+            (State.DEFERRED, 0, "account gone_account is not configured"),
+        }
+    await until(all_waiting)
+
+
+async def test_mail_of_an_unconfigured_account_expires_at_max_lifetime_with_a_dsn_through_the_users_account(start):
+    harness = await start()
+    old = dataclasses.replace(new_message(recipients=("a@example.org",), account="gone_account"),
+                              received_at=time.time() - 6 * 86400)  # max_lifetime: 5 days
+    await harness.spool.store(old)
+    await until(final(harness, old.id))
+    (recipient,) = (await harness.spool.get(old.id)).recipients
+    assert (recipient.state, recipient.attempts) == (State.FAILED, 0)
+    assert recipient.last_reply.startswith("account gone_account is not configured (gave up")
+    (dsn,) = [m for m in await harness.spool.list(ListQuery(include_final=True)) if m.id != old.id]
+    assert (dsn.account, [r.address for r in dsn.recipients]) == ("acme_trigger", ["billing@acme.com"])
+    await until(final(harness, dsn.id))
+    (bounce,) = harness.upstream.sent
+    assert b"Status: 4.4.7" in bounce.text and b"a@example.org" in bounce.text
+
+
+# -- races ------------------------------------------------------------------------------------------------
+
+
+async def test_a_probe_that_fails_before_sending_does_not_leave_the_account_paused(start, monkeypatch):
+    """After a pause, one worker probes alone; if its transaction fails before it is sent, the
+    probe must still be given back, or every worker of the account waits for good."""
+    harness = await start()
+    throttle = harness.scheduler.throttles["acme_trigger"]
+    throttle.consecutive = 1  # a pause just ended: the next transaction is the probe
+    real, raised = scheduler_module.for_transaction, []
+
+    def failing_once(head, addresses):
+        if not raised:
+            raised.append(addresses)
+            raise ValueError("unreadable X-SMTPAPI")
+        return real(head, addresses)
+
+    monkeypatch.setattr(scheduler_module, "for_transaction", failing_once)
+    first, second = new_message(recipients=("a@example.org",)), new_message(recipients=("b@example.org",))
+    await harness.intake(first)
+    await until(lambda: raised)
+    await harness.intake(second)
+    await until(final(harness, second.id))
+    await until(final(harness, first.id))  # the poller retries the one that failed
+
+
+async def test_a_dsn_that_cannot_be_made_does_not_send_the_message_again(start, monkeypatch):
+    """A bug in building DSNs once made every failed delivery raise after the upstream had
+    answered: the outcome was never recorded and the message went out again at every poll."""
+    def broken_dsn(**fields):
+        raise TypeError("a bug in the DSN")
+
+    monkeypatch.setattr(scheduler_module, "build_dsn", broken_dsn)
+    harness = await start(upstream=FakeUpstream(answer=by_address({"bad@example.org": SMTPReply.received(550, "5.1.1 no")})))
+    message = new_message(recipients=("good@example.org", "bad@example.org"))
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    await asyncio.sleep(10 * POLL)
+    assert await harness.states(message.id) == [State.DELIVERED, State.FAILED]
+    assert len(harness.upstream.sent) == 1
+
+
+async def test_stopping_records_a_held_outcome_when_the_spool_takes_it_again():
+    harness = Harness(CONFIG, FakeUpstream())
+    await harness.scheduler.start()
+    message = new_message(recipients=("a@example.org",))
+    await harness.intake(message)
+    harness.spool.fail_writes = DISK_FULL
+    await until(lambda: harness.scheduler.held_outcomes() == [message.id])
+    harness.spool.fail_writes = None
+    harness.scheduler._held[message.id].next_try = float("inf")  # not before the stop
+    await harness.scheduler.stop(1.0)
+    assert await harness.states(message.id) == [State.DELIVERED]
+    assert harness.scheduler.held_outcomes() == []

@@ -17,11 +17,13 @@ from relay.spool.sqlite import SqliteSpool
 
 T0 = 1_700_000_000.0
 HEAD = b"From: billing@acme.com\r\nSubject: hi\r\n\r\n"
+ACCOUNTS = ("acme_trigger",)  # the configured accounts the scheduler asks due() about
 
 
 def message(message_id: str, recipients=("a@example.org", "b@example.org"), received_at: float = T0,
             sender: str = "billing@acme.com", body: bytes | tuple = HEAD + b"hello\r\n", **fields) -> NewMessage:
-    return NewMessage(message_id, received_at, "billing", "smtp", "10.20.0.5", "acme_trigger", "trigger",
+    fields.setdefault("account", "acme_trigger")
+    return NewMessage(message_id, received_at, "billing", "smtp", "10.20.0.5", fields.pop("account"), "trigger",
                       sender, list(recipients), body, **fields)
 
 
@@ -73,9 +75,9 @@ async def test_a_stored_message_is_seen_alike_by_due_get_list_counts_and_pending
     await spool.store(eight_bit)
     await spool.store(plain)
 
-    assert await spool.due(T0 - 1, 100) == []
-    assert [m.id for m in await spool.due(T0, 100)] == ["A1"]
-    due = await spool.due(T0 + 5, 100)
+    assert await spool.due(T0 - 1, 100, ACCOUNTS) == []
+    assert [m.id for m in await spool.due(T0, 100, ACCOUNTS)] == ["A1"]
+    due = await spool.due(T0 + 5, 100, ACCOUNTS)
     assert shape(due) == [
         ("A1", plain.size, None, None, False, [
             (0, "a@example.org", State.QUEUED, 0, T0, None, None),
@@ -96,7 +98,7 @@ async def test_a_stored_message_is_seen_alike_by_due_get_list_counts_and_pending
 
 
 async def test_an_empty_spool_reports_nothing(spool):
-    assert await spool.due(T0, 100) == []
+    assert await spool.due(T0, 100, ACCOUNTS) == []
     assert await spool.list(ListQuery(include_final=True)) == []
     assert await spool.counts() == {}
     assert await spool.pending_summary() == (0, {}, None)
@@ -144,10 +146,10 @@ async def test_due_takes_the_earliest_recipients_up_to_the_limit_grouped_by_mess
         update("B2", 0, State.DEFERRED, next_attempt=T0 + 20),
         update("B2", 1, State.DEFERRED, next_attempt=T0 + 30),
     ])
-    picked = await spool.due(T0 + 100, 3)
+    picked = await spool.due(T0 + 100, 3, ACCOUNTS)
     assert [(m.id, [r.idx for r in m.recipients]) for m in picked] == [("A1", [0]), ("B2", [0, 1])]
-    assert [(m.id, [r.idx for r in m.recipients]) for m in await spool.due(T0 + 25, 100)] == [("A1", [0]), ("B2", [0])]
-    assert [(m.id, [r.idx for r in m.recipients]) for m in await spool.due(T0 + 100, 100)] == [
+    assert [(m.id, [r.idx for r in m.recipients]) for m in await spool.due(T0 + 25, 100, ACCOUNTS)] == [("A1", [0]), ("B2", [0])]
+    assert [(m.id, [r.idx for r in m.recipients]) for m in await spool.due(T0 + 100, 100, ACCOUNTS)] == [
         ("A1", [0, 1]), ("B2", [0, 1]),
     ]
 
@@ -176,7 +178,7 @@ async def test_a_partly_delivered_message_keeps_its_body_and_a_final_one_drops_i
 
     await spool.record([update("A1", 1, State.FAILED, reply="550 no such user")])
     assert await spool.start("A1") is None
-    assert await spool.due(T0 + 10**6, 100) == []
+    assert await spool.due(T0 + 10**6, 100, ACCOUNTS) == []
     assert await spool.list() == []
     assert [m.id for m in await spool.list(ListQuery(include_final=True))] == ["A1"]
     assert [(r.state, r.email_id) for r in (await spool.get("A1")).recipients] == [
@@ -200,7 +202,7 @@ async def test_a_dsn_is_stored_with_the_failure_that_caused_it(spool):
     await spool.record([update("A1", 0, State.FAILED, reply="550 5.1.1 user unknown")], [dsn])
     assert (await spool.get("A1")).recipients[0].state is State.FAILED
     assert await spool.start("A1") is None
-    (due,) = await spool.due(T0 + 1, 100)
+    (due,) = await spool.due(T0 + 1, 100, ACCOUNTS)
     assert (due.id, due.sender, due.upstream_sender, [r.address for r in due.recipients]) == (
         "D9", "", "", ["billing@acme.com"],
     )
@@ -215,6 +217,20 @@ async def test_a_record_whose_dsn_cannot_be_stored_changes_nothing(spool):
     with pytest.raises(Exception):  # noqa: B017 - the protocol does not name the error
         await spool.record([update("A1", 0, State.FAILED, reply="550 no")], [clashing])
     assert await everything(spool) == before
+
+
+async def test_mail_of_an_unconfigured_account_never_stands_in_front_of_due_mail(spool):
+    """600 recipients of a removed account, due earlier, ahead of one deliverable recipient."""
+    for number in range(6):
+        await spool.store(message(f"G{number}", recipients=[f"r{n}@example.org" for n in range(100)],
+                                  received_at=T0 - 100 + number, account="gone_account"))
+    await spool.store(message("A1", recipients=("a@example.org",)))
+    assert [m.id for m in await spool.due(T0, 500, ACCOUNTS)] == ["A1"]
+    stranded = await spool.stranded(T0, 500, ACCOUNTS)
+    assert sum(len(m.recipients) for m in stranded) == 500  # the limit holds there too
+    assert {m.account for m in stranded} == {"gone_account"}
+    assert [m.id for m in await spool.due(T0, 500, ("acme_trigger", "gone_account"))][:5] == [f"G{n}" for n in range(5)]
+    assert await spool.stranded(T0, 500, ("acme_trigger", "gone_account")) == []
 
 
 # -- reading while the message changes -------------------------------------------------------------------
@@ -246,7 +262,7 @@ async def test_retry_of_one_message_makes_its_queued_and_deferred_recipients_due
         update("B2", 0, State.DEFERRED, next_attempt=T0 + 3600),
     ])
     assert await spool.retry("A1") == 2  # idx 0 deferred, idx 2 still queued (not due before T0 + 500)
-    assert [(m.id, [(r.idx, r.next_attempt) for r in m.recipients]) for m in await spool.due(T0 + 1, 100)] == [
+    assert [(m.id, [(r.idx, r.next_attempt) for r in m.recipients]) for m in await spool.due(T0 + 1, 100, ACCOUNTS)] == [
         ("A1", [(0, 0), (2, 0)]), ("B2", [(1, T0)]),
     ]
     assert await spool.retry("NOSUCH") == 0
@@ -261,7 +277,7 @@ async def test_flush_makes_every_deferred_recipient_due_and_leaves_queued_and_fi
         update("B2", 1, State.FAILED, reply="550"),
     ])
     assert await spool.retry() == 2
-    assert [(m.id, [r.idx for r in m.recipients]) for m in await spool.due(T0 + 1, 100)] == [("A1", [0]), ("B2", [0])]
+    assert [(m.id, [r.idx for r in m.recipients]) for m in await spool.due(T0 + 1, 100, ACCOUNTS)] == [("A1", [0]), ("B2", [0])]
     assert (await spool.get("A1")).recipients[1].next_attempt == T0 + 500  # queued: untouched
     assert await spool.retry() == 2  # still deferred: a second flush finds them again
 
@@ -295,7 +311,7 @@ async def test_records_handed_out_are_the_callers_own(spool):
     await spool.store(message("A1"))
     got = await spool.get("A1")
     got.recipients.clear()
-    (due,) = await spool.due(T0, 100)
+    (due,) = await spool.due(T0, 100, ACCOUNTS)
     due.recipients.pop()
     assert len((await spool.get("A1")).recipients) == 2
     assert len((await spool.list())[0].recipients) == 2

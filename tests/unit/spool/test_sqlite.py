@@ -6,13 +6,15 @@ import asyncio
 import dataclasses
 import itertools
 import sqlite3
+import threading
 
 import pytest
 
 from relay.spool import FileRegion, ListQuery, NewMessage, RecipientUpdate, State, new_queue_id
-from relay.spool.sqlite import BodyGone, SqliteSpool, open_store
+from relay.spool.sqlite import BodyGone, SpoolStore, SqliteSpool, open_store
 
 RECEIVED = 1_700_000_000.0
+ACCOUNTS = ("acme_trigger",)
 _ids = itertools.count()
 
 
@@ -75,7 +77,7 @@ async def test_stored_message_is_due_with_all_recipients(spool):
     """What was stored comes back from due(), every recipient queued and untried."""
     message = new_message()
     await spool.store(message)
-    (due,) = await spool.due(RECEIVED, 100)
+    (due,) = await spool.due(RECEIVED, 100, ACCOUNTS)
     assert due.id == message.id
     assert (due.user, due.account, due.channel, due.sender) == ("billing", "acme_trigger", "trigger", "billing@acme.com")
     assert due.size == len(message.body)
@@ -86,9 +88,32 @@ async def test_stored_message_is_due_with_all_recipients(spool):
     assert await spooled(spool, message.id) == message.body
 
 
+class _RecordingConnection:
+    """A connection that keeps every statement with its parameters, to EXPLAIN them as run."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self.conn, self.statements = conn, []
+
+    def execute(self, sql: str, parameters=()):
+        self.statements.append((sql, parameters))
+        return self.conn.execute(sql, parameters)
+
+
+@pytest.mark.parametrize("query", ["due", "stranded"])
+def test_due_and_stranded_walk_the_pending_partial_index(path, query):
+    """Bound states (state IN (?,?)) hide the partial index from SQLite: a full scan per poll."""
+    conn = open_store(path).conn
+    recording = _RecordingConnection(conn)
+    getattr(SpoolStore(recording), query)(RECEIVED, 10, ACCOUNTS)
+    ((select, parameters),) = [(sql, p) for sql, p in recording.statements if "FROM recipients" in sql]
+    plan = " | ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + select, parameters))
+    assert "USING INDEX recipients_pending" in plan, plan
+    conn.close()
+
+
 async def test_message_is_not_due_before_it_arrived(spool):
     await spool.store(new_message())
-    assert await spool.due(RECEIVED - 1, 100) == []
+    assert await spool.due(RECEIVED - 1, 100, ACCOUNTS) == []
 
 
 async def test_null_sender_and_binary_body_survive(spool):
@@ -96,7 +121,7 @@ async def test_null_sender_and_binary_body_survive(spool):
     message = dataclasses.replace(message, body=message.body + bytes(range(256)))
     await spool.store(message)
     assert await spooled(spool, message.id) == message.body
-    assert (await spool.due(RECEIVED, 10))[0].sender == ""
+    assert (await spool.due(RECEIVED, 10, ACCOUNTS))[0].sender == ""
 
 
 @pytest.mark.parametrize("size", [0, 1, 256 * 1024, 256 * 1024 + 1, 3 * 256 * 1024 + 7])
@@ -116,7 +141,7 @@ async def test_body_given_in_pieces_is_stored_as_one_text_with_its_8bit_flag(spo
     await spool.store(message)
     await spool.store(ascii_message)
     assert await spooled(spool, message.id) == b"".join(pieces)
-    assert [(m.id, m.size, m.eight_bit) for m in await spool.due(RECEIVED, 10)] == sorted([
+    assert [(m.id, m.size, m.eight_bit) for m in await spool.due(RECEIVED, 10, ACCOUNTS)] == sorted([
         (message.id, len(b"".join(pieces)), True), (ascii_message.id, ascii_message.size, False),
     ])
 
@@ -133,7 +158,7 @@ async def test_a_body_part_in_a_file_region_is_stored_byte_for_byte_with_its_8bi
         message = dataclasses.replace(new_message(), body=pieces)
         await spool.store(message)
     assert await spooled(spool, message.id) == b"Received: x\r\n\r\n" + spilled + b"tail\r\n"
-    [due] = await spool.due(RECEIVED, 10)
+    [due] = await spool.due(RECEIVED, 10, ACCOUNTS)
     assert (due.size, due.eight_bit) == (message.size, eight_bit)
 
 
@@ -144,7 +169,7 @@ async def test_a_file_region_shorter_than_it_says_fails_the_store_and_nothing_is
         message = dataclasses.replace(new_message(), body=(b"Subject: s\r\n\r\n", FileRegion(file, 0, 2000)))
         with pytest.raises(OSError, match="1000 bytes short"):
             await spool.store(message)
-    assert await spool.due(RECEIVED, 10) == []
+    assert await spool.due(RECEIVED, 10, ACCOUNTS) == []
 
 
 async def test_start_reads_through_a_header_longer_than_a_chunk(spool):
@@ -207,7 +232,7 @@ async def test_all_delivered_nulls_body_and_leaves_the_list(spool, store):
         update(message.id, 1, State.DELIVERED, email_id="mid1$b@example.org"),
     ])
     assert await spooled(spool, message.id) is None
-    assert await spool.due(RECEIVED + 10**6, 100) == []
+    assert await spool.due(RECEIVED + 10**6, 100, ACCOUNTS) == []
     assert [m.id for m in store.list()] == []
     (kept,) = store.list(ListQuery(include_final=True))
     assert [(r.state, r.email_id) for r in kept.recipients] == [
@@ -225,8 +250,8 @@ async def test_partly_delivered_message_keeps_body_and_only_pending_recipient_is
         update(message.id, 1, State.DEFERRED, next_attempt=RECEIVED + 60, reply="451 later"),
     ])
     assert await spooled(spool, message.id) == message.body
-    assert await spool.due(RECEIVED + 59, 100) == []
-    (due,) = await spool.due(RECEIVED + 60, 100)
+    assert await spool.due(RECEIVED + 59, 100, ACCOUNTS) == []
+    (due,) = await spool.due(RECEIVED + 60, 100, ACCOUNTS)
     assert [(r.idx, r.state, r.attempts, r.last_reply) for r in due.recipients] == [(1, State.DEFERRED, 1, "451 later")]
     assert [m.id for m in store.list()] == [message.id]
 
@@ -240,7 +265,7 @@ async def test_failed_update_and_dsn_are_stored_together(spool, store):
     assert store.get(message.id).recipients[0].state is State.FAILED
     assert await spooled(spool, message.id) is None
     assert await spooled(spool, dsn.id) == dsn.body
-    assert [m.id for m in await spool.due(RECEIVED, 100)] == [dsn.id]
+    assert [m.id for m in await spool.due(RECEIVED, 100, ACCOUNTS)] == [dsn.id]
 
 
 async def test_failed_update_is_rolled_back_when_its_dsn_cannot_be_stored(spool, store):
@@ -270,23 +295,23 @@ async def deferred(spool, count: int = 1) -> list[str]:
 
 async def test_retry_one_message_makes_it_due_now(spool, store):
     """`queue retry ID` delivers now: its deferred recipients become due."""
-    first, second = await deferred(spool, 2)
-    assert await spool.due(RECEIVED + 1, 100) == []
+    first, _ = await deferred(spool, 2)
+    assert await spool.due(RECEIVED + 1, 100, ACCOUNTS) == []
     assert store.retry(first) == 1
-    assert [m.id for m in await spool.due(RECEIVED + 1, 100)] == [first]
+    assert [m.id for m in await spool.due(RECEIVED + 1, 100, ACCOUNTS)] == [first]
 
 
 async def test_retry_unknown_message_changes_nothing(spool, store):
     await deferred(spool)
     assert store.retry("NOSUCHID") == 0
-    assert await spool.due(RECEIVED + 1, 100) == []
+    assert await spool.due(RECEIVED + 1, 100, ACCOUNTS) == []
 
 
 async def test_flush_makes_every_deferred_recipient_due(spool, store):
     """`queue flush` (retry without an ID) is Postfix's `postqueue -f`."""
     ids = await deferred(spool, 3)
     assert store.retry() == 3
-    assert sorted(m.id for m in await spool.due(RECEIVED + 1, 100)) == sorted(ids)
+    assert sorted(m.id for m in await spool.due(RECEIVED + 1, 100, ACCOUNTS)) == sorted(ids)
 
 
 async def test_flush_leaves_final_recipients_alone(spool, store):
@@ -361,7 +386,7 @@ async def test_spool_reopens_with_what_was_committed(path):
     second = SqliteSpool(path)
     await second.open()
     try:
-        assert [m.id for m in await second.due(RECEIVED, 10)] == [message.id]
+        assert [m.id for m in await second.due(RECEIVED, 10, ACCOUNTS)] == [message.id]
     finally:
         await second.close()
 
@@ -405,3 +430,41 @@ def test_new_queue_id_shape():
     ids = [new_queue_id(RECEIVED + i * 12345.678) for i in range(100)]
     assert {len(i) for i in ids} == {14}
     assert all(set(i) <= set("0123456789BCDFGHJKLMNPQRSTVWXYZ") for i in ids)
+
+
+async def test_a_commit_that_hangs_times_out_and_the_watchdog_reports_the_stuck_writer(path, monkeypatch):
+    """spool.commit_timeout: the caller gets an error (the listener's 451) instead of waiting for
+    ever; a write queued behind the stuck one is withdrawn, so it never lands after its 451."""
+    release = threading.Event()
+    real_probe = SpoolStore.probe
+
+    def hanging_probe(store, now):
+        release.wait(10)  # an fsync that does not return (a dead disk, a hung NFS server)
+        real_probe(store, now)
+
+    monkeypatch.setattr(SpoolStore, "probe", hanging_probe)
+    spool = SqliteSpool(path, commit_timeout=0.3)
+    await spool.open()
+    try:
+        assert spool.unavailable() is None
+        stuck = asyncio.ensure_future(spool.probe(1.0))
+        await asyncio.sleep(0.05)  # the writer is in the probe's group now
+        behind = new_message()
+        with pytest.raises(TimeoutError, match="commit_timeout"):
+            await spool.store(behind)
+        with pytest.raises(TimeoutError, match="may still commit"):
+            await stuck
+        assert "stuck in a commit" in spool.unavailable()
+        release.set()
+        for _ in range(100):
+            if spool.unavailable() is None:
+                break
+            await asyncio.sleep(0.02)
+        assert spool.unavailable() is None
+        assert await spool.get(behind.id) is None  # withdrawn: not on disk after its 451
+        later = new_message()
+        await spool.store(later)
+        assert await spool.get(later.id) is not None
+    finally:
+        release.set()
+        await spool.close()
