@@ -185,3 +185,19 @@ def test_templates_are_unavailable_and_oversize_is_413(make_relay):
     assert (status, answer["statusCode"]) == (413, 413)
     status, answer = post(relay, form(), path="/apiv2/send")  # the older path
     assert status == 200, answer
+
+
+def test_send_test_http_posts_a_test_message_and_prints_the_answer(make_relay, sendcloud):
+    relay = make_relay(with_http_api())
+    post(relay, form(apiKey="wrong"))  # waits for the port; one failure does not lock out
+    result = relay.cli("send-test", "--http", "--server", relay.config["http_api"]["listen"], "--user", USER,
+                       "--password", API_KEY, "--from", "app@info.acme.com", "--to", "ops@example.net")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("HTTP 200\n")
+    answer = json.loads(result.stdout.split("\n", 1)[1])
+    assert answer["result"] is True and answer["info"]["emailIdList"] == [f"{answer['info']['queueId']}.0$ops@example.net"]
+    [received] = sendcloud.wait_for(1)
+    assert received.rcpt_tos == ["ops@example.net"] and received.mail_from == "app@info.acme.com"
+    bad = relay.cli("send-test", "--http", "--server", relay.config["http_api"]["listen"], "--user", USER,
+                    "--password", "nope", "--from", "app@info.acme.com")
+    assert bad.returncode == 1 and bad.stdout.startswith("HTTP 401\n")
