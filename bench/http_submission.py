@@ -28,9 +28,9 @@ import aiosmtplib
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.peers import OurRelay  # noqa: E402
-from relay.policy.auth import hash_password  # noqa: E402
-from tests.support import free_port  # noqa: E402
+from bench.peers import OurRelay
+from relay.policy.auth import hash_password
+from tests.support import free_port
 
 USER, PASSWORD, KEY = "bench", "bench-password", "bench-api-key"
 BODY = ("x" * 76 + "\n") * (5 * 1024 // 77)  # about 5 KB of text

@@ -121,7 +121,7 @@ class Intake:
         self._charge(budgets, len(message.recipients))  # no await since the check: no session slips in
         try:
             await self.store(message)
-        except Exception:
+        except Exception:  # whatever went wrong, the message is not on disk
             log.exception("could not spool a message from client=[%s]", submission.client_ip)
             self._charge(budgets, -len(message.recipients))
             raise Refused(spool_unavailable(), **{"from": submission.sender, "nrcpt": len(message.recipients)}) from None

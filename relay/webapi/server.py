@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import ssl
 import time
 from collections.abc import Callable
 
@@ -31,8 +29,7 @@ from relay.policy.anvil import LimitsUnavailable, SharedLimits
 from relay.policy.auth import Authenticator
 from relay.policy.checks import auth_failed, auth_locked_out, auth_unavailable, check_auth_identity, check_sender
 from relay.rewrite.pipeline import Submission
-from relay.sockets import bind_listening
-from relay.tls import server_context
+from relay.sockets import Site
 from relay.webapi.answer import email_ids, failure, refusal, success, templates_unavailable
 from relay.webapi.mime import build_message, envelope
 from relay.webapi.request import Attachment, RequestError, SendRequest, parse_send_request
@@ -54,8 +51,9 @@ def too_big(size: int, limit: int) -> SMTPReply | None:
 def form_parts(form: MultiDictProxy) -> tuple[dict[str, list[str]], list[web.FileField]]:
     """Text fields by name (every value kept, so a repeat is seen) and the uploaded ``attachments``.
 
-    A file under any other name is ignored, as other unknown parameters are; a text value
-    under ``attachments`` is kept as a field, so the request parser refuses it clearly.
+    A file under any other name is ignored, as other unknown parameters are; text under
+    ``attachments`` is a 400 (a client sending file names instead of files would otherwise
+    get its mail out without them).
     """
     fields: dict[str, list[str]] = {}
     files = []
@@ -63,6 +61,8 @@ def form_parts(form: MultiDictProxy) -> tuple[dict[str, list[str]], list[web.Fil
         if isinstance(value, web.FileField):
             if name == "attachments":
                 files.append(value)
+        elif name == "attachments":
+            raise RequestError(400, "attachments must be uploaded files (multipart/form-data)")
         else:
             fields.setdefault(name, []).append(value)
     return fields, files
@@ -80,9 +80,7 @@ class WebAPIServer:
         self._intake = intake
         self._authenticator = authenticator
         self._limits = limits
-        self._runner: web.AppRunner | None = None
-        self._socket: socket.socket | None = None
-        self._tls: ssl.SSLContext | None = None
+        self._site = Site("http_api")
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -96,35 +94,16 @@ class WebAPIServer:
     async def bind(self) -> None:
         """Bind ``http_api.listen`` (if set) and load ``http_api.tls``; an OSError names what failed."""
         config = self._config()
-        if not config.http_api.listen:
-            return
-        if config.http_api.tls is not None:
-            files = config.http_api.tls
-            try:
-                self._tls = await asyncio.to_thread(server_context, files, config.server.hostname)
-            except (OSError, ssl.SSLError) as error:
-                raise OSError(getattr(error, "errno", None), getattr(error, "strerror", None) or str(error),
-                              f"{files.cert} and {files.key} (http_api.tls)") from None
-        self._socket = bind_listening(config.http_api.listen, "http_api.listen")
+        await self._site.bind(config.http_api.listen, config.http_api.tls, config.server.hostname)
 
     async def serve(self) -> None:
-        if self._socket is None:
-            return
         config = self._config()
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
-                                     shutdown_timeout=config.server.shutdown_grace)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._socket, ssl_context=self._tls).start()
-        log.info("HTTP submission on %s://%s%s", "https" if self._tls else "http", config.http_api.listen, SEND_PATHS[0])
+        if await self._site.serve(self.app(), shutdown_timeout=config.server.shutdown_grace):
+            log.info("HTTP submission on %s://%s%s", self._site.scheme, config.http_api.listen, SEND_PATHS[0])
 
     async def stop(self, grace: float = 0) -> None:
         """Stop listening; requests in flight finish within the shutdown grace (their mail is spooled)."""
-        if self._runner is not None:
-            await self._runner.cleanup()  # closes the socket too
-            self._runner = None
-        elif self._socket is not None:
-            self._socket.close()
-        self._socket = None
+        await self._site.stop()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -137,7 +116,7 @@ class WebAPIServer:
         client = request.remote or "-"
         try:
             status, answer = await self._send(request, client, started)
-        except Exception:
+        except Exception:  # a bug costs the client a retry (503), never a lost or doubled message
             log.exception("HTTP submission from client=[%s] failed", client)
             status, answer = 503, failure(503, "Internal error, try again later")
         return web.json_response(answer, status=status, dumps=_dumps)
@@ -151,9 +130,9 @@ class WebAPIServer:
             return self._refused(client, "REQUEST", None, too_big(limit + 1, limit))
         except ValueError as error:  # a form aiohttp cannot read
             return self._bad(client, None, 400, f"the request body is not a readable form: {error}")
-        fields, uploads = form_parts(form)
-        files = await asyncio.to_thread(_read_files, uploads) if uploads else []
         try:
+            fields, uploads = form_parts(form)
+            files = await asyncio.to_thread(_read_files, uploads) if uploads else []
             send = parse_send_request(fields, files, config.server.max_recipients)
         except RequestError as error:
             return self._bad(client, None, error.status, error.message)

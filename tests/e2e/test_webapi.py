@@ -9,7 +9,10 @@ import email.policy
 import hashlib
 import json
 import smtplib
+import socket
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,9 +21,9 @@ import uuid
 import pytest
 
 from relay.policy.auth import hash_password
-from tests.e2e.conftest import PASSWORD, USER
+from tests.e2e.conftest import PASSWORD, USER, relay_config
 from tests.support import free_port
-from tests.support.relay import wait_for_port, wait_until
+from tests.support.relay import RelayProcess, wait_for_port, wait_until
 
 API_KEY = "team-billing-api-key-0123456789"
 SUBJECT = "账单通知：十一月 — 您的发票已开具"
@@ -201,3 +204,18 @@ def test_send_test_http_posts_a_test_message_and_prints_the_answer(make_relay, s
     bad = relay.cli("send-test", "--http", "--server", relay.config["http_api"]["listen"], "--user", USER,
                     "--password", "nope", "--from", "app@info.acme.com")
     assert bad.returncode == 1 and bad.stdout.startswith("HTTP 401\n")
+
+
+def test_an_http_api_port_in_use_stops_the_start_before_anything_serves(tmp_path, ca, ca_file, sendcloud):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        config = relay_config(tmp_path, ca, ca_file, sendcloud.port)
+        config["http_api"] = {"listen": f"127.0.0.1:{busy}"}
+        relay = RelayProcess(tmp_path, config, env={"SC_TRIGGER_KEY": "x"})
+        result = subprocess.run([sys.executable, "-m", "relay", "serve", "-c", str(relay.config_path)], cwd=tmp_path,
+                                env=relay.env, check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"fatal: cannot listen on 127.0.0.1:{busy} (http_api.listen): "), result.stderr
