@@ -219,3 +219,11 @@ def test_an_http_api_port_in_use_stops_the_start_before_anything_serves(tmp_path
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith(
         f"fatal: cannot listen on 127.0.0.1:{busy} (http_api.listen): "), result.stderr
+
+
+def test_with_acceptor_processes_the_main_process_serves_http_api(make_relay, sendcloud):
+    relay = make_relay(with_http_api(), processes=2)
+    status, answer = post(relay, form(to="alice@example.net"))
+    assert status == 200, answer
+    [received] = sendcloud.wait_for(1)
+    assert received.rcpt_tos == ["alice@example.net"] and parsed(received.data)["Subject"] == SUBJECT
