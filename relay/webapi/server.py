@@ -51,8 +51,8 @@ def too_big(size: int, limit: int) -> SMTPReply | None:
 def form_parts(form: MultiDictProxy) -> tuple[dict[str, list[str]], list[web.FileField]]:
     """Text fields by name (every value kept, so a repeat is seen) and the uploaded ``attachments``.
 
-    A file under any other name is ignored, as other unknown parameters are; text under
-    ``attachments`` is a 400 (a client sending file names instead of files would otherwise
+    A file under any other name is ignored, as other unknown parameters are; (non-blank) text
+    under ``attachments`` is a 400 (a client sending file names instead of files would otherwise
     get its mail out without them).
     """
     fields: dict[str, list[str]] = {}
@@ -62,6 +62,8 @@ def form_parts(form: MultiDictProxy) -> tuple[dict[str, list[str]], list[web.Fil
             if name == "attachments":
                 files.append(value)
         elif name == "attachments":
+            if not value.strip():
+                continue  # an empty field some form libraries send when no file was chosen
             raise RequestError(400, "attachments must be uploaded files (multipart/form-data)")
         else:
             fields.setdefault(name, []).append(value)

@@ -38,3 +38,8 @@ def test_text_under_attachments_is_400_not_mail_without_its_files():
     with pytest.raises(RequestError) as refused:
         form_parts(MultiDictProxy(MultiDict([("attachments", "invoice.pdf")])))
     assert refused.value.status == 400
+
+
+def test_an_empty_attachments_field_is_no_attachment():
+    assert form_parts(MultiDictProxy(MultiDict([("attachments", ""), ("to", "a@example.net")]))) == (
+        {"to": ["a@example.net"]}, [])
