@@ -12,6 +12,7 @@ client address and the refusal are logged, and aiohttp's access log is off.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from relay.config import Config
+from relay.config import Config, split_host_port
 from relay.errors import SMTPReply
 from relay.intake import Intake, Refused
 from relay.observe import metrics
@@ -46,6 +47,17 @@ def too_big(size: int, limit: int) -> SMTPReply | None:
     if size <= limit:
         return None
     return SMTPReply(552, "5.3.4", f"Message size exceeds fixed maximum message size ({limit} bytes)")
+
+
+def plaintext_off_host(listen: str, tls: bool) -> bool:
+    """Whether keys could cross a network in plaintext: no TLS on an address other than loopback."""
+    if tls:
+        return False
+    host = split_host_port(listen)[0]
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: it may resolve anywhere
+        return host != "localhost"
 
 
 def form_parts(form: MultiDictProxy) -> tuple[dict[str, list[str]], list[web.FileField]]:
@@ -102,6 +114,9 @@ class WebAPIServer:
         config = self._config()
         if await self._site.serve(self.app(), shutdown_timeout=config.server.shutdown_grace):
             log.info("HTTP submission on %s://%s%s", self._site.scheme, config.http_api.listen, SEND_PATHS[0])
+            if plaintext_off_host(config.http_api.listen, config.http_api.tls is not None):
+                log.warning("http_api.listen %s has no TLS: apiKeys cross the network in plaintext unless a "
+                            "proxy in front terminates TLS (or set http_api.tls)", config.http_api.listen)
 
     async def stop(self, grace: float = 0) -> None:
         """Stop listening; requests in flight finish within the shutdown grace (their mail is spooled)."""

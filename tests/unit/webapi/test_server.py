@@ -10,7 +10,7 @@ from multidict import CIMultiDict, MultiDict, MultiDictProxy
 
 from relay.webapi.answer import status_for_reply
 from relay.webapi.request import RequestError
-from relay.webapi.server import form_parts, too_big
+from relay.webapi.server import form_parts, plaintext_off_host, too_big
 
 
 @pytest.mark.parametrize(("size", "limit", "status"), [(10, 10, None), (11, 10, 413), (0, 10, None)])
@@ -43,3 +43,12 @@ def test_text_under_attachments_is_400_not_mail_without_its_files():
 def test_an_empty_attachments_field_is_no_attachment():
     assert form_parts(MultiDictProxy(MultiDict([("attachments", ""), ("to", "a@example.net")]))) == (
         {"to": ["a@example.net"]}, [])
+
+
+@pytest.mark.parametrize(("listen", "tls", "warned"), [
+    ("127.0.0.1:8027", False, False), ("[::1]:8027", False, False), ("localhost:8027", False, False),
+    ("0.0.0.0:8027", False, True), ("10.1.2.3:8027", False, True), ("relay.acme.internal:8027", False, True),
+    ("0.0.0.0:8027", True, False),
+])
+def test_plaintext_keys_off_loopback_are_warned_about(listen, tls, warned):
+    assert plaintext_off_host(listen, tls) is warned
