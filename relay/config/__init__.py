@@ -20,6 +20,7 @@ from relay.config.schema import (
     Config,
     DkimKey,
     Events,
+    HttpApi,
     Listener,
     Logging,
     MessageOptions,
@@ -38,7 +39,7 @@ from relay.config.schema import (
 from relay.config.units import Rate, parse_duration, parse_rate, split_host_port
 
 __all__ = [
-    "Account", "Admin", "Channel", "Config", "ConfigError", "DkimKey", "Events", "Listener", "Logging", "MessageOptions",
+    "Account", "Admin", "Channel", "Config", "ConfigError", "DkimKey", "Events", "HttpApi", "Listener", "Logging", "MessageOptions",
     "Rate", "Resolver", "Rule", "Server", "Spool", "TLSFiles", "TLSPolicy", "TLSRule", "Tracking", "Upstream",
     "User", "acceptor_count", "load_admin_settings", "load_config", "load_demo_config", "parse_config",
     "parse_duration", "parse_rate", "split_host_port",

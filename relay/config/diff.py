@@ -27,4 +27,6 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         changed.append("admin.listen")
     if (old.events.listen, old.events.tls) != (new.events.listen, new.events.tls):
         changed.append("events.listen")  # the receiver's socket and certificate are made at start
+    if (old.http_api.listen, old.http_api.tls) != (new.http_api.listen, new.http_api.tls):
+        changed.append("http_api.listen")  # likewise the Web API listener's
     return changed

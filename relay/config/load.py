@@ -108,7 +108,7 @@ def _where(source: str, root: Any, loc: tuple, message: str) -> str:
 
 # What commands that only read the spool never need, so never resolve: ${ENV} unset or a
 # *_file unreadable there must not stop `queue list` on a host without the secrets.
-_SECRET_KEYS = ("api_key", "api_key_file", "password_hash", "password_hash_file", "token", "token_file")
+_SECRET_KEYS = ("api_key", "api_key_file", "password_hash", "password_hash_file", "api_keys", "token", "token_file")
 
 
 def _minus(node: Any, keys: tuple[str, ...]) -> Any:

@@ -228,6 +228,7 @@ class MessageOptions(_Model):
 
 class User(MessageOptions):
     password_hash: PasswordHash | None = None
+    api_keys: list[PasswordHash] = []  # keys for HTTP submission (apiKey), hashed like password_hash
     channels: dict[Channel, str] = Field(min_length=1)
     allowed_senders: list[str] = []
     rate_limit: RateLimit | None = None  # recipients accepted per period, e.g. 600/hour
@@ -305,6 +306,13 @@ class Events(_Model):
     retention: Duration = 30 * 86400.0  # events, message history and bodies kept this long
 
 
+class HttpApi(_Model):
+    """HTTP submission in SendCloud's Web API shape (``POST /apiv2/mail/send``)."""
+
+    listen: HostPort | None = None  # null: off
+    tls: TLSFiles | None = None  # HTTPS on the listener itself; else a reverse proxy terminates TLS
+
+
 class Logging(_Model):
     format: Literal["plain", "json"] = "plain"
     level: Literal["debug", "info", "warning"] = "info"
@@ -314,6 +322,7 @@ class Logging(_Model):
 class Config(_Model):
     server: Server
     events: Events = Events()
+    http_api: HttpApi = HttpApi()
     spool: Spool = Spool()
     upstream: Upstream = Upstream()
     admin: Admin = Admin()

@@ -9,11 +9,8 @@ stored, and no answer says more than the status: a caller without the key learns
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import socket
-import ssl
 import time
 from collections.abc import Callable
 
@@ -31,10 +28,9 @@ from relay.events.webhook import (
     to_event,
 )
 from relay.observe import metrics
-from relay.sockets import bind_listening
+from relay.sockets import Site
 from relay.spool import Spool
 from relay.spool.events_model import ReceivedEvent
-from relay.tls import server_context
 
 log = logging.getLogger("relay.events")
 
@@ -67,9 +63,7 @@ class Receiver:
         self._config = config
         self._spool = spool
         self._applier = applier
-        self._runner: web.AppRunner | None = None
-        self._socket: socket.socket | None = None
-        self._tls: ssl.SSLContext | None = None
+        self._site = Site("events")
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=_MAX_BODY)
@@ -81,32 +75,14 @@ class Receiver:
         """Bind ``events.listen`` (if set) and load ``events.tls`` before anything serves: a port in
         use or a certificate that does not load stops the start (an OSError naming it)."""
         config = self._config()
-        if not config.events.listen:
-            return
-        if config.events.tls is not None:
-            files = config.events.tls
-            try:
-                self._tls = await asyncio.to_thread(server_context, files, config.server.hostname)
-            except (OSError, ssl.SSLError) as error:
-                raise OSError(getattr(error, "errno", None), getattr(error, "strerror", None) or str(error),
-                              f"{files.cert} and {files.key} (events.tls)") from None
-        self._socket = bind_listening(config.events.listen, "events.listen")
+        await self._site.bind(config.events.listen, config.events.tls, config.server.hostname)
 
     async def serve(self) -> None:
-        if self._socket is None:
-            return
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._socket, ssl_context=self._tls).start()
-        log.info("SendCloud webhook receiver on %s://%s%s", "https" if self._tls else "http", self._config().events.listen, PATH)
+        if await self._site.serve(self.app()):
+            log.info("SendCloud webhook receiver on %s://%s%s", self._site.scheme, self._config().events.listen, PATH)
 
     async def stop(self, grace: float = 0) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()  # closes the socket too
-            self._runner = None
-        elif self._socket is not None:
-            self._socket.close()
-        self._socket = None
+        await self._site.stop()
 
     async def probe(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -18,7 +18,7 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -65,10 +65,11 @@ def verify_password(password_hash: str, password: str) -> bool:
 class Authenticator:
     """Checks a username and password against the configured users' hashes.
 
-    ``hashes`` is a callable so a config reload changes credentials without a new object.
+    ``hashes`` is a callable so a config reload changes credentials without a new object; a
+    user may have several (``api_keys``: any one matches).
     """
 
-    def __init__(self, hashes: Callable[[], Mapping[str, str | None]], cache_ttl: float = 300.0):
+    def __init__(self, hashes: Callable[[], Mapping[str, str | Sequence[str] | None]], cache_ttl: float = 300.0):
         self._hashes = hashes
         self._cache_ttl = cache_ttl
         self._cache_key = secrets.token_bytes(32)
@@ -80,11 +81,19 @@ class Authenticator:
         return hmac.new(self._cache_key, material, hashlib.sha256).digest()
 
     async def check(self, username: str, password: str) -> bool:
-        password_hash = self._hashes().get(username)
-        if not password_hash:
+        """Whether ``password`` matches the user's hash, or one of its hashes (HTTP API keys)."""
+        configured = self._hashes().get(username)
+        candidates = [configured] if isinstance(configured, str) else list(configured or ())
+        if not candidates:
             # Same cost as a real check, so a guesser cannot tell unknown users apart.
             await asyncio.to_thread(verify_password, _dummy_hash(), password)
             return False
+        for password_hash in candidates:
+            if await self._verify(username, password, password_hash):
+                return True
+        return False
+
+    async def _verify(self, username: str, password: str, password_hash: str) -> bool:
         fingerprint = self._fingerprint(username, password, password_hash)
         cached = self._verified.get(fingerprint)
         now = time.monotonic()

@@ -32,6 +32,7 @@ from relay.config import (
 from relay.config.diff import restart_needed
 from relay.delivery.scheduler import Scheduler, upstream_tls
 from relay.events.service import EventsService
+from relay.intake import Intake
 from relay.observe import logs, metrics
 from relay.ops.http import AdminBackend, AdminServer
 from relay.policy.anvil import LocalLimits
@@ -45,6 +46,7 @@ from relay.smtp.listeners import ListenerGroup
 from relay.smtp.session import Services
 from relay.spool import NewMessage, open_spool, rate_store
 from relay.tls import server_context
+from relay.webapi.server import WebAPIServer
 
 log = logging.getLogger("relay")
 
@@ -82,6 +84,14 @@ class Relay:
             AcceptorPool(config, self.intake, self.spool.spill_directory, self.limits, acceptors) if acceptors > 1 else None
         )
         self.listeners = self.acceptors or ListenerGroup(services, self.tls.context if self.tls else None)
+        # HTTP submission runs here, not in the acceptors: its requests are few and large next
+        # to SMTP's sessions, and here the keys, the lockout table and the spool are at hand.
+        self.http_api = WebAPIServer(
+            lambda: self.config,
+            Intake(lambda: self.config, self.preparer, self.rates, self.intake, self.suppressions),
+            Authenticator(lambda: {name: user.api_keys for name, user in self.config.users.items()}),
+            self.limits,
+        )
         self.admin = AdminServer(AdminBackend(
             config=lambda: self.config,
             spool=self.spool,
@@ -104,7 +114,7 @@ class Relay:
             await self.suppressions.refresh()  # the list as it is before the first RCPT
             self.suppressions.start()
             await self.rates.start()
-            listening = [self.listeners, self.admin, self.events.receiver]  # http_api joins this list
+            listening = [self.listeners, self.http_api, self.admin, self.events.receiver]
             try:
                 await bind_all(listening)  # every socket bound before any serves
             except StartupError:
@@ -156,7 +166,7 @@ class Relay:
         self.stopping = True
         grace = self.config.server.shutdown_grace
         log.info("shutting down: no new connections; sessions in a transaction and deliveries get %.0fs", grace)
-        await asyncio.gather(self.listeners.stop(grace), self.scheduler.stop(grace))
+        await asyncio.gather(self.listeners.stop(grace), self.http_api.stop(grace), self.scheduler.stop(grace))
         await self.events.stop()
         await self.suppressions.stop()
         await asyncio.to_thread(self.preparer.close)

@@ -2,9 +2,10 @@
 
 One :class:`ListenerHandler` per configured listener; the decisions live in
 :mod:`relay.policy` and :mod:`relay.routing`, and this module only asks them and answers.
-``handle_DATA`` does no more than prepare (:mod:`relay.rewrite.pipeline`: route, rewrite, sign), spool
-(waiting for the group commit's fsync) and reply, so the ``250`` is never sent for a message
-that is not on disk.
+``handle_DATA`` turns the transaction into a :class:`~relay.rewrite.pipeline.Submission` and
+hands it to :class:`relay.intake.Intake` (prepare, rate budgets, spool: the group commit's
+fsync), the intake HTTP submission uses too; the ``250`` is never sent for a message that is
+not on disk.
 """
 
 from __future__ import annotations
@@ -22,27 +23,20 @@ from aiosmtpd.smtp import (
     TLSSetupException,
 )
 
-from relay.config import Config, Listener, Rate
-from relay.errors import SMTPReply, spool_unavailable
+from relay.config import Config, Listener
+from relay.errors import SMTPReply
+from relay.intake import Intake, Refused
 from relay.observe import metrics
 from relay.observe.logs import event
 from relay.policy.anvil import LimitsUnavailable, SharedLimits
 from relay.policy.auth import Authenticator
-from relay.policy.checks import (
-    check_rate,
-    check_recipient,
-    check_relay,
-    check_sender,
-    identify,
-    limits_unavailable,
-    rate_budgets,
-)
+from relay.policy.checks import check_relay, check_sender, identify, limits_unavailable
 from relay.policy.rates import PersistentRates
 from relay.policy.suppression import SuppressionCache
 from relay.rewrite.pipeline import Preparer, Submission
 from relay.smtp.protocol import RelaySMTP, hook_names
 from relay.smtp.sasl import SASLMechanisms
-from relay.spool import NewMessage, new_queue_id
+from relay.spool import NewMessage
 
 log = logging.getLogger("relay.smtpd")
 
@@ -67,6 +61,7 @@ class ListenerHandler(SASLMechanisms):
     def __init__(self, listener: Listener, services: Services):
         self.listener = listener
         self.services = services
+        self.intake = Intake(services.config, services.preparer, services.rates, services.intake, services.suppressions)
 
     def __dir__(self) -> list[str]:
         return hook_names(type(self))  # see RelaySMTP.__dir__
@@ -170,13 +165,8 @@ class ListenerHandler(SASLMechanisms):
 
     async def handle_RCPT(self, server, session, envelope: Envelope, address: str, rcpt_options):
         user = self._user(server, session)
-        config = self.services.config()
-        refusal = (
-            check_relay(user, address)
-            or check_recipient(address, len(envelope.rcpt_tos), config.server.max_recipients)
-            or self._suppressed(config, user, address)
-            or self._over_rate(rate_budgets(config, user, server.client_ip), len(envelope.rcpt_tos) + 1)
-        )
+        refusal = self.intake.recipient_refusal(self.services.config(), user, server.client_ip, address,
+                                                len(envelope.rcpt_tos))
         if refusal:
             self._refused(server, "RCPT", user, refusal, **{"from": envelope.mail_from, "to": address})
             return str(refusal)
@@ -191,9 +181,6 @@ class ListenerHandler(SASLMechanisms):
             refusal = check_relay(None, envelope.rcpt_tos[0])
             self._refused(server, "DATA", None, refusal, **{"from": envelope.mail_from})
             return str(refusal)
-        config = self.services.config()
-        now = time.time()
-        queue_id = new_queue_id(now)
         ssl_object = server.transport.get_extra_info("ssl_object") if server.transport else None
         submission = Submission(
             user=user,
@@ -208,71 +195,11 @@ class ListenerHandler(SASLMechanisms):
             authenticated_user=session.auth_data if session.authenticated else None,
         )
         try:
-            prepared = await self.services.preparer.prepare(config, submission, queue_id, now)
-        except SMTPReply as refusal:
-            self._refused(server, "DATA", user, refusal, **{"from": submission.sender})
-            return str(refusal)
-        # The spooled pieces are views of the text as received, so it is held once while the
-        # spool writes it; if prepare made a new text (bare LFs normalised) it is spent: free it.
-        if not prepared.holds(envelope.original_content):
-            envelope.original_content.clear()
-        route = prepared.route
-        message = NewMessage(
-            id=queue_id,
-            received_at=now,
-            user=user,
-            listener=self.listener.name,
-            client=server.client_ip,
-            account=route.account,
-            channel=route.channel,
-            sender=submission.sender,
-            recipients=submission.recipients,
-            body=prepared.body,
-            label=route.options.label,
-            mail_from=prepared.mail_from if prepared.mail_from != submission.sender else None,
-        )
-        budgets = rate_budgets(config, user, server.client_ip)
-        over = self._over_rate(budgets, len(message.recipients))
-        if over:  # checked at RCPT, but concurrent sessions of the same user may have spent it since
-            self._refused(server, "DATA", user, over, **{"from": submission.sender})
-            return str(over)
-        self._charge(budgets, len(message.recipients))  # no await since the check: no session slips in
-        try:
-            await self.services.intake(message)
-        except Exception:  # noqa: BLE001 - whatever went wrong, the message is not on disk
-            log.exception("could not spool a message from client=[%s]", server.client_ip)
-            self._charge(budgets, -len(message.recipients))
-            refusal = spool_unavailable()
-            self._refused(server, "DATA", user, refusal, **{"from": submission.sender, "nrcpt": len(message.recipients)})
-            return str(refusal)
-        metrics.accepted(user, route.account, route.channel, self.listener.name, time.monotonic() - started)
-        event(log, message.id, {
-            "client": message.client, "listener": message.listener, "user": user, "from": message.sender,
-            "size": message.size, "nrcpt": len(message.recipients), "channel": route.channel,
-            "account": route.account, "rule": route.rule, "label": message.label, "status": "queued",
-        })
+            message = await self.intake.accept(submission, started)
+        except Refused as refused:
+            self._refused(server, "DATA", user, refused.reply, **refused.fields)
+            return str(refused.reply)
         return f"250 2.0.0 Ok: queued as {message.id}"
-
-    def _suppressed(self, config: Config, user: str | None, address: str) -> SMTPReply | None:
-        """550 when the address is suppressed for every channel the user has (from the cache: no I/O)."""
-        cache = self.services.suppressions
-        if cache is None or user is None or user not in config.users:
-            return None
-        return cache.rcpt_refusal(address, config.users[user].channels)
-
-    # -- rate limits: checked at RCPT, charged at DATA before spooling, given back if that fails
-
-    def _over_rate(self, budgets: list[tuple[str, str, Rate]], adding: int) -> SMTPReply | None:
-        counter = self.services.rates.counter
-        for who, key, rate in budgets:
-            refusal = check_rate(who, counter.used(key, rate.period), adding, rate)
-            if refusal is not None:
-                return refusal
-        return None
-
-    def _charge(self, budgets: list[tuple[str, str, Rate]], recipients: int) -> None:
-        for _, key, rate in budgets:
-            self.services.rates.counter.add(key, rate.period, recipients)
 
     async def handle_exception(self, error: Exception) -> str:
         """A bug must cost the client a retry, never a 500 that reads as a permanent refusal."""

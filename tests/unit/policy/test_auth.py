@@ -288,3 +288,22 @@ def test_an_address_that_logged_in_recently_is_not_locked_out_by_strangers_guess
     for _ in range(3):  # but the smarthost's own address still locks if it keeps failing
         auth.failed("10.0.0.5", "mailhub")
     assert auth.locked_for("10.0.0.5", "mailhub") is not None
+
+
+KEYS = {"billing": (scrypt_hash("key-one"), scrypt_hash("key-two")), "nokeys": ()}
+KEY_CHECKS = {
+    "first_key": ("billing", "key-one", True),
+    "second_key": ("billing", "key-two", True),
+    "no_such_key": ("billing", "key-three", False),
+    "user_without_keys": ("nokeys", "key-one", False),
+}
+
+
+@pytest.mark.parametrize("username, key, ok", KEY_CHECKS.values(), ids=KEY_CHECKS.keys())
+async def test_any_of_a_users_api_keys_matches(username, key, ok):
+    assert await Authenticator(lambda: KEYS).check(username, key) is ok
+
+
+async def test_a_user_without_keys_still_pays_for_a_verification(verify_calls):
+    assert not await Authenticator(lambda: KEYS).check("nokeys", "x")
+    assert len(verify_calls) == 1
