@@ -13,6 +13,9 @@
 | ``POST /api/suppressions`` | add: ``{"address", "reason"?, "account"?, "expires"?}`` | if set |
 | ``DELETE /api/suppressions/ADDRESS[?account=A]`` | remove (every entry of the address without account) | if set |
 
+The dashboard (``relay/ops/dashboard``) is mounted at ``/`` beside these: its pages take a
+signed-in session, never the token; the token guards ``/metrics`` and ``/api/*`` only.
+
 It runs on the relay's own event loop, so a wedged loop fails ``/healthz`` as it should.
 The probes never need the token, so Kubernetes and Docker can call them without a secret;
 what they reveal is "ok" or which part is failing.
@@ -36,6 +39,7 @@ from relay.config import Config, split_host_port
 from relay.observe import metrics
 from relay.observe.health import readiness_problems
 from relay.ops import events_view, queue_view
+from relay.ops.dashboard import Dashboard
 from relay.policy.suppression import normalise_address
 from relay.sockets import bind_listening
 from relay.spool import Spool
@@ -80,6 +84,7 @@ class AdminServer:
         app.router.add_get("/api/suppressions", self.suppressions)
         app.router.add_post("/api/suppressions", self.suppression_add)
         app.router.add_delete("/api/suppressions/{address}", self.suppression_remove)
+        Dashboard(self.relay).add_routes(app)
         return app
 
     async def bind(self) -> None:
@@ -110,7 +115,7 @@ class AdminServer:
     @web.middleware
     async def _token_check(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         token = self.relay.config().admin.token
-        if token is not None and request.path not in ("/healthz", "/readyz"):
+        if token is not None and (request.path == "/metrics" or request.path.startswith("/api/")):
             expected = f"Bearer {token.get_secret_value()}".encode()
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):

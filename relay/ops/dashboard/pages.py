@@ -1,0 +1,178 @@
+"""The dashboard's pages as pure functions: records (from ``queue_view`` / ``events_view``) in, Html out.
+
+Nothing here reads the spool or the request; ``app.py`` gathers the data and picks what the
+signed-in role may see (``operator`` gets the buttons that change things).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+
+from relay.ops.dashboard.render import Html, csrf_field, join, json_island, link, post_button, render, table, when
+from relay.ops.queue_view import format_age
+
+CHART_SERIES = ("requested", "delivered", "soft_bounce", "invalid", "open", "click")
+STATS_COLUMNS = ("requested", "delivered", "soft_bounce", "invalid", "unique_open", "unique_click",
+                 "unsubscribe", "report_spam", "delivered_rate", "open_rate", "click_rate")
+
+
+def period_start(period: str) -> float:
+    """``2026-12-01`` or ``2026-12-01T10`` (UTC, as :func:`relay.events.stats.rollup` labels them) as epoch seconds."""
+    text = period + ":00" if "T" in period else period
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+def chart_data(rows: Iterable[Mapping]) -> dict:
+    """uPlot's columns: the periods' starts and one series per counter, totalled over groups."""
+    totals: dict[str, dict[str, int]] = {}
+    for row in rows:
+        counts = totals.setdefault(row["period"], dict.fromkeys(CHART_SERIES, 0))
+        for name in CHART_SERIES:
+            counts[name] += row.get(name, 0)
+    periods = sorted(totals)
+    return {"x": [period_start(p) for p in periods],
+            "series": {name: [totals[p][name] for p in periods] for name in CHART_SERIES}}
+
+
+def chart(element_id: str, rows: list[Mapping]) -> Html:
+    """A chart that ``static/charts.js`` draws from the JSON beside it; the table says the same without JS."""
+    if not rows:
+        return Html('<p class="empty">No statistics in this period yet.</p>')
+    return join([render('<div class="chart" data-chart="$id" role="img" aria-label="statistics chart"></div>',
+                        id=element_id), json_island(element_id, chart_data(rows))])
+
+
+def overview(summary: tuple[int, Mapping[str, int], float | None], today: Mapping[str, int],
+             accounts: Iterable[tuple[str, str, float | None]], recent: list[Mapping], now: float) -> Html:
+    messages, by_state, oldest = summary
+    oldest_age = format_age(now - oldest) if oldest else "-"
+    tiles = [("messages waiting", messages), ("recipients queued", by_state.get("queued", 0)),
+             ("recipients deferred", by_state.get("deferred", 0)), ("oldest waiting", oldest_age),
+             ("requested today", today.get("requested", 0)), ("delivered today", today.get("delivered", 0)),
+             ("soft bounces today", today.get("soft_bounce", 0)), ("invalid today", today.get("invalid", 0))]
+    cards = join(render('<div class="tile"><span class="value">$v</span><span class="label">$l</span></div>', v=v, l=label)
+                 for label, v in tiles)
+    account_rows = [(name, api_user, f"failing for {format_age(now - since)}" if since else "ok")
+                    for name, api_user, since in accounts]
+    return render('<section class="tiles" id="queue">$cards</section>'
+                  '<h2>Accounts</h2>$accounts<h2>The last 48 hours</h2>$chart',
+                  cards=cards, accounts=table(("account", "api_user", "upstream"), account_rows, "accounts"),
+                  chart=chart("overview-chart", recent))
+
+
+def search_form(values: Mapping[str, str], states: Iterable[str]) -> Html:
+    def field(name: str, label: str, placeholder: str = "") -> Html:
+        return render('<label>$label <input name="$name" value="$value" placeholder="$ph"></label>',
+                      label=label, name=name, value=values.get(name, ""), ph=placeholder)
+
+    options = join(render('<option value="$s"$sel>$s</option>', s=s,
+                          sel=Html(" selected") if values.get("state") == s else Html(""))
+                   for s in ("", *states))
+    return render('<form method="get" action="/messages" class="search">$id$to$user$since'
+                  '<label>state <select name="state">$options</select></label>'
+                  '<button type="submit">Search</button></form>',
+                  id=field("id", "queue ID"), to=field("to", "recipient", "someone@example.com"),
+                  user=field("user", "user"), since=field("since", "since", "1d or 2026-12-01"), options=options)
+
+
+def messages(form: Html, records: list[Mapping], next_after: str | None, query: Mapping[str, str]) -> Html:
+    rows = [(link(f"/messages/{r['id']}", r["id"]), when(r["received_at"]), r["age"], r["user"], r["account"],
+             r["channel"], f"{r['recipients_pending']}/{r['recipients_total']}", r["state"]) for r in records]
+    more = link("/messages", "Next page", **{**query, "after": next_after}) if next_after else Html("")
+    return render('$form$table<p class="paging">$count message(s) $more</p>', form=form,
+                  table=table(("queue ID", "received (UTC)", "age", "user", "account", "channel", "waiting", "state"),
+                              rows, "messages"), count=len(records), more=more)
+
+
+def message(record: Mapping, headers: str | None, operator: bool, csrf: str) -> Html:
+    """One message: routing, recipients with SendCloud's status, every event in time order, headers."""
+    facts = [("received (UTC)", when(record["received_at"])), ("user", record["user"]),
+             ("listener / client", f"{record['listener']} from [{record['client']}]"),
+             ("route", f"channel {record['channel']} → account {record['account']}"),
+             ("sender", record["sender"]), ("size", f"{record['size']} bytes"), ("state", record["state"])]
+    recipients = [(r["address"], r["state"], r["attempts"], r["last_reply"] or "", r["email_id"] or "",
+                   r["status"] or "") for r in record["recipients"]]
+    timeline = sorted((e["time"], r["address"], e["event"], e.get("subStatDesc") or e.get("url") or "")
+                       for r in record["recipients"] for e in r["events"])
+    actions = Html("")
+    if operator:
+        base = f"/messages/{record['id']}"
+        actions = join([post_button(f"{base}/retry", "Retry now", csrf), post_button(f"{base}/delete", "Delete", csrf)])
+    return render('<dl class="facts">$facts</dl><div class="actions">$actions</div>'
+                  '<h2>Recipients</h2>$recipients<h2>Timeline</h2>$timeline<h2>Headers</h2>$headers',
+                  facts=join(render("<dt>$k</dt><dd>$v</dd>", k=k, v=v) for k, v in facts), actions=actions,
+                  recipients=table(("recipient", "state", "attempts", "upstream reply", "SendCloud emailId",
+                                    "SendCloud status"), recipients, "recipients"),
+                  timeline=table(("time (UTC)", "recipient", "event", "detail"),
+                                 [(when(t), a, e, d) for t, a, e, d in timeline], "timeline"),
+                  headers=render('<pre class="headers">$h</pre>', h=headers) if headers is not None
+                  else Html('<p class="empty">The body is no longer in the spool (delivered or failed).</p>'))
+
+
+def suppression(records: list[Mapping], search: str, reasons: Iterable[str], operator: bool, csrf: str) -> Html:
+    rows = []
+    for r in records:
+        remove = post_button("/suppression/remove", "Remove", csrf, address=r["address"], account=r["account"] or "")
+        rows.append((r["address"], r["reason"], ", ".join(r["channels"]), r["account"] or "(all)", r["added_at"],
+                     r["expires_at"] or "never", remove if operator else ""))
+    add = Html("")
+    if operator:
+        options = join(render('<option value="$r">$r</option>', r=r) for r in reasons)
+        add = render('<form method="post" action="/suppression/add" class="add">$csrf'
+                     '<label>address <input name="address" type="email" required></label>'
+                     '<label>reason <select name="reason">$options</select></label>'
+                     '<label>account <input name="account" placeholder="(all)"></label>'
+                     '<label>expires <input name="expires" placeholder="30d, or empty"></label>'
+                     '<button type="submit">Add</button></form>', csrf=csrf_field(csrf), options=options)
+    return render('<form method="get" action="/suppression" class="search"><label>address contains '
+                  '<input name="q" value="$q"></label><button type="submit">Search</button> $csv</form>$add$table',
+                  q=search, csv=link("/suppression.csv", "Download CSV", q=search), add=add,
+                  table=table(("address", "reason", "channels", "account", "added", "expires", ""), rows, "suppressions"))
+
+
+def stats_page(rows: list[Mapping], query: Mapping[str, str], groups: Iterable[str]) -> Html:
+    group = query.get("group") or ""
+    options = join(render('<option value="$g"$sel>$label</option>', g=g, label=g or "(total)",
+                          sel=Html(" selected") if g == group else Html("")) for g in ("", *groups))
+    by_options = join(render('<option value="$b"$sel>$b</option>', b=b,
+                             sel=Html(" selected") if b == query.get("by", "day") else Html("")) for b in ("day", "hour"))
+    columns = ("period", *((group,) if group else ()), *STATS_COLUMNS)
+    body = [[row.get(c, "") for c in columns] for row in rows]
+    return render('<form method="get" action="/stats" class="search">'
+                  '<label>since <input name="since" value="$since"></label>'
+                  '<label>until <input name="until" value="$until" placeholder="2026-12-31"></label>'
+                  '<label>by <select name="by">$by</select></label>'
+                  '<label>group <select name="group">$groups</select></label>'
+                  '<button type="submit">Show</button> $csv</form>$chart$table',
+                  since=query.get("since", "7d"), until=query.get("until", ""), by=by_options, groups=options,
+                  csv=link("/stats.csv", "Download CSV", **query), chart=chart("stats-chart", rows),
+                  table=table(columns, body, "stats"))
+
+
+def _cell(value: object) -> str:
+    """A CSV cell a spreadsheet will not run as a formula (a value starting with = + - @ gets a ')."""
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def to_csv(columns: Iterable[str], rows: Iterable[Mapping]) -> str:
+    columns = list(columns)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(", ".join(v) if isinstance(v := row.get(c), list) else v) for c in columns])
+    return out.getvalue()
+
+
+def signin(error: str | None, users_configured: bool) -> Html:
+    hint = Html("") if users_configured else Html(
+        '<p class="notice">No <code>admin.users</code> are configured: nobody can sign in.</p>')
+    failure = render('<p class="error" role="alert">$e</p>', e=error) if error else Html("")
+    return render('$hint$failure<form method="post" action="/signin" class="signin">'
+                  '<label>name <input name="name" autocomplete="username" required autofocus></label>'
+                  '<label>password <input name="password" type="password" autocomplete="current-password" required>'
+                  '</label><button type="submit">Sign in</button></form>', hint=hint, failure=failure)
