@@ -155,14 +155,14 @@ class Dashboard:
             return _html(page("Sign in", pages.signin("Wrong name or password.", bool(users))), 401)
         self.guard.succeeded(peer, name)
         log.info("dashboard: %s signed in from %s", name, peer)
-        response = web.HTTPSeeOther("/")
+        response = _redirect("/")
         lifetime = self.relay.config().admin.session_lifetime
         response.set_cookie(session.COOKIE, session.issue(self._secret(), name, time.time(), lifetime),
                             max_age=int(lifetime), httponly=True, samesite="Strict", secure=self._secure(request), path="/")
         return response
 
     async def signout(self, request: web.Request, viewer: Viewer, form) -> web.StreamResponse:
-        response = web.HTTPSeeOther("/signin")
+        response = _redirect("/signin")
         response.del_cookie(session.COOKIE, path="/")
         return response
 
@@ -273,6 +273,11 @@ class Dashboard:
             raise web.HTTPBadRequest(text=str(error)) from None
         group = query.get("group")
         return _csv("stats.csv", pages.to_csv(("period", *((group,) if group else ()), *pages.STATS_COLUMNS), rows))
+
+
+def _redirect(location: str) -> web.Response:
+    """A 303 that can carry a cookie (raising ``HTTPSeeOther`` is for answers without one)."""
+    return web.Response(status=303, headers={"Location": location})
 
 
 def _csv(filename: str, text: str) -> web.Response:

@@ -33,7 +33,8 @@ def chart_data(rows: Iterable[Mapping]) -> dict:
         for name in CHART_SERIES:
             counts[name] += row.get(name, 0)
     periods = sorted(totals)
-    return {"x": [period_start(p) for p in periods],
+    step = 3600 if periods and "T" in periods[0] else 86400
+    return {"x": [period_start(p) for p in periods], "step": step,
             "series": {name: [totals[p][name] for p in periods] for name in CHART_SERIES}}
 
 

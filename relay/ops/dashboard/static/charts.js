@@ -3,6 +3,10 @@
 (function () {
   "use strict";
   var colours = ["#2563eb", "#16a34a", "#d97706", "#dc2626", "#7c3aed", "#0891b2"];
+  // One period alone would make uPlot span years: show at least a period either side.
+  function around(step) {
+    return function (u, min, max) { return [Math.min(min, max - step), Math.max(max, min + step)]; };
+  }
   function draw(box) {
     var source = document.getElementById(box.getAttribute("data-chart"));
     if (!source || typeof uPlot === "undefined") { return; }
@@ -13,7 +17,7 @@
     }));
     var columns = [data.x].concat(names.map(function (name) { return data.series[name]; }));
     var width = Math.max(320, box.clientWidth || 800);
-    new uPlot({ width: width, height: 260, series: series, scales: { x: { time: true } } }, columns, box);
+    new uPlot({ width: width, height: 260, series: series, scales: { x: { time: true, range: around(data.step) } } }, columns, box);
     box.setAttribute("data-drawn", "true");
   }
   document.querySelectorAll("[data-chart]").forEach(draw);

@@ -1,0 +1,156 @@
+"""The dashboard's pure parts (session, escaping, CSV, chart data) and its HTTP rules on a MemorySpool."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from relay.config import ConfigError
+from relay.ops.dashboard import pages, session
+from relay.ops.dashboard.render import Html, json_island, render
+from relay.ops.http import AdminBackend, AdminServer
+from relay.policy.auth import hash_password
+from relay.spool.memory import MemorySpool
+from tests.unit.helpers import BASE, config_from
+
+SECRET = b"k" * 32
+PASSWORD = "operator-password"
+PROXY = "127.0.0.1"
+
+
+# -- session and CSRF -------------------------------------------------------------------------
+
+def test_a_session_round_trips_and_any_change_or_expiry_voids_it():
+    cookie = session.issue(SECRET, "ops ü", 1000.0, 60)
+    found = session.verify(SECRET, cookie, 1059.0)
+    assert found is not None and found.user == "ops ü"
+    assert session.verify(SECRET, cookie, 1061.0) is None  # expired
+    assert session.verify(b"other" * 8, cookie, 1001.0) is None  # another secret
+    name, expires, nonce, mac = cookie.split(".")
+    assert session.verify(SECRET, f"{name}.{int(expires) + 9999}.{nonce}.{mac}", 1001.0) is None  # longer life forged
+    assert session.verify(SECRET, "", 1001.0) is None and session.verify(SECRET, "a.b", 1001.0) is None
+
+
+def test_the_csrf_token_belongs_to_one_session():
+    one = session.verify(SECRET, session.issue(SECRET, "ops", 0, 60), 1)
+    two = session.verify(SECRET, session.issue(SECRET, "ops", 0, 60), 1)
+    token = session.csrf_token(SECRET, one)
+    assert session.csrf_ok(SECRET, one, token)
+    assert not session.csrf_ok(SECRET, two, token)
+    assert not session.csrf_ok(SECRET, one, None) and not session.csrf_ok(SECRET, one, "")
+
+
+@pytest.mark.parametrize(("secure", "peer", "proto", "expected"), [
+    (True, "198.51.100.1", None, True),  # our own TLS
+    (False, "10.0.0.1", "https", True),  # the trusted proxy says so
+    (False, "10.0.0.1", "HTTPS, http", True),
+    (False, "10.0.0.1", "http", False),
+    (False, "198.51.100.1", "https", False),  # anyone else saying so is ignored
+    (False, None, "https", False),
+])
+def test_cookies_are_secure_behind_tls_only(secure, peer, proto, expected):
+    assert session.behind_tls(secure, peer, proto, [ipaddress.ip_address("10.0.0.1")]) is expected
+
+
+# -- escaping and data ------------------------------------------------------------------------
+
+def test_every_value_is_escaped_and_only_rendered_markup_passes():
+    evil = '<script>alert("x")</script>'
+    shown = render("<td>$v</td><td>$safe</td>", v=evil, safe=render("<b>$x</b>", x=evil))
+    assert "<script>" not in shown and shown.count("&lt;script&gt;") == 2 and "<b>" in shown
+    assert render("$v", v=Html("<i>ok</i>")) == "<i>ok</i>"
+
+
+def test_a_json_island_cannot_close_its_script_element():
+    island = json_island("c", {"label": "</script><script>alert(1)</script>"})
+    assert island.count("</script>") == 1 and island.endswith("</script>")
+
+
+def test_csv_cells_never_start_a_formula():
+    text = pages.to_csv(("address", "channels"), [{"address": "=HYPERLINK(1)@x", "channels": ["batch", "trigger"]}])
+    assert text.splitlines() == ["address,channels", "'=HYPERLINK(1)@x,\"batch, trigger\""]
+
+
+def test_chart_data_totals_groups_per_period_in_order():
+    rows = [{"period": "2026-12-02", "requested": 2, "delivered": 1}, {"period": "2026-12-01", "requested": 5},
+            {"period": "2026-12-02", "requested": 3, "open": 4}]
+    data = pages.chart_data(rows)
+    assert data["x"] == [pages.period_start("2026-12-01"), pages.period_start("2026-12-02")]
+    assert data["x"][1] - data["x"][0] == 86400 and data["step"] == 86400
+    assert (data["series"]["requested"], data["series"]["delivered"], data["series"]["open"]) == ([5, 5], [0, 1], [0, 4])
+    assert pages.chart_data([{"period": "2026-12-01T10"}])["step"] == 3600
+
+
+def test_admin_users_take_hashes_only():
+    with pytest.raises(ConfigError, match="plaintext"):
+        config_from(BASE + "admin:\n  users:\n    ops: {password_hash: secret, role: operator}\n")
+
+
+# -- the HTTP rules ---------------------------------------------------------------------------
+
+@pytest.fixture
+async def board():
+    text = BASE.replace("server:\n", "server:\n  auth_failure_delay: 1ms\n  auth_lockout_failures: 3\n", 1)
+    config = config_from(text + f"""\
+admin:
+  token: api-token
+  trusted_proxies: [{PROXY}]
+  users:
+    ops: {{password_hash: "{hash_password(PASSWORD)}", role: operator}}
+""")
+    spool = MemorySpool()
+    await spool.open()
+
+    async def reload():
+        return None, []
+
+    server = AdminServer(AdminBackend(lambda: config, spool, lambda: False, list, dict, reload))
+    client = TestClient(TestServer(server._app()))
+    await client.start_server()
+    yield client, spool
+    await client.close()
+
+
+async def _sign_in(client, headers=None):
+    return await client.post("/signin", data={"name": "ops", "password": PASSWORD}, allow_redirects=False,
+                             headers=headers or {})
+
+
+async def test_the_cookie_is_httponly_strict_and_secure_only_behind_a_trusted_tls_proxy(board):
+    client, _ = board
+    plain = (await _sign_in(client)).headers["Set-Cookie"]
+    assert "HttpOnly" in plain and "SameSite=Strict" in plain and "Secure" not in plain
+    proxied = (await _sign_in(client, {"X-Forwarded-Proto": "https"})).headers["Set-Cookie"]
+    assert "Secure" in proxied
+
+
+async def test_sign_in_locks_out_after_repeated_failures(board):
+    client, _ = board
+    statuses = [(await client.post("/signin", data={"name": "ops", "password": "guess"})).status for _ in range(3)]
+    assert statuses == [401, 401, 401]
+    assert (await _sign_in(client)).status == 429  # the right password is not even checked now
+
+
+async def test_pages_escape_what_the_spool_holds(board):
+    client, spool = board
+    response = await _sign_in(client)
+    assert response.status == 303
+    await spool.add_suppressions([('"><script>x</script>@evil.test', "manual", frozenset({"batch"}), None, 1.0, None,
+                                   "manual")])
+    text = await (await client.get("/suppression")).text()
+    assert "<script>x</script>" not in text and "&lt;script&gt;x&lt;/script&gt;@evil.test" in text
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', text).group(1)
+    added = await client.post("/suppression/add", data={"address": "a@b.test", "csrf": csrf}, allow_redirects=False)
+    assert added.status == 303 and "a@b.test" in [row[0] for row in await spool.suppressions()]
+
+
+async def test_the_token_guards_the_api_and_opens_no_page(board):
+    client, _ = board
+    assert (await client.get("/api/suppressions")).status == 401
+    assert (await client.get("/api/suppressions", headers={"Authorization": "Bearer api-token"})).status == 200
+    page = await client.get("/suppression", headers={"Authorization": "Bearer api-token"}, allow_redirects=False)
+    assert (page.status, page.headers["Location"]) == (303, "/signin")
+    assert (await client.get("/healthz")).status == 200
