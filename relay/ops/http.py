@@ -62,6 +62,7 @@ class AdminBackend:
     failing_since: Callable[[], Mapping[str, float]]  # per account: since when the upstream fails
     reload: Callable[[], Awaitable[tuple[str | None, list[str]]]]  # (why refused, or None; restart needed)
     config_path: Path | None = None  # the file reloads read (None: the embedded demo)
+    paused_for: Callable[[], Mapping[str, float]] = dict  # per account: seconds SendCloud's throttle still holds it
 
 
 class AdminServer:

@@ -101,7 +101,15 @@ class Dashboard:
             else:
                 box.clear()
                 box.send_keys(value)
-        self.find(f"{form} button[type=submit]").click()
+        self.submit(self.find(f"{form} button[type=submit]"))
+
+    def submit(self, button) -> None:
+        """Click a button that loads a page, and wait until the new page replaced this one."""
+        from selenium.webdriver.support import expected_conditions
+        from selenium.webdriver.support.wait import WebDriverWait
+        old = self.find("html")
+        button.click()
+        WebDriverWait(self.driver, 20).until(expected_conditions.staleness_of(old))
 
     def sign_in(self, name: str, password: str) -> None:
         self.open("/signin")
@@ -175,7 +183,7 @@ def test_an_operator_finds_the_message_its_events_and_manages_suppressions(mail,
     assert board.all("table.messages tbody tr") == []
     board.shot("messages")
 
-    board.find("nav a[href='/messages']").click()
+    board.submit(board.find("nav a[href='/messages']"))
     board.fill("form.search", id=queue_id)
     assert board.find("h1").text == f"Message {queue_id}"
     timeline = [row.text for row in board.all("table.timeline tbody tr")]
@@ -195,7 +203,7 @@ def test_an_operator_finds_the_message_its_events_and_manages_suppressions(mail,
     rows = board.all("table.suppressions tbody tr")
     assert len(rows) == 1 and rows[0].text.startswith("blocked@example.com manual")
     board.shot("suppression")
-    rows[0].find_element(board.by.CSS_SELECTOR, "button").click()
+    board.submit(rows[0].find_element(board.by.CSS_SELECTOR, "button"))
     assert "1 entry(ies) removed" in board.text(".notice")
     board.fill("form.search", q="blocked")
     assert board.all("table.suppressions tbody tr") == []

@@ -32,10 +32,23 @@ def chart_data(rows: Iterable[Mapping]) -> dict:
         counts = totals.setdefault(row["period"], dict.fromkeys(CHART_SERIES, 0))
         for name in CHART_SERIES:
             counts[name] += row.get(name, 0)
-    periods = sorted(totals)
-    step = 3600 if periods and "T" in periods[0] else 86400
-    return {"x": [period_start(p) for p in periods], "step": step,
-            "series": {name: [totals[p][name] for p in periods] for name in CHART_SERIES}}
+    by_start = {period_start(p): counts for p, counts in totals.items()}
+    step = 3600 if any("T" in p for p in totals) else 86400
+    x = timeline(sorted(by_start), step)
+    zero = dict.fromkeys(CHART_SERIES, 0)
+    return {"x": x, "step": step, "series": {name: [by_start.get(t, zero)[name] for t in x] for name in CHART_SERIES}}
+
+
+def timeline(starts: list[float], step: int) -> list[float]:
+    """Every period from the first to the last (a period without rows counted nothing), and at
+    least three, so a single period is drawn as a point between zeros rather than alone on an axis of years."""
+    if not starts:
+        return []
+    first, last = starts[0], starts[-1]
+    if first == last:
+        first, last = first - step, last + step
+    count = int((last - first) // step) + 1
+    return [first + i * step for i in range(count)]
 
 
 def chart(element_id: str, rows: list[Mapping]) -> Html:
@@ -46,8 +59,18 @@ def chart(element_id: str, rows: list[Mapping]) -> Html:
                         id=element_id), json_island(element_id, chart_data(rows))])
 
 
+def account_state(failing_since: float | None, paused_for: float, now: float) -> str:
+    """What an account's row says: paused by SendCloud's throttle, failing upstream, or ok (both can hold)."""
+    states = []
+    if paused_for > 0:
+        states.append(f"paused by SendCloud for {format_age(paused_for)} more")
+    if failing_since:
+        states.append(f"failing for {format_age(now - failing_since)}")
+    return "; ".join(states) or "ok"
+
+
 def overview(summary: tuple[int, Mapping[str, int], float | None], today: Mapping[str, int],
-             accounts: Iterable[tuple[str, str, float | None]], recent: list[Mapping], now: float) -> Html:
+             accounts: Iterable[tuple[str, str, str]], recent: list[Mapping], now: float) -> Html:
     messages, by_state, oldest = summary
     oldest_age = format_age(now - oldest) if oldest else "-"
     tiles = [("messages waiting", messages), ("recipients queued", by_state.get("queued", 0)),
@@ -56,8 +79,7 @@ def overview(summary: tuple[int, Mapping[str, int], float | None], today: Mappin
              ("soft bounces today", today.get("soft_bounce", 0)), ("invalid today", today.get("invalid", 0))]
     cards = join(render('<div class="tile"><span class="value">$v</span><span class="label">$l</span></div>', v=v, l=label)
                  for label, v in tiles)
-    account_rows = [(name, api_user, f"failing for {format_age(now - since)}" if since else "ok")
-                    for name, api_user, since in accounts]
+    account_rows = list(accounts)
     return render('<section class="tiles" id="queue">$cards</section>'
                   '<h2>Accounts</h2>$accounts<h2>The last 48 hours</h2>$chart',
                   cards=cards, accounts=table(("account", "api_user", "upstream"), account_rows, "accounts"),

@@ -81,7 +81,14 @@ def test_chart_data_totals_groups_per_period_in_order():
     assert data["x"] == [pages.period_start("2026-12-01"), pages.period_start("2026-12-02")]
     assert data["x"][1] - data["x"][0] == 86400 and data["step"] == 86400
     assert (data["series"]["requested"], data["series"]["delivered"], data["series"]["open"]) == ([5, 5], [0, 1], [0, 4])
-    assert pages.chart_data([{"period": "2026-12-01T10"}])["step"] == 3600
+    hourly = pages.chart_data([{"period": "2026-12-01T10", "requested": 1}, {"period": "2026-12-01T13", "requested": 2}])
+    assert hourly["step"] == 3600 and hourly["series"]["requested"] == [1, 0, 0, 2]
+
+
+def test_a_lone_period_is_drawn_between_zeros():
+    data = pages.chart_data([{"period": "2026-12-01", "requested": 7}])
+    assert data["series"]["requested"] == [0, 7, 0]
+    assert data["x"] == [pages.period_start("2026-11-30"), pages.period_start("2026-12-01"), pages.period_start("2026-12-02")]
 
 
 def test_admin_users_take_hashes_only():
@@ -154,3 +161,9 @@ async def test_the_token_guards_the_api_and_opens_no_page(board):
     page = await client.get("/suppression", headers={"Authorization": "Bearer api-token"}, allow_redirects=False)
     assert (page.status, page.headers["Location"]) == (303, "/signin")
     assert (await client.get("/healthz")).status == 200
+
+
+def test_an_account_shows_sendclouds_pause_and_upstream_failures():
+    assert pages.account_state(None, 0.0, 1000.0) == "ok"
+    assert pages.account_state(None, 90.0, 1000.0) == "paused by SendCloud for 1m30s more"
+    assert pages.account_state(400.0, 30.0, 1000.0) == "paused by SendCloud for 30s more; failing for 10m"
