@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -142,6 +144,14 @@ def raw_post(base: str, path: str, fields: dict, cookie: str | None = None) -> i
         return error.code
 
 
+def get(base: str, path: str, cookie: str) -> str:
+    """A download (CSV) with the browser's session, as the browser would fetch it."""
+    request = urllib.request.Request(base + path, headers={"Cookie": f"relay_session={cookie}"})
+    with urllib.request.urlopen(request, timeout=20) as response:
+        assert response.headers["Content-Type"].startswith("text/csv")
+        return response.read().decode()
+
+
 @pytest.fixture
 def mail(make_relay, client_tls):
     """A relay with the dashboard on, one message delivered to two recipients, and SendCloud's events for it."""
@@ -158,7 +168,7 @@ def mail(make_relay, client_tls):
     return relay, queue_id
 
 
-def test_an_operator_finds_the_message_its_events_and_manages_suppressions(mail, browser):
+def test_an_operator_finds_the_message_its_events_and_manages_suppressions(mail, browser, tmp_path):
     relay, queue_id = mail
     board = Dashboard(browser, relay)
 
@@ -194,6 +204,8 @@ def test_an_operator_finds_the_message_its_events_and_manages_suppressions(mail,
     assert "channel trigger → account acme_trigger" in board.text("dl.facts")
     assert [b.text for b in board.all(".actions button")] == ["Retry now", "Delete"]
     board.shot("message")
+    board.submit(board.find(".actions button"))  # Retry now: nothing waits any more
+    assert board.text(".notice") == "0 recipient(s) made due now"
 
     board.open("/suppression")
     assert "bounce@example.org" in board.text("table.suppressions")  # the invalid event suppressed it
@@ -209,6 +221,22 @@ def test_an_operator_finds_the_message_its_events_and_manages_suppressions(mail,
     assert board.all("table.suppressions tbody tr") == []
     assert '"blocked@example.com"' not in relay.http("/api/suppressions", token=TOKEN)[1]
 
+    upload = tmp_path / "import.csv"
+    upload.write_text("address,reason,account,expires,channels\nOne@Import.test,unsubscribe,,30d,batch\ntwo@import.test\n")
+    board.find("form.import [name=file]").send_keys(str(upload))
+    board.submit(board.find("form.import button"))
+    assert "2 entry(ies) imported" in board.text(".notice")
+    exported = get(board.base, "/suppression.csv?q=import.test", board.cookie())
+    one, two = exported.splitlines()[1:]
+    address, reason, account, expires, channels = one.split(",")
+    assert (address, reason, account, channels) == ("one@import.test", "unsubscribe", "", "batch")
+    assert 29 * 86400 < datetime.fromisoformat(expires).timestamp() - time.time() <= 30 * 86400
+    assert two == "two@import.test,manual,,,all"
+    upload.write_text("address\nnot-an-address\n")
+    board.find("form.import [name=file]").send_keys(str(upload))
+    board.submit(board.find("form.import button"))
+    assert "nothing imported" in board.text(".notice") and "line 2" in board.text(".notice")
+
     board.open("/stats?since=1d&group=user")
     header = [th.text for th in board.all("table.stats th")]
     row = dict(zip(header, board.all("table.stats tbody tr")[0].text.split(), strict=True))
@@ -216,6 +244,13 @@ def test_an_operator_finds_the_message_its_events_and_manages_suppressions(mail,
         "billing", "2", "1", "1", "0.5")
     assert_chart_drawn(board)
     board.shot("stats")
+    assert get(board.base, "/stats.csv?since=1d&group=user", board.cookie()).splitlines()[1].startswith(
+        f"{row['period']},billing,2,1,0,1,")
+
+    board.open(f"/messages/{queue_id}")
+    board.submit(board.all(".actions button")[1])  # Delete
+    assert browser.current_url.endswith("/messages")
+    assert relay.cli("queue", "show", queue_id).returncode != 0
 
 
 def assert_chart_drawn(board) -> None:

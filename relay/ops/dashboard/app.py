@@ -21,6 +21,8 @@ from aiohttp import web
 
 from relay.config import Config
 from relay.events.stats import GROUPS, day_bucket
+from relay.events.suppression import parse_csv
+from relay.events.suppression import to_csv as suppression_csv
 from relay.ops import events_view, queue_view
 from relay.ops.dashboard import pages, session
 from relay.ops.dashboard.render import Html, page
@@ -90,6 +92,7 @@ class Dashboard:
         get("/suppression.csv", self._page(self.suppression_csv))
         post("/suppression/add", self._change(self.suppression_add))
         post("/suppression/remove", self._change(self.suppression_remove))
+        post("/suppression/import", self._change(self.suppression_import))
         get("/stats", self._page(self.stats))
         get("/stats.csv", self._page(self.stats_csv))
         app.router.add_static("/static/", STATIC, show_index=False)
@@ -122,8 +125,7 @@ class Dashboard:
             if viewer is None:
                 raise web.HTTPSeeOther("/signin")
             form = await request.post()
-            found = session.verify(self._secret(), request.cookies.get(session.COOKIE), time.time())
-            if not session.csrf_ok(self._secret(), found, form.get("csrf")):
+            if not session.csrf_ok(viewer.csrf, form.get("csrf")):
                 return _html(page("Refused", Html("<p>The form's CSRF token is missing or wrong.</p>")), 403)
             if operator and not viewer.operator:
                 return _html(page("Refused", Html("<p>Only operators change anything.</p>"), user=viewer.name,
@@ -234,9 +236,24 @@ class Dashboard:
         return self._show("Suppression", body, viewer, notice=request.query.get("done"))
 
     async def suppression_csv(self, request: web.Request, viewer: Viewer) -> web.Response:
-        records = await self._suppressions(request.query.get("q", "").strip())
-        columns = ("address", "reason", "channels", "account", "added_at", "expires_at")
-        return _csv("suppressions.csv", pages.to_csv(columns, records))
+        """`suppression export`'s CSV (what the import reads back), of the entries the search shows."""
+        search = request.query.get("q", "").strip().lower()
+        found = await events_view.entries(self.relay.spool, time.time())
+        return _csv("suppressions.csv", suppression_csv([e for e in found if search in e.address]))
+
+    async def suppression_import(self, request: web.Request, viewer: Viewer, form) -> web.StreamResponse:
+        """`suppression import` from an uploaded file: all or nothing, every bad line named."""
+        upload = form.get("file")
+        if not isinstance(upload, web.FileField):
+            raise web.HTTPSeeOther("/suppression?done=choose+a+CSV+file+to+import")
+        now = time.time()
+        try:
+            rows = parse_csv(upload.file.read().decode("utf-8", "replace"), now)
+        except ValueError as error:  # SuppressionImportError lists every bad line
+            raise web.HTTPSeeOther(f"/suppression?done={quote_plus(f'nothing imported: {error}')}") from None
+        count = await self.relay.spool.add_suppressions([events_view.entry_row(row.to_entry(now)) for row in rows])
+        log.info("suppression: %d entries imported by %s on the dashboard", count, viewer.name)
+        raise web.HTTPSeeOther(f"/suppression?done={quote_plus(f'{count} entry(ies) imported')}")
 
     async def suppression_add(self, request: web.Request, viewer: Viewer, form) -> web.StreamResponse:
         try:

@@ -149,7 +149,11 @@ def suppression(records: list[Mapping], search: str, reasons: Iterable[str], ope
                      '<label>reason <select name="reason">$options</select></label>'
                      '<label>account <input name="account" placeholder="(all)"></label>'
                      '<label>expires <input name="expires" placeholder="30d, or empty"></label>'
-                     '<button type="submit">Add</button></form>', csrf=csrf_field(csrf), options=options)
+                     '<button type="submit">Add</button></form>'
+                     '<form method="post" action="/suppression/import" enctype="multipart/form-data" class="add import">'
+                     '$csrf<label>import CSV (address,reason,account,expires,channels) '
+                     '<input name="file" type="file" accept=".csv,text/csv" required></label>'
+                     '<button type="submit">Import</button></form>', csrf=csrf_field(csrf), options=options)
     return render('<form method="get" action="/suppression" class="search"><label>address contains '
                   '<input name="q" value="$q"></label><button type="submit">Search</button> $csv</form>$add$table',
                   q=search, csv=link("/suppression.csv", "Download CSV", q=search), add=add,
@@ -187,7 +191,7 @@ def to_csv(columns: Iterable[str], rows: Iterable[Mapping]) -> str:
     writer = csv.writer(out)
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([_cell(", ".join(v) if isinstance(v := row.get(c), list) else v) for c in columns])
+        writer.writerow([_cell(row.get(c)) for c in columns])
     return out.getvalue()
 
 

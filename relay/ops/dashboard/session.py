@@ -59,8 +59,9 @@ def csrf_token(secret: bytes, session: Session) -> str:
     return _mac(secret, "csrf", session.nonce)
 
 
-def csrf_ok(secret: bytes, session: Session, given: str | None) -> bool:
-    return bool(given) and hmac.compare_digest(given.encode(), csrf_token(secret, session).encode())
+def csrf_ok(expected: str, given: object) -> bool:
+    """Whether a form's ``csrf`` field is the session's token (compared in constant time)."""
+    return isinstance(given, str) and bool(given) and hmac.compare_digest(given.encode(), expected.encode())
 
 
 def behind_tls(secure_socket: bool, peer: str | None, forwarded_proto: str | None,
