@@ -13,6 +13,7 @@ from relay.ops.dashboard import pages, session
 from relay.ops.dashboard.render import Html, json_island, render
 from relay.ops.http import AdminBackend, AdminServer
 from relay.policy.auth import hash_password
+from relay.spool import NewMessage
 from relay.spool.memory import MemorySpool
 from tests.unit.helpers import BASE, config_from
 
@@ -99,24 +100,27 @@ def test_admin_users_take_hashes_only():
 
 # -- the HTTP rules ---------------------------------------------------------------------------
 
+def _config(users: str):
+    text = BASE.replace("server:\n", "server:\n  auth_failure_delay: 1ms\n  auth_lockout_failures: 3\n", 1)
+    return config_from(text + f"admin:\n  token: api-token\n  trusted_proxies: [{PROXY}]\n  users:\n{users}")
+
+
+OPERATOR_ONLY = f'    ops: {{password_hash: "{hash_password(PASSWORD)}", role: operator}}\n'
+
+
 @pytest.fixture
 async def board():
-    text = BASE.replace("server:\n", "server:\n  auth_failure_delay: 1ms\n  auth_lockout_failures: 3\n", 1)
-    config = config_from(text + f"""\
-admin:
-  token: api-token
-  trusted_proxies: [{PROXY}]
-  users:
-    ops: {{password_hash: "{hash_password(PASSWORD)}", role: operator}}
-""")
+    """A signed-out client on an admin endpoint over a MemorySpool; ``client.configs[0]`` is what a reload swaps."""
     spool = MemorySpool()
     await spool.open()
+    configs = [_config(OPERATOR_ONLY)]
 
     async def reload():
         return None, []
 
-    server = AdminServer(AdminBackend(lambda: config, spool, lambda: False, list, dict, reload))
+    server = AdminServer(AdminBackend(lambda: configs[0], spool, lambda: False, list, dict, reload))
     client = TestClient(TestServer(server._app()))
+    client.configs = configs
     await client.start_server()
     yield client, spool
     await client.close()
@@ -168,3 +172,26 @@ def test_an_account_shows_sendclouds_pause_and_upstream_failures():
     assert pages.account_state(None, 0.0, 1000.0) == "ok"
     assert pages.account_state(None, 90.0, 1000.0) == "paused by SendCloud for 1m30s more"
     assert pages.account_state(400.0, 30.0, 1000.0) == "paused by SendCloud for 30s more; failing for 10m"
+
+
+async def test_a_user_removed_by_a_reload_is_signed_out_at_once(board):
+    client, _ = board
+    await _sign_in(client)
+    assert (await client.get("/", allow_redirects=False)).status == 200
+    client.configs[0] = _config('    other: {password_hash: "%s"}\n' % hash_password("x"))
+    assert (await client.get("/", allow_redirects=False)).headers["Location"] == "/signin"
+
+
+async def test_messages_page_fifty_at_a_time_with_a_cursor(board):
+    client, spool = board
+    for number in range(52):
+        await spool.store(NewMessage(f"M{number:03}", 1_700_000_000.0 + number, "billing", "smtp", "10.0.0.5",
+                                     "acme_trigger", "trigger", "app@acme.com", ["a@example.org"], b"Subject: x\r\n\r\nx\r\n"))
+    await _sign_in(client)
+    first = await (await client.get("/messages")).text()
+    assert first.count('href="/messages/M') == 50 and 'href="/messages/M049"' in first
+    assert 'href="/messages?after=M049">Next page' in first
+    second = await (await client.get("/messages?after=M049")).text()
+    assert re.findall(r'href="/messages/(M\d+)"', second) == ["M050", "M051"] and "Next page" not in second
+    bad = await client.get("/messages?since=yesterday-ish")
+    assert bad.status == 400 and "since" in await bad.text()
