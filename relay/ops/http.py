@@ -5,7 +5,7 @@
 | ``GET /healthz`` | 200 while the process and its event loop answer (liveness) | never |
 | ``GET /readyz`` | 200, or 503 with the reasons: spool write, workers, upstream (readiness) | never |
 | ``GET /metrics`` | Prometheus text format | if set |
-| ``GET /api/queue[?all=1&user=&to=&state=&since=&limit=&after=]`` | `queue list --json`, paged | if set |
+| ``GET /api/queue[?all=1&user=&to=&sender=&state=&since=&before=&limit=&after=]`` | `queue list --json`, paged | if set |
 | ``GET /api/queue/ID`` | `queue show ID` as JSON | if set |
 | ``POST /api/reload`` | reload the config now; the answer says whether it was taken | if set |
 | ``GET /api/stats[?since=7d&until=DATE&by=day&group=user]`` | `stats --json` | if set |
@@ -187,7 +187,8 @@ class AdminServer:
             query = queue_view.list_query(
                 include_final=parameters.get("all", "") not in ("", "0", "false", "no"),
                 user=parameters.get("user"), to=parameters.get("to"), state=parameters.get("state"),
-                since=parameters.get("since"), after=parameters.get("after"),
+                since=parameters.get("since"), before=parameters.get("before"), sender=parameters.get("sender"),
+                after=parameters.get("after"),
                 limit=parameters.get("limit", _QUEUE_PAGE), now=now,
             )
         except ValueError as error:

@@ -191,6 +191,10 @@ def test_an_operator_finds_the_message_its_events_and_manages_suppressions(mail,
     assert [a.text for a in board.all("table.messages a")] == [queue_id]
     board.fill("form.search", to="nobody@example.net")
     assert board.all("table.messages tbody tr") == []
+    board.fill("form.search", to="", sender="APP@acme.com", user="billing", state="delivered", since="1h")
+    assert [a.text for a in board.all("table.messages a")] == [queue_id]
+    board.fill("form.search", sender="someone-else@acme.com")
+    assert board.all("table.messages tbody tr") == []
     board.shot("messages")
 
     board.submit(board.find("nav a[href='/messages']"))

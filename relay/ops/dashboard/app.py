@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import quote_plus
+from urllib.parse import quote, quote_plus
 
 from aiohttp import web
 
@@ -186,14 +186,15 @@ class Dashboard:
         return self._show("Overview", body, viewer)
 
     async def messages(self, request: web.Request, viewer: Viewer) -> web.StreamResponse:
-        wanted = {k: v for k, v in request.query.items() if k in ("id", "to", "user", "state", "since", "after") and v}
+        wanted = {k: v.strip() for k, v in request.query.items() if k in pages.MESSAGE_FILTERS and v.strip()}
         if "id" in wanted:
-            raise web.HTTPSeeOther(f"/messages/{wanted['id'].strip()}")
+            raise web.HTTPSeeOther(f"/messages/{quote(wanted['id'], safe='')}")
         now = time.time()
         form = pages.search_form(wanted, [s.value for s in State])
         try:
             query = queue_view.list_query(include_final=True, user=wanted.get("user"), to=wanted.get("to"),
                                           state=wanted.get("state"), since=wanted.get("since"),
+                                          before=wanted.get("before"), sender=wanted.get("sender"),
                                           after=wanted.get("after"), limit=_PAGE_SIZE, now=now)
         except ValueError as error:
             return self._show("Messages", form, viewer, notice=str(error), status=400)

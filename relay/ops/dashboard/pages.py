@@ -86,6 +86,9 @@ def overview(summary: tuple[int, Mapping[str, int], float | None], today: Mappin
                   chart=chart("overview-chart", recent))
 
 
+MESSAGE_FILTERS = ("id", "to", "sender", "user", "state", "since", "before", "after")
+
+
 def search_form(values: Mapping[str, str], states: Iterable[str]) -> Html:
     def field(name: str, label: str, placeholder: str = "") -> Html:
         return render('<label>$label <input name="$name" value="$value" placeholder="$ph"></label>',
@@ -94,11 +97,13 @@ def search_form(values: Mapping[str, str], states: Iterable[str]) -> Html:
     options = join(render('<option value="$s"$sel>$s</option>', s=s,
                           sel=Html(" selected") if values.get("state") == s else Html(""))
                    for s in ("", *states))
-    return render('<form method="get" action="/messages" class="search">$id$to$user$since'
+    return render('<form method="get" action="/messages" class="search">$id$to$sender$user$since$before'
                   '<label>state <select name="state">$options</select></label>'
                   '<button type="submit">Search</button></form>',
                   id=field("id", "queue ID"), to=field("to", "recipient", "someone@example.com"),
-                  user=field("user", "user"), since=field("since", "since", "1d or 2026-12-01"), options=options)
+                  sender=field("sender", "sender", "app@acme.com"), user=field("user", "user"),
+                  since=field("since", "since", "1d or 2026-12-01"), before=field("before", "before", "2026-12-02"),
+                  options=options)
 
 
 def messages(form: Html, records: list[Mapping], next_after: str | None, query: Mapping[str, str]) -> Html:
