@@ -123,8 +123,9 @@ def message(record: Mapping, headers: str | None, operator: bool, csrf: str) -> 
              ("sender", record["sender"]), ("size", f"{record['size']} bytes"), ("state", record["state"])]
     recipients = [(r["address"], r["state"], r["attempts"], r["last_reply"] or "", r["email_id"] or "",
                    r["status"] or "") for r in record["recipients"]]
-    timeline = sorted((e["time"], r["address"], e["event"], e.get("subStatDesc") or e.get("url") or "")
-                       for r in record["recipients"] for e in r["events"])
+    accepted = (record["received_at"], "(all)", "accepted", f"250 2.0.0 Ok: queued as {record['id']}")
+    timeline = [accepted, *sorted((e["time"], r["address"], e["event"], e.get("subStatDesc") or e.get("url") or "")
+                                  for r in record["recipients"] for e in r["events"])]
     actions = Html("")
     if operator:
         base = f"/messages/{record['id']}"
