@@ -251,6 +251,7 @@ def test_an_operator_finds_the_message_its_events_and_manages_suppressions(mail,
     assert (row["user"], row["requested"], row["delivered"], row["invalid"], row["delivered_rate"]) == (
         "billing", "2", "1", "1", "0.5")
     assert_chart_drawn(board)
+    assert "billing" in [label.text for label in board.all("[data-chart] .u-legend .u-label")]  # a series per user
     board.shot("stats")
     assert get(board.base, "/stats.csv?since=1d&group=user", board.cookie()).splitlines()[1].startswith(
         f"{row['period']},billing,2,1,0,1,")

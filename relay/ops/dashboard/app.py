@@ -274,7 +274,9 @@ class Dashboard:
         raise web.HTTPSeeOther(f"/suppression?done={quote_plus(f'{address}: {removed} entry(ies) removed')}")
 
     async def _stats(self, request: web.Request) -> tuple[list[dict], dict[str, str]]:
-        query = {k: v for k, v in request.query.items() if k in ("since", "until", "by", "group") and v}
+        query = {k: v for k, v in request.query.items() if k in ("since", "until", "by", "group", "chart") and v}
+        if query.get("chart", "requested") not in pages.CHART_SERIES:
+            raise ValueError(f"chart must be one of {', '.join(pages.CHART_SERIES)}")
         rows = await events_view.stats_rows(self.relay.spool, query.get("since", "7d"), query.get("until"),
                                             query.get("by", "day"), query.get("group"), time.time())
         return rows, query

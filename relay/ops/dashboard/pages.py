@@ -11,7 +11,18 @@ import io
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
-from relay.ops.dashboard.render import Html, csrf_field, join, json_island, link, post_button, render, table, when
+from relay.ops.dashboard.render import (
+    Html,
+    csrf_field,
+    join,
+    json_island,
+    link,
+    post_button,
+    render,
+    select,
+    table,
+    when,
+)
 from relay.ops.queue_view import format_age
 
 CHART_SERIES = ("requested", "delivered", "soft_bounce", "invalid", "open", "click")
@@ -25,18 +36,21 @@ def period_start(period: str) -> float:
     return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
 
 
-def chart_data(rows: Iterable[Mapping]) -> dict:
-    """uPlot's columns: the periods' starts and one series per counter, totalled over groups."""
+def chart_data(rows: Iterable[Mapping], group: str | None = None, counter: str = "requested") -> dict:
+    """uPlot's columns: the periods' starts, then one series per counter totalled over groups, or,
+    with ``group``, one series per value of the group (each user, account, ...) of ``counter``."""
     totals: dict[str, dict[str, int]] = {}
     for row in rows:
-        counts = totals.setdefault(row["period"], dict.fromkeys(CHART_SERIES, 0))
-        for name in CHART_SERIES:
-            counts[name] += row.get(name, 0)
+        counts = totals.setdefault(row["period"], {})
+        pairs = [(str(row.get(group) or "(none)"), row.get(counter, 0))] if group else \
+            [(name, row.get(name, 0)) for name in CHART_SERIES]
+        for name, count in pairs:
+            counts[name] = counts.get(name, 0) + count
+    names = sorted({name for counts in totals.values() for name in counts}) if group else list(CHART_SERIES)
     by_start = {period_start(p): counts for p, counts in totals.items()}
     step = 3600 if any("T" in p for p in totals) else 86400
     x = timeline(sorted(by_start), step)
-    zero = dict.fromkeys(CHART_SERIES, 0)
-    return {"x": x, "step": step, "series": {name: [by_start.get(t, zero)[name] for t in x] for name in CHART_SERIES}}
+    return {"x": x, "step": step, "series": {name: [by_start.get(t, {}).get(name, 0) for t in x] for name in names}}
 
 
 def timeline(starts: list[float], step: int) -> list[float]:
@@ -51,12 +65,12 @@ def timeline(starts: list[float], step: int) -> list[float]:
     return [first + i * step for i in range(count)]
 
 
-def chart(element_id: str, rows: list[Mapping]) -> Html:
+def chart(element_id: str, rows: list[Mapping], group: str | None = None, counter: str = "requested") -> Html:
     """A chart that ``static/charts.js`` draws from the JSON beside it; the table says the same without JS."""
     if not rows:
         return Html('<p class="empty">No statistics in this period yet.</p>')
     return join([render('<div class="chart" data-chart="$id" role="img" aria-label="statistics chart"></div>',
-                        id=element_id), json_island(element_id, chart_data(rows))])
+                        id=element_id), json_island(element_id, chart_data(rows, group, counter))])
 
 
 def account_state(failing_since: float | None, paused_for: float, now: float) -> str:
@@ -94,16 +108,13 @@ def search_form(values: Mapping[str, str], states: Iterable[str]) -> Html:
         return render('<label>$label <input name="$name" value="$value" placeholder="$ph"></label>',
                       label=label, name=name, value=values.get(name, ""), ph=placeholder)
 
-    options = join(render('<option value="$s"$sel>$s</option>', s=s,
-                          sel=Html(" selected") if values.get("state") == s else Html(""))
-                   for s in ("", *states))
     return render('<form method="get" action="/messages" class="search">$id$to$sender$user$since$before'
-                  '<label>state <select name="state">$options</select></label>'
+                  '<label>state $states</label>'
                   '<button type="submit">Search</button></form>',
                   id=field("id", "queue ID"), to=field("to", "recipient", "someone@example.com"),
                   sender=field("sender", "sender", "app@acme.com"), user=field("user", "user"),
                   since=field("since", "since", "1d or 2026-12-01"), before=field("before", "before", "2026-12-02"),
-                  options=options)
+                  states=select("state", ("", *states), values.get("state", ""), "(any)"))
 
 
 def messages(form: Html, records: list[Mapping], next_after: str | None, query: Mapping[str, str]) -> Html:
@@ -149,17 +160,16 @@ def suppression(records: list[Mapping], search: str, reasons: Iterable[str], ope
                      r["expires_at"] or "never", remove if operator else ""))
     add = Html("")
     if operator:
-        options = join(render('<option value="$r">$r</option>', r=r) for r in reasons)
         add = render('<form method="post" action="/suppression/add" class="add">$csrf'
                      '<label>address <input name="address" type="email" required></label>'
-                     '<label>reason <select name="reason">$options</select></label>'
+                     '<label>reason $reasons</label>'
                      '<label>account <input name="account" placeholder="(all)"></label>'
                      '<label>expires <input name="expires" placeholder="30d, or empty"></label>'
                      '<button type="submit">Add</button></form>'
                      '<form method="post" action="/suppression/import" enctype="multipart/form-data" class="add import">'
                      '$csrf<label>import CSV (address,reason,account,expires,channels) '
                      '<input name="file" type="file" accept=".csv,text/csv" required></label>'
-                     '<button type="submit">Import</button></form>', csrf=csrf_field(csrf), options=options)
+                     '<button type="submit">Import</button></form>', csrf=csrf_field(csrf), reasons=select("reason", reasons, "manual"))
     return render('<form method="get" action="/suppression" class="search"><label>address contains '
                   '<input name="q" value="$q"></label><button type="submit">Search</button> $csv</form>$add$table',
                   q=search, csv=link("/suppression.csv", "Download CSV", q=search), add=add,
@@ -167,22 +177,22 @@ def suppression(records: list[Mapping], search: str, reasons: Iterable[str], ope
 
 
 def stats_page(rows: list[Mapping], query: Mapping[str, str], groups: Iterable[str]) -> Html:
+    """The statistics table with rates; the chart shows every counter, or one counter per group value."""
     group = query.get("group") or ""
-    options = join(render('<option value="$g"$sel>$label</option>', g=g, label=g or "(total)",
-                          sel=Html(" selected") if g == group else Html("")) for g in ("", *groups))
-    by_options = join(render('<option value="$b"$sel>$b</option>', b=b,
-                             sel=Html(" selected") if b == query.get("by", "day") else Html("")) for b in ("day", "hour"))
+    counter = query.get("chart", "requested")
     columns = ("period", *((group,) if group else ()), *STATS_COLUMNS)
     body = [[row.get(c, "") for c in columns] for row in rows]
     return render('<form method="get" action="/stats" class="search">'
                   '<label>since <input name="since" value="$since"></label>'
                   '<label>until <input name="until" value="$until" placeholder="2026-12-31"></label>'
-                  '<label>by <select name="by">$by</select></label>'
-                  '<label>group <select name="group">$groups</select></label>'
+                  '<label>by $by</label><label>group $groups</label><label>chart (by group) $charts</label>'
                   '<button type="submit">Show</button> $csv</form>$chart$table',
-                  since=query.get("since", "7d"), until=query.get("until", ""), by=by_options, groups=options,
-                  csv=link("/stats.csv", "Download CSV", **query), chart=chart("stats-chart", rows),
-                  table=table(columns, body, "stats"))
+                  since=query.get("since", "7d"), until=query.get("until", ""),
+                  by=select("by", ("day", "hour"), query.get("by", "day")),
+                  groups=select("group", ("", *groups), group, "(total)"),
+                  charts=select("chart", CHART_SERIES, counter),
+                  csv=link("/stats.csv", "Download CSV", **{k: v for k, v in query.items() if k != "chart"}),
+                  chart=chart("stats-chart", rows, group or None, counter), table=table(columns, body, "stats"))
 
 
 def _cell(value: object) -> str:

@@ -51,6 +51,13 @@ def link(path: str, text: object, **query: object) -> Html:
     return render('<a href="$href">$text</a>', href=href, text=text)
 
 
+def select(name: str, values: Iterable[str], chosen: str, empty_label: str = "") -> Html:
+    """A ``<select>`` with ``chosen`` selected; the empty value is shown as ``empty_label``."""
+    options = join(render('<option value="$v"$sel>$label</option>', v=v, label=v or empty_label,
+                          sel=Html(" selected") if v == chosen else Html("")) for v in values)
+    return render('<select name="$name">$options</select>', name=name, options=options)
+
+
 def table(headings: Iterable[str], rows: Iterable[Iterable[object]], css: str = "") -> Html:
     head = join(render("<th>$h</th>", h=h) for h in headings)
     body = join(render("<tr>$cells</tr>", cells=join(render("<td>$c</td>", c=c) for c in row)) for row in rows)

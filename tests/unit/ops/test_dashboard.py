@@ -87,6 +87,13 @@ def test_chart_data_totals_groups_per_period_in_order():
     assert hourly["step"] == 3600 and hourly["series"]["requested"] == [1, 0, 0, 2]
 
 
+def test_a_grouped_chart_has_one_series_per_value_of_one_counter():
+    rows = [{"period": "2026-12-01", "user": "billing", "requested": 2, "open": 9},
+            {"period": "2026-12-02", "user": "crm", "requested": 3}, {"period": "2026-12-02", "user": "billing", "open": 1}]
+    assert pages.chart_data(rows, "user")["series"] == {"billing": [2, 0], "crm": [0, 3]}
+    assert pages.chart_data(rows, "user", "open")["series"] == {"billing": [9, 1], "crm": [0, 0]}
+
+
 def test_a_lone_period_is_drawn_between_zeros():
     data = pages.chart_data([{"period": "2026-12-01", "requested": 7}])
     assert data["series"]["requested"] == [0, 7, 0]
