@@ -151,6 +151,15 @@ async def test_sign_in_locks_out_after_repeated_failures(board):
     statuses = [(await client.post("/signin", data={"name": "ops", "password": "guess"})).status for _ in range(3)]
     assert statuses == [401, 401, 401]
     assert (await _sign_in(client)).status == 429  # the right password is not even checked now
+    unknown = await client.post("/signin", data={"name": "nobody", "password": PASSWORD})
+    assert unknown.status == 429  # the address is locked too, whatever name it tries
+
+
+async def test_an_unknown_name_is_refused_like_a_wrong_password(board):
+    client, _ = board
+    response = await client.post("/signin", data={"name": "nobody", "password": PASSWORD}, allow_redirects=False)
+    assert response.status == 401 and "Set-Cookie" not in response.headers
+    assert "Wrong name or password." in await response.text()
 
 
 async def test_pages_escape_what_the_spool_holds(board):
@@ -185,7 +194,7 @@ async def test_a_user_removed_by_a_reload_is_signed_out_at_once(board):
     client, _ = board
     await _sign_in(client)
     assert (await client.get("/", allow_redirects=False)).status == 200
-    client.configs[0] = _config('    other: {password_hash: "%s"}\n' % hash_password("x"))
+    client.configs[0] = _config(f"    other: {{password_hash: \"{hash_password('x')}\"}}\n")
     assert (await client.get("/", allow_redirects=False)).headers["Location"] == "/signin"
 
 
