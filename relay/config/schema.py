@@ -282,11 +282,23 @@ class Resolver(_Model):
     timeout: Duration = 5.0
 
 
+class AdminUser(_Model):
+    """Someone who signs in to the dashboard: viewers read, operators also change."""
+
+    password_hash: PasswordHash
+    role: Literal["viewer", "operator"] = "viewer"
+
+
 class Admin(_Model):
-    """The admin HTTP endpoint: /metrics, /healthz, /readyz, /api/queue, /api/reload."""
+    """The admin HTTP endpoint: /metrics, /healthz, /readyz, /api/queue, /api/reload, the dashboard at /."""
 
     listen: HostPort | None = "127.0.0.1:8025"  # null: off
     token: SecretStr | None = None  # bearer token for /metrics and /api/* (probes need none)
+    users: dict[str, AdminUser] = {}  # the dashboard's sign-in; none: nobody can sign in
+    session_secret: SecretStr | None = None  # signs session cookies; null: a random key per process
+    session_lifetime: Duration = 8 * 3600.0
+    # Proxies whose X-Forwarded-Proto is believed: "https" from one of them marks cookies Secure.
+    trusted_proxies: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = []
     upstream_unready_after: Duration | None = 900.0  # /readyz fails once upstream fails this long
 
 

@@ -5,13 +5,16 @@
 | ``GET /healthz`` | 200 while the process and its event loop answer (liveness) | never |
 | ``GET /readyz`` | 200, or 503 with the reasons: spool write, workers, upstream (readiness) | never |
 | ``GET /metrics`` | Prometheus text format | if set |
-| ``GET /api/queue[?all=1&user=&to=&state=&since=&limit=&after=]`` | `queue list --json`, paged | if set |
+| ``GET /api/queue[?all=1&user=&to=&sender=&state=&since=&before=&limit=&after=]`` | `queue list --json`, paged | if set |
 | ``GET /api/queue/ID`` | `queue show ID` as JSON | if set |
 | ``POST /api/reload`` | reload the config now; the answer says whether it was taken | if set |
 | ``GET /api/stats[?since=7d&until=DATE&by=day&group=user]`` | `stats --json` | if set |
 | ``GET /api/suppressions`` | `suppression list --json` | if set |
 | ``POST /api/suppressions`` | add: ``{"address", "reason"?, "account"?, "expires"?}`` | if set |
 | ``DELETE /api/suppressions/ADDRESS[?account=A]`` | remove (every entry of the address without account) | if set |
+
+The dashboard (``relay/ops/dashboard``) is mounted at ``/`` beside these: its pages take a
+signed-in session, never the token; the token guards ``/metrics`` and ``/api/*`` only.
 
 It runs on the relay's own event loop, so a wedged loop fails ``/healthz`` as it should.
 The probes never need the token, so Kubernetes and Docker can call them without a secret;
@@ -36,6 +39,7 @@ from relay.config import Config, split_host_port
 from relay.observe import metrics
 from relay.observe.health import readiness_problems
 from relay.ops import events_view, queue_view
+from relay.ops.dashboard import Dashboard
 from relay.policy.suppression import normalise_address
 from relay.sockets import bind_listening
 from relay.spool import Spool
@@ -58,6 +62,7 @@ class AdminBackend:
     failing_since: Callable[[], Mapping[str, float]]  # per account: since when the upstream fails
     reload: Callable[[], Awaitable[tuple[str | None, list[str]]]]  # (why refused, or None; restart needed)
     config_path: Path | None = None  # the file reloads read (None: the embedded demo)
+    paused_for: Callable[[], Mapping[str, float]] = dict  # per account: seconds SendCloud's throttle still holds it
 
 
 class AdminServer:
@@ -80,6 +85,7 @@ class AdminServer:
         app.router.add_get("/api/suppressions", self.suppressions)
         app.router.add_post("/api/suppressions", self.suppression_add)
         app.router.add_delete("/api/suppressions/{address}", self.suppression_remove)
+        Dashboard(self.relay).add_routes(app)
         return app
 
     async def bind(self) -> None:
@@ -110,7 +116,7 @@ class AdminServer:
     @web.middleware
     async def _token_check(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
         token = self.relay.config().admin.token
-        if token is not None and request.path not in ("/healthz", "/readyz"):
+        if token is not None and (request.path == "/metrics" or request.path.startswith("/api/")):
             expected = f"Bearer {token.get_secret_value()}".encode()
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
@@ -181,7 +187,8 @@ class AdminServer:
             query = queue_view.list_query(
                 include_final=parameters.get("all", "") not in ("", "0", "false", "no"),
                 user=parameters.get("user"), to=parameters.get("to"), state=parameters.get("state"),
-                since=parameters.get("since"), after=parameters.get("after"),
+                since=parameters.get("since"), before=parameters.get("before"), sender=parameters.get("sender"),
+                after=parameters.get("after"),
                 limit=parameters.get("limit", _QUEUE_PAGE), now=now,
             )
         except ValueError as error:

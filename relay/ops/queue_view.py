@@ -35,14 +35,16 @@ def list_query(
     to: str | None = None,
     state: str | None = None,
     since: str | None = None,
+    before: str | None = None,
+    sender: str | None = None,
     after: str | None = None,
     limit: str | int | None = None,
     now: float,
 ) -> ListQuery:
     """`queue list`'s options (or ``/api/queue``'s parameters) as a spool query; ValueError says which is wrong.
 
-    ``since`` is an age (``1d``, ``90m``) or an ISO date or time (``2026-12-01``, local time
-    unless it says otherwise). The page asked of the spool is one longer than ``limit``, so
+    ``since`` and ``before`` are ages (``1d``, ``90m``) or ISO dates or times (``2026-12-01``,
+    local time unless it says otherwise). The page asked of the spool is one longer than ``limit``, so
     :func:`page` can tell whether there is more.
     """
     try:
@@ -58,12 +60,14 @@ def list_query(
             raise ValueError("limit must be at least 1")
     return ListQuery(
         include_final=include_final, user=user, to=to, state=chosen_state,
-        since=_since(since, now) if since is not None else None,
+        since=_since(since, now, "since") if since is not None else None,
+        before=_since(before, now, "before") if before is not None else None,
+        sender=sender,
         after=after, limit=limit + 1 if limit is not None else None,
     )
 
 
-def _since(text: str, now: float) -> float:
+def _since(text: str, now: float, name: str = "since") -> float:
     try:
         return now - parse_duration(text)
     except ValueError:
@@ -71,7 +75,7 @@ def _since(text: str, now: float) -> float:
     try:
         return datetime.fromisoformat(text).timestamp()
     except ValueError:
-        raise ValueError(f"since {text!r}: an age such as 1d or 90m, or a date such as 2026-12-01") from None
+        raise ValueError(f"{name} {text!r}: an age such as 1d or 90m, or a date such as 2026-12-01") from None
 
 
 def page(messages: list[QueuedMessage], query: ListQuery) -> tuple[list[QueuedMessage], str | None]:

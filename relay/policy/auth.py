@@ -121,6 +121,11 @@ def _dummy_hash() -> str:
     return hash_password(secrets.token_urlsafe(16))
 
 
+def unknown_user_hash() -> str:
+    """A real hash to check an unknown name's password against, so it costs what a known name's does."""
+    return _dummy_hash()
+
+
 class RecentEvents:
     """Timestamps of recent events per key (failed logins); ``window`` is given per call so a
     reloaded setting applies at once."""

@@ -100,6 +100,7 @@ class Relay:
             failing_since=lambda: self.scheduler.upstream_health.failing_since,
             reload=self.reload,
             config_path=config_path.resolve() if config_path else None,
+            paused_for=lambda: {name: t.remaining() for name, t in self.scheduler.throttles.items() if t.remaining()},
         ))
         self._reload_lock = asyncio.Lock()
 

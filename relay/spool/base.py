@@ -43,6 +43,8 @@ class ListQuery:
     to: str | None = None  # a recipient's address, compared without regard to case
     state: State | None = None  # a message with at least one recipient in this state
     since: float | None = None  # received at or after
+    before: float | None = None  # received before
+    sender: str | None = None  # the envelope sender, compared without regard to case
     after: str | None = None  # the cursor: queue IDs after this one
     limit: int | None = None
 
@@ -59,6 +61,8 @@ class ListQuery:
             and (self.to is None or any(r.address.lower() == self.to.lower() for r in message.recipients))
             and (self.state is None or self.state in states)
             and (self.since is None or message.received_at >= self.since)
+            and (self.before is None or message.received_at < self.before)
+            and (self.sender is None or message.sender.lower() == self.sender.lower())
             and (self.after is None or message.id > self.after)
         )
 

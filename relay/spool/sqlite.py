@@ -321,6 +321,8 @@ def list_sql(query: ListQuery) -> tuple[str, list]:
         ("m.id > ?", query.after),
         ("m.user = ?", query.user),
         ("m.received_at >= ?", query.since),
+        ("m.received_at < ?", query.before),
+        ("lower(m.sender) = ?", query.sender.lower() if query.sender is not None else None),
         ("EXISTS (SELECT 1 FROM recipients t WHERE t.message_id = m.id AND lower(t.address) = ?)",
          query.to.lower() if query.to is not None else None),
     ):

@@ -32,7 +32,8 @@ async def fill(spool: Spool) -> None:
         ("crm", ["a@example.org", "e@example.org"]),
     ]):
         await spool.store(NewMessage(f"M{number}", T0 + number * 3600, user, "smtp", "10.0.0.5", "acme_trigger",
-                                     "trigger", "app@acme.com", recipients, b"Subject: x\r\n\r\nx\r\n"))
+                                     "trigger", "Other@Acme.com" if number == 3 else "app@acme.com", recipients,
+                                     b"Subject: x\r\n\r\nx\r\n"))
     await spool.record([
         RecipientUpdate("M1", 0, State.DELIVERED, 1, T0, "250 ok"),
         RecipientUpdate("M2", 0, State.DELIVERED, 1, T0, "250 ok"),
@@ -54,6 +55,9 @@ QUERIES = {
     "final_state_looks_at_all": (ListQuery(state=State.DELIVERED), ["M1", "M2"]),
     "failed": (ListQuery(state=State.FAILED), ["M3"]),
     "since": (ListQuery(since=T0 + 4 * 3600, include_final=True), ["M4", "M5"]),
+    "before": (ListQuery(before=T0 + 2 * 3600, include_final=True), ["M0", "M1"]),
+    "sender_any_case": (ListQuery(sender="other@ACME.com", include_final=True), ["M3"]),
+    "sender_pending": (ListQuery(sender="app@acme.com", before=T0 + 5 * 3600), ["M0", "M1", "M4"]),
     "page": (ListQuery(limit=2), ["M0", "M1"]),
     "next_page": (ListQuery(after="M1", limit=2), ["M4", "M5"]),
     "everything_at_once": (ListQuery(user="billing", to="d@example.org", state=State.DEFERRED, after="M0",
