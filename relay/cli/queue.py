@@ -15,6 +15,7 @@ import time
 
 from relay.cli.common import load, with_config
 from relay.config import Config
+from relay.events.status import STATUSES
 from relay.ops import queue_view
 from relay.spool import SpoolMissing, State, open_spool
 
@@ -41,7 +42,8 @@ async def _list(args: argparse.Namespace, config: Config) -> int:
     now = time.time()
     try:
         query = queue_view.list_query(include_final=args.all, user=args.user, to=args.to, state=args.state,
-                                      since=args.since, after=args.after, limit=args.limit, now=now)
+                                      since=args.since, status=args.status, email_id=args.email_id,
+                                      after=args.after, limit=args.limit, now=now)
     except ValueError as error:
         print(f"queue list: {error}", file=sys.stderr)
         return 2
@@ -106,6 +108,8 @@ def register(sub) -> None:
     listing.add_argument("--state", choices=[state.value for state in State],
                          help="only messages with a recipient in this state")
     listing.add_argument("--since", metavar="AGE|DATE", help="only messages received since: 1d, 90m, or 2026-12-01")
+    listing.add_argument("--status", choices=STATUSES, help="only messages with a recipient of this SendCloud status")
+    listing.add_argument("--email-id", metavar="ID", help="the message with this SendCloud emailId")
     listing.add_argument("--limit", type=int, metavar="N", help="at most N messages")
     listing.add_argument("--after", metavar="ID", help="start after this queue ID (the next page)")
     listing.add_argument("--json", action="store_true", help="one JSON object, for scripts")

@@ -188,7 +188,7 @@ class AdminServer:
                 include_final=parameters.get("all", "") not in ("", "0", "false", "no"),
                 user=parameters.get("user"), to=parameters.get("to"), state=parameters.get("state"),
                 since=parameters.get("since"), before=parameters.get("before"), sender=parameters.get("sender"),
-                after=parameters.get("after"),
+                status=parameters.get("status"), email_id=parameters.get("email_id"), after=parameters.get("after"),
                 limit=parameters.get("limit", _QUEUE_PAGE), now=now,
             )
         except ValueError as error:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from relay.config import Config, parse_duration
+from relay.events.status import STATUSES
 from relay.spool import ListQuery, QueuedMessage, State
 from relay.spool.events_model import Fate, RecipientEvent
 
@@ -37,6 +38,8 @@ def list_query(
     since: str | None = None,
     before: str | None = None,
     sender: str | None = None,
+    status: str | None = None,
+    email_id: str | None = None,
     after: str | None = None,
     limit: str | int | None = None,
     now: float,
@@ -51,6 +54,8 @@ def list_query(
         chosen_state = State(state) if state is not None else None
     except ValueError:
         raise ValueError(f"state {state!r}: one of {', '.join(s.value for s in State)}") from None
+    if status is not None and status not in STATUSES:
+        raise ValueError(f"status {status!r}: one of SendCloud's {', '.join(STATUSES)}")
     if limit is not None:
         try:
             limit = int(limit)
@@ -62,7 +67,7 @@ def list_query(
         include_final=include_final, user=user, to=to, state=chosen_state,
         since=_since(since, now, "since") if since is not None else None,
         before=_since(before, now, "before") if before is not None else None,
-        sender=sender,
+        sender=sender, status=status, email_id=email_id,
         after=after, limit=limit + 1 if limit is not None else None,
     )
 

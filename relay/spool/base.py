@@ -45,6 +45,8 @@ class ListQuery:
     since: float | None = None  # received at or after
     before: float | None = None  # received before
     sender: str | None = None  # the envelope sender, compared without regard to case
+    status: str | None = None  # a recipient with this SendCloud status (requested, delivered, soft_bounce, invalid)
+    email_id: str | None = None  # the message with a recipient of this SendCloud emailId
     after: str | None = None  # the cursor: queue IDs after this one
     limit: int | None = None
 
@@ -52,8 +54,9 @@ class ListQuery:
     def pending_only(self) -> bool:
         return not self.include_final and (self.state is None or not self.state.final)
 
-    def matches(self, message: QueuedMessage) -> bool:
-        """Whether ``message`` (with all its recipients) passes the filters; the reference for every backend."""
+    def matches(self, message: QueuedMessage, statuses: Collection[str] = ()) -> bool:
+        """Whether ``message`` (with all its recipients, whose SendCloud ``statuses`` the events
+        store knows) passes the filters; the reference for every backend."""
         states = {recipient.state for recipient in message.recipients}
         return (
             (not self.pending_only or any(not state.final for state in states))
@@ -64,6 +67,8 @@ class ListQuery:
             and (self.before is None or message.received_at < self.before)
             and (self.sender is None or message.sender.lower() == self.sender.lower())
             and (self.after is None or message.id > self.after)
+            and (self.status is None or self.status in statuses)
+            and (self.email_id is None or any(r.email_id == self.email_id for r in message.recipients))
         )
 
 

@@ -116,8 +116,11 @@ class MemorySpool(MemoryEvents):
     async def list(self, query: ListQuery = PENDING_MESSAGES) -> list[QueuedMessage]:
         selected = [message for message in self._messages({
             message_id: list(entry.recipients) for message_id, entry in self._entries.items()
-        }) if query.matches(message)]
+        }) if query.matches(message, self._statuses(message.id))]
         return await _answer(selected[: query.limit] if query.limit is not None else selected)
+
+    def _statuses(self, message_id: str) -> set[str]:
+        return {fate.status for (owner, _), fate in self._fates.items() if owner == message_id and fate.status}
 
     async def get(self, message_id: str) -> QueuedMessage | None:
         entry = self._entries.get(message_id)

@@ -325,6 +325,9 @@ def list_sql(query: ListQuery) -> tuple[str, list]:
         ("lower(m.sender) = ?", query.sender.lower() if query.sender is not None else None),
         ("EXISTS (SELECT 1 FROM recipients t WHERE t.message_id = m.id AND lower(t.address) = ?)",
          query.to.lower() if query.to is not None else None),
+        ("EXISTS (SELECT 1 FROM recipient_status rs WHERE rs.message_id = m.id AND rs.status = ?)", query.status),
+        # by the partial index recipients_email_id: the one message that has it
+        ("m.id IN (SELECT e.message_id FROM recipients e WHERE e.email_id = ?)", query.email_id),
     ):
         if value is not None:
             where.append(condition)

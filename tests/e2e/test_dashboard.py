@@ -9,6 +9,7 @@ screenshot under ``tests/artifacts/dashboard/``.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -197,6 +198,13 @@ def test_an_operator_finds_the_message_its_events_and_manages_suppressions(mail,
     board.fill("form.search", to="", sender="APP@acme.com", user="billing", state="delivered", since="1h")
     assert [a.text for a in board.all("table.messages a")] == [queue_id]
     board.fill("form.search", sender="someone-else@acme.com")
+    assert board.all("table.messages tbody tr") == []
+    email_id = json.loads(relay.cli("queue", "show", queue_id, "--json").stdout)["recipients"][0]["email_id"]
+    board.fill("form.search", sender="", user="", state="", since="", email_id=email_id)  # what SendCloud said
+    assert [a.text for a in board.all("table.messages a")] == [queue_id]
+    board.fill("form.search", email_id="", status="invalid")
+    assert [a.text for a in board.all("table.messages a")] == [queue_id]
+    board.fill("form.search", status="soft_bounce")
     assert board.all("table.messages tbody tr") == []
     board.shot("messages")
 

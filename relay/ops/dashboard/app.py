@@ -22,6 +22,7 @@ from multidict import MultiDictProxy
 
 from relay.config import Config
 from relay.events.stats import GROUPS, day_bucket
+from relay.events.status import STATUSES
 from relay.events.suppression import parse_csv
 from relay.events.suppression import to_csv as suppression_csv
 from relay.ops import events_view, queue_view
@@ -193,11 +194,12 @@ class Dashboard:
         if "id" in wanted:
             raise web.HTTPSeeOther(f"/messages/{quote(wanted['id'], safe='')}")
         now = time.time()
-        form = pages.search_form(wanted, [s.value for s in State])
+        form = pages.search_form(wanted, [s.value for s in State], STATUSES)
         try:
             query = queue_view.list_query(include_final=True, user=wanted.get("user"), to=wanted.get("to"),
                                           state=wanted.get("state"), since=wanted.get("since"),
                                           before=wanted.get("before"), sender=wanted.get("sender"),
+                                          status=wanted.get("status"), email_id=wanted.get("email_id"),
                                           after=wanted.get("after"), limit=_PAGE_SIZE, now=now)
         except ValueError as error:
             return self._show("Messages", form, viewer, notice=str(error), status=400)

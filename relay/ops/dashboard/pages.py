@@ -100,18 +100,20 @@ def overview(summary: tuple[int, Mapping[str, int], float | None], today: Mappin
                   chart=chart("overview-chart", recent))
 
 
-MESSAGE_FILTERS = ("id", "to", "sender", "user", "state", "since", "before", "after")
+MESSAGE_FILTERS = ("id", "email_id", "to", "sender", "user", "state", "status", "since", "before", "after")
 
 
-def search_form(values: Mapping[str, str], states: Iterable[str]) -> Html:
+def search_form(values: Mapping[str, str], states: Iterable[str], statuses: Iterable[str] = ()) -> Html:
     def field(name: str, label: str, placeholder: str = "") -> Html:
         return render('<label>$label <input name="$name" value="$value" placeholder="$ph"></label>',
                       label=label, name=name, value=values.get(name, ""), ph=placeholder)
 
-    return render('<form method="get" action="/messages" class="search">$id$to$sender$user$since$before'
-                  '<label>state $states</label>'
+    return render('<form method="get" action="/messages" class="search">$id$email_id$to$sender$user$since$before'
+                  '<label>state $states</label><label>SendCloud status $statuses</label>'
                   '<button type="submit">Search</button></form>',
-                  id=field("id", "queue ID"), to=field("to", "recipient", "someone@example.com"),
+                  id=field("id", "queue ID"), email_id=field("email_id", "SendCloud emailId"),
+                  statuses=select("status", ("", *statuses), values.get("status", ""), "(any)"),
+                  to=field("to", "recipient", "someone@example.com"),
                   sender=field("sender", "sender", "app@acme.com"), user=field("user", "user"),
                   since=field("since", "since", "1d or 2026-12-01"), before=field("before", "before", "2026-12-02"),
                   states=select("state", ("", *states), values.get("state", ""), "(any)"))

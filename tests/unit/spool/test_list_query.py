@@ -145,3 +145,19 @@ def test_queue_list_walks_an_index_in_order_and_never_sorts(spools, query):
     plan = " / ".join(row[3] for row in spools[0].conn.execute(f"EXPLAIN QUERY PLAN {sql}", parameters))
     index = "recipients_pending_messages" if query.pending_only else "sqlite_autoindex_messages_1"
     assert index in plan and "TEMP B-TREE" not in plan, plan
+
+
+async def test_messages_are_found_by_sendcloud_emailid_and_status_on_every_backend(spool):
+    """The dashboard's and `queue list`'s search by what SendCloud said: its emailId, its status."""
+    from relay.spool.events_model import Applied, ReceivedEvent, RecipientEvent
+
+    await fill(spool)
+    await spool.record([RecipientUpdate("M5", 0, State.DELIVERED, 1, T0, "250 #mid#Queued", "mid0$a@example.org")])
+    target = await spool.event_target("mid0$a@example.org", None, None)
+    event_id = await spool.store_event(ReceivedEvent(T0, "invalid", "{}", ("token:st",)))
+    await spool.apply_event(Applied(event_id, target, "invalid", T0 + 5, RecipientEvent("invalid", T0 + 5)))
+    assert [m.id for m in await spool.list(ListQuery(email_id="mid0$a@example.org", include_final=True))] == ["M5"]
+    assert await spool.list(ListQuery(email_id="mid0$nobody@example.org", include_final=True)) == []
+    assert [m.id for m in await spool.list(ListQuery(status="invalid", include_final=True))] == ["M5"]
+    assert await spool.list(ListQuery(status="delivered", include_final=True)) == []
+    assert [m.id for m in await spool.list(ListQuery(status="invalid", user="crm"))] == ["M5"]  # pending walk too
