@@ -41,7 +41,7 @@ from relay.observe.health import readiness_problems
 from relay.ops import events_view, queue_view
 from relay.ops.dashboard import Dashboard
 from relay.policy.suppression import normalise_address
-from relay.sockets import bind_listening
+from relay.sockets import Site
 from relay.spool import Spool
 
 log = logging.getLogger("relay.admin")
@@ -68,8 +68,7 @@ class AdminBackend:
 class AdminServer:
     def __init__(self, relay: AdminBackend):
         self.relay = relay
-        self._runner: web.AppRunner | None = None
-        self._socket: socket.socket | None = None
+        self._site = Site("admin")
         self._probe: asyncio.Task | None = None
         self._probe_done_at = 0.0
 
@@ -90,28 +89,19 @@ class AdminServer:
 
     async def bind(self) -> None:
         """Bind ``admin.listen`` (if on) without serving yet; OSError names the address that failed."""
-        listen = self.relay.config().admin.listen
-        if listen:
-            self._socket = bind_listening(listen, "admin.listen")
+        config = self.relay.config()
+        await self._site.bind(config.admin.listen, None, config.server.hostname)
 
     async def serve(self) -> None:
-        if self._socket is None:
+        if not await self._site.serve(self._app()):
             return
         listen = self.relay.config().admin.listen
-        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
-        await self._runner.setup()
-        await web.SockSite(self._runner, self._socket).start()
         log.info("admin endpoint on http://%s/ (/metrics, /healthz, /readyz, /api/queue, /api/reload)", listen)
         if self.relay.config().admin.token is None and split_host_port(listen)[0] not in ("127.0.0.1", "::1", "localhost"):
             log.warning("admin endpoint on %s has no admin.token: anyone who reaches it can read the queue", listen)
 
     async def stop(self, grace: float = 0) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()  # closes the socket too
-            self._runner = None
-        elif self._socket is not None:
-            self._socket.close()
-        self._socket = None
+        await self._site.stop()
 
     @web.middleware
     async def _token_check(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
