@@ -6,6 +6,7 @@ CPU-heavy step, runs in :class:`relay.rewrite.dkim.Signer`'s process pool.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,7 +80,9 @@ class Preparer:
             user=submission.user,
             arrival=arrival,
         )
-        body = within_line_length(data, rewritten.pieces)
+        body: tuple[bytes | memoryview, ...] = rewritten.pieces
+        if has_line_over_limit(data, body):  # rare; re-encoding a large part takes up to ~1 s: off the loop
+            body = await asyncio.to_thread(within_line_length, data, body)
         domain = signing_domain(config.dkim, rewritten.from_domain) if rewritten.from_domain else None
         if domain is not None:
             body = (await self.signer.sign(body, domain, config.dkim[domain]), *body)
@@ -89,14 +92,20 @@ class Preparer:
         self.signer.close()
 
 
-def within_line_length(data: bytes | bytearray, pieces: tuple[bytes, memoryview]) -> tuple[bytes | memoryview, ...]:
+def has_line_over_limit(data: bytes | bytearray, pieces: tuple[bytes | memoryview, ...]) -> bool:
+    """Whether the rewritten message has a line over 998: in its new header, or in the body,
+    which is a suffix of ``data`` (searched there, without copying the view)."""
+    return has_long_line(pieces[0]) or has_long_line(data)
+
+
+def within_line_length(data: bytes | bytearray, pieces: tuple[bytes | memoryview, ...]) -> tuple[bytes | memoryview, ...]:
     """The rewritten message (``pieces``: new header, a view of ``data``'s body) with no line over 998.
 
     Nearly every message has none: then the pieces are returned as they are, never joined or
     copied. The body is a suffix of ``data``, so a long line in it is one in ``data``, where
     :func:`has_long_line` can look without copying the view; only then is the message joined.
     """
-    if not (has_long_line(pieces[0]) or has_long_line(data)):
+    if not has_line_over_limit(data, pieces):
         return pieces
     joined = b"".join(pieces)
     fitted = fit_line_length(joined)
