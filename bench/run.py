@@ -35,6 +35,8 @@ from peers import (
     RssSampler,
     SmtpSink,
     TlsSink,
+    cpu_by_role,
+    cpu_ms_per_message,
     cpu_seconds,
     free_port,
     tree_pids,
@@ -50,6 +52,7 @@ MAX_MESSAGE_SIZE = 32 * 2**20
 SUBMIT_USER, SUBMIT_PASSWORD = "submitter", "bench-password-1"
 UPSTREAM_USER, UPSTREAM_PASSWORD = "sink_user", "sink-password-1"
 MiB = 2**20
+CPU_MS = "cpu_ms_per_message_"  # + a role, or "total": the process tree's user + system CPU per message
 
 
 class Bench:
@@ -128,19 +131,21 @@ class Bench:
         with target as running:
             if warmup:
                 self._send(running, sink, warmup, 2, 1024)
-            counted = sink.count()
             tracer = _strace(tree_pids(running.pid()), self.workdir / f"strace-{running.name}.txt") if strace else None
             with RssSampler(running.pid()) as rss:
                 idle_rss = rss.peak
+                cpu_before = cpu_by_role(running.pid(), running.role)
                 started = time.monotonic()
                 accepted = self._send(running, sink, messages, sessions, size) - started
                 end_to_end = time.monotonic() - started
+                cpu = cpu_ms_per_message(cpu_before, cpu_by_role(running.pid(), running.role), messages)
             fsyncs = _strace_stop(tracer) if tracer else None
         result = {
             "relay": running.name, "messages": messages, "sessions": sessions, "size": size,
             "accepted_per_s": messages / accepted, "end_to_end_per_s": messages / end_to_end,
             "mb_per_s": messages * size / end_to_end / 1e6,
             "idle_rss_mb": idle_rss / MiB, "peak_rss_mb": rss.peak / MiB, "peak_pss_mb": rss.peak_pss / MiB,
+            **{f"{CPU_MS}{role}": ms for role, ms in cpu.items()},
         }
         if getattr(running, "spool_stats", None):
             result["spool_commits_per_message"] = running.spool_stats[1] / messages
@@ -220,18 +225,20 @@ class Bench:
                     load.append("--resume")
                 messages = self.args.messages // 2
                 load += ["--messages", str(messages), "--sessions", "20", "--per-connection", str(per_connection)]
-                relay_pids, sink_pids = tree_pids(relay.pid()), tree_pids(sink.pid())
-                relay_cpu, sink_cpu = cpu_seconds(relay_pids), cpu_seconds(sink_pids)
+                sink_pids = tree_pids(sink.pid())
+                relay_cpu, sink_cpu = cpu_by_role(relay.pid(), relay.role), cpu_seconds(sink_pids)
                 started = time.monotonic()
                 result = _loadgen("load", *load)
                 accepted = time.monotonic() - started
                 wait_until(lambda n=messages: sink.count() >= n, 600, f"{messages} messages at the TLS sink")
                 end_to_end = time.monotonic() - started
-                relay_cpu, sink_cpu = cpu_seconds(relay_pids) - relay_cpu, cpu_seconds(sink_pids) - sink_cpu
+                relay_cpu = cpu_ms_per_message(relay_cpu, cpu_by_role(relay.pid(), relay.role), messages)
+                sink_cpu = cpu_seconds(sink_pids) - sink_cpu
         run = {
             "relay": name, "messages": messages, "messages_per_connection": per_connection, "errors": result["errors"],
             "accepted_per_s": messages / accepted, "end_to_end_per_s": messages / end_to_end,
-            "relay_cpu_ms_per_message": 1000 * relay_cpu / messages,
+            "relay_cpu_ms_per_message": relay_cpu["total"],
+            **{f"{CPU_MS}{role}": ms for role, ms in relay_cpu.items() if role != "total"},
             "client_cpu_ms_per_message": 1000 * result["cpu_seconds"] / messages,
             "sink_cpu_ms_per_message": 1000 * sink_cpu / messages,
             "tls_handshakes": result["tls_handshakes"], "tls_resumed": result["tls_resumed"],
@@ -305,7 +312,9 @@ def summarise(runs: list[dict], keys: tuple[str, ...]) -> dict:
     out: dict = {}
     for name in dict.fromkeys(run["relay"] for run in runs):
         mine = [run for run in runs if run["relay"] == name]
-        median = {key: statistics.median(run[key] for run in mine) for key in keys if all(key in run for run in mine)}
+        cpu_keys = sorted({key for run in mine for key in run if key.startswith(CPU_MS)})
+        median = {key: statistics.median(run.get(key, 0.0) for run in mine) for key in cpu_keys}
+        median.update({key: statistics.median(run[key] for run in mine) for key in keys if all(key in run for run in mine)})
         out[name] = {"median": median, "runs": mine}
     return out
 
@@ -350,17 +359,29 @@ def table(results: dict) -> str:
         ratio = f"{relay / postfix:.2f}x" if relay and postfix else ""
         rows.append((label, fmt.format(relay) if relay is not None else "", fmt.format(postfix) if postfix is not None else "", ratio))
 
+    def roles(median: dict, skip: set[str]) -> str:
+        return " + ".join(f"{key[len(CPU_MS):]} {value:.2f}" for key, value in median.items()
+                          if key.startswith(CPU_MS) and key[len(CPU_MS):] not in skip)
+
+    def cpu_rows(label: str, data: dict) -> None:
+        """CPU ms per message over each process tree, then split by role."""
+        both(f"{label}: CPU ms/msg (process tree)", data, f"{CPU_MS}total", "{:.2f}")
+        rows.append((f"{label}: CPU ms/msg by role",
+                     *(roles(data.get(name, {}).get("median", {}), {"total"}) for name in ("relay", "postfix")), ""))
+
     if "relay" in s:
         both("relay 5 KB x20: accepted msgs/s", s["relay"], "accepted_per_s")
         both("relay 5 KB x20: end-to-end msgs/s", s["relay"], "end_to_end_per_s")
         both("relay 5 KB x20: peak RSS MB (sum)", s["relay"], "peak_rss_mb")
         both("relay 5 KB x20: peak PSS MB (sum)", s["relay"], "peak_pss_mb")
         both("relay 5 KB x20: spool commits (fsyncs)/msg", s["relay"], "spool_commits_per_message", "{:.2f}")
+        cpu_rows("relay 5 KB x20", s["relay"])
     if "fsync" in s:
         both("fsync+fdatasync per msg (strace)", s["fsync"], "strace_fsyncs_per_message", "{:.2f}")
     for size, data in s.get("sizes", {}).items():
         both(f"{size} x{data['sessions']}: end-to-end msgs/s", data, "end_to_end_per_s", "{:.1f}")
         both(f"{size} x{data['sessions']}: MB/s", data, "mb_per_s", "{:.1f}")
+        cpu_rows(f"{size} x{data['sessions']}", data)
         both(f"{size} x{data['sessions']}: peak RSS MB (sum)", data, "peak_rss_mb", "{:.0f}")
         both(f"{size} x{data['sessions']}: peak PSS MB", data, "peak_pss_mb", "{:.0f}")
         if size == "10 MB":
@@ -373,6 +394,8 @@ def table(results: dict) -> str:
                          f"{tls['end_to_end_per_s']:.0f} / {plain['end_to_end_per_s']:.0f} ({100 * data['cost']['end_to_end_per_s']:.0f} %)", "", ""))
             rows.append(("  relay CPU ms/msg tls / plain (cost)",
                          f"{tls['relay_cpu_ms_per_message']:.2f} / {plain['relay_cpu_ms_per_message']:.2f} ({100 * data['relay_cpu_cost']:.0f} %)", "", ""))
+            rows.append(("  relay CPU ms/msg main + acceptors, tls; plain",
+                         f"{roles(tls, {'total'})}; {roles(plain, {'total'})}", "", ""))
             rows.append(("  client, sink CPU ms/msg tls; plain",
                          f"{tls['client_cpu_ms_per_message']:.2f}, {tls['sink_cpu_ms_per_message']:.2f}; "
                          f"{plain['client_cpu_ms_per_message']:.2f}, {plain['sink_cpu_ms_per_message']:.2f}", "", ""))
