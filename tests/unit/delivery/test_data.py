@@ -6,8 +6,9 @@ import random
 
 import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
+from aiosmtplib.response import SMTPResponse
 
-from relay.delivery.transport.data import DotStuffer
+from relay.delivery.transport.data import COALESCE, DotStuffer, _message
 
 
 def aiosmtplib_data(body: bytes) -> bytes:
@@ -69,3 +70,50 @@ def test_pieces_without_a_dot_line_pass_unchanged_not_copied():
     stuffer = DotStuffer()
     assert [out for piece in pieces for out in stuffer.feed(piece)] == pieces
     assert all(out is piece for out, piece in zip((o for p in pieces for o in DotStuffer().feed(p)), pieces))
+
+
+class RecordingProtocol:
+    """The parts of aiosmtplib's protocol that ``_message`` uses; records every write."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    async def _drain_helper(self) -> None:
+        pass
+
+    async def read_response(self, timeout=None):
+        return SMTPResponse(250, "ok")
+
+
+async def _sent(pieces: list) -> list[bytes]:
+    async def source():
+        for piece in pieces:
+            yield piece
+
+    protocol = RecordingProtocol()
+    assert (await _message(protocol, source(), 5, 5)).code == 250
+    return protocol.writes
+
+
+async def test_a_small_message_is_one_write_with_its_final_dot():
+    body = BODIES["dots everywhere"] + BODIES["one line"]
+    writes = await _sent([b"Subject: x\r\n\r\n", bytearray(body)])
+    assert writes == [aiosmtplib_data(b"Subject: x\r\n\r\n" + body)]
+
+
+async def test_large_pieces_go_alone_and_small_ones_together():
+    big = b"x" * (COALESCE + 1) + b"\r\n"
+    pieces = [b"H: 1\r\n\r\n", b"a\r\n", big, b"b\r\n" * 10, b".c\r\n"]
+    writes = await _sent(pieces)
+    assert b"".join(writes) == aiosmtplib_data(b"".join(pieces))
+    assert writes[0] == b"H: 1\r\n\r\na\r\n" and writes[1] == big and len(writes) == 3
+
+
+async def test_held_pieces_never_exceed_the_limit():
+    pieces = [b"y" * 1000 + b"\r\n"] * 200
+    writes = await _sent(pieces)
+    assert b"".join(writes) == aiosmtplib_data(b"".join(pieces))
+    assert all(len(write) <= COALESCE + 3 for write in writes) and len(writes) == 4
