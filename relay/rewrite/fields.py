@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import email.policy
 import re
-from dataclasses import dataclass
+import dataclasses
 
 # RFC 5322 field-name: printable US-ASCII except the colon; a field is "name:" then anything.
 _FIELD_START = re.compile(rb"^[!-9;-~]+:")
@@ -18,9 +18,10 @@ _DECODING = email.policy.default
 _WRITING = email.policy.SMTP.clone(max_line_length=78)
 
 
-@dataclass(eq=False)  # fields are compared by identity: two equal lines are still two fields
+@dataclasses.dataclass(eq=False)  # fields are compared by identity: two equal lines are still two fields
 class Field:
     raw: bytes  # "Name: value" with any folded lines and the final CRLF
+    _parsed: tuple[bytes, object] | None = dataclasses.field(default=None, init=False, repr=False)  # (raw, parsed())
 
     @property
     def name(self) -> str:
@@ -40,10 +41,16 @@ class Field:
         return str(self.parsed())
 
     def parsed(self):
-        """The value parsed by the standard library's header classes (``.addresses``, ...)."""
-        value = self.raw_value.decode("utf-8", "surrogateescape")
-        value = re.sub(r"\r\n(?=[ \t])", "", value).strip()
-        return _DECODING.header_factory(self.name, value)
+        """The value parsed by the standard library's header classes (``.addresses``, ...).
+
+        Kept for the bytes it was parsed from: rewriting asks for the From twice per message,
+        and the email package's parser is the costliest step of an acceptor's rewrite.
+        """
+        if self._parsed is None or self._parsed[0] is not self.raw:
+            value = self.raw_value.decode("utf-8", "surrogateescape")
+            value = re.sub(r"\r\n(?=[ \t])", "", value).strip()
+            self._parsed = (self.raw, _DECODING.header_factory(self.name, value))
+        return self._parsed[1]
 
 
 def make_field(name: str, value: str) -> Field:

@@ -355,3 +355,13 @@ def test_from_made_from_an_envelope_sender_with_a_cr_stays_one_field():
 def test_relay_user_header_is_one_line_whatever_the_user_name():
     out = text(rewrite(b"From: app@info.acme.com\r\n" + BODY, user="billing\r\nBcc: x@y.z"))
     assert [line for line in lenient_header_lines(out) if line.lower().startswith(b"bcc")] == []
+
+
+def test_a_field_is_parsed_once_and_again_when_its_bytes_change():
+    """Rewriting reads the From twice; the parse is kept only for the bytes it came from."""
+    field = Message(b"From: A <a@example.com>\r\n\r\nbody").first("From")
+    first = field.parsed()
+    assert first.addresses[0].addr_spec == "a@example.com" and first.addresses[0].display_name == "A"
+    assert field.parsed() is first
+    field.raw = b"From: B <b@example.org>\r\n"
+    assert field.parsed().addresses[0].addr_spec == "b@example.org"
