@@ -117,6 +117,7 @@ class Formatter(logging.Formatter):
         self.json_lines = json_lines
         self.mask = mask
         self.secrets = sorted({s for s in secrets if len(s) >= _MIN_SECRET}, key=len, reverse=True)
+        self._second, self._stamp = -1, ""  # formatTime's last second and its text
 
     def clean(self, text: str) -> str:
         for secret in self.secrets:
@@ -125,10 +126,23 @@ class Formatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         """The message with control characters escaped, whatever logger wrote it (a second
-        defence behind :func:`render`); the record itself is left as other handlers see it."""
+        defence behind :func:`render`); the record itself is left as other handlers see it
+        (copied only when there is something to escape: a line per message on the hot path)."""
+        message = escape_controls(record.message)
+        if message is record.message:
+            return super().formatMessage(record)
         clone = copy.copy(record)
-        clone.message = escape_controls(record.message)
+        clone.message = message
         return super().formatMessage(clone)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """As logging's ``2026-12-01 13:45:00,123``, the seconds formatted once per second."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second, self._stamp = second, time.strftime(self.default_time_format, self.converter(second))
+        return self.default_msec_format % (self._stamp, record.msecs)
 
     def formatException(self, ei) -> str:
         """A traceback keeps its lines, but an exception message cannot start a forged one:

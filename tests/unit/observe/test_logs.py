@@ -151,3 +151,13 @@ def test_json_lines_stay_one_line_and_escape_what_json_dumps_leaves_raw(value):
     entry = json.loads(line)
     assert entry["sasl_username"] == value  # escaped for the line, exact for the reader
     line.encode("utf-8")  # stderr can write it: no lone surrogate
+
+
+@pytest.mark.parametrize("created", [1764596700.0, 1764596700.123, 1764596700.9995, 1764596701.004, 1764596759.5])
+def test_timestamps_are_the_standard_formatters_even_when_the_second_is_kept(created):
+    ours, standard = Formatter(), logging.Formatter("%(asctime)s")
+    for at in (created - 1.5, created, created):  # another second first, then the same one twice
+        record = logging.LogRecord("relay", logging.INFO, __file__, 1, "m", (), None)
+        record.created, record.msecs = at, (at - int(at)) * 1000
+        assert ours.formatTime(record) == standard.formatTime(record)
+    assert ours.formatTime(record, "%H") == standard.formatTime(record, "%H")
