@@ -8,6 +8,7 @@ DKIM signatures made by earlier hops stay valid.
 from __future__ import annotations
 
 import email.policy
+from email.headerregistry import Address
 import re
 import dataclasses
 
@@ -51,6 +52,26 @@ class Field:
             value = re.sub(r"\r\n(?=[ \t])", "", value).strip()
             self._parsed = (self.raw, _DECODING.header_factory(self.name, value))
         return self._parsed[1]
+
+
+# The From of nearly every message: ``a@b``, ``<a@b>`` or ``Some Name <a@b>`` in plain atoms.
+# For these the email package's parser (the costliest step of an acceptor's rewrite, ~100 µs)
+# gives exactly the parts the regular expression finds; anything else (quotes, comments,
+# encoded words, which start with "=?", several addresses, obsolete forms) goes to it.
+_WORD = r"[A-Za-z0-9!#$%&'*+/^_`{|}~-]+"  # RFC 5322 atext without "=" and "?"
+_DOT_WORDS = rf"{_WORD}(?:\.{_WORD})*"
+_SIMPLE_MAILBOX = re.compile(
+    rf"(?:(?P<name>{_WORD}(?: {_WORD})*) ?(?=<))?(?P<open><)?(?P<local>{_DOT_WORDS})@(?P<domain>{_DOT_WORDS})(?(open)>)"
+)
+
+
+def mailbox_addresses(field: Field) -> tuple[Address, ...]:
+    """The addresses of an address field (From): the standard library's, by a shortcut for one plain mailbox."""
+    value = re.sub(r"\r\n(?=[ \t])", "", field.raw_value.decode("utf-8", "surrogateescape")).strip()
+    match = _SIMPLE_MAILBOX.fullmatch(value)
+    if match is None:
+        return tuple(field.parsed().addresses)
+    return (Address(display_name=match["name"] or "", username=match["local"], domain=match["domain"]),)
 
 
 def make_field(name: str, value: str) -> Field:

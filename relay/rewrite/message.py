@@ -15,7 +15,7 @@ from email.parser import BytesHeaderParser
 from relay.errors import SMTPReply
 from relay.lines import header_block
 from relay.rewrite import xsmtpapi
-from relay.rewrite.fields import Message, raw_field
+from relay.rewrite.fields import Message, mailbox_addresses, raw_field
 from relay.rewrite.hygiene import Arrival, clean
 from relay.rewrite.marker import add_marker
 from relay.rewrite.sender import apply_sender_mode
@@ -71,6 +71,6 @@ def rewrite_message(
         add_marker(message, options.ad_marker, ad_marker_text)
     xsmtpapi.apply(message, options.tracking, recipients)
     from_field = message.first("From")
-    addresses = from_field.parsed().addresses if from_field is not None else ()
+    addresses = mailbox_addresses(from_field) if from_field is not None else ()
     from_domain = addresses[0].domain if len(addresses) == 1 and addresses[0].domain else None
     return Rewritten(message.pieces(), mail_from, from_domain)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from email.headerregistry import Address
 
-from relay.rewrite.fields import Field, Message, make_field
+from relay.rewrite.fields import Field, Message, mailbox_addresses, make_field
 
 
 def aligned(domain: str, account_domain: str) -> bool:
@@ -30,7 +30,7 @@ def apply_sender_mode(message: Message, mode: str, from_local: str, account_doma
     if mode == "keep":
         return envelope_sender
     field = message.first("From")
-    addresses = list(field.parsed().addresses) if field is not None else []
+    addresses = list(mailbox_addresses(field)) if field is not None else []
     if mode == "align" and len(addresses) == 1 and addresses[0].domain and aligned(addresses[0].domain, account_domain):
         message.remove("Sender")
         return envelope_sender and addresses[0].addr_spec

@@ -365,3 +365,33 @@ def test_a_field_is_parsed_once_and_again_when_its_bytes_change():
     assert field.parsed() is first
     field.raw = b"From: B <b@example.org>\r\n"
     assert field.parsed().addresses[0].addr_spec == "b@example.org"
+
+
+FROM_VALUES = [
+    "a@example.com", "<a@example.com>", "John <j@example.com>", "John Smith <j.s@mail.example.com>",
+    "John Smith<j@example.com>", "J!#$%&'*+/^_`{|}~-x <x.y-z+tag@sub.example.org>", "A B C D <a@b>",
+    # not plain: the standard library decides
+    '"Smith, John" <j@example.com>', "John  Smith <j@example.com>", "John Q. Public <j@example.com>",
+    "=?utf-8?b?5byg5LiJ?= <z@example.cn>", "=?utf-8?q?x?=@example.com", "a=b@example.com", "a?@example.com",
+    "j@example.com (John)", "<j@example.com> John", "a@example.com, b@example.com", "group: a@example.com;",
+    "a..b@example.com", "a@example.com.", "a@[192.0.2.1]", "Grüße <g@example.de>", "<@route:a@example.com>",
+    "a@", "@example.com", "", "<>", "John <j@example.com", "John j@example.com>", "\"a b\"@example.com",
+    "John\r\n Smith <j@example.com>", "John Smith\r\n <j@example.com>",
+]
+
+
+@pytest.mark.parametrize("value", FROM_VALUES)
+def test_mailbox_addresses_are_the_standard_librarys(value):
+    from relay.rewrite.fields import Field, mailbox_addresses
+
+    def parts(addresses):
+        return [(a.display_name, a.username, a.domain, a.addr_spec) for a in addresses]
+
+    field = Field(f"From: {value}\r\n".encode())
+    try:
+        theirs = parts(field.parsed().addresses)
+    except Exception as error:  # noqa: BLE001 - the email package fails on some ("a@"): so must we
+        with pytest.raises(type(error)):
+            mailbox_addresses(Field(field.raw))
+        return
+    assert parts(mailbox_addresses(Field(field.raw))) == theirs
