@@ -361,7 +361,7 @@ def table(results: dict) -> str:
 
     def roles(median: dict, skip: set[str]) -> str:
         return " + ".join(f"{key[len(CPU_MS):]} {value:.2f}" for key, value in median.items()
-                          if key.startswith(CPU_MS) and key[len(CPU_MS):] not in skip)
+                          if key.startswith(CPU_MS) and key[len(CPU_MS):] not in skip and value >= 0.005)
 
     def cpu_rows(label: str, data: dict) -> None:
         """CPU ms per message over each process tree, then split by role."""

@@ -7,10 +7,10 @@ DKIM signatures made by earlier hops stay valid.
 
 from __future__ import annotations
 
-import email.policy
-from email.headerregistry import Address
-import re
 import dataclasses
+import email.policy
+import re
+from email.headerregistry import Address
 
 # RFC 5322 field-name: printable US-ASCII except the colon; a field is "name:" then anything.
 _FIELD_START = re.compile(rb"^[!-9;-~]+:")
