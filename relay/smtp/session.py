@@ -10,6 +10,7 @@ not on disk.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import time
@@ -149,6 +150,10 @@ class ListenerHandler(SASLMechanisms):
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
         return ehlo_reply(responses, offer_auth=self.listener.auth != "none")
+
+    # aiosmtpd's __init__ asks inspect.signature() of this hook on every connection (to tell its
+    # old 4-argument form from the 5-argument one): ~40 µs, ~12 µs with the signature kept here.
+    handle_EHLO.__signature__ = inspect.signature(handle_EHLO)
 
     # -- the transaction --------------------------------------------------------------------
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 from aiosmtpd.smtp import SMTP
 
@@ -30,6 +32,15 @@ def test_hook_listing_finds_what_a_full_dir_finds():
     for cls in (RelaySMTP, ListenerHandler):
         full = {name for name in dir(cls) if name.startswith(("smtp_", "auth_", "handle_"))}
         assert set(dir(cls.__new__(cls))) == full
+
+
+def test_the_kept_ehlo_signature_is_the_hooks_own():
+    """aiosmtpd reads the EHLO hook's parameters on every connection: the kept signature must list
+    exactly the function's own (5 after self: aiosmtpd's current hook form)."""
+    hook = ListenerHandler.handle_EHLO
+    names = hook.__code__.co_varnames[: hook.__code__.co_argcount]
+    assert list(hook.__signature__.parameters) == list(names)
+    assert len(inspect.signature(ListenerHandler.__new__(ListenerHandler).handle_EHLO).parameters) == 5
 
 
 def test_processes_of_one_relay_never_make_the_same_queue_id():
