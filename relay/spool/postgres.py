@@ -520,17 +520,16 @@ class PostgresSpool:
                 return
 
     async def _run_group(self, group: list[_Write]) -> None:
+        """One transaction for the group. First without savepoints (a round trip per write, not
+        three); if a write fails, the transaction is rolled back and the group runs again with a
+        SAVEPOINT around each write, so only that write's caller sees its error."""
         for write in group:
             write.started = True
-        outcomes: list[tuple[Any, BaseException | None]] = []
         try:
-            async with self._db().acquire() as conn, conn.transaction():
-                for write in group:
-                    try:
-                        async with conn.transaction():  # a SAVEPOINT: only this caller sees its error
-                            outcomes.append((await write.operation(conn, *write.args), None))
-                    except (asyncpg.PostgresError, OSError, QueueIdTaken, ValueError) as error:
-                        outcomes.append((None, error))
+            async with self._db().acquire() as conn:
+                outcomes = await self._transaction(conn, group, savepoints=False)
+                if outcomes is None:
+                    outcomes = await self._transaction(conn, group, savepoints=True)
             self.commits += 1
             self.operations += len(group)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as error:
@@ -542,6 +541,33 @@ class PostgresSpool:
                 write.done.set_exception(error)
             else:
                 write.done.set_result(result)
+
+    @staticmethod
+    async def _transaction(conn: asyncpg.Connection, group: list[_Write],
+                           savepoints: bool) -> list[tuple[Any, BaseException | None]] | None:
+        """The group's writes in one committed transaction, each write's result or error; None
+        (rolled back) when a write failed without a savepoint to fall back to."""
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            for write in group:
+                try:
+                    if savepoints:
+                        async with conn.transaction():  # a SAVEPOINT: only this caller sees its error
+                            outcomes.append((await write.operation(conn, *write.args), None))
+                    else:
+                        outcomes.append((await write.operation(conn, *write.args), None))
+                except (asyncpg.PostgresError, OSError, QueueIdTaken, ValueError) as error:
+                    if not savepoints:
+                        await transaction.rollback()
+                        return None
+                    outcomes.append((None, error))
+        except BaseException:
+            await transaction.rollback()
+            raise
+        await transaction.commit()
+        return outcomes
 
 
 def _consume(done: asyncio.Future) -> None:
