@@ -202,6 +202,7 @@ class PostgresSpool:
 
     async def open(self) -> None:
         """Connect and check the schema (:class:`~relay.spool.base.SchemaMismatch` unless it is this relay's)."""
+        await asyncio.to_thread(self._spill.mkdir, parents=True, exist_ok=True)  # acceptors spill large bodies here
         try:
             self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=_POOL_SIZE)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TimeoutError) as error:
