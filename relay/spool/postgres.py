@@ -29,7 +29,16 @@ import asyncpg
 from relay.config.formats import mask_dsn_passwords, redacted_dsn
 from relay.lines import header_length
 from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery
-from relay.spool.model import FileRegion, NewMessage, Piece, QueuedMessage, Recipient, RecipientUpdate, State, piece_chunks
+from relay.spool.model import (
+    FileRegion,
+    NewMessage,
+    Piece,
+    QueuedMessage,
+    Recipient,
+    RecipientUpdate,
+    State,
+    piece_chunks,
+)
 from relay.spool.postgres_migrate import check_schema
 
 log = logging.getLogger("relay.spool")

@@ -7,7 +7,10 @@ import asyncio
 import pytest
 
 from relay.delivery.leases import LeaseKeeper, renew_interval
+from relay.observe import metrics
+from relay.spool import State
 from relay.spool.memory import MemorySpool
+from tests.unit.delivery.test_scheduler import CONFIG, FakeUpstream, Harness, new_message, start  # noqa: F401 - the fixture
 
 
 @pytest.mark.parametrize("lease, interval", [(60.0, 20.0), (3.0, 1.0), (0.3, 0.1)])
@@ -87,9 +90,6 @@ async def test_a_failing_renewal_is_logged_and_the_next_one_runs(caplog):
 
 # -- in the scheduler (a real Scheduler over a MemorySpool and the fake upstream of test_scheduler.py) ------
 
-from relay.observe import metrics  # noqa: E402
-from relay.spool import State  # noqa: E402
-from tests.unit.delivery.test_scheduler import CONFIG, FakeUpstream, Harness, new_message, start  # noqa: E402,F401
 
 ONE_WORKER = CONFIG.replace("max_recipients_per_transaction: 2,",
                             "max_recipients_per_transaction: 2, connections_per_account: 1,").replace(
@@ -101,7 +101,7 @@ async def claimed_elsewhere(now, limit, accounts):
     return []
 
 
-async def test_the_scheduler_does_not_start_a_message_another_node_took_over(start):
+async def test_the_scheduler_does_not_start_a_message_another_node_took_over(start):  # noqa: F811
     hold = asyncio.Event()
     harness = await start(ONE_WORKER, FakeUpstream(hold=hold))
     first, second = new_message(), new_message()
@@ -119,7 +119,7 @@ async def test_the_scheduler_does_not_start_a_message_another_node_took_over(sta
     assert await harness.states(second.id) == [State.QUEUED, State.QUEUED]  # the other node's to deliver
 
 
-async def test_a_fenced_outcome_stops_the_message_here_and_is_counted(start):
+async def test_a_fenced_outcome_stops_the_message_here_and_is_counted(start):  # noqa: F811
     harness = await start(ONE_WORKER)
     message = new_message(recipients=("a@example.org", "b@example.org", "c@example.org"))  # two transactions
 

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 from relay.process.startup import StartupError, open_spool_or_refuse
-from relay.spool import FileRegion, NewMessage, RecipientUpdate, State
+from relay.spool import FileRegion, ListQuery, NewMessage, RecipientUpdate, State
 from relay.spool.postgres import PIECE, PostgresSpool, QueueIdTaken, inline_body, list_sql, uniform_pieces
 from relay.spool.postgres_migrate import migrate, mismatch, schema_version
 from relay.spool.postgres_schema import LATEST
@@ -69,7 +69,6 @@ def test_only_a_small_body_in_memory_goes_inline():
 
 
 def test_a_page_of_queue_list_numbers_its_parameters_in_order():
-    from relay.spool import ListQuery
 
     sql, parameters = list_sql(ListQuery(user="crm", to="A@x.org", after="M1", limit=5, state=State.DEFERRED))
     assert parameters == ["M1", "crm", "a@x.org", "deferred", 5]
@@ -316,3 +315,57 @@ async def test_a_connection_error_never_shows_the_password(tmp_path):
     with pytest.raises(OSError) as failed:
         await spool.open()
     assert "hunter2secret" not in str(failed.value) and "relay:***@127.0.0.1" in str(failed.value)
+
+
+# -- queue list: a page walks an index in ID order --------------------------------------------------------
+
+
+PAGES = {
+    "pending": ListQuery(limit=51),
+    "pending_next_page": ListQuery(limit=51, after="M0010000"),
+    "deferred": ListQuery(limit=51, state=State.DEFERRED),
+    "user": ListQuery(limit=51, user="billing"),
+    "all": ListQuery(limit=51, include_final=True),
+    "delivered": ListQuery(limit=51, state=State.DELIVERED),
+}
+
+
+@pytest.fixture(scope="module")
+def big_database(postgres_cluster):
+    """100,000 messages of one recipient each, nine in ten delivered, analysed."""
+    dsn = postgres_cluster.create_database()
+
+    async def fill() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+            await conn.execute(
+                'INSERT INTO messages (id, received_at, "user", listener, client, account, channel, sender, size, '
+                "pending, next_due) SELECT 'M' || lpad(n::text, 7, '0'), $1 + n, 'billing', 'smtp', '10.0.0.5', "
+                "'acme_trigger', 'trigger', 'a@acme.com', 5, n % 10 = 0, CASE WHEN n % 10 = 0 THEN $1 + n END "
+                "FROM generate_series(0, 99999) AS n", T0)
+            await conn.execute(
+                "INSERT INTO recipients (message_id, idx, address, state, next_attempt) SELECT 'M' || lpad(n::text, 7, "
+                "'0'), 0, 'r' || n || '@example.org', CASE WHEN n % 10 = 0 THEN 'deferred' ELSE 'delivered' END, $1 + n "
+                "FROM generate_series(0, 99999) AS n", T0)
+            await conn.execute("ANALYZE")
+        finally:
+            await conn.close()
+
+    asyncio.run(fill())
+    return dsn
+
+
+@pytest.mark.parametrize("query", PAGES.values(), ids=PAGES.keys())
+def test_a_page_of_queue_list_walks_an_index_and_never_sorts_or_scans(big_database, query):
+    async def plan() -> str:
+        conn = await asyncpg.connect(big_database)
+        try:
+            sql, parameters = list_sql(query)
+            return "\n".join(row[0] for row in await conn.fetch(f"EXPLAIN {sql}", *parameters))
+        finally:
+            await conn.close()
+
+    text = asyncio.run(plan())
+    index = "messages_pending" if query.pending_only else "messages_pkey"
+    assert f"Index Scan using {index}" in text and "Sort" not in text and "Seq Scan on messages" not in text, text
