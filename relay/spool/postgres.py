@@ -206,6 +206,7 @@ class PostgresSpool:
         self._group_started: float | None = None
         self._listener: asyncpg.Connection | None = None
         self._woken = asyncio.Event()
+        self._deaf = False  # the last try to listen failed
 
     # -- life ----------------------------------------------------------------------------------
 
@@ -312,9 +313,15 @@ class PostgresSpool:
         try:
             conn = await asyncpg.connect(self._dsn, timeout=max(timeout, 1.0))
             await conn.add_listener(CHANNEL, lambda *_: self._woken.set())
-        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-            log.warning("spool: cannot listen for %s (%s); polling only", CHANNEL, self._secret_free(error))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+            if not self._deaf:  # once per outage, not at every poll
+                log.warning("spool: cannot listen for %s (%s); polling only until it can", CHANNEL,
+                            self._secret_free(error))
+            self._deaf = True
             return
+        if self._deaf:
+            log.info("spool: listening for %s again", CHANNEL)
+        self._deaf = False
         # A dropped connection may have missed notifications: wake the poller, and listen again next time.
         conn.add_termination_listener(lambda _: self._woken.set())
         self._listener = conn
