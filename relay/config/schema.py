@@ -149,8 +149,9 @@ class Server(_Model):
 
 
 class Spool(_Model):
-    backend: Literal["sqlite"] = "sqlite"
+    backend: Literal["sqlite", "postgres"] = "sqlite"
     path: Path = Path("var/spool.db")
+    dsn: SecretStr | None = None  # postgres: the shared database (the wip-pgqueue branch owns this model)
     retry: list[Duration] = Field(default=[60.0, 300.0, 900.0, 3600.0, 14400.0], min_length=1)
     retry_jitter: float = Field(default=0.1, ge=0, lt=1)
     max_lifetime: Duration = 5 * 86400.0
