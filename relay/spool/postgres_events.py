@@ -200,9 +200,34 @@ class PostgresEvents:
             )
         return EventTarget(*row) if row else None
 
+    @functools.cached_property
+    def _applying(self) -> dict[tuple[str, int], asyncio.Future]:
+        """Per recipient, the last apply_event started (see :meth:`apply_event`)."""
+        return {}
+
     async def apply_event(self, applied: Applied) -> None:
         """Everything one event changes and the event marked applied, in one transaction; a
-        recipient whose message was deleted meanwhile gets no status or history (nothing to hang them on)."""
+        recipient whose message was deleted meanwhile gets no status or history (nothing to hang them on).
+
+        Writes about one recipient commit in the order they were started, as they do through
+        SQLite's one writer: the applier decides a batch in order and writes it concurrently,
+        and a later status must not be overwritten by an earlier one that committed last.
+        """
+        if applied.target is None:
+            return await self._apply(applied)
+        key = (applied.target.message_id, applied.target.idx)
+        before = self._applying.get(key)
+        mine = self._applying[key] = asyncio.get_running_loop().create_future()
+        try:
+            if before is not None:
+                await asyncio.wait([before])  # its outcome is its caller's
+            await self._apply(applied)
+        finally:
+            mine.set_result(None)
+            if self._applying.get(key) is mine:
+                del self._applying[key]
+
+    async def _apply(self, applied: Applied) -> None:
         target = applied.target
         async with self._pool.acquire() as conn, conn.transaction():
             if target is not None and applied.status is not None:
