@@ -1,4 +1,5 @@
-"""The event storage of the spool (issue #12) as a contract, against SqliteSpool and MemorySpool.
+"""The event storage of the spool (issue #12) as a contract, against SqliteSpool, MemorySpool and
+PostgresEvents (on the private cluster).
 
 Received events and their dedupe keys, the mapping of an event to its recipient, SendCloud's
 status and history per recipient, the suppression list and its version, hourly counters and
@@ -7,12 +8,15 @@ the fan-out outbox.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from relay.spool import State
 from relay.spool.events_model import Applied, EventTarget, Fate, OutboxRow, ReceivedEvent, RecipientEvent
 from relay.spool.memory import MemorySpool
 from relay.spool.sqlite import SqliteSpool
+from tests.support.postgres_events_stand_in import EventsOnPostgres, apply_migrations
 from tests.unit.spool.test_protocol import T0, message, update
 
 ALL = frozenset({"batch", "trigger"})
@@ -20,9 +24,14 @@ BATCH = frozenset({"batch"})
 EMAIL_ID = "1426390015358_15_6484_8661.sc-10_10_127_51-inbound0$a@example.org"
 
 
-@pytest.fixture(params=["sqlite", "memory"])
+@pytest.fixture(params=["sqlite", "memory", "postgres"])
 async def spool(request, tmp_path):
-    spool = SqliteSpool(tmp_path / "spool.db") if request.param == "sqlite" else MemorySpool()
+    if request.param == "postgres":  # the stand-in for PostgresSpool until the queue half is merged
+        dsn = request.getfixturevalue("postgres_dsn")
+        await apply_migrations(dsn)
+        spool = EventsOnPostgres(dsn)
+    else:
+        spool = SqliteSpool(tmp_path / "spool.db") if request.param == "sqlite" else MemorySpool()
     await spool.open()
     yield spool
     await spool.close()
@@ -184,3 +193,18 @@ async def test_fates_of_one_recipient(spool):
         await spool.apply_event(Applied(event_id, target, "delivered", T0, RecipientEvent("deliver", T0 + idx)))
     assert await spool.fates("Q1", 1) == {1: Fate("delivered", T0, (RecipientEvent("deliver", T0 + 1),))}
     assert len(await spool.fates("Q1")) == 2
+
+
+async def test_writes_about_one_recipient_land_in_the_order_they_were_made(spool):
+    """The applier decides a batch in order and writes it concurrently: the last status wins."""
+    await delivered_message(spool)
+    target = await spool.event_target(EMAIL_ID, None, None)
+    statuses = ["delivered", "soft_bounce", "invalid", "delivered", "invalid"] * 4
+    ids = [await spool.store_event(received(keys=(f"token:{n}",))) for n in range(len(statuses))]
+    await asyncio.gather(*(
+        spool.apply_event(Applied(event_id, target, status, T0 + n, RecipientEvent(status, T0 + n)))
+        for n, (event_id, status) in enumerate(zip(ids, statuses, strict=True))
+    ))
+    (fate,) = (await spool.fates("Q1")).values()
+    assert (fate.status, fate.status_time) == (statuses[-1], T0 + len(statuses) - 1)
+    assert [e.event for e in fate.events] == statuses
