@@ -335,13 +335,14 @@ async def test_mail_of_an_account_removed_by_reconfigure_waits_in_the_spool_unti
     await until(final(harness, in_flight.id))  # the worker finishes the transaction it was in
     late = new_message(account="acme_batch")
     await harness.intake(late)
-    await asyncio.sleep(10 * POLL)
-    assert [s.transaction.queue_id for s in upstream.sent] == [in_flight.id]
-    for stranded in (waiting, late):  # deferred with the reason `queue show` gives, no attempt spent
-        recipients = (await harness.spool.get(stranded.id)).recipients
-        assert {(r.state, r.attempts, r.last_reply) for r in recipients} == {
+
+    async def both_wait() -> bool:  # deferred with the reason `queue show` gives, no attempt spent
+        recipients = [r for stranded in (waiting, late) for r in (await harness.spool.get(stranded.id)).recipients]
+        return {(r.state, r.attempts, r.last_reply) for r in recipients} == {
             (State.DEFERRED, 0, "account acme_batch is not configured"),
         }
+    await until(both_wait)  # looked for after the reload, then once per the schedule's first delay
+    assert [s.transaction.queue_id for s in upstream.sent] == [in_flight.id]
 
     harness.reconfigure(TWO_ACCOUNTS)  # back: the poller finds what waited
     await until(final(harness, waiting.id))
