@@ -261,7 +261,7 @@ class Scheduler:
     def submit(self, message: NewMessage) -> None:
         """Hand a just-spooled message to its account's workers without a poll; with the
         active queue full it stays in the spool, where the poller finds it when there is room."""
-        if len(self._in_flight) >= self._config().spool.active_limit:
+        if self.active() >= self._config().spool.active_limit:
             return
         recipients = [
             Recipient(message.id, idx, address, State.QUEUED, 0, message.received_at)
@@ -314,7 +314,7 @@ class Scheduler:
         config = self._config().spool
         limit = config.active_limit - config.active_limit // _FRESH_SHARE
         accounts = [name for name in self._accounts if not self._paused(name)]
-        while (room := limit - len(self._in_flight)) > 0:
+        while (room := limit - self.active()) > 0:
             wanted = min(room, _PAGE)
             page = await self._spool.due(time.time(), wanted, accounts, after=self._cursor)
             for message in page:
@@ -329,9 +329,13 @@ class Scheduler:
         return self.throttles[account].remaining() > 0 or self.reachability[account].remaining() > 0
 
     def _report(self) -> None:
-        metrics.ACTIVE_MESSAGES.set(len(self._in_flight))
+        metrics.ACTIVE_MESSAGES.set(self.active())
         for name in self._accounts:
             metrics.UPSTREAM_UNREACHABLE.labels(name).set(1 if self.reachability[name].consecutive else 0)
+
+    def active(self) -> int:
+        """Messages held in memory: waiting for a worker of their account, or in one."""
+        return len(self._in_flight)
 
     def unreachable_for(self) -> dict[str, float]:
         """Accounts whose upstream cannot be reached: seconds until the next probe (0: one is due or under way)."""

@@ -65,6 +65,8 @@ class FakeUpstream:
     opened: list[FakeConnection] = field(default_factory=list)
     sending: dict[str, int] = field(default_factory=dict)  # queue ID -> sends under way
     most_at_once: int = 0  # of one message
+    down: bool = False  # while true, every send fails to connect (refused) and sends nothing
+    connects_failed: int = 0
 
     def __call__(self, upstream, account, key, local_hostname, tls) -> FakeConnection:
         connection = FakeConnection(self, account.api_user, key)
@@ -79,6 +81,10 @@ class FakeConnection:
 
     async def send(self, transaction: Transaction) -> Result:
         upstream, queue_id = self.upstream, transaction.queue_id
+        if upstream.down:
+            upstream.connects_failed += 1
+            refused = SMTPReply(None, None, "connect to fake[upstream]: Connection refused")
+            return Result([refused] * len(transaction.recipients), None, "fake[upstream]", unreachable=True)
         upstream.sending[queue_id] = upstream.sending.get(queue_id, 0) + 1
         upstream.most_at_once = max(upstream.most_at_once, upstream.sending[queue_id])
         try:
