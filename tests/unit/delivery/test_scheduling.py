@@ -242,7 +242,7 @@ async def _probes_then_delivered(text: str, port: int, seconds: float, counted, 
         assert 1 <= probes <= 2 + (time.monotonic() - started) / 0.2
         assert harness.scheduler.unreachable_for().keys() == {"acme_trigger"}
         spent = [r for m in messages for r in (await harness.spool.get(m.id)).recipients if r.attempts]
-        assert len(spent) == 2 * probes  # only the probes' messages used up an attempt
+        assert probes - 1 <= len(spent) / 2 <= probes  # only the probes' messages used an attempt (one may be on its way)
 
         server = await until_back()
         try:
