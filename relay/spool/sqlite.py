@@ -216,33 +216,38 @@ class SpoolStore:
             return []
         names = list(accounts)
         resume, resume_args = ("AND (r.next_attempt, r.message_id) > (?, ?) ", after) if after else ("", ())
-        walk = self.conn.execute(
-            "SELECT r.message_id FROM recipients AS r CROSS JOIN messages AS m ON m.id = r.message_id "
-            f"WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ? {resume}"
-            f"AND m.account {membership} ({','.join('?' * len(names))}) ORDER BY r.next_attempt, r.message_id",
-            (now, *resume_args, *names),
-        )
-        ids: dict[str, None] = {}  # in the order first met: earliest due first
+        self.conn.execute("BEGIN")  # one snapshot: the recipients read are those the walk chose by
         try:
-            for (message_id,) in walk:
-                ids[message_id] = None
-                if len(ids) == limit:
-                    break
+            walk = self.conn.execute(
+                "SELECT r.message_id FROM recipients AS r CROSS JOIN messages AS m ON m.id = r.message_id "
+                f"WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ? {resume}"
+                f"AND m.account {membership} ({','.join('?' * len(names))}) ORDER BY r.next_attempt, r.message_id",
+                (now, *resume_args, *names),
+            )
+            ids: dict[str, None] = {}  # in the order first met: earliest due first
+            try:
+                for (message_id,) in walk:
+                    ids[message_id] = None
+                    if len(ids) == limit:
+                        break
+            finally:
+                walk.close()
+            recipients: dict[str, list[Recipient]] = {message_id: [] for message_id in ids}
+            chosen = list(ids)
+            for start in range(0, len(chosen), 500):  # stay under SQLite's bound-variable limit
+                chunk = chosen[start : start + 500]
+                for row in self.conn.execute(
+                    "SELECT message_id, idx, address, state, attempts, next_attempt, last_reply, email_id FROM recipients "
+                    f"WHERE message_id IN ({','.join('?' * len(chunk))}) AND state IN ('queued', 'deferred') "
+                    "AND next_attempt <= ? ORDER BY message_id, idx",
+                    (*chunk, now),
+                ):
+                    recipients[row[0]].append(_recipient(row))
+            found = self._messages(recipients)
         finally:
-            walk.close()
-        recipients: dict[str, list[Recipient]] = {message_id: [] for message_id in ids}
-        chosen = list(ids)
-        for start in range(0, len(chosen), 500):  # stay under SQLite's bound-variable limit
-            chunk = chosen[start : start + 500]
-            for row in self.conn.execute(
-                "SELECT message_id, idx, address, state, attempts, next_attempt, last_reply, email_id FROM recipients "
-                f"WHERE message_id IN ({','.join('?' * len(chunk))}) AND state IN ('queued', 'deferred') "
-                "AND next_attempt <= ? ORDER BY message_id, idx",
-                (*chunk, now),
-            ):
-                recipients[row[0]].append(_recipient(row))
+            self.conn.execute("COMMIT")
         order = {message_id: position for position, message_id in enumerate(chosen)}
-        return sorted(self._messages(recipients), key=lambda message: order[message.id])
+        return sorted(found, key=lambda message: order[message.id])
 
     def read(self, message_id: str, offset: int, through_header: bool = False) -> tuple[bytes, int] | None:
         """A chunk of a body from ``offset``, and the body's size; None if the message is gone or final.
