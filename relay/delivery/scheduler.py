@@ -58,6 +58,7 @@ from relay.tls import unverified_upstream_context, upstream_context
 log = logging.getLogger("relay.delivery")
 
 _PAGE = 500  # messages read per due() page; the poller reads pages while the active queue has room
+_REWALK_EVERY = 60.0  # seconds: during a drain, how often the poller's walk starts again from the earliest
 _FRESH_SHARE = 4  # the poller fills the active queue only to 3/4 of spool.active_limit: the rest is new mail's
 _PURGE_EVERY = 3600.0  # seconds between sweeps of records older than spool.keep_final
 _MAX_RECORD_BACKOFF = 60.0  # seconds between retries of a record the spool refused, at most
@@ -162,6 +163,7 @@ class Scheduler:
         self._held: dict[str, _Held] = {}  # by queue ID: outcomes known but not on disk
         self._poller: asyncio.Task | None = None
         self._cursor: Cursor | None = None  # where the poller's walk of due mail resumes
+        self._rewalk_at = 0.0  # time.monotonic() after which a walk that reached the end starts again
         self._stranded_at = 0.0  # time.monotonic() of the next look for mail of unconfigured accounts
         self._stopping = False
 
@@ -307,10 +309,12 @@ class Scheduler:
 
     async def _refill(self) -> None:
         """Read due mail into the active queue while it has room, a page at a time, each page
-        resuming where the last one ended, so messages already in memory are walked past rather
-        than read again and again; at the end of what is due the next sweep starts again from
-        the earliest. Accounts whose gate is paused (throttled, unreachable) are left out: their
-        mail waits in the spool, not in memory."""
+        resuming where the last one ended, so messages already in memory are walked past once
+        rather than read again at every poll. Mail coming due later sorts after the end of the
+        walk; what can sort before it (`queue retry`, a message whose delivery raised) is found
+        by walking again from the earliest, which passes every message held in memory: at the
+        end of a walk when few are held, else once per ``_REWALK_EVERY``. Accounts whose gate is
+        paused (throttled, unreachable) are left out: their mail waits in the spool."""
         config = self._config().spool
         limit = config.active_limit - config.active_limit // _FRESH_SHARE
         accounts = [name for name in self._accounts if not self._paused(name)]
@@ -320,10 +324,13 @@ class Scheduler:
             for message in page:
                 if message.id not in self._finished_during_poll:
                     self._enqueue(message, fresh=False)
-            if len(page) < wanted:
-                self._cursor = None
+            if page:
+                self._cursor = due_key(page[-1], self._cursor)
+            if len(page) < wanted:  # the end of what is due now
+                if self.active() < _PAGE or time.monotonic() >= self._rewalk_at:
+                    self._cursor = None
+                    self._rewalk_at = time.monotonic() + _REWALK_EVERY
                 return
-            self._cursor = due_key(page[-1], self._cursor)
 
     def _paused(self, account: str) -> bool:
         return self.throttles[account].remaining() > 0 or self.reachability[account].remaining() > 0
