@@ -34,6 +34,7 @@ from relay.delivery.transport import (
     Transaction,
     open_connection,
 )
+from relay.errors import SMTPReply
 from relay.lines import header_block, header_length
 from relay.observe import metrics
 from relay.observe.health import UpstreamHealth, attempt_failed
@@ -41,7 +42,6 @@ from relay.observe.logs import event
 from relay.policy.suppression import SuppressionCache
 from relay.rewrite.xsmtpapi import for_transaction
 from relay.routing import tls_policy
-from relay.errors import SMTPReply
 from relay.spool import (
     Cursor,
     NewMessage,

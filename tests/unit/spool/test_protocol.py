@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from relay.spool import BodyGone, ListQuery, due_key, NewMessage, RecipientUpdate, Spool, State
+from relay.spool import BodyGone, ListQuery, NewMessage, RecipientUpdate, Spool, State, due_key
 from relay.spool.memory import MemorySpool
 from relay.spool.sqlite import SqliteSpool
 
