@@ -160,6 +160,7 @@ class Spool(_Model):
     retry_jitter: float = Field(default=0.1, ge=0, lt=1)
     max_lifetime: Duration = 5 * 86400.0
     poll_interval: Duration = 1.0
+    active_limit: int = Field(default=20000, ge=1)  # messages delivery holds in memory (qmgr_message_active_limit)
     keep_final: Duration = 7 * 86400.0  # delivered/failed records kept for `queue list --all`
     commit_timeout: Duration = Field(default=30.0, gt=0)  # a write not committed by then fails (451 4.3.0)
 
@@ -183,6 +184,8 @@ class Upstream(_Model):
     allow_plaintext_auth: bool = False
     throttle_pause: Duration = 30.0  # an account told to slow down (536, quota) pauses this long,
     throttle_max_pause: Duration = 900.0  # doubling while the replies go on, up to this
+    unreachable_backoff: Duration = Field(default=1.0, gt=0)  # connect failed: one probe after this,
+    unreachable_max_backoff: Duration = Field(default=300.0, gt=0)  # doubling while probes fail, up to this
     path: Path = Path("var/capture")  # where `capture` writes .eml files
 
     @model_validator(mode="after")

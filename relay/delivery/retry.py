@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from relay.errors import SMTPReply
@@ -50,17 +51,28 @@ def retry_delay(attempts: int, policy: RetryPolicy, random_fraction: float) -> f
     return base * (1 + policy.jitter * (2 * random_fraction - 1))
 
 
+def message_retry_at(attempts: Iterable[int], started: float, received_at: float, policy: RetryPolicy,
+                     random_fraction: float) -> float:
+    """When a message's recipients deferred in one delivery are tried again: all at the same
+    time, with one jitter for the message (as Postfix's deferred queue), so they go back
+    upstream together. ``attempts``: each recipient's count including this delivery; the
+    fewest decides, so no recipient waits longer than its own schedule. The last try happens
+    at the deadline rather than one full delay after it."""
+    return min(started + retry_delay(min(attempts), policy, random_fraction), received_at + policy.max_lifetime)
+
+
 def after_attempt(
     recipient: Recipient,
     reply: SMTPReply,
     received_at: float,
     now: float,
     policy: RetryPolicy,
-    random_fraction: float,
+    retry_at: float,
     email_id: str | None = None,
     held_until: float | None = None,
 ) -> RecipientUpdate:
-    """The recipient's next state given the reply of one attempt.
+    """The recipient's next state given the reply of one attempt; deferred, it is tried again
+    at ``retry_at`` (:func:`message_retry_at`, the same for the whole message).
 
     ``held_until``: the account is paused until then (SendCloud asked it to slow down); a
     temporary failure waits for the pause to end and does not count as one of the message's
@@ -82,9 +94,7 @@ def after_attempt(
     if held_until is not None:
         held = f"{text} (account paused; not counted as an attempt)"
         return RecipientUpdate(recipient.message_id, recipient.idx, State.DEFERRED, recipient.attempts, min(held_until, deadline), held)
-    # The last try happens at the deadline rather than one full delay after it.
-    next_attempt = min(now + retry_delay(attempts, policy, random_fraction), deadline)
-    return RecipientUpdate(recipient.message_id, recipient.idx, State.DEFERRED, attempts, next_attempt, text)
+    return RecipientUpdate(recipient.message_id, recipient.idx, State.DEFERRED, attempts, min(retry_at, deadline), text)
 
 
 def while_unconfigured(recipient: Recipient, account: str, received_at: float, now: float,

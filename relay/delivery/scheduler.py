@@ -2,8 +2,10 @@
 
 New mail is handed over in memory right after it is spooled; everything else (deferred mail
 coming due, mail left over from before a restart, `queue retry` and `queue flush` from the
-CLI) is found by polling the spool's index of pending recipients. A message is in at most one
-worker at a time.
+CLI, new mail that found the active queue full) is found by polling the spool's index of
+pending recipients. At most ``spool.active_limit`` messages are held in memory (Postfix's
+active queue); the rest waits in the spool. A message is in at most one worker at a time, and
+its recipients deferred in one delivery come back together.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import dataclasses
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from relay.config import Account, Config, Upstream
 from relay.delivery.bounce import FailedRecipient, build_dsn
 from relay.delivery.leases import LeaseKeeper
-from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle, while_unconfigured
+from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle, message_retry_at, while_unconfigured
 from relay.delivery.sendcloud import email_ids
 from relay.delivery.throttle import AccountThrottle, pause_length
 from relay.delivery.transport import (
@@ -32,6 +35,7 @@ from relay.delivery.transport import (
     Transaction,
     open_connection,
 )
+from relay.errors import SMTPReply
 from relay.lines import header_block, header_length
 from relay.observe import metrics
 from relay.observe.health import UpstreamHealth, attempt_failed
@@ -40,19 +44,23 @@ from relay.policy.suppression import SuppressionCache
 from relay.rewrite.xsmtpapi import for_transaction
 from relay.routing import tls_policy
 from relay.spool import (
+    Cursor,
     NewMessage,
     QueuedMessage,
     Recipient,
     RecipientUpdate,
     Spool,
     State,
+    due_key,
     new_queue_id,
 )
 from relay.tls import unverified_upstream_context, upstream_context
 
 log = logging.getLogger("relay.delivery")
 
-_POLL_BATCH = 500  # recipients fetched per poll; more come on the next poll
+_PAGE = 500  # messages read per due() page; the poller reads pages while the active queue has room
+_REWALK_EVERY = 60.0  # seconds: during a drain, how often the poller's walk starts again from the earliest
+_FRESH_SHARE = 4  # the poller fills the active queue only to 3/4 of spool.active_limit: the rest is new mail's
 _PURGE_EVERY = 3600.0  # seconds between sweeps of records older than spool.keep_final
 _MAX_RECORD_BACKOFF = 60.0  # seconds between retries of a record the spool refused, at most
 
@@ -68,11 +76,53 @@ def upstream_tls(config: Config) -> TLSContexts | None:
 Connect = Callable[[Upstream, Account, Key, str, TLSContexts | None], Connection | CaptureConnection]
 
 
+class _Waiting:
+    """One account's messages waiting for a worker: new mail (handed over by ``submit``) and
+    the backlog (read from the spool by the poller), taken in turn, so a draining backlog
+    never holds new mail up and new mail never starves the backlog (Postfix's qmgr alternates
+    between its incoming and deferred queues in the same way)."""
+
+    def __init__(self) -> None:
+        self._fresh: deque[QueuedMessage] = deque()
+        self._backlog: deque[QueuedMessage] = deque()
+        self._fresh_next = True
+        self._stops = 0  # workers told to stop
+        self._ready = asyncio.Event()
+
+    def put(self, message: QueuedMessage, fresh: bool) -> None:
+        (self._fresh if fresh else self._backlog).append(message)
+        self._ready.set()
+
+    def stop(self, workers: int) -> None:
+        self._stops += workers
+        self._ready.set()
+
+    def take_all(self) -> list[tuple[QueuedMessage, bool]]:
+        """Every waiting message and whether it is new mail, leaving none."""
+        taken = [(message, True) for message in self._fresh] + [(message, False) for message in self._backlog]
+        self._fresh.clear()
+        self._backlog.clear()
+        return taken
+
+    async def get(self) -> QueuedMessage | None:
+        """The next message, or None: the worker is to stop."""
+        while True:
+            if self._stops:
+                self._stops -= 1
+                return None
+            for queue in (self._fresh, self._backlog) if self._fresh_next else (self._backlog, self._fresh):
+                if queue:
+                    self._fresh_next = queue is not self._fresh
+                    return queue.popleft()
+            self._ready.clear()
+            await self._ready.wait()
+
+
 @dataclass
 class _Account:
-    """One account's queue, its workers, and the kept connections they share."""
+    """One account's waiting messages, its workers, and the kept connections they share."""
 
-    queue: asyncio.Queue[QueuedMessage | None]  # None: a worker's signal to stop
+    queue: _Waiting
     workers: list[asyncio.Task]
     connections: AccountPool
     settings: tuple  # what the connections are made from: a change means new workers
@@ -107,11 +157,15 @@ class Scheduler:
         self._retiring: list[asyncio.Task] = []  # workers finishing their last transaction
         self.upstream_health = UpstreamHealth()
         self.throttles: dict[str, AccountThrottle] = {}  # by account name: outlives a reconfigure
+        self.reachability: dict[str, AccountThrottle] = {}  # the dead-destination gate, by account name
         self._in_flight: set[str] = set()
         # Finished while a poll's read was under way: that read may show them stale.
         self._finished_during_poll: set[str] = set()
         self._held: dict[str, _Held] = {}  # by queue ID: outcomes known but not on disk
         self._poller: asyncio.Task | None = None
+        self._cursor: Cursor | None = None  # where the poller's walk of due mail resumes
+        self._rewalk_at = 0.0  # time.monotonic() after which a walk that reached the end starts again
+        self._stranded_at = 0.0  # time.monotonic() of the next look for mail of unconfigured accounts
         self._stopping = False
         # Several nodes on one spool: the messages in memory stay ours while their leases are renewed.
         self._leases = LeaseKeeper(spool, lambda: self._in_flight, lambda: self._config().spool.lease)
@@ -136,9 +190,13 @@ class Scheduler:
         for name in [name for name in self._accounts if name not in config.accounts]:
             self._retire(self._accounts.pop(name), None)
             log.warning("account %s was removed: its workers stop, its mail waits in the spool", name)
+        self._stranded_at = 0.0  # an account may have gone: look for its mail at the next poll
         for name, account in config.accounts.items():
             if name not in self.throttles:
                 self.throttles[name] = AccountThrottle(name, self._throttle_pauses)
+                self.reachability[name] = AccountThrottle(
+                    name, self._unreachable_backoffs, reason="is unreachable (connecting upstream failed)", probe_first=True,
+                )
             settings = (account, config.upstream, config.server.hostname)
             old = self._accounts.get(name)
             if old is not None and old.settings == settings:
@@ -147,7 +205,7 @@ class Scheduler:
                 config.upstream.connections_per_account,
                 lambda key, account=account: self._connect(config.upstream, account, key, config.server.hostname, tls),
             )
-            new = _Account(asyncio.Queue(), [], connections, settings)
+            new = _Account(_Waiting(), [], connections, settings)
             new.workers = [
                 asyncio.create_task(self._work(new), name=f"deliver-{name}-{number}")
                 for number in range(config.upstream.connections_per_account)
@@ -157,17 +215,15 @@ class Scheduler:
                 self._retire(old, new.queue)
                 log.info("account %s: connection settings changed, new workers started", name)
 
-    def _retire(self, account: _Account, successor: asyncio.Queue | None) -> None:
+    def _retire(self, account: _Account, successor: _Waiting | None) -> None:
         """Stop an account's workers after their current transaction, then close its
         connections; its waiting mail moves to ``successor`` or, with none, back to the spool."""
-        while not account.queue.empty():
-            message = account.queue.get_nowait()
+        for message, fresh in account.queue.take_all():
             if successor is not None:
-                successor.put_nowait(message)
+                successor.put(message, fresh)
             else:
                 self._in_flight.discard(message.id)
-        for _ in account.workers:
-            account.queue.put_nowait(None)
+        account.queue.stop(len(account.workers))
 
         async def close_when_done() -> None:
             await asyncio.gather(*account.workers, return_exceptions=True)
@@ -211,7 +267,10 @@ class Scheduler:
     # -- intake -----------------------------------------------------------------------------
 
     def submit(self, message: NewMessage) -> None:
-        """Hand a just-spooled message to its account's workers without a poll."""
+        """Hand a just-spooled message to its account's workers without a poll; with the
+        active queue full it stays in the spool, where the poller finds it when there is room."""
+        if self.active() >= self._config().spool.active_limit:
+            return
         recipients = [
             Recipient(message.id, idx, address, State.QUEUED, 0, message.received_at)
             for idx, address in enumerate(message.recipients)
@@ -221,16 +280,16 @@ class Scheduler:
             message.account, message.channel, message.sender, message.size, message.label,
             message.mail_from, message.eight_bit, recipients,
         )
-        self._enqueue(queued)
+        self._enqueue(queued, fresh=True)
 
-    def _enqueue(self, message: QueuedMessage) -> None:
+    def _enqueue(self, message: QueuedMessage, fresh: bool) -> None:
         if self._stopping or message.id in self._in_flight or message.id in self._held:
             return
         account = self._accounts.get(message.account)
         if account is None:  # removed meanwhile: the poller's stranded() finds it (_hold_stranded)
             return
         self._in_flight.add(message.id)
-        account.queue.put_nowait(message)  # carries only the recipients to try now
+        account.queue.put(message, fresh)  # carries only the recipients to try now
 
     async def _poll(self) -> None:
         last_purge = 0.0
@@ -242,25 +301,67 @@ class Scheduler:
                     if purged:
                         log.info("forgot %d delivered or failed message(s) older than spool.keep_final", purged)
                 await self._record_held()
-                backlog = sum(account.queue.qsize() for account in self._accounts.values())
-                if backlog < _POLL_BATCH:
-                    self._finished_during_poll.clear()
-                    for message in await self._spool.due(time.time(), _POLL_BATCH, list(self._accounts)):
-                        if message.id not in self._finished_during_poll:
-                            self._enqueue(message)
-                await self._hold_stranded()
+                self._finished_during_poll.clear()
+                await self._refill()
+                if time.monotonic() >= self._stranded_at:  # a walk past all due mail: not at every poll
+                    self._stranded_at = time.monotonic() + self._config().spool.retry[0]
+                    await self._hold_stranded()
+                self._report()
             except asyncio.CancelledError:
                 raise
             except Exception:  # a spool hiccup must not stop scheduling
                 log.exception("queue poll failed; trying again")
             await self._spool.wait_for_work(self._config().spool.poll_interval)  # a flush elsewhere wakes it
 
+    async def _refill(self) -> None:
+        """Read due mail into the active queue while it has room, a page at a time, each page
+        resuming where the last one ended, so messages already in memory are walked past once
+        rather than read again at every poll. Mail coming due later sorts after the end of the
+        walk; what can sort before it (`queue retry`, a message whose delivery raised) is found
+        by walking again from the earliest, which passes every message held in memory: at the
+        end of a walk when few are held, else once per ``_REWALK_EVERY``. Accounts whose gate is
+        paused (throttled, unreachable) are left out: their mail waits in the spool."""
+        config = self._config().spool
+        limit = config.active_limit - config.active_limit // _FRESH_SHARE
+        accounts = [name for name in self._accounts if not self._paused(name)]
+        while (room := limit - self.active()) > 0:
+            wanted = min(room, _PAGE)
+            page = await self._spool.due(time.time(), wanted, accounts, after=self._cursor)
+            for message in page:
+                if message.id not in self._finished_during_poll:
+                    self._enqueue(message, fresh=False)
+            if page:
+                self._cursor = due_key(page[-1], self._cursor)
+            if len(page) < wanted:  # the end of what is due now
+                if self.active() < _PAGE or time.monotonic() >= self._rewalk_at:
+                    self._cursor = None
+                    self._rewalk_at = time.monotonic() + _REWALK_EVERY
+                return
+
+    def _paused(self, account: str) -> bool:
+        return self.throttles[account].remaining() > 0 or self.reachability[account].remaining() > 0
+
+    def _report(self) -> None:
+        metrics.ACTIVE_MESSAGES.set(self.active())
+        for name in self._accounts:
+            metrics.UPSTREAM_UNREACHABLE.labels(name).set(1 if self.reachability[name].consecutive else 0)
+
+    def active(self) -> int:
+        """Messages held in memory: waiting for a worker of their account, or in one."""
+        return len(self._in_flight)
+
+    def unreachable_for(self) -> dict[str, float]:
+        """Accounts whose upstream cannot be reached: seconds until the next probe (0: one is due or under way)."""
+        return {name: gate.remaining() for name, gate in self.reachability.items() if gate.consecutive}
+
     async def _hold_stranded(self) -> None:
         """Mail of an account no longer configured: deferred with the reason (for `queue show`),
-        retried on the schedule's first delay, failed with a DSN at ``max_lifetime``."""
+        retried on the schedule's first delay, failed with a DSN at ``max_lifetime``. Looked for
+        after each reload and then once per that delay (the walk passes every due recipient of
+        the configured accounts, about a second on a million of them)."""
         config = self._config()
         policy = _retry_policy(config)
-        for message in await self._spool.stranded(time.time(), _POLL_BATCH, list(self._accounts)):
+        for message in await self._spool.stranded(time.time(), _PAGE, list(self._accounts)):
             if message.id in self._in_flight or message.id in self._held or message.id in self._finished_during_poll:
                 continue  # a retiring worker has it, or its outcome is newer than this read
             now = time.time()
@@ -279,6 +380,10 @@ class Scheduler:
     def _throttle_pauses(self) -> tuple[float, float]:
         upstream = self._config().upstream
         return upstream.throttle_pause, upstream.throttle_max_pause
+
+    def _unreachable_backoffs(self) -> tuple[float, float]:
+        upstream = self._config().upstream
+        return upstream.unreachable_backoff, upstream.unreachable_max_backoff
 
     # -- workers ----------------------------------------------------------------------------
 
@@ -304,7 +409,11 @@ class Scheduler:
 
         Each transaction's outcome is recorded before the next is sent, so a crash re-sends
         at most the transaction in flight; when recording fails, the rest of the message
-        waits until the outcome is on disk (:meth:`_record`).
+        waits until the outcome is on disk (:meth:`_record`). Every recipient deferred in this
+        delivery gets the same next attempt (:func:`message_retry_at`). When the account's
+        gate closes on a transaction (SendCloud throttles it, the upstream cannot be reached),
+        the message's other transactions are not sent: they get that answer, so the whole
+        message comes back together.
         """
         start = await self._spool.start(message.id)
         if start is None:  # deleted with `queue delete`, or already final
@@ -314,39 +423,65 @@ class Scheduler:
         head, rest = first[:head_size], first[head_size:]
         config = self._config()
         policy = _retry_policy(config)
-        per_transaction = config.upstream.max_recipients_per_transaction
-        throttle = self.throttles[message.account]
         suppressed = self._suppressed(message)
         if suppressed:  # failed now with the reason, never sent upstream; their DSN as for any failure
             if not await self._record(message, suppressed, self._bounces_or_none(message, suppressed, head, config)):
                 return
             failed_now = {update.idx for update in suppressed}
             message = dataclasses.replace(message, recipients=[r for r in message.recipients if r.idx not in failed_now])
-        for chunk, key in _transactions(message, config, per_transaction):
-            addresses = [recipient.address for recipient in chunk]
-            probe = await throttle.acquire()  # waits while SendCloud has asked the account to slow down
-            throttled = False
-            try:  # from here on the probe must be given back, whatever fails
+        retry_at = message_retry_at([r.attempts + 1 for r in message.recipients], time.time(), message.received_at,
+                                    policy, random.random())
+        closed: SMTPReply | None = None  # the answer that closed the account's gate during this delivery
+        held_until: float | None = None  # the account's pause, the same for every throttled recipient
+        for chunk, key in _transactions(message, config, config.upstream.max_recipients_per_transaction):
+            if closed is None:
                 started = time.monotonic()
+                result = await self._send(message, chunk, key, head, rest, len(first), size, pool)
+                metrics.UPSTREAM_SECONDS.labels(message.account).observe(time.monotonic() - started)
+                log.debug("%s: transaction of %d took %.3fs", message.id, len(chunk), time.monotonic() - started)
+                throttling = [reply for reply in result.replies if is_account_throttle(reply)]
+                if throttling:
+                    held_until = time.time() + self.throttles[message.account].remaining()
+                    closed = throttling[0]
+                elif result.unreachable:
+                    closed = SMTPReply(None, None, f"delivery temporarily suspended: {result.replies[0]}")
+            else:  # not sent: the gate closed on an earlier transaction of this message
+                result = Result([closed] * len(chunk), None, result.relay)
+            updates = self._outcomes(message, chunk, result, policy, retry_at, held_until)
+            if not await self._record(message, updates, self._bounces_or_none(message, updates, head, config)):
+                return
+
+    async def _send(self, message: QueuedMessage, chunk: list[Recipient], key: Key, head: bytes, rest: bytes,
+                    offset: int, size: int, pool: AccountPool) -> Result:
+        """One transaction, through the account's two gates: while the upstream is unreachable
+        only one probe connects (the other workers wait, no connect timeout each), and while
+        SendCloud has asked the account to slow down only one probe sends."""
+        addresses = [recipient.address for recipient in chunk]
+        reachability, throttle = self.reachability[message.account], self.throttles[message.account]
+        connect_probe = await reachability.acquire()
+        unreachable = False
+        try:  # from here on each probe must be given back, whatever fails
+            probe = await throttle.acquire()
+            throttled = False
+            try:
                 sent_head = for_transaction(head, addresses)  # X-SMTPAPI "to" may name only these recipients
-                text = self._text(message.id, sent_head, rest, len(first), size)
+                text = self._text(message.id, sent_head, rest, offset, size)
                 connection = await pool.acquire(key)
                 try:
                     with metrics.UPSTREAM_IN_USE.labels(message.account).track_inprogress():
                         result = await connection.send(Transaction(
                             message.id, message.upstream_sender, addresses,
-                            size - head_size + len(sent_head), message.eight_bit, text,
+                            size - len(head) + len(sent_head), message.eight_bit, text,
                         ))
                 finally:
                     pool.release(connection)
                 throttled = any(is_account_throttle(reply) for reply in result.replies)
+                unreachable = result.unreachable
             finally:
                 throttle.release(probe, throttled)
-            metrics.UPSTREAM_SECONDS.labels(message.account).observe(time.monotonic() - started)
-            updates = self._outcomes(message, chunk, result, policy, throttle.remaining() if throttled else None)
-            log.debug("%s: transaction of %d took %.3fs", message.id, len(chunk), time.monotonic() - started)
-            if not await self._record(message, updates, self._bounces_or_none(message, updates, head, config)):
-                return
+        finally:
+            reachability.release(connect_probe, unreachable)
+        return result
 
     def _bounces_or_none(self, message: QueuedMessage, updates: list[RecipientUpdate], head: bytes,
                          config: Config) -> list[NewMessage]:
@@ -359,18 +494,17 @@ class Scheduler:
             return []
 
     def _outcomes(self, message: QueuedMessage, chunk: list[Recipient], result: Result, policy: RetryPolicy,
-                  paused_for: float | None) -> list[RecipientUpdate]:
+                  retry_at: float, held_until: float | None) -> list[RecipientUpdate]:
         """Each recipient's next state after one transaction, logged and counted."""
         now = time.time()
         failing_since = self.upstream_health.record(message.account, attempt_failed(result.replies), now)
         metrics.UPSTREAM_FAILING_SINCE.labels(message.account).set(failing_since or 0)
-        held_until = now + paused_for if paused_for is not None else None
         addresses = [recipient.address for recipient in chunk]
         ids = email_ids(result.upstream_id, addresses) if result.upstream_id else [None] * len(chunk)
         updates = []
         for recipient, reply, email_id in zip(chunk, result.replies, ids, strict=True):
             update = after_attempt(
-                recipient, reply, message.received_at, now, policy, random.random(), email_id,
+                recipient, reply, message.received_at, now, policy, retry_at, email_id,
                 held_until if is_account_throttle(reply) else None,
             )
             updates.append(update)

@@ -1,8 +1,11 @@
-"""An account SendCloud told to slow down (``536 Frequency limited``, a quota reply): pause it.
+"""An account to hold back: pause it, then let one probe through before the others follow.
 
-Every worker of the account waits out the pause instead of each trying its messages and
-spending their retries. The pause doubles while the replies go on (up to a cap); when it
-ends, one worker probes alone, and the others follow only once the probe got through.
+Two things close an account's gate: SendCloud telling it to slow down (``536 Frequency
+limited``, a quota reply), and the upstream being unreachable (connect refused, timed out,
+TLS handshake or DNS failed: Postfix's dead destination). Every worker of the account waits
+out the pause instead of each trying its messages and spending their retries (or a connect
+timeout each). The pause doubles while the failures go on (up to a cap); when it ends, one
+worker probes alone, and the others follow only once the probe got through.
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ def pause_length(consecutive: int, base: float, cap: float) -> float:
 
 
 class AccountThrottle:
-    def __init__(self, account: str, pauses: Callable[[], tuple[float, float]], clock: Callable[[], float] = time.monotonic):
+    def __init__(self, account: str, pauses: Callable[[], tuple[float, float]], clock: Callable[[], float] = time.monotonic,
+                 reason: str = "asked to slow down", probe_first: bool = False):
         self.account = account
         self._pauses = pauses  # (base, cap) from the live config
         self._clock = clock
+        self._reason = reason  # for the log line when the gate closes
+        self._unproven = probe_first  # nothing known yet: the first transaction goes alone, as a probe
         self.paused_until = 0.0
         self.consecutive = 0  # throttling replies in a row; 0 = running normally
         self.pauses = 0  # how many times this account was paused (for logs and tests)
@@ -40,14 +46,14 @@ class AccountThrottle:
             wait = self.remaining()
             if wait > 0:
                 await self._wait(wait)
-            elif self.consecutive and self._probing:
+            elif (self.consecutive or self._unproven) and self._probing:
                 await self._wait(None)
             else:
-                self._probing = self.consecutive > 0
+                self._probing = self.consecutive > 0 or self._unproven
                 return self._probing
 
     def release(self, probe: bool, throttled: bool) -> None:
-        """Report how the transaction went; a throttling reply starts or extends the pause."""
+        """Report how the transaction went; a throttling reply (a failed connect) starts or extends the pause."""
         if probe:
             self._probing = False
         if throttled:
@@ -56,10 +62,13 @@ class AccountThrottle:
                 self.pauses += 1
                 pause = pause_length(self.consecutive, *self._pauses())
                 self.paused_until = self._clock() + pause
-                log.warning("account %s asked to slow down: pausing its deliveries for %.0fs", self.account, pause)
-        elif self.consecutive:
-            log.info("account %s: upstream accepts again, resuming", self.account)
-            self.consecutive = 0
+                log.warning("account %s %s: pausing its deliveries for %.1fs", self.account, self._reason, pause)
+        else:
+            if probe:
+                self._unproven = False
+            if self.consecutive:
+                log.info("account %s: upstream accepts again, resuming", self.account)
+                self.consecutive = 0
         self._changed.set()
         self._changed = asyncio.Event()
 

@@ -86,6 +86,17 @@ UPSTREAM_FAILING_SINCE = Gauge(
     ["account"],
     multiprocess_mode="mostrecent",
 )
+UPSTREAM_UNREACHABLE = Gauge(
+    _P + "upstream_unreachable",
+    "1 while connecting to the account's upstream fails: its workers wait and one probe retries with backoff",
+    ["account"],
+    multiprocess_mode="mostrecent",
+)
+ACTIVE_MESSAGES = Gauge(
+    _P + "delivery_active_messages",
+    "Messages held in delivery's memory (queued for a worker or in one), at most spool.active_limit",
+    multiprocess_mode="mostrecent",
+)
 AUTH = Counter(_P + "auth_attempts", "SMTP AUTH attempts by result", ["listener", "result"])
 SPOOL_FENCED = Counter(_P + "spool_fenced_outcomes",
                        "Delivery outcomes the shared spool refused: another node had taken the message over")

@@ -63,6 +63,7 @@ class AdminBackend:
     reload: Callable[[], Awaitable[tuple[str | None, list[str]]]]  # (why refused, or None; restart needed)
     config_path: Path | None = None  # the file reloads read (None: the embedded demo)
     paused_for: Callable[[], Mapping[str, float]] = dict  # per account: seconds SendCloud's throttle still holds it
+    unreachable_for: Callable[[], Mapping[str, float]] = dict  # per account whose upstream is unreachable: seconds to its next probe
 
 
 class AdminServer:

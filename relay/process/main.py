@@ -105,6 +105,7 @@ class Relay:
             reload=self.reload,
             config_path=config_path.resolve() if config_path else None,
             paused_for=lambda: {name: t.remaining() for name, t in self.scheduler.throttles.items() if t.remaining()},
+            unreachable_for=self.scheduler.unreachable_for,
         ))
         self._reload_lock = asyncio.Lock()
 

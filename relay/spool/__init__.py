@@ -10,7 +10,9 @@ package names a backend.
 from __future__ import annotations
 
 from relay.config import Spool as SpoolSettings
-from relay.spool.base import BodyGone, ListQuery, RateStore, SchemaMismatch, Spool, SpoolMissing, WindowKey
+from relay.spool.base import (
+    BodyGone, Cursor, ListQuery, RateStore, SchemaMismatch, Spool, SpoolMissing, WindowKey, due_key,
+)
 from relay.spool.model import (
     FileRegion,
     NewMessage,
@@ -26,8 +28,9 @@ from relay.spool.model import (
 )
 
 __all__ = [
-    "BodyGone", "FileRegion", "ListQuery", "NewMessage", "Piece", "QueuedMessage", "RateStore", "Recipient",
-    "RecipientUpdate", "SchemaMismatch", "Spool", "SpoolMissing", "State", "WindowKey", "is_eight_bit", "new_queue_id", "open_spool",
+    "BodyGone", "Cursor", "FileRegion", "ListQuery", "NewMessage", "Piece", "QueuedMessage", "RateStore", "Recipient",
+    "RecipientUpdate", "SchemaMismatch", "Spool", "SpoolMissing", "State", "WindowKey", "due_key", "is_eight_bit",
+    "new_queue_id", "open_spool",
     "piece_chunks", "rate_store", "suppression_reader",
     "use_queue_id_partition",
 ]

@@ -20,6 +20,13 @@ from relay.spool.events_base import EventStore
 from relay.spool.model import NewMessage, QueuedMessage, RecipientUpdate, State
 
 WindowKey = tuple[str, float, int]  # a rate window: (counter key, period in seconds, window number)
+Cursor = tuple[float, str]  # where a walk of due mail resumes: (next_attempt, message ID)
+
+
+def due_key(message: QueuedMessage, after: Cursor | None = None) -> Cursor:
+    """Where ``message`` sorts in :meth:`Spool.due` (called with ``after``): its first due
+    recipient after the cursor. The key of a page's last message is the next page's ``after``."""
+    return min((r.next_attempt, message.id) for r in message.recipients if after is None or (r.next_attempt, message.id) > after)
 
 
 class SpoolMissing(Exception):
@@ -100,13 +107,19 @@ class Spool(EventStore, Protocol):
 
     # -- delivery ---------------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
-        """Messages of ``accounts`` with a recipient due by ``now``, each carrying only its due recipients.
+    async def due(self, now: float, limit: int, accounts: Collection[str], after: Cursor | None = None) -> list[QueuedMessage]:
+        """Up to ``limit`` *messages* of ``accounts`` with a recipient due by ``now``, earliest due
+        first, each carrying *all* its recipients due by ``now`` (the limit never cuts a message
+        apart, so its deferred recipients go upstream together).
 
-        Mail of an account no longer configured never stands in front of the rest.
+        Messages sort by :func:`due_key`: (next_attempt, queue ID) of their first due recipient;
+        with ``after``, only recipients whose key sorts after it choose and order the messages
+        (the next page; a message chosen carries its other due recipients all the same). Mail of
+        an account no longer configured never stands in front of the rest. The work is the page,
+        not the queue (a million pending recipients must not slow it down).
         """
 
-    async def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+    async def stranded(self, now: float, limit: int, accounts: Collection[str], after: Cursor | None = None) -> list[QueuedMessage]:
         """As :meth:`due`, for the accounts *not* in ``accounts`` (removed or renamed ones)."""
 
     async def start(self, message_id: str) -> tuple[bytes, int] | None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.lines import header_length
-from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery
+from relay.spool.base import PENDING_MESSAGES, BodyGone, Cursor, ListQuery
 from relay.spool.memory_events import MemoryEvents
 from relay.spool.model import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, piece_chunks
 
@@ -100,13 +100,14 @@ class MemorySpool(MemoryEvents):
 
     # -- reads ----------------------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
-        """Due recipients of ``accounts`` in next_attempt order (ties by message and index, as SQLite's index)."""
-        return await _answer(self._due(now, limit, lambda account: account in accounts))
+    async def due(self, now: float, limit: int, accounts: Collection[str], after: Cursor | None = None) -> list[QueuedMessage]:
+        """Messages of ``accounts`` by their first due recipient's (next_attempt, queue ID), as SQLite's index."""
+        return await _answer(self._due(now, limit, lambda account: account in accounts, after))
 
-    async def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+    async def stranded(self, now: float, limit: int, accounts: Collection[str],
+                       after: Cursor | None = None) -> list[QueuedMessage]:
         """As :meth:`due`, for every account not in ``accounts``."""
-        return await _answer(self._due(now, limit, lambda account: account not in accounts))
+        return await _answer(self._due(now, limit, lambda account: account not in accounts, after))
 
     async def start(self, message_id: str) -> tuple[bytes, int] | None:
         """The first chunks of a body, through the end of its header section, and its size; None if gone or final."""
@@ -217,16 +218,19 @@ class MemorySpool(MemoryEvents):
             if not any(recipient.state in _PENDING for recipient in entry.recipients):
                 entry.body = None
 
-    def _due(self, now: float, limit: int, chosen: Callable[[str], bool]) -> list[QueuedMessage]:
-        found = sorted(
-            (recipient for entry in self._entries.values() if chosen(entry.message.account)
-             for recipient in entry.recipients if recipient.state in _PENDING and recipient.next_attempt <= now),
-            key=lambda recipient: (recipient.next_attempt, recipient.message_id, recipient.idx),
-        )[: max(limit, 0)]
-        grouped: dict[str, list[Recipient]] = {}
-        for recipient in found:
-            grouped.setdefault(recipient.message_id, []).append(recipient)
-        return self._messages(grouped)
+    def _due(self, now: float, limit: int, chosen: Callable[[str], bool], after: Cursor | None) -> list[QueuedMessage]:
+        due = {
+            message_id: [r for r in entry.recipients if r.state in _PENDING and r.next_attempt <= now]
+            for message_id, entry in self._entries.items() if chosen(entry.message.account)
+        }
+        keys = {
+            message_id: min(keys) for message_id, recipients in due.items()
+            if (keys := [(r.next_attempt, message_id) for r in recipients if after is None or (r.next_attempt, message_id) > after])
+        }
+        return [
+            dataclasses.replace(self._entries[message_id].message, recipients=due[message_id])
+            for message_id in sorted(keys, key=keys.__getitem__)[: max(limit, 0)]
+        ]
 
     def _purge_final(self, older_than: float) -> int:
         gone = [

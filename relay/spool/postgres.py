@@ -28,7 +28,7 @@ import asyncpg
 
 from relay.config.formats import mask_dsn_passwords, redacted_dsn
 from relay.lines import header_length
-from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery
+from relay.spool.base import PENDING_MESSAGES, BodyGone, Cursor, ListQuery
 from relay.spool.model import (
     FileRegion,
     NewMessage,
@@ -74,6 +74,7 @@ WITH claimed AS (
         SELECT id FROM messages
         WHERE pending AND next_due <= $3 AND (account = ANY($4::text[])) = $5
           AND (lease_until IS NULL OR lease_until < {_NOW} OR lease_owner = $1)
+          AND ($7::float8 IS NULL OR (next_due, id) > ($7::float8, $8::text))
         ORDER BY next_due, id LIMIT $6
         FOR UPDATE SKIP LOCKED)
     RETURNING {_M_COLUMNS}, m.next_due
@@ -269,13 +270,17 @@ class PostgresSpool:
 
     # -- leases ----------------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+    async def due(self, now: float, limit: int, accounts: Collection[str],
+                  after: Cursor | None = None) -> list[QueuedMessage]:
         """Claims (leases to this node) up to ``limit`` messages of ``accounts`` with a recipient due,
-        earliest due first, each with all its due recipients."""
-        return await self._claim(now, limit, accounts, True)
+        earliest due first, each with all its due recipients. A message sorts by its earliest due
+        recipient (``messages.next_due``, one index), so a walk meets it once: with retries per
+        message its recipients are due together anyway."""
+        return await self._claim(now, limit, accounts, True, after)
 
-    async def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
-        return await self._claim(now, limit, accounts, False)
+    async def stranded(self, now: float, limit: int, accounts: Collection[str],
+                       after: Cursor | None = None) -> list[QueuedMessage]:
+        return await self._claim(now, limit, accounts, False, after)
 
     async def renew(self, message_ids: Collection[str]) -> set[str]:
         asked = set(message_ids)
@@ -326,11 +331,14 @@ class PostgresSpool:
         conn.add_termination_listener(lambda _: self._woken.set())
         self._listener = conn
 
-    async def _claim(self, now: float, limit: int, accounts: Collection[str], configured: bool) -> list[QueuedMessage]:
+    async def _claim(self, now: float, limit: int, accounts: Collection[str], configured: bool,
+                     after: Cursor | None) -> list[QueuedMessage]:
         if limit <= 0:
             return []
+        after_time, after_id = after if after is not None else (None, None)
         async with self._db().acquire() as conn:
-            rows = await conn.fetch(_CLAIM, self.node, self.lease, now, list(accounts), configured, limit)
+            rows = await conn.fetch(_CLAIM, self.node, self.lease, now, list(accounts), configured, limit,
+                                    after_time, after_id)
             if not rows:
                 return []
             recipients = await conn.fetch(

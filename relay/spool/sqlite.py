@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.lines import header_length
-from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery, SpoolMissing, WindowKey
+from relay.spool.base import PENDING_MESSAGES, BodyGone, Cursor, ListQuery, SpoolMissing, WindowKey
 from relay.spool.model import (
     NewMessage,
     QueuedMessage,
@@ -199,29 +199,55 @@ class SpoolStore:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def due(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
-        """Messages of ``accounts`` with at least one recipient due, carrying only their due recipients."""
-        return self._due(now, limit, accounts, "IN")
+    def due(self, now: float, limit: int, accounts: Collection[str], after: Cursor | None = None) -> list[QueuedMessage]:
+        """Messages of ``accounts`` with a recipient due, each with all its due recipients."""
+        return self._due(now, limit, accounts, "IN", after)
 
-    def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
+    def stranded(self, now: float, limit: int, accounts: Collection[str], after: Cursor | None = None) -> list[QueuedMessage]:
         """As :meth:`due`, for the messages of every account *not* in ``accounts``."""
-        return self._due(now, limit, accounts, "NOT IN")
+        return self._due(now, limit, accounts, "NOT IN", after)
 
-    def _due(self, now: float, limit: int, accounts: Collection[str], membership: str) -> list[QueuedMessage]:
-        """Walks the partial index in next_attempt order (literal states, so SQLite sees that it
-        applies; CROSS JOIN keeps recipients the outer loop) and looks each message up by id."""
+    def _due(self, now: float, limit: int, accounts: Collection[str], membership: str,
+             after: Cursor | None) -> list[QueuedMessage]:
+        """Walks the partial index in (next_attempt, message_id) order (literal states, so SQLite
+        sees that it applies; CROSS JOIN keeps recipients the outer loop) until ``limit``
+        distinct messages, then reads their due recipients by primary key: the work is the page."""
+        if limit <= 0:
+            return []
         names = list(accounts)
-        rows = self.conn.execute(
-            "SELECT r.message_id, r.idx, r.address, r.state, r.attempts, r.next_attempt, r.last_reply, r.email_id "
-            "FROM recipients AS r CROSS JOIN messages AS m ON m.id = r.message_id "
-            "WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ? "
-            f"AND m.account {membership} ({','.join('?' * len(names))}) ORDER BY r.next_attempt LIMIT ?",
-            (now, *names, limit),
-        ).fetchall()
-        recipients: dict[str, list[Recipient]] = {}
-        for row in rows:
-            recipients.setdefault(row[0], []).append(_recipient(row))
-        return self._messages(recipients)
+        resume, resume_args = ("AND (r.next_attempt, r.message_id) > (?, ?) ", after) if after else ("", ())
+        self.conn.execute("BEGIN")  # one snapshot: the recipients read are those the walk chose by
+        try:
+            walk = self.conn.execute(
+                "SELECT r.message_id FROM recipients AS r CROSS JOIN messages AS m ON m.id = r.message_id "
+                f"WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ? {resume}"
+                f"AND m.account {membership} ({','.join('?' * len(names))}) ORDER BY r.next_attempt, r.message_id",
+                (now, *resume_args, *names),
+            )
+            ids: dict[str, None] = {}  # in the order first met: earliest due first
+            try:
+                for (message_id,) in walk:
+                    ids[message_id] = None
+                    if len(ids) == limit:
+                        break
+            finally:
+                walk.close()
+            recipients: dict[str, list[Recipient]] = {message_id: [] for message_id in ids}
+            chosen = list(ids)
+            for start in range(0, len(chosen), 500):  # stay under SQLite's bound-variable limit
+                chunk = chosen[start : start + 500]
+                for row in self.conn.execute(
+                    "SELECT message_id, idx, address, state, attempts, next_attempt, last_reply, email_id FROM recipients "
+                    f"WHERE message_id IN ({','.join('?' * len(chunk))}) AND state IN ('queued', 'deferred') "
+                    "AND next_attempt <= ? ORDER BY message_id, idx",
+                    (*chunk, now),
+                ):
+                    recipients[row[0]].append(_recipient(row))
+            found = self._messages(recipients)
+        finally:
+            self.conn.execute("COMMIT")
+        order = {message_id: position for position, message_id in enumerate(chosen)}
+        return sorted(found, key=lambda message: order[message.id])
 
     def read(self, message_id: str, offset: int, through_header: bool = False) -> tuple[bytes, int] | None:
         """A chunk of a body from ``offset``, and the body's size; None if the message is gone or final.
@@ -428,11 +454,12 @@ class SqliteSpool(SqliteEvents):
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def due(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
-        return await self._read(self._store().due, now, limit, accounts)
+    async def due(self, now: float, limit: int, accounts: Collection[str], after: Cursor | None = None) -> list[QueuedMessage]:
+        return await self._read(self._store().due, now, limit, accounts, after)
 
-    async def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
-        return await self._read(self._store().stranded, now, limit, accounts)
+    async def stranded(self, now: float, limit: int, accounts: Collection[str],
+                       after: Cursor | None = None) -> list[QueuedMessage]:
+        return await self._read(self._store().stranded, now, limit, accounts, after)
 
     async def start(self, message_id: str) -> tuple[bytes, int] | None:
         """The first bytes of a body, through the end of its header section, and its size;

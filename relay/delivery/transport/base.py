@@ -50,3 +50,4 @@ class Result:
     replies: list[SMTPReply]  # one per recipient, in order
     upstream_id: str | None  # SendCloud's messageId, when it gave one
     relay: str  # where it went, for the log line
+    unreachable: bool = False  # no connection could be made (refused, timed out, TLS handshake, DNS): nothing was sent

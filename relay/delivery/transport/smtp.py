@@ -48,7 +48,8 @@ class Connection:
             return self._all(transaction, SMTPReply(None, None, f"upstream refused login or greeting: {error.code} {error.message}"))
         except (TimeoutError, aiosmtplib.SMTPException, OSError) as error:
             await self.close()
-            return self._all(transaction, SMTPReply(None, None, f"connect to {self.relay}: {_describe(error)}"))
+            reply = SMTPReply(None, None, f"connect to {self.relay}: {_describe(error)}")
+            return Result([reply] * len(transaction.recipients), None, self.relay, unreachable=True)
         options = []
         if transaction.eight_bit:
             if not client.supports_extension("8BITMIME"):

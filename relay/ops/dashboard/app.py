@@ -65,6 +65,7 @@ class RelayView(Protocol):
     spool: Spool
     failing_since: Callable[[], Mapping[str, float]]
     paused_for: Callable[[], Mapping[str, float]]
+    unreachable_for: Callable[[], Mapping[str, float]]
 
 
 Handler = Callable[[web.Request, Viewer], Awaitable[web.StreamResponse]]
@@ -183,8 +184,9 @@ class Dashboard:
         spool = self.relay.spool
         today = await events_view.stats_rows(spool, day_bucket(now), None, "day", None, now)
         recent = await events_view.stats_rows(spool, "48h", None, "hour", None, now)
-        failing, paused = self.relay.failing_since(), self.relay.paused_for()
-        accounts = [(name, account.api_user, pages.account_state(failing.get(name), paused.get(name, 0.0), now))
+        failing, paused, unreachable = self.relay.failing_since(), self.relay.paused_for(), self.relay.unreachable_for()
+        accounts = [(name, account.api_user,
+                     pages.account_state(failing.get(name), paused.get(name, 0.0), now, unreachable.get(name)))
                     for name, account in self.relay.config().accounts.items()]
         body = pages.overview(await spool.pending_summary(), today[-1] if today else {}, accounts, recent, now)
         return self._show("Overview", body, viewer)

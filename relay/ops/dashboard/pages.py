@@ -73,9 +73,13 @@ def chart(element_id: str, rows: list[Mapping], group: str | None = None, counte
                         id=element_id), json_island(element_id, chart_data(rows, group, counter))])
 
 
-def account_state(failing_since: float | None, paused_for: float, now: float) -> str:
-    """What an account's row says: paused by SendCloud's throttle, failing upstream, or ok (both can hold)."""
+def account_state(failing_since: float | None, paused_for: float, now: float, unreachable_for: float | None = None) -> str:
+    """What an account's row says: unreachable, paused by SendCloud's throttle, failing upstream, or ok
+    (several can hold). ``unreachable_for``: seconds to the next connect probe, None when reachable."""
     states = []
+    if unreachable_for is not None:
+        probe = f"next probe in {format_age(unreachable_for)}" if unreachable_for > 0 else "probing"
+        states.append(f"upstream unreachable, delivery suspended ({probe})")
     if paused_for > 0:
         states.append(f"paused by SendCloud for {format_age(paused_for)} more")
     if failing_since:

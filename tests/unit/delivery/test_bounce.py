@@ -23,7 +23,7 @@ def failed(address: str, reply_text: str) -> FailedRecipient:
     code, _, rest = text.partition(" ")
     reply = SMTPReply.received(int(code), rest) if code.isdigit() else SMTPReply(None, None, text)
     waiting = Recipient("3ZK7Q9M2XD4HWT", 0, address, State.DEFERRED, 3, 0.0)
-    update = after_attempt(waiting, reply, received_at=0.0, now=10.0, policy=RetryPolicy((60.0,), 0.0, 5.0), random_fraction=0.5)
+    update = after_attempt(waiting, reply, received_at=0.0, now=10.0, policy=RetryPolicy((60.0,), 0.0, 5.0), retry_at=70.0)
     assert update.state is State.FAILED
     return FailedRecipient(address, update.last_reply, update.dsn_status)
 ORIGINAL_HEADERS = (

@@ -9,6 +9,7 @@ from relay.delivery.retry import (
     after_attempt,
     is_account_throttle,
     is_temporary,
+    message_retry_at,
     retry_delay,
     while_unconfigured,
 )
@@ -87,17 +88,38 @@ FRACTIONS = {"low": 0.0, "middle": 0.5, "high": 0.999999}
 
 @pytest.mark.parametrize("fraction", FRACTIONS.values(), ids=FRACTIONS.keys())
 @pytest.mark.parametrize("attempts_before, base", DEFERRALS.values(), ids=DEFERRALS.keys())
-def test_deferred_next_attempt_follows_schedule_within_jitter(attempts_before, base, fraction):
-    """next_attempt = now + the schedule's delay for this failure, ± jitter; the last delay repeats."""
-    update = after_attempt(recipient(attempts_before), SMTPReply.received(451, "later"), RECEIVED, NOW, POLICY, fraction)
-    assert update.state is State.DEFERRED
-    assert NOW + base * 0.9 <= update.next_attempt <= NOW + base * 1.1
+def test_the_message_retries_on_the_schedule_within_jitter(attempts_before, base, fraction):
+    """retry at = start of the delivery + the schedule's delay for this failure, ± jitter; the last delay repeats."""
+    retry_at = message_retry_at([attempts_before + 1], NOW, RECEIVED, POLICY, fraction)
+    assert NOW + base * 0.9 <= retry_at <= NOW + base * 1.1
 
 
 @pytest.mark.parametrize("attempts_before, base", DEFERRALS.values(), ids=DEFERRALS.keys())
-def test_deferred_next_attempt_exact_without_jitter(attempts_before, base):
-    update = after_attempt(recipient(attempts_before), SMTPReply.received(None, "timeout"), RECEIVED, NOW, EXACT, 0.123)
-    assert update.next_attempt == NOW + base
+def test_the_message_retries_exactly_on_the_schedule_without_jitter(attempts_before, base):
+    assert message_retry_at([attempts_before + 1], NOW, RECEIVED, EXACT, 0.123) == NOW + base
+
+
+MESSAGE_RETRIES = {  # (attempts of each recipient after this delivery, fraction) -> delay from the start
+    "one_recipient": (([1],), 0.5, 60.0),
+    "five_alike": (([1, 1, 1, 1, 1],), 0.5, 60.0),
+    "the_fewest_attempts_decide": (([3, 1, 2],), 0.5, 60.0),
+    "all_on_the_later_schedule": (([3, 2, 2],), 0.5, 300.0),
+    "one_jitter_for_all": (([2, 2],), 0.0, 270.0),
+}
+
+
+@pytest.mark.parametrize("attempts, fraction, delay", MESSAGE_RETRIES.values(), ids=MESSAGE_RETRIES.keys())
+def test_a_message_has_one_retry_time_for_all_its_deferred_recipients(attempts, fraction, delay):
+    assert message_retry_at(*attempts, NOW, RECEIVED, POLICY, fraction) == pytest.approx(NOW + delay)
+
+
+def test_every_deferred_recipient_of_a_delivery_gets_the_messages_retry_time():
+    retry_at = message_retry_at([1, 3], NOW, RECEIVED, POLICY, 0.7)
+    updates = [after_attempt(recipient(attempts), SMTPReply.received(451, "later"), RECEIVED, NOW + 5, POLICY, retry_at)
+               for attempts in (0, 2)]
+    assert [(u.state, u.attempts, u.next_attempt) for u in updates] == [
+        (State.DEFERRED, 1, retry_at), (State.DEFERRED, 3, retry_at),
+    ]
 
 
 RETRY_DELAYS = {
@@ -157,16 +179,15 @@ CLAMPS = {
 
 
 @pytest.mark.parametrize("now, expected", CLAMPS.values(), ids=CLAMPS.keys())
-def test_next_attempt_is_clamped_to_the_deadline(now, expected):
+def test_the_retry_time_is_clamped_to_the_deadline(now, expected):
     """The last try happens at the deadline, not one full delay after it."""
-    update = after_attempt(recipient(), SMTPReply.received(451, "later"), RECEIVED, now, POLICY, 0.999)
-    assert update.state is State.DEFERRED
-    assert update.next_attempt == expected
+    assert message_retry_at([1], now, RECEIVED, POLICY, 0.999) == expected
+    update = after_attempt(recipient(), SMTPReply.received(451, "later"), RECEIVED, now, POLICY, now + 60)
+    assert (update.state, update.next_attempt) == (State.DEFERRED, expected)
 
 
-def test_deferral_well_before_deadline_is_not_clamped():
-    update = after_attempt(recipient(), SMTPReply.received(451, "later"), RECEIVED, NOW, EXACT, 0.5)
-    assert update.next_attempt == NOW + 60.0 < RECEIVED + 86400.0
+def test_a_retry_well_before_the_deadline_is_not_clamped():
+    assert message_retry_at([1], NOW, RECEIVED, EXACT, 0.5) == NOW + 60.0 < RECEIVED + 86400.0
 
 
 TEMPORARY = {

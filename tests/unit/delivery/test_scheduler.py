@@ -65,6 +65,8 @@ class FakeUpstream:
     opened: list[FakeConnection] = field(default_factory=list)
     sending: dict[str, int] = field(default_factory=dict)  # queue ID -> sends under way
     most_at_once: int = 0  # of one message
+    down: bool = False  # while true, every send fails to connect (refused) and sends nothing
+    connects_failed: int = 0
 
     def __call__(self, upstream, account, key, local_hostname, tls) -> FakeConnection:
         connection = FakeConnection(self, account.api_user, key)
@@ -79,6 +81,10 @@ class FakeConnection:
 
     async def send(self, transaction: Transaction) -> Result:
         upstream, queue_id = self.upstream, transaction.queue_id
+        if upstream.down:
+            upstream.connects_failed += 1
+            refused = SMTPReply(None, None, "connect to fake[upstream]: Connection refused")
+            return Result([refused] * len(transaction.recipients), None, "fake[upstream]", unreachable=True)
         upstream.sending[queue_id] = upstream.sending.get(queue_id, 0) + 1
         upstream.most_at_once = max(upstream.most_at_once, upstream.sending[queue_id])
         try:
@@ -335,13 +341,14 @@ async def test_mail_of_an_account_removed_by_reconfigure_waits_in_the_spool_unti
     await until(final(harness, in_flight.id))  # the worker finishes the transaction it was in
     late = new_message(account="acme_batch")
     await harness.intake(late)
-    await asyncio.sleep(10 * POLL)
-    assert [s.transaction.queue_id for s in upstream.sent] == [in_flight.id]
-    for stranded in (waiting, late):  # deferred with the reason `queue show` gives, no attempt spent
-        recipients = (await harness.spool.get(stranded.id)).recipients
-        assert {(r.state, r.attempts, r.last_reply) for r in recipients} == {
+
+    async def both_wait() -> bool:  # deferred with the reason `queue show` gives, no attempt spent
+        recipients = [r for stranded in (waiting, late) for r in (await harness.spool.get(stranded.id)).recipients]
+        return {(r.state, r.attempts, r.last_reply) for r in recipients} == {
             (State.DEFERRED, 0, "account acme_batch is not configured"),
         }
+    await until(both_wait)  # looked for after the reload, then once per the schedule's first delay
+    assert [s.transaction.queue_id for s in upstream.sent] == [in_flight.id]
 
     harness.reconfigure(TWO_ACCOUNTS)  # back: the poller finds what waited
     await until(final(harness, waiting.id))

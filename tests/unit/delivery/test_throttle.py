@@ -59,3 +59,26 @@ async def test_a_probe_throttled_again_doubles_the_pause():
     throttle.release(probe=True, throttled=True)
     assert throttle.remaining() == 20.0
     assert throttle.consecutive == 2
+
+
+async def test_with_probe_first_the_first_transaction_goes_alone_and_the_others_follow_once_it_got_through():
+    throttle = AccountThrottle("acme", lambda: (10.0, 100.0), clock=Clock(), probe_first=True)
+    assert await throttle.acquire() is True
+    others = [asyncio.create_task(throttle.acquire()) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert not any(task.done() for task in others)  # nobody else connects before the first one is known to work
+    throttle.release(probe=True, throttled=False)
+    await asyncio.sleep(0.01)
+    assert [task.result() for task in others] == [False, False, False]
+
+
+async def test_with_probe_first_a_failed_first_probe_pauses_and_the_next_one_probes_again():
+    clock = Clock()
+    throttle = AccountThrottle("acme", lambda: (1.0, 300.0), clock=clock, probe_first=True)
+    assert await throttle.acquire() is True
+    throttle.release(probe=True, throttled=True)
+    assert (throttle.remaining(), throttle.consecutive) == (1.0, 1)
+    clock.now += 1
+    assert await throttle.acquire() is True
+    throttle.release(probe=True, throttled=True)
+    assert throttle.remaining() == 2.0

@@ -188,6 +188,9 @@ def test_an_account_shows_sendclouds_pause_and_upstream_failures():
     assert pages.account_state(None, 0.0, 1000.0) == "ok"
     assert pages.account_state(None, 90.0, 1000.0) == "paused by SendCloud for 1m30s more"
     assert pages.account_state(400.0, 30.0, 1000.0) == "paused by SendCloud for 30s more; failing for 10m"
+    assert pages.account_state(400.0, 0.0, 1000.0, 120.0) == (
+        "upstream unreachable, delivery suspended (next probe in 2m); failing for 10m")
+    assert pages.account_state(400.0, 0.0, 1000.0, 0.0).startswith("upstream unreachable, delivery suspended (probing)")
 
 
 async def test_a_user_removed_by_a_reload_is_signed_out_at_once(board):
