@@ -49,7 +49,14 @@ CREATE TABLE IF NOT EXISTS messages (
     channel     TEXT NOT NULL,
     sender      TEXT NOT NULL,
     size        INTEGER NOT NULL,
-    body        BLOB            -- NULL once every recipient is final
+    label       INTEGER,
+    mail_from   TEXT,
+    eight_bit   INTEGER NOT NULL DEFAULT 0,
+    pending     INTEGER NOT NULL DEFAULT 1  -- 0 once every recipient is final (its body row is gone)
+);
+CREATE TABLE IF NOT EXISTS bodies (  -- apart from messages, so pruning and scans never page through them
+    message_id  TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+    body        BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS recipients (
     message_id   TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
@@ -68,14 +75,44 @@ CREATE INDEX IF NOT EXISTS recipients_pending_messages  -- `queue list`: pending
     ON recipients (message_id) WHERE state IN ('queued', 'deferred');
 """
 
+# Made once the columns they name exist (a spool.db of an older release gets them on open).
+_LATE_SCHEMA = """
+CREATE INDEX IF NOT EXISTS messages_final  -- purge_final walks only final messages, oldest first
+    ON messages (received_at) WHERE pending = 0;
+"""
+
+# Running counts for pending_summary (every /metrics scrape), kept by triggers in the same
+# transaction as the rows they count: 'messages' (a body row each), 'queued', 'deferred'.
+_COUNTS_SCHEMA = """
+CREATE TABLE spool_counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER spool_counts_body_in AFTER INSERT ON bodies
+    BEGIN UPDATE spool_counts SET n = n + 1 WHERE name = 'messages'; END;
+CREATE TRIGGER spool_counts_body_out AFTER DELETE ON bodies
+    BEGIN UPDATE spool_counts SET n = n - 1 WHERE name = 'messages'; END;
+CREATE TRIGGER spool_counts_recipient_in AFTER INSERT ON recipients
+    BEGIN UPDATE spool_counts SET n = n + 1 WHERE name = new.state; END;
+CREATE TRIGGER spool_counts_recipient_moved AFTER UPDATE OF state ON recipients WHEN old.state IS NOT new.state
+    BEGIN
+        UPDATE spool_counts SET n = n - 1 WHERE name = old.state;
+        UPDATE spool_counts SET n = n + 1 WHERE name = new.state;
+    END;
+CREATE TRIGGER spool_counts_recipient_out AFTER DELETE ON recipients
+    BEGIN UPDATE spool_counts SET n = n - 1 WHERE name = old.state; END;
+INSERT INTO spool_counts (name, n) SELECT 'messages', COUNT(*) FROM bodies;
+INSERT INTO spool_counts (name, n) SELECT 'queued', COUNT(*) FROM recipients WHERE state = 'queued';
+INSERT INTO spool_counts (name, n) SELECT 'deferred', COUNT(*) FROM recipients WHERE state = 'deferred';
+"""
+
 # Columns added after the first release: added to an existing spool.db when it is opened,
 # with the value for the rows already there (SQL over the row; None: the column's default).
+# They predate the bodies table, so the body is still messages.body when they are added.
 _ADDED_COLUMNS = {
     "label": ("INTEGER", None),
     "mail_from": ("TEXT", None),
     "eight_bit": ("INTEGER NOT NULL DEFAULT 0", "has_eight_bit(body)"),
 }
 
+_PURGE_BATCH = 500  # final messages forgotten per transaction: other writes commit in between
 _BLOB_CHUNK = 256 * 1024  # bodies are written and read in pieces of this size
 _PENDING = (State.QUEUED.value, State.DEFERRED.value)
 _MESSAGE_COLUMNS = "id, received_at, user, listener, client, account, channel, sender, size, label, mail_from, eight_bit"
@@ -91,11 +128,62 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=10000")
     conn.executescript(_SCHEMA)
     create_schema(conn)  # events, statistics, suppressions, fan-out (relay/spool/sqlite_events.py)
-    present = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    present = _columns(conn)
     for column, (kind, existing) in _ADDED_COLUMNS.items():
         if column not in present:
             _add_column(conn, column, kind, existing)
+    if "body" in present:
+        _migrate(conn, _move_bodies)
+    conn.executescript(_LATE_SCHEMA)
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'spool_counts'").fetchone() is None:
+        _migrate(conn, _start_counts)
     return conn
+
+
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+
+
+def _migrate(conn: sqlite3.Connection, step: Callable[[sqlite3.Connection], None]) -> None:
+    """Run a one-time step of an upgrade in one write transaction; the step checks again inside
+    it whether it is still needed, so two processes opening the old file at once do it once."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        step(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _move_bodies(conn: sqlite3.Connection) -> None:
+    """An old spool.db kept bodies in messages.body (NULL once final): move them to ``bodies``."""
+    present = _columns(conn)
+    if "body" not in present:
+        return
+    if "pending" not in present:
+        conn.execute("ALTER TABLE messages ADD COLUMN pending INTEGER NOT NULL DEFAULT 1")
+    conn.execute("UPDATE messages SET pending = (body IS NOT NULL)")
+    conn.execute("INSERT INTO bodies (message_id, body) SELECT id, body FROM messages WHERE body IS NOT NULL")
+    conn.execute("ALTER TABLE messages DROP COLUMN body")
+
+
+def _start_counts(conn: sqlite3.Connection) -> None:
+    """The running counts, counted once from the rows (a new spool, or one of an older release)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'spool_counts'").fetchone() is None:
+        for statement in _statements(_COUNTS_SCHEMA):
+            conn.execute(statement)
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements one by one (executescript would commit the open transaction)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements
 
 
 def _add_column(conn: sqlite3.Connection, column: str, kind: str, existing: str | None) -> None:
@@ -127,16 +215,17 @@ class SpoolStore:
         parameter, it would have to be one object, and SQLite would copy it whole twice (the
         bound value, then the record it builds)."""
         size = message.size
-        cursor = self.conn.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,zeroblob(?))",
+        self.conn.execute(
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 message.id, message.received_at, message.user, message.listener, message.client,
                 message.account, message.channel, message.sender, size,
-                message.label, message.mail_from, message.eight_bit, size,
+                message.label, message.mail_from, message.eight_bit,
             ),
         )
+        cursor = self.conn.execute("INSERT INTO bodies (message_id, body) VALUES (?, zeroblob(?))", (message.id, size))
         if size:
-            with self.conn.blobopen("messages", "body", cursor.lastrowid) as blob:
+            with self.conn.blobopen("bodies", "body", cursor.lastrowid) as blob:
                 for piece in message.pieces:
                     for chunk in piece_chunks(piece, _BLOB_CHUNK):
                         blob.write(chunk)
@@ -164,11 +253,12 @@ class SpoolStore:
         for message in new_messages:
             self.insert(message)
         for message_id in touched:
-            self.conn.execute(
-                "UPDATE messages SET body=NULL WHERE id=? AND NOT EXISTS "
+            if self.conn.execute(
+                "DELETE FROM bodies WHERE message_id=? AND NOT EXISTS "
                 "(SELECT 1 FROM recipients WHERE message_id=? AND state IN (?,?))",
                 (message_id, message_id, *_PENDING),
-            )
+            ).rowcount:
+                self.conn.execute("UPDATE messages SET pending=0 WHERE id=?", (message_id,))
 
     def retry(self, message_id: str | None = None) -> int:
         """Make pending recipients due now (one message, or every deferred one): `flush`."""
@@ -191,10 +281,13 @@ class SpoolStore:
         self.conn.execute("CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL)")
         self.conn.execute("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (now,))
 
-    def purge_final(self, older_than: float) -> int:
-        """Forget messages whose recipients are all final and that arrived before ``older_than``."""
+    def purge_final(self, older_than: float, limit: int = _PURGE_BATCH) -> int:
+        """Forget up to ``limit`` messages whose recipients are all final and that arrived
+        before ``older_than``, oldest first (by the partial index messages_final)."""
         return self.conn.execute(
-            "DELETE FROM messages WHERE received_at < ? AND body IS NULL", (older_than,)
+            "DELETE FROM messages WHERE id IN (SELECT id FROM messages INDEXED BY messages_final "
+            "WHERE pending = 0 AND received_at < ? ORDER BY received_at LIMIT ?)",
+            (older_than, limit),
         ).rowcount
 
     # -- reads ----------------------------------------------------------------------------
@@ -233,12 +326,12 @@ class SpoolStore:
         """
         self.conn.execute("BEGIN")  # one snapshot: the row found is the row read
         try:
-            row = self.conn.execute("SELECT rowid, length(body) FROM messages WHERE id=?", (message_id,)).fetchone()
+            row = self.conn.execute("SELECT rowid, length(body) FROM bodies WHERE message_id=?", (message_id,)).fetchone()
             if row is None or row[1] is None:
                 return None
             if offset >= row[1]:
                 return b"", row[1]
-            with self.conn.blobopen("messages", "body", row[0], readonly=True) as blob:
+            with self.conn.blobopen("bodies", "body", row[0], readonly=True) as blob:
                 blob.seek(offset)
                 data = blob.read(_BLOB_CHUNK)
                 while through_header and header_length(data) is None and offset + len(data) < row[1]:
@@ -278,18 +371,21 @@ class SpoolStore:
         return dict(self.conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state").fetchall())
 
     def pending_summary(self) -> tuple[int, dict[str, int], float | None]:
-        """For metrics on every scrape, so from the pending index only: messages not final,
-        recipients waiting by state, and the arrival of the oldest waiting message (queue IDs
-        sort by time). Literal states, so SQLite sees that the partial index applies."""
-        count, oldest_id = self.conn.execute(
-            "SELECT COUNT(DISTINCT message_id), MIN(message_id) FROM recipients "
-            "WHERE state IN ('queued', 'deferred')"
-        ).fetchone()
-        by_state = dict(self.conn.execute(
-            "SELECT state, COUNT(*) FROM recipients WHERE state IN ('queued', 'deferred') GROUP BY state"
-        ).fetchall())
-        row = self.conn.execute("SELECT received_at FROM messages WHERE id=?", (oldest_id,)).fetchone()
-        return count, by_state, row[0] if row else None
+        """For metrics on every scrape, so in constant time whatever the backlog: messages not
+        final and recipients waiting by state from the running counts (spool_counts), and the
+        arrival of the oldest waiting message (queue IDs sort by time: the first entry of the
+        pending index; literal states, so SQLite sees that the partial index applies)."""
+        self.conn.execute("BEGIN")  # one snapshot: counts and oldest agree
+        try:
+            counts = dict(self.conn.execute("SELECT name, n FROM spool_counts").fetchall())
+            row = self.conn.execute(
+                "SELECT m.received_at FROM messages m WHERE m.id = (SELECT MIN(message_id) FROM recipients "
+                "WHERE state IN ('queued', 'deferred'))"
+            ).fetchone()
+        finally:
+            self.conn.execute("COMMIT")
+        by_state = {state: counts[state] for state in _PENDING if counts.get(state)}
+        return counts.get("messages", 0), by_state, row[0] if row else None
 
     def _messages(self, recipients: dict[str, list[Recipient]]) -> list[QueuedMessage]:
         if not recipients:
@@ -405,7 +501,13 @@ class SqliteSpool(SqliteEvents):
         await self._write(SpoolStore.record, updates, list(new_messages))
 
     async def purge_final(self, older_than: float) -> int:
-        return await self._write(SpoolStore.purge_final, older_than)
+        """In batches, each its own write: mail stored meanwhile commits between them."""
+        total = 0
+        while (purged := await self._write(SpoolStore.purge_final, older_than)) > 0:
+            total += purged
+            if purged < _PURGE_BATCH:
+                break
+        return total
 
     async def retry(self, message_id: str | None = None) -> int:
         return await self._write(SpoolStore.retry, message_id)
