@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import sqlite3
 import threading
@@ -37,6 +38,8 @@ from relay.spool.model import (
     piece_chunks,
 )
 from relay.spool.sqlite_events import SqliteEvents, create_schema
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -456,6 +459,23 @@ def _recipient(row: tuple) -> Recipient:
 
 
 _STOP = object()
+_CHECKPOINT_EVERY = 1.0  # seconds between checkpoints
+_WAL_BOUND = 16 * 2**20  # bytes of WAL past which the log is restarted (or truncated when idle)
+
+
+def after_passive(log_bytes: int, file_bytes: int, writer_idle: bool) -> str | None:
+    """The checkpoint to run after a PASSIVE one left ``log_bytes`` in a WAL file of ``file_bytes``.
+
+    PASSIVE copies committed pages back without ever blocking a commit, but under steady load
+    the writer always has a newer transaction, so the WAL is never found wholly copied and
+    never starts over. Past the bound, RESTART does: it waits for the current transaction,
+    copies the little PASSIVE just left, and holds the next commit only for that. TRUNCATE
+    also gives the file's disk space back, so it runs only while the writer is idle."""
+    if file_bytes >= _WAL_BOUND and writer_idle:
+        return "TRUNCATE"
+    if log_bytes >= _WAL_BOUND:
+        return "RESTART"
+    return None
 
 
 class SqliteSpool(SqliteEvents):
@@ -472,6 +492,8 @@ class SqliteSpool(SqliteEvents):
         self._writer: threading.Thread | None = None
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
         self._read_store: SpoolStore | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._closing = threading.Event()
 
     async def open(self) -> None:
         if not self._create and not await asyncio.to_thread(self.path.exists):
@@ -481,8 +503,15 @@ class SqliteSpool(SqliteEvents):
         self._writer.start()
         await asyncio.wrap_future(ready)
         self._read_store = SpoolStore(await self._read(connect, self.path))
+        self._closing.clear()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="spool-checkpointer", daemon=True)
+        self._checkpointer.start()
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            self._closing.set()
+            await asyncio.to_thread(self._checkpointer.join)
+            self._checkpointer = None
         if self._writer is not None:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
@@ -592,9 +621,31 @@ class SqliteSpool(SqliteEvents):
                 + ("" if withdrawn else "; the write may still commit")
             ) from None
 
+    def _checkpoint_loop(self) -> None:
+        """Checkpoints on a connection of their own, so no COMMIT runs one (the writer's
+        automatic checkpoint is off) and the WAL stays bounded (:func:`after_passive`)."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=1000")  # RESTART/TRUNCATE wait this long for the writer at most
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        try:
+            while not self._closing.wait(_CHECKPOINT_EVERY):
+                try:
+                    _, log_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    file_bytes = wal.stat().st_size if wal.exists() else 0
+                    idle = self._group_started is None and self._queue.empty()
+                    mode = after_passive(log_frames * (page_size + 24), file_bytes, idle)
+                    if mode is not None:
+                        conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                except sqlite3.Error as error:
+                    log.warning("spool checkpoint failed: %s", error)
+        finally:
+            conn.close()
+
     def _write_loop(self, ready: concurrent.futures.Future) -> None:
         try:
             store = SpoolStore(connect(self.path))
+            store.conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does them
         except Exception as error:  # noqa: BLE001 - reported to open()
             ready.set_exception(error)
             return
