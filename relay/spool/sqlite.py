@@ -82,6 +82,8 @@ CREATE INDEX IF NOT EXISTS recipients_pending_messages  -- `queue list`: pending
 _LATE_SCHEMA = """
 CREATE INDEX IF NOT EXISTS messages_final  -- purge_final walks only final messages, oldest first
     ON messages (received_at) WHERE pending = 0;
+CREATE INDEX IF NOT EXISTS messages_pending_accounts  -- stranded: which accounts have mail waiting
+    ON messages (account) WHERE pending = 1;
 """
 
 # Running counts for pending_summary (every /metrics scrape), kept by triggers in the same
@@ -300,8 +302,20 @@ class SpoolStore:
         return self._due(now, limit, accounts, "IN")
 
     def stranded(self, now: float, limit: int, accounts: Collection[str]) -> list[QueuedMessage]:
-        """As :meth:`due`, for the messages of every account *not* in ``accounts``."""
-        return self._due(now, limit, accounts, "NOT IN")
+        """As :meth:`due`, for the messages of every account *not* in ``accounts``.
+
+        The accounts with mail waiting come first, from their index (a step per account, not
+        per message): walking the due recipients for the few of other accounts would read the
+        whole backlog on every poll."""
+        waiting = [row[0] for row in self.conn.execute(
+            "WITH RECURSIVE waiting(account) AS ("
+            "SELECT MIN(account) FROM messages WHERE pending = 1 UNION ALL "
+            "SELECT (SELECT MIN(account) FROM messages WHERE pending = 1 AND account > waiting.account) "
+            "FROM waiting WHERE waiting.account IS NOT NULL) "
+            "SELECT account FROM waiting WHERE account IS NOT NULL"
+        )]
+        unconfigured = [account for account in waiting if account not in set(accounts)]
+        return self._due(now, limit, unconfigured, "IN") if unconfigured else []
 
     def _due(self, now: float, limit: int, accounts: Collection[str], membership: str) -> list[QueuedMessage]:
         """Walks the partial index in next_attempt order (literal states, so SQLite sees that it

@@ -103,6 +103,7 @@ class _RecordingConnection:
 def test_due_and_stranded_walk_the_pending_partial_index(path, query):
     """Bound states (state IN (?,?)) hide the partial index from SQLite: a full scan per poll."""
     conn = open_store(path).conn
+    SpoolStore(conn).insert(dataclasses.replace(new_message(), account="gone_account"))  # stranded has one to find
     recording = _RecordingConnection(conn)
     getattr(SpoolStore(recording), query)(RECEIVED, 10, ACCOUNTS)
     ((select, parameters),) = [(sql, p) for sql, p in recording.statements if "FROM recipients" in sql]
@@ -598,5 +599,27 @@ async def test_the_wal_stays_bounded_under_steady_load_and_the_writer_never_chec
         autocheckpoint = await spool._write(lambda store: store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
     finally:
         await spool.close()
-    assert 0 < largest < 12 * 2**20  # the bound and what a noisy machine writes until the next look
+    assert 0 < largest < 12 * 2**20, largest  # the bound and what a noisy machine writes until the next look
     assert autocheckpoint == 0
+
+
+def test_stranded_finds_the_accounts_with_mail_waiting_by_their_index_without_reading_the_backlog(path):
+    store = open_store(path)
+    store.conn.execute("BEGIN")
+    for _ in range(300):
+        store.insert(new_message(recipients=("a@x.org",)))
+    store.insert(dataclasses.replace(new_message(), account="gone_account"))
+    store.conn.execute("COMMIT")
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    store.conn.set_progress_handler(count, 1)
+    assert store.stranded(RECEIVED + 1, 10, ("acme_trigger", "gone_account")) == []
+    nothing_stranded = steps[0]
+    store.conn.set_progress_handler(None, 1)
+    assert nothing_stranded < 300  # a few steps per account, not one per waiting message
+    assert [m.account for m in store.stranded(RECEIVED + 1, 10, ACCOUNTS)] == ["gone_account"]
+    store.conn.close()
