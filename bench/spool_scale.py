@@ -9,8 +9,8 @@ quarter of an hour), then measures on it: ``queue list --limit 50`` (the query i
 and the CLI command's wall time next to the same command on an empty spool, which is
 Python's start-up), ``pending_summary`` (what every /metrics scrape runs), ``serve`` from
 start to the listener's ``220`` with that backlog, and the latency of single-message commits
-while ``purge_final`` forgets ``--purge`` final messages, in batches (this branch) and as
-one DELETE (what the spool did before).
+while ``purge_final`` forgets ``--purge`` final messages (on a spool of their own), in
+batches (this branch) and as one DELETE (what the spool did before).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import yaml
 from peers import free_port, wait_greeting
 
 from relay.spool import NewMessage, RecipientUpdate, State
-from relay.spool.sqlite import SpoolStore, SqliteSpool, open_store
+from relay.spool.sqlite import SqliteSpool, open_store
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,21 +169,21 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=5120)
     parser.add_argument("--purge", type=int, default=100_000, help="final messages forgotten while commits are timed")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--spool", type=Path, help="a spool built by an earlier run to measure again (built there if missing; kept)")
     args = parser.parse_args()
     started = datetime.datetime.now()
     results = {"started": started.isoformat(timespec="seconds"), "config": {k: str(v) for k, v in vars(args).items()},
                "loadavg_before": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="spool-scale-", dir=os.environ.get("SPOOL_SCALE_DIR")) as tmp:
         workdir = Path(tmp)
-        path = workdir / "backlog" / "spool.db"
-        results["build_s"] = build(path, args.messages, args.recipients, args.size)
+        path = args.spool or workdir / "backlog" / "spool.db"
+        if not path.exists():
+            results["build_s"] = build(path, args.messages, args.recipients, args.size)
         results["spool_db_mb"] = path.stat().st_size / 2**20
         results.update(reads(path, workdir))
         print(json.dumps(results, indent=1), flush=True)
         for batched in (False, True):
             scratch = workdir / f"purge-{batched}" / "spool.db"
-            scratch.parent.mkdir()
-            shutil.copy(path, scratch)
             name = "purge_batched" if batched else "purge_one_delete"
             results[name] = asyncio.run(purge_latency(scratch, args.purge, batched))
             print(name, results[name], flush=True)
