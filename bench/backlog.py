@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from pathlib import Path
 
 from peers import SMTP_SOURCE, OurRelay, SmtpSink, free_port, memory, tree_pids, wait_until
@@ -48,11 +49,11 @@ class Sampler:
         self.samples: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
-        self._started = time.monotonic()
+        self.started = time.monotonic()
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):
-            sample = {"t": time.monotonic() - self._started, "phase": self.phase}
+            sample = {"t": time.monotonic() - self.started, "phase": self.phase}
             if self.relay_pid is not None:
                 sample["rss_mb"] = memory(tree_pids(self.relay_pid))[0] / MiB
             try:
@@ -121,6 +122,7 @@ def run(bench, messages: int) -> dict:
             sampler.relay_pid = relay.pid()
             result["empty_rss_mb"] = memory(tree_pids(relay.pid()))[0] / MiB
             started = time.monotonic()
+            sampler.samples.append({"t": started - sampler.started, "phase": "inject", "messages": 0, "queued": 0, "deferred": 0})
             subprocess.run([SMTP_SOURCE, "-s", str(SESSIONS), "-m", str(messages), "-r", str(RECIPIENTS),
                             "-l", str(SIZE), "-f", "bench@bench.test", "-t", "sink@example.net", f"127.0.0.1:{port}"],
                            check=True, stdout=subprocess.DEVNULL)
@@ -152,13 +154,15 @@ def run(bench, messages: int) -> dict:
                 result["flush_s"] = time.monotonic() - flushing
                 probes = _Probes(port)
                 with probes:
-                    wait_until(lambda: _waiting(sampler.latest()) == 0 and sampler.latest().get("t", 0) > flushing - sampler._started,
+                    wait_until(lambda: _waiting(sampler.latest()) == 0 and sampler.latest().get("t", 0) > flushing - sampler.started,
                                4 * 3600, "the backlog drained")
                 result["drain_s"] = time.monotonic() - flushing
                 result["sink_transactions"] = sink.count()
             result["probes_sent"] = probes.sent
-        delays = [float(d) for d in re.findall(rf"to=<{re.escape(PROBE)}>.*?delay=([\d.]+).*?status=sent",
-                                               restarted.log_path.read_text(errors="replace"))]
+        log = restarted.log_path.read_text(errors="replace")
+        delays = [float(d) for d in re.findall(rf"to=<{re.escape(PROBE)}>.*?delay=([\d.]+).*?status=sent", log)]
+        sent = Counter(re.findall(r"relay\.delivery: (\w+): to=<([^>]*)>.*status=sent", log))
+        result["recipients_sent_more_than_once"] = sum(1 for count in sent.values() if count > 1)
     total = messages * RECIPIENTS
     drain = [s for s in sampler.samples if s["phase"] == "drain" and "messages" in s]
     result["drain_recipients_per_s"] = total / result["drain_s"]

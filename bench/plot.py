@@ -66,7 +66,7 @@ def plot_backlog(results: dict, path: Path) -> None:
     waiting.set_xlabel("seconds since the relay started")
     waiting.grid(True, alpha=0.3)
     memory = waiting.twinx()
-    with_rss = [s for s in backlog["samples"] if "rss_mb" in s]
+    with_rss = [s for s in backlog["samples"] if s.get("rss_mb", 0) > 1]  # not the moment a process exits
     memory.plot([s["t"] for s in with_rss], [s["rss_mb"] for s in with_rss], color="tab:gray", linewidth=0.8, label="RSS MB")
     memory.set_ylabel("RSS MB (sum over the relay's processes)")
     memory.set_ylim(bottom=0)
@@ -82,3 +82,11 @@ def plot_backlog(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+if __name__ == "__main__":  # plot a backlog result again: python bench/plot.py bench/results/<time>.json
+    import json
+    import sys
+
+    source = Path(sys.argv[1])
+    plot_backlog(json.loads(source.read_text()), source.with_name(source.stem + "-backlog.png"))

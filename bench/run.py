@@ -409,7 +409,8 @@ def backlog_rows(b: dict) -> list[tuple[str, str]]:
         ("  SIGTERM to exit / restart to 220 s", f"{b['stop_s']:.1f} / {b['restart_to_220_s']:.1f}"),
         ("  drain recipients/s whole / middle 80 %",
          f"{b['drain_recipients_per_s']:.0f} / {figure(b['drain_recipients_per_s_middle_80pct'])}"),
-        ("  upstream transactions per message", f"{b['upstream_transactions_per_message']:.2f}"),
+        ("  upstream transactions per message; recipients sent more than once",
+         f"{b['upstream_transactions_per_message']:.2f}; {b['recipients_sent_more_than_once']}"),
         ("  new mail during the drain: delay median / max s",
          f"{figure(b['probe_delay_s']['median'], '{:.1f}')} / {figure(b['probe_delay_s']['max'], '{:.1f}')}"),
     ]
