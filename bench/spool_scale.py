@@ -37,7 +37,7 @@ from relay.spool.sqlite import SqliteSpool, open_store
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
-RECEIVED = 1_700_000_000.0
+RECEIVED = time.time() - 3600  # recent: older than spool.max_lifetime would fail at the first attempt
 ACCOUNT = "sink"
 
 
