@@ -314,7 +314,8 @@ class SpoolStore:
             "FROM waiting WHERE waiting.account IS NOT NULL) "
             "SELECT account FROM waiting WHERE account IS NOT NULL"
         )]
-        unconfigured = [account for account in waiting if account not in set(accounts)]
+        configured = set(accounts)
+        unconfigured = [account for account in waiting if account not in configured]
         return self._due(now, limit, unconfigured, "IN") if unconfigured else []
 
     def _due(self, now: float, limit: int, accounts: Collection[str], membership: str) -> list[QueuedMessage]:
