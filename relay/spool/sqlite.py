@@ -483,8 +483,9 @@ def after_passive(log_bytes: int, file_bytes: int, writer_idle: bool) -> str | N
 
     PASSIVE copies committed pages back without ever blocking a commit, but under steady load
     the writer always has a newer transaction, so the WAL is never found wholly copied and
-    never starts over. Past the bound, RESTART does: it waits for the current transaction,
-    copies the little PASSIVE just left, and holds the next commit only for that. TRUNCATE
+    never starts over. Past the bound, RESTART does; the writer runs it between two groups
+    (from another connection it would wait for a gap that back-to-back commits never leave),
+    copying the little PASSIVE just left, so the next commit waits only for that. TRUNCATE
     also gives the file's disk space back, so it runs only while the writer is idle."""
     if file_bytes >= _WAL_BOUND and writer_idle:
         return "TRUNCATE"
@@ -509,6 +510,7 @@ class SqliteSpool(SqliteEvents):
         self._read_store: SpoolStore | None = None
         self._checkpointer: threading.Thread | None = None
         self._closing = threading.Event()
+        self._restart_wanted = threading.Event()  # set by the checkpointer, done by the writer between groups
 
     async def open(self) -> None:
         if not self._create and not await asyncio.to_thread(self.path.exists):
@@ -650,7 +652,10 @@ class SqliteSpool(SqliteEvents):
                     file_bytes = wal.stat().st_size if wal.exists() else 0
                     idle = self._group_started is None and self._queue.empty()
                     mode = after_passive(log_frames * (page_size + 24), file_bytes, idle)
-                    if mode is not None:
+                    if mode == "RESTART":
+                        self._restart_wanted.set()
+                        self._queue.put((_nothing, (), concurrent.futures.Future()))  # an idle writer wakes for it
+                    elif mode is not None:
                         conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
                 except sqlite3.Error as error:
                     log.warning("spool checkpoint failed: %s", error)
@@ -680,6 +685,17 @@ class SqliteSpool(SqliteEvents):
             if stop:
                 store.conn.close()
                 return
+            if self._restart_wanted.is_set():
+                self._restart_log(store.conn)
+
+    def _restart_log(self, conn: sqlite3.Connection) -> None:
+        """Between groups, when the checkpointer asks (:func:`after_passive`): the writer holds
+        the only write lock, so its RESTART cannot be starved by back-to-back commits."""
+        self._restart_wanted.clear()
+        try:
+            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except sqlite3.Error as error:
+            log.warning("spool checkpoint (RESTART) failed: %s", error)
 
     def _commit_group(self, store: SpoolStore, batch: list) -> None:
         batch = [item for item in batch if item[2].set_running_or_notify_cancel()]  # not withdrawn
@@ -719,6 +735,10 @@ class SqliteSpool(SqliteEvents):
                 done.set_exception(error)
             else:
                 done.set_result(result)
+
+
+def _nothing(store: SpoolStore) -> None:
+    """A write that writes nothing: wakes an idle writer thread."""
 
 
 def _consume(waiting: asyncio.Future) -> None:
