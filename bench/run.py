@@ -284,6 +284,13 @@ class Bench:
         summary["messages_per_connection"] = per
         return summary
 
+    def scenario_backlog(self, sink: SmtpSink) -> dict:
+        """A million recipients queued with the upstream down, then the drain (bench/backlog.py;
+        it runs its own sink, started only for the drain)."""
+        import backlog
+
+        return backlog.run(self, self.args.backlog_messages)
+
     def scenario_idle(self, sink: SmtpSink) -> dict:
         """1,000 idle sessions: the relay's RSS, and the latency of messages sent meanwhile."""
         runs = []
@@ -405,10 +412,31 @@ def table(results: dict) -> str:
         rows.append(("  latency meanwhile p50 / p99 ms", f"{idle['p50_ms']:.1f} / {idle['p99_ms']:.1f}", "", ""))
     for sessions, data in s.get("sweep", {}).items():
         both(f"sweep {sessions} sessions: end-to-end msgs/s", data, "end_to_end_per_s")
+    if "backlog" in s:
+        rows.extend((label, value, "", "") for label, value in backlog_rows(s["backlog"]))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
     return "\n".join(lines)
+
+
+def backlog_rows(b: dict) -> list[tuple[str, str]]:
+    def figure(value, fmt="{:.0f}"):
+        return fmt.format(value) if value is not None else "n/a"
+
+    return [
+        (f"backlog {b['messages']} x {b['recipients_per_message']}: accepted msgs/s first / last 10 %",
+         f"{figure(b['accepted_per_s_first_10pct'])} / {figure(b['accepted_per_s_last_10pct'])}"),
+        ("  peak RSS MB (sum over processes), empty", f"{b['peak_rss_mb']:.0f}, {b['empty_rss_mb']:.0f}"),
+        ("  queue list --limit 50: CLI / /api/queue ms", f"{b['cli_queue_list_limit_50_ms']:.0f} / {b['api_queue_limit_50_ms']:.1f}"),
+        ("  SIGTERM to exit / restart to 220 s", f"{b['stop_s']:.1f} / {b['restart_to_220_s']:.1f}"),
+        ("  drain recipients/s whole / middle 80 %",
+         f"{b['drain_recipients_per_s']:.0f} / {figure(b['drain_recipients_per_s_middle_80pct'])}"),
+        ("  upstream transactions per message; recipients sent more than once",
+         f"{b['upstream_transactions_per_message']:.2f}; {b['recipients_sent_more_than_once']}"),
+        ("  new mail during the drain: delay median / max s",
+         f"{figure(b['probe_delay_s']['median'], '{:.1f}')} / {figure(b['probe_delay_s']['max'], '{:.1f}')}"),
+    ]
 
 
 def main() -> int:
@@ -418,6 +446,8 @@ def main() -> int:
     parser.add_argument("--only", default="relay,fsync,submission,sizes,idle,sweep", help="comma-separated scenarios")
     parser.add_argument("--sweep", default="1,5,10,20,50,100", help="parallel sessions for the plot")
     parser.add_argument("--idle", type=int, default=1000, help="idle sessions")
+    parser.add_argument("--backlog-messages", type=int, default=200_000,
+                        help="messages of 5 recipients queued with the upstream down in the backlog scenario (not in the default --only)")
     parser.add_argument("--per-connection", type=int, default=20, help="messages per connection in the submission scenario's reuse pattern")
     parser.add_argument("--submission", default="full,resumed,reuse",
                         help="the submission scenario's client patterns: full (a full TLS handshake per message), "
@@ -459,6 +489,11 @@ def main() -> int:
 
         plot_sweep(results, stem.with_suffix(".png"))
         print(f"wrote {stem}.png")
+    if "backlog" in results["scenarios"]:
+        from plot import plot_backlog
+
+        plot_backlog(results, stem.with_name(stem.name + "-backlog.png"))
+        print(f"wrote {stem}-backlog.png")
     return 0
 
 

@@ -130,7 +130,7 @@ class Relay:
             await self.scheduler.start()
             await self.events.start()  # applier, fan-out and retention; the receiver serves with the listeners
             await serve_all(listening)
-        pending = await self.spool.counts()
+        _, pending, _ = await self.spool.pending_summary()  # counts() would count every recipient ever kept
         loop_module = type(asyncio.get_running_loop()).__module__
         log.info(
             "sendcloud-relay started: upstream=%s, spool=%s %s (%d queued, %d deferred), event loop: %s",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import queue
 import sqlite3
 import threading
@@ -38,6 +39,8 @@ from relay.spool.model import (
 )
 from relay.spool.sqlite_events import SqliteEvents, create_schema
 
+log = logging.getLogger(__name__)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id          TEXT PRIMARY KEY,
@@ -49,7 +52,14 @@ CREATE TABLE IF NOT EXISTS messages (
     channel     TEXT NOT NULL,
     sender      TEXT NOT NULL,
     size        INTEGER NOT NULL,
-    body        BLOB            -- NULL once every recipient is final
+    label       INTEGER,
+    mail_from   TEXT,
+    eight_bit   INTEGER NOT NULL DEFAULT 0,
+    pending     INTEGER NOT NULL DEFAULT 1  -- 0 once every recipient is final (its body row is gone)
+);
+CREATE TABLE IF NOT EXISTS bodies (  -- apart from messages, so pruning and scans never page through them
+    message_id  TEXT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+    body        BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS recipients (
     message_id   TEXT NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
@@ -68,14 +78,46 @@ CREATE INDEX IF NOT EXISTS recipients_pending_messages  -- `queue list`: pending
     ON recipients (message_id) WHERE state IN ('queued', 'deferred');
 """
 
+# Made once the columns they name exist (a spool.db of an older release gets them on open).
+_LATE_SCHEMA = """
+CREATE INDEX IF NOT EXISTS messages_final  -- purge_final walks only final messages, oldest first
+    ON messages (received_at) WHERE pending = 0;
+CREATE INDEX IF NOT EXISTS messages_pending_accounts  -- stranded: which accounts have mail waiting
+    ON messages (account) WHERE pending = 1;
+"""
+
+# Running counts for pending_summary (every /metrics scrape), kept by triggers in the same
+# transaction as the rows they count: 'messages' (a body row each), 'queued', 'deferred'.
+_COUNTS_SCHEMA = """
+CREATE TABLE spool_counts (name TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TRIGGER spool_counts_body_in AFTER INSERT ON bodies
+    BEGIN UPDATE spool_counts SET n = n + 1 WHERE name = 'messages'; END;
+CREATE TRIGGER spool_counts_body_out AFTER DELETE ON bodies
+    BEGIN UPDATE spool_counts SET n = n - 1 WHERE name = 'messages'; END;
+CREATE TRIGGER spool_counts_recipient_in AFTER INSERT ON recipients
+    BEGIN UPDATE spool_counts SET n = n + 1 WHERE name = new.state; END;
+CREATE TRIGGER spool_counts_recipient_moved AFTER UPDATE OF state ON recipients WHEN old.state IS NOT new.state
+    BEGIN
+        UPDATE spool_counts SET n = n - 1 WHERE name = old.state;
+        UPDATE spool_counts SET n = n + 1 WHERE name = new.state;
+    END;
+CREATE TRIGGER spool_counts_recipient_out AFTER DELETE ON recipients
+    BEGIN UPDATE spool_counts SET n = n - 1 WHERE name = old.state; END;
+INSERT INTO spool_counts (name, n) SELECT 'messages', COUNT(*) FROM bodies;
+INSERT INTO spool_counts (name, n) SELECT 'queued', COUNT(*) FROM recipients WHERE state = 'queued';
+INSERT INTO spool_counts (name, n) SELECT 'deferred', COUNT(*) FROM recipients WHERE state = 'deferred';
+"""
+
 # Columns added after the first release: added to an existing spool.db when it is opened,
 # with the value for the rows already there (SQL over the row; None: the column's default).
+# They predate the bodies table, so the body is still messages.body when they are added.
 _ADDED_COLUMNS = {
     "label": ("INTEGER", None),
     "mail_from": ("TEXT", None),
     "eight_bit": ("INTEGER NOT NULL DEFAULT 0", "has_eight_bit(body)"),
 }
 
+_PURGE_BATCH = 500  # final messages forgotten per transaction: other writes commit in between
 _BLOB_CHUNK = 256 * 1024  # bodies are written and read in pieces of this size
 _PENDING = (State.QUEUED.value, State.DEFERRED.value)
 _MESSAGE_COLUMNS = "id, received_at, user, listener, client, account, channel, sender, size, label, mail_from, eight_bit"
@@ -91,11 +133,62 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout=10000")
     conn.executescript(_SCHEMA)
     create_schema(conn)  # events, statistics, suppressions, fan-out (relay/spool/sqlite_events.py)
-    present = {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+    present = _columns(conn)
     for column, (kind, existing) in _ADDED_COLUMNS.items():
         if column not in present:
             _add_column(conn, column, kind, existing)
+    if "body" in present:
+        _migrate(conn, _move_bodies)
+    conn.executescript(_LATE_SCHEMA)
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'spool_counts'").fetchone() is None:
+        _migrate(conn, _start_counts)
     return conn
+
+
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(messages)")}
+
+
+def _migrate(conn: sqlite3.Connection, step: Callable[[sqlite3.Connection], None]) -> None:
+    """Run a one-time step of an upgrade in one write transaction; the step checks again inside
+    it whether it is still needed, so two processes opening the old file at once do it once."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        step(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def _move_bodies(conn: sqlite3.Connection) -> None:
+    """An old spool.db kept bodies in messages.body (NULL once final): move them to ``bodies``."""
+    present = _columns(conn)
+    if "body" not in present:
+        return
+    if "pending" not in present:
+        conn.execute("ALTER TABLE messages ADD COLUMN pending INTEGER NOT NULL DEFAULT 1")
+    conn.execute("UPDATE messages SET pending = (body IS NOT NULL)")
+    conn.execute("INSERT INTO bodies (message_id, body) SELECT id, body FROM messages WHERE body IS NOT NULL")
+    conn.execute("ALTER TABLE messages DROP COLUMN body")
+
+
+def _start_counts(conn: sqlite3.Connection) -> None:
+    """The running counts, counted once from the rows (a new spool, or one of an older release)."""
+    if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'spool_counts'").fetchone() is None:
+        for statement in _statements(_COUNTS_SCHEMA):
+            conn.execute(statement)
+
+
+def _statements(script: str) -> list[str]:
+    """A script's statements one by one (executescript would commit the open transaction)."""
+    statements, current = [], ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    return statements
 
 
 def _add_column(conn: sqlite3.Connection, column: str, kind: str, existing: str | None) -> None:
@@ -127,16 +220,17 @@ class SpoolStore:
         parameter, it would have to be one object, and SQLite would copy it whole twice (the
         bound value, then the record it builds)."""
         size = message.size
-        cursor = self.conn.execute(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,zeroblob(?))",
+        self.conn.execute(
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 message.id, message.received_at, message.user, message.listener, message.client,
                 message.account, message.channel, message.sender, size,
-                message.label, message.mail_from, message.eight_bit, size,
+                message.label, message.mail_from, message.eight_bit,
             ),
         )
+        cursor = self.conn.execute("INSERT INTO bodies (message_id, body) VALUES (?, zeroblob(?))", (message.id, size))
         if size:
-            with self.conn.blobopen("messages", "body", cursor.lastrowid) as blob:
+            with self.conn.blobopen("bodies", "body", cursor.lastrowid) as blob:
                 for piece in message.pieces:
                     for chunk in piece_chunks(piece, _BLOB_CHUNK):
                         blob.write(chunk)
@@ -164,11 +258,12 @@ class SpoolStore:
         for message in new_messages:
             self.insert(message)
         for message_id in touched:
-            self.conn.execute(
-                "UPDATE messages SET body=NULL WHERE id=? AND NOT EXISTS "
+            if self.conn.execute(
+                "DELETE FROM bodies WHERE message_id=? AND NOT EXISTS "
                 "(SELECT 1 FROM recipients WHERE message_id=? AND state IN (?,?))",
                 (message_id, message_id, *_PENDING),
-            )
+            ).rowcount:
+                self.conn.execute("UPDATE messages SET pending=0 WHERE id=?", (message_id,))
 
     def retry(self, message_id: str | None = None) -> int:
         """Make pending recipients due now (one message, or every deferred one): `flush`."""
@@ -191,24 +286,39 @@ class SpoolStore:
         self.conn.execute("CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY CHECK (id = 1), checked_at REAL)")
         self.conn.execute("INSERT OR REPLACE INTO health (id, checked_at) VALUES (1, ?)", (now,))
 
-    def purge_final(self, older_than: float) -> int:
-        """Forget messages whose recipients are all final and that arrived before ``older_than``."""
+    def purge_final(self, older_than: float, limit: int = _PURGE_BATCH) -> int:
+        """Forget up to ``limit`` messages whose recipients are all final and that arrived
+        before ``older_than``, oldest first (by the partial index messages_final)."""
         return self.conn.execute(
-            "DELETE FROM messages WHERE received_at < ? AND body IS NULL", (older_than,)
+            "DELETE FROM messages WHERE id IN (SELECT id FROM messages INDEXED BY messages_final "
+            "WHERE pending = 0 AND received_at < ? ORDER BY received_at LIMIT ?)",
+            (older_than, limit),
         ).rowcount
 
     # -- reads ----------------------------------------------------------------------------
 
     def due(self, now: float, limit: int, accounts: Collection[str], after: Cursor | None = None) -> list[QueuedMessage]:
         """Messages of ``accounts`` with a recipient due, each with all its due recipients."""
-        return self._due(now, limit, accounts, "IN", after)
+        return self._due(now, limit, accounts, after)
 
     def stranded(self, now: float, limit: int, accounts: Collection[str], after: Cursor | None = None) -> list[QueuedMessage]:
-        """As :meth:`due`, for the messages of every account *not* in ``accounts``."""
-        return self._due(now, limit, accounts, "NOT IN", after)
+        """As :meth:`due`, for the messages of every account *not* in ``accounts``.
 
-    def _due(self, now: float, limit: int, accounts: Collection[str], membership: str,
-             after: Cursor | None) -> list[QueuedMessage]:
+        The accounts with mail waiting come first, from their index (a step per account, not
+        per message): walking the due recipients for the few of other accounts would read the
+        whole backlog on every poll."""
+        waiting = [row[0] for row in self.conn.execute(
+            "WITH RECURSIVE waiting(account) AS ("
+            "SELECT MIN(account) FROM messages WHERE pending = 1 UNION ALL "
+            "SELECT (SELECT MIN(account) FROM messages WHERE pending = 1 AND account > waiting.account) "
+            "FROM waiting WHERE waiting.account IS NOT NULL) "
+            "SELECT account FROM waiting WHERE account IS NOT NULL"
+        )]
+        configured = set(accounts)
+        unconfigured = [account for account in waiting if account not in configured]
+        return self._due(now, limit, unconfigured, after) if unconfigured else []
+
+    def _due(self, now: float, limit: int, accounts: Collection[str], after: Cursor | None) -> list[QueuedMessage]:
         """Walks the partial index in (next_attempt, message_id) order (literal states, so SQLite
         sees that it applies; CROSS JOIN keeps recipients the outer loop) until ``limit``
         distinct messages, then reads their due recipients by primary key: the work is the page."""
@@ -221,7 +331,7 @@ class SpoolStore:
             walk = self.conn.execute(
                 "SELECT r.message_id FROM recipients AS r CROSS JOIN messages AS m ON m.id = r.message_id "
                 f"WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ? {resume}"
-                f"AND m.account {membership} ({','.join('?' * len(names))}) ORDER BY r.next_attempt, r.message_id",
+                f"AND m.account IN ({','.join('?' * len(names))}) ORDER BY r.next_attempt, r.message_id",
                 (now, *resume_args, *names),
             )
             ids: dict[str, None] = {}  # in the order first met: earliest due first
@@ -259,12 +369,12 @@ class SpoolStore:
         """
         self.conn.execute("BEGIN")  # one snapshot: the row found is the row read
         try:
-            row = self.conn.execute("SELECT rowid, length(body) FROM messages WHERE id=?", (message_id,)).fetchone()
+            row = self.conn.execute("SELECT rowid, length(body) FROM bodies WHERE message_id=?", (message_id,)).fetchone()
             if row is None or row[1] is None:
                 return None
             if offset >= row[1]:
                 return b"", row[1]
-            with self.conn.blobopen("messages", "body", row[0], readonly=True) as blob:
+            with self.conn.blobopen("bodies", "body", row[0], readonly=True) as blob:
                 blob.seek(offset)
                 data = blob.read(_BLOB_CHUNK)
                 while through_header and header_length(data) is None and offset + len(data) < row[1]:
@@ -304,18 +414,21 @@ class SpoolStore:
         return dict(self.conn.execute("SELECT state, COUNT(*) FROM recipients GROUP BY state").fetchall())
 
     def pending_summary(self) -> tuple[int, dict[str, int], float | None]:
-        """For metrics on every scrape, so from the pending index only: messages not final,
-        recipients waiting by state, and the arrival of the oldest waiting message (queue IDs
-        sort by time). Literal states, so SQLite sees that the partial index applies."""
-        count, oldest_id = self.conn.execute(
-            "SELECT COUNT(DISTINCT message_id), MIN(message_id) FROM recipients "
-            "WHERE state IN ('queued', 'deferred')"
-        ).fetchone()
-        by_state = dict(self.conn.execute(
-            "SELECT state, COUNT(*) FROM recipients WHERE state IN ('queued', 'deferred') GROUP BY state"
-        ).fetchall())
-        row = self.conn.execute("SELECT received_at FROM messages WHERE id=?", (oldest_id,)).fetchone()
-        return count, by_state, row[0] if row else None
+        """For metrics on every scrape, so in constant time whatever the backlog: messages not
+        final and recipients waiting by state from the running counts (spool_counts), and the
+        arrival of the oldest waiting message (queue IDs sort by time: the first entry of the
+        pending index; literal states, so SQLite sees that the partial index applies)."""
+        self.conn.execute("BEGIN")  # one snapshot: counts and oldest agree
+        try:
+            counts = dict(self.conn.execute("SELECT name, n FROM spool_counts").fetchall())
+            row = self.conn.execute(
+                "SELECT m.received_at FROM messages m WHERE m.id = (SELECT MIN(message_id) FROM recipients "
+                "WHERE state IN ('queued', 'deferred'))"
+            ).fetchone()
+        finally:
+            self.conn.execute("COMMIT")
+        by_state = {state: counts[state] for state in _PENDING if counts.get(state)}
+        return counts.get("messages", 0), by_state, row[0] if row else None
 
     def _messages(self, recipients: dict[str, list[Recipient]]) -> list[QueuedMessage]:
         if not recipients:
@@ -386,6 +499,24 @@ def _recipient(row: tuple) -> Recipient:
 
 
 _STOP = object()
+_CHECKPOINT_EVERY = 1.0  # seconds between checkpoints
+_WAL_BOUND = 16 * 2**20  # bytes of WAL past which the log is restarted (or truncated when idle)
+
+
+def after_passive(log_bytes: int, file_bytes: int, writer_idle: bool) -> str | None:
+    """The checkpoint to run after a PASSIVE one left ``log_bytes`` in a WAL file of ``file_bytes``.
+
+    PASSIVE copies committed pages back without ever blocking a commit, but under steady load
+    the writer always has a newer transaction, so the WAL is never found wholly copied and
+    never starts over. Past the bound, RESTART does; the writer runs it between two groups
+    (from another connection it would wait for a gap that back-to-back commits never leave),
+    copying the little PASSIVE just left, so the next commit waits only for that. TRUNCATE
+    also gives the file's disk space back, so it runs only while the writer is idle."""
+    if file_bytes >= _WAL_BOUND and writer_idle:
+        return "TRUNCATE"
+    if log_bytes >= _WAL_BOUND:
+        return "RESTART"
+    return None
 
 
 class SqliteSpool(SqliteEvents):
@@ -402,6 +533,9 @@ class SqliteSpool(SqliteEvents):
         self._writer: threading.Thread | None = None
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
         self._read_store: SpoolStore | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._restart_wanted = threading.Event()  # set by the checkpointer, done by the writer between groups
 
     async def open(self) -> None:
         if not self._create and not await asyncio.to_thread(self.path.exists):
@@ -411,8 +545,15 @@ class SqliteSpool(SqliteEvents):
         self._writer.start()
         await asyncio.wrap_future(ready)
         self._read_store = SpoolStore(await self._read(connect, self.path))
+        self._closing.clear()
+        self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="spool-checkpointer", daemon=True)
+        self._checkpointer.start()
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            self._closing.set()
+            await asyncio.to_thread(self._checkpointer.join)
+            self._checkpointer = None
         if self._writer is not None:
             self._queue.put(_STOP)
             await asyncio.to_thread(self._writer.join)
@@ -444,7 +585,13 @@ class SqliteSpool(SqliteEvents):
         await asyncio.sleep(timeout)
 
     async def purge_final(self, older_than: float) -> int:
-        return await self._write(SpoolStore.purge_final, older_than)
+        """In batches, each its own write: mail stored meanwhile commits between them."""
+        total = 0
+        while (purged := await self._write(SpoolStore.purge_final, older_than)) > 0:
+            total += purged
+            if purged < _PURGE_BATCH:
+                break
+        return total
 
     async def retry(self, message_id: str | None = None) -> int:
         return await self._write(SpoolStore.retry, message_id)
@@ -530,9 +677,34 @@ class SqliteSpool(SqliteEvents):
                 + ("" if withdrawn else "; the write may still commit")
             ) from None
 
+    def _checkpoint_loop(self) -> None:
+        """Checkpoints on a connection of their own, so no COMMIT runs one (the writer's
+        automatic checkpoint is off) and the WAL stays bounded (:func:`after_passive`)."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=1000")  # RESTART/TRUNCATE wait this long for the writer at most
+        (page_size,) = conn.execute("PRAGMA page_size").fetchone()
+        try:
+            while not self._closing.wait(_CHECKPOINT_EVERY):
+                try:
+                    _, log_frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                    file_bytes = wal.stat().st_size if wal.exists() else 0
+                    idle = self._group_started is None and self._queue.empty()
+                    mode = after_passive(log_frames * (page_size + 24), file_bytes, idle)
+                    if mode == "RESTART":
+                        self._restart_wanted.set()
+                        self._queue.put((_nothing, (), concurrent.futures.Future()))  # an idle writer wakes for it
+                    elif mode is not None:
+                        conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                except sqlite3.Error as error:
+                    log.warning("spool checkpoint failed: %s", error)
+        finally:
+            conn.close()
+
     def _write_loop(self, ready: concurrent.futures.Future) -> None:
         try:
             store = SpoolStore(connect(self.path))
+            store.conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer thread does them
         except Exception as error:  # noqa: BLE001 - reported to open()
             ready.set_exception(error)
             return
@@ -552,6 +724,17 @@ class SqliteSpool(SqliteEvents):
             if stop:
                 store.conn.close()
                 return
+            if self._restart_wanted.is_set():
+                self._restart_log(store.conn)
+
+    def _restart_log(self, conn: sqlite3.Connection) -> None:
+        """Between groups, when the checkpointer asks (:func:`after_passive`): the writer holds
+        the only write lock, so its RESTART cannot be starved by back-to-back commits."""
+        self._restart_wanted.clear()
+        try:
+            conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
+        except sqlite3.Error as error:
+            log.warning("spool checkpoint (RESTART) failed: %s", error)
 
     def _commit_group(self, store: SpoolStore, batch: list) -> None:
         batch = [item for item in batch if item[2].set_running_or_notify_cancel()]  # not withdrawn
@@ -591,6 +774,10 @@ class SqliteSpool(SqliteEvents):
                 done.set_exception(error)
             else:
                 done.set_result(result)
+
+
+def _nothing(store: SpoolStore) -> None:
+    """A write that writes nothing: wakes an idle writer thread."""
 
 
 def _consume(waiting: asyncio.Future) -> None:

@@ -90,10 +90,11 @@ def big_spool(path, count: int):
     conn = store.conn
     conn.execute("BEGIN")  # one transaction: the connection is in autocommit mode
     conn.executemany(
-        "INSERT INTO messages (id, received_at, user, listener, client, account, channel, sender, size, body) "
+        "INSERT INTO messages (id, received_at, user, listener, client, account, channel, sender, size, pending) "
         "VALUES (?, ?, 'billing', 'smtp', '10.0.0.5', 'acme_trigger', 'trigger', 'a@acme.com', 5, ?)",
-        ((f"M{n:07d}", T0 + n, None if n % 10 else b"x") for n in range(count)),
+        ((f"M{n:07d}", T0 + n, n % 10 == 0) for n in range(count)),
     )
+    conn.executemany("INSERT INTO bodies (message_id, body) VALUES (?, x'78')", ((f"M{n:07d}",) for n in range(0, count, 10)))
     conn.executemany(
         "INSERT INTO recipients (message_id, idx, address, state, next_attempt) VALUES (?, 0, ?, ?, ?)",
         ((f"M{n:07d}", f"r{n}@example.org", "delivered" if n % 10 else "deferred", T0 + n) for n in range(count)),

@@ -103,9 +103,10 @@ class _RecordingConnection:
 def test_due_and_stranded_walk_the_pending_partial_index(path, query):
     """Bound states (state IN (?,?)) hide the partial index from SQLite: a full scan per poll."""
     conn = open_store(path).conn
+    SpoolStore(conn).insert(dataclasses.replace(new_message(), account="gone_account"))  # stranded has one to find
     recording = _RecordingConnection(conn)
     getattr(SpoolStore(recording), query)(RECEIVED, 10, ACCOUNTS)
-    ((select, parameters),) = [(sql, p) for sql, p in recording.statements if "FROM recipients" in sql]
+    ((select, parameters),) = [(sql, p) for sql, p in recording.statements if "FROM recipients AS r" in sql]  # the walk
     plan = " | ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + select, parameters))
     assert "USING INDEX recipients_pending" in plan, plan
     conn.close()
@@ -468,3 +469,157 @@ async def test_a_commit_that_hangs_times_out_and_the_watchdog_reports_the_stuck_
     finally:
         release.set()
         await spool.close()
+
+
+# -- growth: running counts, pruning in batches, checkpoints off the commit path ----------------------
+
+
+def counted_from_rows(store) -> tuple[int, dict[str, int]]:
+    """pending_summary's figures the O(n) way, as the reference for the running counts."""
+    (messages,) = store.conn.execute(
+        "SELECT COUNT(DISTINCT message_id) FROM recipients WHERE state IN ('queued', 'deferred')"
+    ).fetchone()
+    by_state = dict(store.conn.execute(
+        "SELECT state, COUNT(*) FROM recipients WHERE state IN ('queued', 'deferred') GROUP BY state"
+    ).fetchall())
+    return messages, by_state
+
+
+async def test_running_counts_follow_stores_outcomes_retries_deletes_and_purges(spool, store):
+    messages = [new_message(recipients=("a@x.org", "b@x.org", "c@x.org")) for _ in range(4)]
+    for message in messages:
+        await spool.store(message)
+    seen = []
+    await spool.record([update(messages[0].id, 0, State.DEFERRED, RECEIVED + 60)])
+    seen.append(await spool.pending_summary())
+    await spool.record([update(messages[1].id, idx, State.DELIVERED) for idx in range(3)])
+    seen.append(await spool.pending_summary())
+    await spool.record([update(messages[2].id, 0, State.FAILED, reply="550 no")], [new_message(recipients=("s@acme.com",))])
+    seen.append(await spool.pending_summary())
+    await spool.retry()
+    await spool.delete(messages[3].id)
+    seen.append(await spool.pending_summary())
+    assert await spool.purge_final(RECEIVED + 1) == 1
+    seen.append(await spool.pending_summary())
+    assert [(count, by_state) for count, by_state, _ in seen] == [
+        (4, {"queued": 11, "deferred": 1}),
+        (3, {"queued": 8, "deferred": 1}),
+        (4, {"queued": 8, "deferred": 1}),  # the DSN is a message of its own
+        (3, {"queued": 5, "deferred": 1}),
+        (3, {"queued": 5, "deferred": 1}),
+    ]
+    assert seen[-1][:2] == counted_from_rows(store)
+    assert seen[-1][2] == RECEIVED
+
+
+def test_the_running_counts_are_counted_once_for_a_spool_that_had_none(path):
+    """A spool.db of a release before the counts: counted from its rows when it is opened."""
+    store = open_store(path)
+    store.conn.execute("BEGIN")
+    for _ in range(3):
+        store.insert(new_message())
+    store.record([update("M-none", 0, State.DELIVERED)])
+    store.conn.execute("COMMIT")
+    store.conn.executescript(
+        "DROP TABLE spool_counts; DROP TRIGGER spool_counts_body_in; DROP TRIGGER spool_counts_body_out; "
+        "DROP TRIGGER spool_counts_recipient_in; DROP TRIGGER spool_counts_recipient_moved; "
+        "DROP TRIGGER spool_counts_recipient_out;"
+    )
+    store.conn.close()
+    reopened = open_store(path)
+    try:
+        assert reopened.pending_summary()[:2] == counted_from_rows(reopened) == (3, {"queued": 6})
+    finally:
+        reopened.conn.close()
+
+
+async def test_purge_final_forgets_in_batches_oldest_first_and_leaves_pending_mail(spool, store, monkeypatch):
+    final = [new_message(received_at=RECEIVED + n, recipients=("a@x.org",)) for n in range(1200)]
+    waiting = new_message(received_at=RECEIVED, recipients=("a@x.org",))
+    for message in [*final, waiting]:
+        await spool.store(message)
+    await spool.record([update(message.id, 0, State.DELIVERED) for message in final])
+    assert store.purge_final(RECEIVED + 10**6, limit=100) == 100
+    assert store.conn.execute("SELECT MIN(received_at) FROM messages WHERE pending = 0").fetchone() == (RECEIVED + 100,)
+    batches = []
+    real = SpoolStore.purge_final
+    monkeypatch.setattr(SpoolStore, "purge_final", lambda self, *args: batches.append(real(self, *args)) or batches[-1])
+    assert await spool.purge_final(RECEIVED + 10**6) == 1100
+    assert batches == [500, 500, 100]  # each its own transaction: mail commits in between
+    assert [m.id for m in await spool.list(ListQuery(include_final=True))] == [waiting.id]
+
+
+def test_purge_final_walks_the_final_index():
+    conn = sqlite3.connect(":memory:")
+    from relay.spool.sqlite import _LATE_SCHEMA, _SCHEMA
+
+    conn.executescript(_SCHEMA + _LATE_SCHEMA)
+    plan = " ".join(row[3] for row in conn.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM messages INDEXED BY messages_final "
+        "WHERE pending = 0 AND received_at < ? ORDER BY received_at LIMIT ?", (1.0, 5)))
+    assert "messages_final" in plan and "TEMP B-TREE" not in plan
+
+
+@pytest.mark.parametrize(("log_bytes", "file_bytes", "idle", "mode"), [
+    (0, 0, True, None),  # nothing written
+    (4096, 8192, False, None),  # small: PASSIVE is enough, the log starts over when the writer pauses
+    (32 * 2**20, 32 * 2**20, False, "RESTART"),  # past the bound under load: wait once for the writer
+    (0, 32 * 2**20, True, "TRUNCATE"),  # a large file and the writer idle: give the disk back
+    (0, 32 * 2**20, False, None),  # a large file, but busy: a TRUNCATE would hold up commits
+])
+def test_the_checkpoint_after_a_passive_one(log_bytes, file_bytes, idle, mode):
+    from relay.spool.sqlite import after_passive
+
+    assert after_passive(log_bytes, file_bytes, idle) == mode
+
+
+async def test_the_wal_stays_bounded_under_steady_load_and_the_writer_never_checkpoints(path, monkeypatch):
+    monkeypatch.setattr("relay.spool.sqlite._CHECKPOINT_EVERY", 0.05)
+    monkeypatch.setattr("relay.spool.sqlite._WAL_BOUND", 1 * 2**20)
+    wal = path.with_name(path.name + "-wal")
+    spool = SqliteSpool(path)
+    await spool.open()
+    try:
+        largest = 0
+        body = b"Subject: s\r\n\r\n" + b"x" * 20_000
+
+        async def writing(sessions: int) -> None:
+            for _ in range(150):  # 8 sessions x 150 x 20 KB: 24 MB through the WAL, never pausing
+                await spool.store(dataclasses.replace(new_message(), body=body))
+
+        async def watching() -> None:
+            nonlocal largest
+            while True:
+                largest = max(largest, wal.stat().st_size if wal.exists() else 0)
+                await asyncio.sleep(0.005)
+
+        watcher = asyncio.create_task(watching())
+        await asyncio.gather(*(writing(n) for n in range(8)))
+        watcher.cancel()
+        autocheckpoint = await spool._write(lambda store: store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+    finally:
+        await spool.close()
+    assert 0 < largest < 12 * 2**20, largest  # the bound and what a noisy machine writes until the next look
+    assert autocheckpoint == 0
+
+
+def test_stranded_finds_the_accounts_with_mail_waiting_by_their_index_without_reading_the_backlog(path):
+    store = open_store(path)
+    store.conn.execute("BEGIN")
+    for _ in range(300):
+        store.insert(new_message(recipients=("a@x.org",)))
+    store.insert(dataclasses.replace(new_message(), account="gone_account"))
+    store.conn.execute("COMMIT")
+    steps = [0]
+
+    def count() -> int:
+        steps[0] += 1
+        return 0
+
+    store.conn.set_progress_handler(count, 1)
+    assert store.stranded(RECEIVED + 1, 10, ("acme_trigger", "gone_account")) == []
+    nothing_stranded = steps[0]
+    store.conn.set_progress_handler(None, 1)
+    assert nothing_stranded < 300  # a few steps per account, not one per waiting message
+    assert [m.account for m in store.stranded(RECEIVED + 1, 10, ACCOUNTS)] == ["gone_account"]
+    store.conn.close()
