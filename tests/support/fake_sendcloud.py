@@ -190,6 +190,8 @@ class _Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.fake.data_attempts += 1
+        if self.fake.data_delay:
+            await asyncio.sleep(self.fake.data_delay)  # a slow upstream, without holding other sessions up
         reply = self.fake.data_hook(list(envelope.rcpt_tos)) if self.fake.data_hook else None
         if reply or self.fake.data_reply is not None:
             return reply or self.fake.data_reply
@@ -221,6 +223,8 @@ class FakeSendCloud:
     - ``rcpt_hook(address)`` / ``data_hook(rcpt_tos)``: when set, called for every RCPT / DATA;
       a reply line they return is given instead (DATA: nothing recorded), None goes on as usual.
     - ``data_attempts``: how many DATA commands reached the fake, whatever it answered.
+    - ``data_delay``: seconds each DATA waits before it is answered (and recorded), for a
+      client killed with transactions in flight.
     - ``logins``: every AUTH username attempted (successful or not), in order.
     """
 
@@ -241,6 +245,7 @@ class FakeSendCloud:
         self.rcpt_hook: Callable[[str], str | None] | None = None
         self.data_hook: Callable[[list[str]], str | None] | None = None
         self.data_attempts = 0
+        self.data_delay = 0.0
         self.logins: list[str] = []
         self._tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1", "localhost").configure_cert(self._tls_context)
