@@ -111,7 +111,9 @@ def test_scale_out_overlay_replaces_the_statefulset_with_a_deployment_and_a_disr
     assert deployment["strategy"]["rollingUpdate"]["maxUnavailable"] == 0  # a new pod is ready before an old one goes
     pod = deployment["template"]
     assert "volumeClaimTemplates" not in deployment
-    assert not [volume for volume in pod["spec"]["volumes"] if "persistentVolumeClaim" in volume]  # nothing kept on disk
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    assert not [volume for volume in volumes.values() if "persistentVolumeClaim" in volume]  # nothing kept on disk
+    assert "emptyDir" in volumes["spool"]  # spool.path's folder: only bodies in transit between processes
     budget = rendered["PodDisruptionBudget", "sendcloud-relay"]["spec"]
     assert budget["maxUnavailable"] == 1
     assert budget["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
@@ -124,7 +126,7 @@ def test_scale_out_pods_take_the_dsn_from_a_secret_migrate_first_and_are_ready_o
     spec = rendered["Deployment", "sendcloud-relay"]["spec"]["template"]["spec"]
     config_text = rendered["ConfigMap", "sendcloud-relay"]["data"]["relay.yaml"]
     spool = yaml.safe_load(config_text)["spool"]
-    assert spool["backend"] == "postgres" and spool["dsn"] == "${SPOOL_DSN}" and "path" not in spool
+    assert spool["backend"] == "postgres" and spool["dsn"] == "${SPOOL_DSN}"
     [migrate] = spec["initContainers"]
     [relay] = spec["containers"]
     assert migrate["args"][0] == "migrate" and relay["args"][0] == "serve"
@@ -152,7 +154,7 @@ def test_scale_out_keeps_the_single_node_config_and_container_except_the_spool()
     patch = yaml.safe_load((SCALE_OUT / "configmap.yaml").read_text())
     scale_config = yaml.safe_load(patch["data"]["relay.yaml"])
     assert {**base_config, "spool": None} == {**scale_config, "spool": None}
-    assert {k: v for k, v in base_config["spool"].items() if k not in ("backend", "path")} == {
+    assert {k: v for k, v in base_config["spool"].items() if k != "backend"} == {
         k: v for k, v in scale_config["spool"].items() if k not in ("backend", "dsn", "lease")
     }
     [base] = by_kind["StatefulSet"]["spec"]["template"]["spec"]["containers"]
@@ -160,5 +162,5 @@ def test_scale_out_keeps_the_single_node_config_and_container_except_the_spool()
     for key in ("name", "image", "args", "ports", "startupProbe", "readinessProbe", "livenessProbe", "securityContext"):
         assert scale[key] == base[key], key
     assert [env for env in scale["env"] if env["name"] != "SPOOL_DSN"] == base["env"]
-    assert [mount for mount in base["volumeMounts"] if mount["name"] != "spool"] == scale["volumeMounts"]
+    assert scale["volumeMounts"] == base["volumeMounts"]
     assert scale["resources"]["limits"] == base["resources"]["limits"]
