@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 
 from dkim.crypto import UnparsableKeyError, parse_pem_private_key
 
@@ -56,3 +57,27 @@ def key_algorithm(key: bytes) -> bytes:
     if len(seed) != 32:
         raise ValueError("not a DKIM key: expected a PEM RSA key or a base64 ed25519 private key (32 bytes)")
     return b"ed25519-sha256"
+
+
+_DSN_URI = re.compile(r"^postgres(?:ql)?://")
+_DSN_URI_PASSWORD = re.compile(r"^(postgres(?:ql)?://[^:/@?#]*:)([^/?#]*)(@)")  # to the last @: the host follows
+_DSN_QUERY_PASSWORD = re.compile(r"([?&]password=)([^&#]*)()")
+_DSN_KEY_PASSWORD = re.compile(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)()")
+
+
+def _password_patterns(dsn: str) -> tuple[re.Pattern, ...]:
+    return (_DSN_URI_PASSWORD, _DSN_QUERY_PASSWORD) if _DSN_URI.match(dsn) else (_DSN_KEY_PASSWORD,)
+
+
+def dsn_passwords(dsn: str) -> list[str]:
+    """The passwords a PostgreSQL DSN holds (URI userinfo, ``?password=``, ``password=`` keyword):
+    what the logs must mask."""
+    found = [match.group(2).strip("'") for pattern in _password_patterns(dsn) for match in pattern.finditer(dsn)]
+    return [password for password in found if password]
+
+
+def redacted_dsn(dsn: str) -> str:
+    """The DSN with every password replaced by ``***``: for a log line or an error that names the database."""
+    for pattern in _password_patterns(dsn):
+        dsn = pattern.sub(lambda match: match.group(1) + "***" + match.group(3), dsn)
+    return dsn

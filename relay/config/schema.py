@@ -149,14 +149,25 @@ class Server(_Model):
 
 
 class Spool(_Model):
-    backend: Literal["sqlite"] = "sqlite"
-    path: Path = Path("var/spool.db")
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    path: Path = Path("var/spool.db")  # sqlite: the database; postgres: its folder holds spilled bodies
+    dsn: SecretStr | None = None  # postgres: libpq URI or key=value string (dsn_file: PATH reads it from a file)
+    lease: Duration = 60.0  # postgres: how long a node's claim on a message lasts unless renewed
+    # postgres: this node's name in leases and logs; the hostname by default, so a restarted node
+    # (same pod name, same host) is the same node and takes its own leases back at once
+    node: str = Field(default_factory=socket.gethostname, min_length=1, max_length=200)
     retry: list[Duration] = Field(default=[60.0, 300.0, 900.0, 3600.0, 14400.0], min_length=1)
     retry_jitter: float = Field(default=0.1, ge=0, lt=1)
     max_lifetime: Duration = 5 * 86400.0
     poll_interval: Duration = 1.0
     keep_final: Duration = 7 * 86400.0  # delivered/failed records kept for `queue list --all`
     commit_timeout: Duration = Field(default=30.0, gt=0)  # a write not committed by then fails (451 4.3.0)
+
+    @model_validator(mode="after")
+    def _postgres_needs_a_dsn(self) -> Spool:
+        if self.backend == "postgres" and (self.dsn is None or not self.dsn.get_secret_value().strip()):
+            raise ValueError("backend: postgres needs dsn (or dsn_file)")
+        return self
 
 
 class Upstream(_Model):

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from relay.config import Config, Logging
+from relay.config.formats import dsn_passwords
 
 # A local part: a run of characters that may appear in one, ending at "@" before a domain.
 # "=" and "$" end a run so that `sasl_username=j***@x` keeps its key and SendCloud's emailIds
@@ -187,6 +188,8 @@ def secrets_of(config: Config) -> list[str]:
     found += [user.events_secret.get_secret_value() for user in config.users.values() if user.events_secret]
     if config.events.app_key is not None:
         found.append(config.events.app_key.get_secret_value())
+    if config.spool.dsn is not None:
+        found += dsn_passwords(config.spool.dsn.get_secret_value())
     return found
 
 

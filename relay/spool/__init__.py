@@ -10,7 +10,7 @@ package names a backend.
 from __future__ import annotations
 
 from relay.config import Spool as SpoolSettings
-from relay.spool.base import BodyGone, ListQuery, RateStore, Spool, SpoolMissing, WindowKey
+from relay.spool.base import BodyGone, ListQuery, RateStore, SchemaMismatch, Spool, SpoolMissing, WindowKey
 from relay.spool.model import (
     FileRegion,
     NewMessage,
@@ -27,7 +27,7 @@ from relay.spool.model import (
 
 __all__ = [
     "BodyGone", "FileRegion", "ListQuery", "NewMessage", "Piece", "QueuedMessage", "RateStore", "Recipient",
-    "RecipientUpdate", "Spool", "SpoolMissing", "State", "WindowKey", "is_eight_bit", "new_queue_id", "open_spool",
+    "RecipientUpdate", "SchemaMismatch", "Spool", "SpoolMissing", "State", "WindowKey", "is_eight_bit", "new_queue_id", "open_spool",
     "piece_chunks", "rate_store", "suppression_reader",
     "use_queue_id_partition",
 ]
@@ -40,6 +40,12 @@ def open_spool(settings: SpoolSettings, create: bool = True) -> Spool:
         from relay.spool.sqlite import SqliteSpool
 
         return SqliteSpool(settings.path, settings.commit_timeout, create=create)
+    if settings.backend == "postgres":
+        from relay.spool.postgres import PostgresSpool  # only here: a SQLite relay never imports asyncpg
+
+        assert settings.dsn is not None  # the config requires it
+        return PostgresSpool(settings.dsn.get_secret_value(), node=settings.node, lease=settings.lease,
+                             commit_timeout=settings.commit_timeout, spill_directory=settings.path.parent)
     raise ValueError(f"spool.backend {settings.backend!r} is not supported")
 
 

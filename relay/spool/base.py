@@ -26,6 +26,10 @@ class SpoolMissing(Exception):
     """There is no spool where the settings say (opened with ``create=False``: the operator's commands)."""
 
 
+class SchemaMismatch(Exception):
+    """A shared spool's schema is not the one this relay was written for (the message says what to do)."""
+
+
 class BodyGone(Exception):
     """The message was deleted (``queue delete``) while its body was being read."""
 
@@ -111,8 +115,24 @@ class Spool(EventStore, Protocol):
     def chunks(self, message_id: str, offset: int, size: int) -> AsyncIterator[bytes]:
         """The body from ``offset`` on, a chunk at a time; :class:`BodyGone` if it is deleted meanwhile."""
 
-    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> None:
-        """Delivery outcomes and the DSNs they caused, in one durable write."""
+    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> set[str]:
+        """Delivery outcomes and the DSNs they caused, in one durable write.
+
+        Returns the messages whose outcomes were refused because this node no longer holds
+        their lease (another node took them over: theirs is the outcome that counts); with
+        such a message in ``updates`` the DSNs are not stored either. One node: always empty.
+        """
+
+    # -- leases: which node delivers a message, when several share the spool ------------------------
+
+    async def renew(self, message_ids: Collection[str]) -> set[str]:
+        """Extend this node's leases on these messages; the ones it no longer holds."""
+
+    async def release(self, message_ids: Collection[str]) -> None:
+        """Give these leases back (at stop), so another node may take the messages at once."""
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """Sleep up to ``timeout``; earlier when another process says there is work (a flush, a release)."""
 
     async def purge_final(self, older_than: float) -> int:
         """Forget messages whose recipients are all final and that arrived before ``older_than``."""

@@ -49,6 +49,9 @@ class MemorySpool(MemoryEvents):
         self.probed_at: float | None = None
         self._entries: dict[str, _Entry] = {}
         self._spill: Path | None = None
+        self.lost: set[str] = set()  # set by a test: messages whose lease renew() reports lost
+        self.renewed: list[set[str]] = []  # what each renew() asked for
+        self.released: set[str] = set()
 
     async def open(self) -> None:
         await asyncio.sleep(0)
@@ -64,10 +67,24 @@ class MemorySpool(MemoryEvents):
     async def store(self, message: NewMessage) -> None:
         await self._write(self._insert, [self._entry(message)])
 
-    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> None:
+    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> set[str]:
         # The new messages' bodies are read before anything changes: a piece that cannot be
         # read fails the whole write, as the SQL transaction rolls back.
         await self._write(self._record, list(updates), [self._entry(message) for message in new_messages])
+        return set()
+
+    # -- leases: one process, which holds every message (``lost`` lets a test take some away) -------
+
+    async def renew(self, message_ids: Collection[str]) -> set[str]:
+        self.renewed.append(set(message_ids))
+        return await _answer(set(message_ids) & self.lost)
+
+    async def release(self, message_ids: Collection[str]) -> None:
+        self.released.update(message_ids)
+        await asyncio.sleep(0)
+
+    async def wait_for_work(self, timeout: float) -> None:
+        await asyncio.sleep(timeout)
 
     async def purge_final(self, older_than: float) -> int:
         return await self._write(self._purge_final, older_than)

@@ -401,8 +401,21 @@ class SqliteSpool(SqliteEvents):
     async def store(self, message: NewMessage) -> None:
         await self._write(SpoolStore.insert, message)
 
-    async def record(self, updates: list[RecipientUpdate], new_messages: list[NewMessage] = ()) -> None:
+    async def record(self, updates: list[RecipientUpdate], new_messages: list[NewMessage] = ()) -> set[str]:
         await self._write(SpoolStore.record, updates, list(new_messages))
+        return set()  # one node: nobody else can take a message over
+
+    # -- leases: one relay per file, so it holds every message for ever ---------------------------
+
+    async def renew(self, message_ids: Collection[str]) -> set[str]:
+        return set()
+
+    async def release(self, message_ids: Collection[str]) -> None:
+        return None
+
+    async def wait_for_work(self, timeout: float) -> None:
+        """No other process announces work here (`queue flush` is found by the next poll)."""
+        await asyncio.sleep(timeout)
 
     async def purge_final(self, older_than: float) -> int:
         return await self._write(SpoolStore.purge_final, older_than)
