@@ -50,11 +50,16 @@ def open_spool(settings: SpoolSettings, create: bool = True) -> Spool:
 
 
 def rate_store(settings: SpoolSettings) -> RateStore:
-    """Where this process keeps rate-limit windows: beside the queue, shared with the other processes."""
+    """Where this process keeps rate-limit windows: beside the queue, shared with the other processes
+    (and, on PostgreSQL, with every process of every node)."""
     if settings.backend == "sqlite":
         from relay.spool.sqlite import SqliteRateStore
 
         return SqliteRateStore(settings.path)
+    if settings.backend == "postgres":
+        from relay.spool.postgres_events import PostgresRateStore
+
+        return PostgresRateStore(_dsn(settings))
     raise ValueError(f"spool.backend {settings.backend!r} is not supported")
 
 
@@ -64,4 +69,14 @@ def suppression_reader(settings: SpoolSettings):
         from relay.spool.sqlite_events import SqliteSuppressionReader
 
         return SqliteSuppressionReader(settings.path)
+    if settings.backend == "postgres":
+        from relay.spool.postgres_events import PostgresSuppressionReader
+
+        return PostgresSuppressionReader(_dsn(settings))
     raise ValueError(f"spool.backend {settings.backend!r} is not supported")
+
+
+def _dsn(settings: SpoolSettings) -> str:
+    if settings.dsn is None:
+        raise ValueError("spool.backend postgres needs spool.dsn")
+    return settings.dsn.get_secret_value()
