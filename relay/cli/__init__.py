@@ -7,7 +7,7 @@ import os
 import sys
 
 from relay import __version__
-from relay.cli import check, dkim, domain, passwords, queue, send_test, serve, stats, suppression
+from relay.cli import check, dkim, domain, migrate, passwords, queue, send_test, serve, stats, suppression
 from relay.config import ConfigError
 
 _BROKEN_PIPE = 141  # what a shell reports for a command whose reader went away (128 + SIGPIPE)
@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"sendcloud-relay {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (serve, check, passwords, dkim, domain, queue, send_test, suppression, stats):
+    for group in (serve, check, migrate, passwords, dkim, domain, queue, send_test, suppression, stats):
         group.register(sub)
     return parser
 

@@ -17,7 +17,7 @@ from relay.cli.common import load, with_config
 from relay.config import Config
 from relay.events.status import STATUSES
 from relay.ops import queue_view
-from relay.spool import SpoolMissing, State, open_spool
+from relay.spool import SchemaMismatch, SpoolMissing, State, open_spool
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -26,6 +26,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
         return asyncio.run(_ACTIONS[args.action](args, config))
     except SpoolMissing as error:
         print(f"{error} (spool.path): nothing was ever queued here, or the config is not the relay's", file=sys.stderr)
+        return 1
+    except (SchemaMismatch, OSError) as error:  # a shared spool not migrated, or not reachable
+        print(f"queue {args.action}: {error}", file=sys.stderr)
         return 1
 
 

@@ -81,3 +81,10 @@ def redacted_dsn(dsn: str) -> str:
     for pattern in _password_patterns(dsn):
         dsn = pattern.sub(lambda match: match.group(1) + "***" + match.group(3), dsn)
     return dsn
+
+
+def mask_dsn_passwords(text: str, dsn: str) -> str:
+    """``text`` (an error from the database driver) with the DSN's passwords masked."""
+    for password in dsn_passwords(dsn):
+        text = text.replace(password, "***")
+    return text

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from relay.config import Account, Config, Upstream
 from relay.delivery.bounce import FailedRecipient, build_dsn
+from relay.delivery.leases import LeaseKeeper
 from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle, while_unconfigured
 from relay.delivery.sendcloud import email_ids
 from relay.delivery.throttle import AccountThrottle, pause_length
@@ -112,12 +113,15 @@ class Scheduler:
         self._held: dict[str, _Held] = {}  # by queue ID: outcomes known but not on disk
         self._poller: asyncio.Task | None = None
         self._stopping = False
+        # Several nodes on one spool: the messages in memory stay ours while their leases are renewed.
+        self._leases = LeaseKeeper(spool, lambda: self._in_flight, lambda: self._config().spool.lease)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
         self.reconfigure(await asyncio.to_thread(upstream_tls, self._config()))
         self._poller = asyncio.create_task(self._poll(), name="queue-poller")
+        self._leases.start()
 
     def reconfigure(self, tls: TLSContexts | None) -> None:
         """Match the workers to the current config (at start and after a reload).
@@ -185,6 +189,7 @@ class Scheduler:
         self._stopping = True
         if self._poller:
             self._poller.cancel()
+        holding = set(self._in_flight)  # queued or in flight: given back once the workers are done
         for account in self._accounts.values():
             self._retire(account, None)
         if self._retiring:
@@ -201,6 +206,7 @@ class Scheduler:
         if self._held:
             log.error("stopping with %d delivery outcome(s) not on disk: %s will be sent again after the restart",
                       len(self._held), ", ".join(self._held))
+        await self._leases.stop(holding - set(self._held))
 
     # -- intake -----------------------------------------------------------------------------
 
@@ -247,7 +253,7 @@ class Scheduler:
                 raise
             except Exception:  # a spool hiccup must not stop scheduling
                 log.exception("queue poll failed; trying again")
-            await asyncio.sleep(self._config().spool.poll_interval)
+            await self._spool.wait_for_work(self._config().spool.poll_interval)  # a flush elsewhere wakes it
 
     async def _hold_stranded(self) -> None:
         """Mail of an account no longer configured: deferred with the reason (for `queue show`),
@@ -264,7 +270,8 @@ class Scheduler:
             ]
             start = await self._spool.start(message.id) if any(u.state is State.FAILED for u in updates) else None
             bounces = self._bounces(message, updates, start[0] if start else b"", config)
-            await self._spool.record(updates, bounces)
+            if self._fenced(message, await self._spool.record(updates, bounces)):
+                continue
             log.warning("%s: account %s is not configured; %d recipient(s) %s", message.id, message.account,
                         len(updates), "failed at max_lifetime" if updates[0].state is State.FAILED else "wait")
             await self._after_record(message, updates, bounces)
@@ -281,7 +288,8 @@ class Scheduler:
             if message is None:
                 return
             try:
-                await self._deliver(message, account.connections)
+                if self._leases.may_start(message.id):
+                    await self._deliver(message, account.connections)
             except asyncio.CancelledError:
                 raise
             except Exception:  # the message stays pending and is retried
@@ -383,16 +391,30 @@ class Scheduler:
 
         A held message is never handed to a worker again (the upstream already has it): the
         poller retries the record with backoff (:meth:`_record_held`) and only then may the
-        message's other recipients go. Returns whether the outcome is on disk.
+        message's other recipients go. Returns whether the outcome is on disk and the message
+        still this node's (not fenced: see :meth:`_fenced`), that is whether its delivery goes on.
         """
         try:
-            await self._spool.record(updates, bounces)
+            fenced = await self._spool.record(updates, bounces)
         except Exception as error:  # noqa: BLE001 - whatever the spool says, the outcome is known
             self._held[message.id] = _Held(message, updates, bounces, 1, time.monotonic() + self._record_backoff(1))
             log.error("%s: could not record the delivery outcome (%s); holding it in memory and retrying; "
                       "the message is not sent again", message.id, error)
             return False
+        if self._fenced(message, fenced):
+            return False
         await self._after_record(message, updates, bounces)
+        return True
+
+    @staticmethod
+    def _fenced(message: QueuedMessage, fenced: set[str]) -> bool:
+        """Whether the spool refused this message's outcome: another node took it over while it was
+        sent here (this node stalled past spool.lease), and that node's outcome is the one kept."""
+        if message.id not in fenced:
+            return False
+        metrics.SPOOL_FENCED.inc()
+        log.warning("%s: outcome not recorded: another node holds this message's lease now (it may be sent twice)",
+                    message.id)
         return True
 
     async def _record_held(self) -> None:
@@ -403,8 +425,7 @@ class Scheduler:
             try:
                 # A record that timed out may have committed after all: its DSN is then there.
                 landed = bool(held.bounces) and await self._spool.get(held.bounces[0].id) is not None
-                if not landed:
-                    await self._spool.record(held.updates, held.bounces)
+                fenced = set() if landed else await self._spool.record(held.updates, held.bounces)
             except Exception as error:  # noqa: BLE001 - still not on disk: keep holding
                 held.failures += 1
                 held.next_try = time.monotonic() + self._record_backoff(held.failures)
@@ -412,6 +433,8 @@ class Scheduler:
                             message_id, error, held.failures, held.next_try - time.monotonic())
                 continue
             del self._held[message_id]
+            if self._fenced(held.message, fenced):
+                continue
             log.info("%s: delivery outcome recorded after %d failed attempt(s)", message_id, held.failures)
             await self._after_record(held.message, held.updates, [] if landed else held.bounces)
 

@@ -87,6 +87,8 @@ UPSTREAM_FAILING_SINCE = Gauge(
     multiprocess_mode="mostrecent",
 )
 AUTH = Counter(_P + "auth_attempts", "SMTP AUTH attempts by result", ["listener", "result"])
+SPOOL_FENCED = Counter(_P + "spool_fenced_outcomes",
+                       "Delivery outcomes the shared spool refused: another node had taken the message over")
 TLS_SESSIONS = Counter(_P + "tls_sessions", "TLS handshakes completed (STARTTLS or implicit)", ["listener", "version"])
 SESSIONS = Gauge(_P + "smtp_sessions", "Open SMTP connections", ["listener"], multiprocess_mode="livesum")
 QUEUE_MESSAGES = Gauge(

@@ -39,7 +39,7 @@ from relay.policy.anvil import LocalLimits
 from relay.policy.auth import Authenticator
 from relay.policy.rates import PersistentRates
 from relay.policy.suppression import SuppressionCache
-from relay.process.startup import StartupError, bind_all, serve_all, server_tls
+from relay.process.startup import StartupError, bind_all, open_spool_or_refuse, serve_all, server_tls
 from relay.process.supervisor import AcceptorPool
 from relay.rewrite.pipeline import Preparer
 from relay.smtp.listeners import ListenerGroup
@@ -111,7 +111,7 @@ class Relay:
 
     async def start(self) -> None:
         async with self._reload_lock:  # a SIGHUP while starting reloads once everything runs
-            await self.spool.open()
+            await open_spool_or_refuse(self.spool)
             await self.suppressions.refresh()  # the list as it is before the first RCPT
             self.suppressions.start()
             await self.rates.start()

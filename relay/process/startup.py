@@ -11,6 +11,7 @@ import ssl
 from typing import Protocol
 
 from relay.config import Config
+from relay.spool import SchemaMismatch, Spool
 from relay.tls import ServerTLS, server_context
 
 
@@ -59,6 +60,14 @@ def server_tls(config: Config) -> ServerTLS | None:
         return ServerTLS(config.server.tls, config.server.hostname)
     except (OSError, ssl.SSLError) as error:  # e.g. the self-signed pair's folder is not writable
         raise StartupError(f"server.tls: {getattr(error, 'strerror', None) or error}") from None
+
+
+async def open_spool_or_refuse(spool: Spool) -> None:
+    """Open the spool; a shared one whose schema is not this relay's stops the start with what to do."""
+    try:
+        await spool.open()
+    except SchemaMismatch as error:
+        raise StartupError(str(error)) from None
 
 
 async def bind_all(parts: list[Bindable]) -> None:

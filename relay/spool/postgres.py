@@ -26,7 +26,7 @@ from typing import Any
 
 import asyncpg
 
-from relay.config.formats import dsn_passwords, redacted_dsn
+from relay.config.formats import mask_dsn_passwords, redacted_dsn
 from relay.lines import header_length
 from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery
 from relay.spool.model import FileRegion, NewMessage, Piece, QueuedMessage, Recipient, RecipientUpdate, State, piece_chunks
@@ -205,7 +205,7 @@ class PostgresSpool(PostgresEvents):
         """Connect and check the schema (:class:`~relay.spool.base.SchemaMismatch` unless it is this relay's)."""
         try:
             self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=_POOL_SIZE)
-        except (OSError, asyncpg.PostgresError, ValueError) as error:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TimeoutError) as error:
             raise OSError(f"cannot connect to the spool database {redacted_dsn(self._dsn)}: {self._secret_free(error)}") from None
         try:
             async with self._pool.acquire() as conn:
@@ -229,10 +229,7 @@ class PostgresSpool(PostgresEvents):
             self._pool = None
 
     def _secret_free(self, error: BaseException) -> str:
-        text = str(error)
-        for password in dsn_passwords(self._dsn):
-            text = text.replace(password, "***")
-        return text
+        return mask_dsn_passwords(str(error), self._dsn)
 
     # -- writes: each awaits the COMMIT of the group it joined ----------------------------------
 

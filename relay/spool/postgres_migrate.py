@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from relay.config.formats import mask_dsn_passwords, redacted_dsn
 from relay.spool.base import SchemaMismatch
 from relay.spool.postgres_schema import LATEST, MIGRATIONS
 
@@ -20,6 +21,15 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )
 """
+
+
+async def connect(dsn: str, **options) -> asyncpg.Connection:
+    """A connection to the spool database; an error that says which one, with every password masked."""
+    try:
+        return await asyncpg.connect(dsn, **options)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TimeoutError) as error:
+        raise OSError(f"cannot connect to the spool database {redacted_dsn(dsn)}: "
+                      f"{mask_dsn_passwords(str(error), dsn)}") from None
 
 
 async def schema_version(conn: asyncpg.Connection) -> int:
