@@ -26,6 +26,7 @@ from relay.policy.checks import check_address_connections, check_total_connectio
 
 if TYPE_CHECKING:
     from relay.config import Config
+    from relay.policy.rates import RateCounter
 
 
 class Connections:
@@ -81,10 +82,11 @@ class SharedLimits(Protocol):
 class LocalLimits:
     """The one connection table and AuthGuard of a relay; answers without ever suspending."""
 
-    def __init__(self, config: Callable[[], Config]):
+    def __init__(self, config: Callable[[], Config], shared: RateCounter | None = None):
         self._config = config
-        self.connections = Connections()
-        self.auth = AuthGuard(lambda: GuardSettings.from_server(config().server))
+        self.connections = Connections()  # this node's sockets only (docs/decisions.md, "Several nodes")
+        # With ``shared`` (several nodes on one database) AUTH failures also count across nodes.
+        self.auth = AuthGuard(lambda: GuardSettings.from_server(config().server), shared=shared)
         self._open: dict[Hashable, str | None] = {}  # connection key → the address it counts against
 
     async def admit(self, connection: Hashable, address: str | None) -> SMTPReply | None:

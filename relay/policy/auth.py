@@ -16,9 +16,10 @@ import functools
 import hashlib
 import hmac
 import logging
+import math
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,8 @@ from relay.config.formats import parse_scrypt
 
 if TYPE_CHECKING:
     from relay.config import Server
+    from relay.policy.rates import RateCounter
+    from relay.spool import WindowKey
 
 log = logging.getLogger("relay.auth")
 
@@ -165,6 +168,43 @@ class GuardSettings:
         return cls(server.auth_failure_delay, server.auth_failure_window, server.auth_lockout_failures, server.auth_lockout_duration)
 
 
+# The guard's keys in the shared rate windows (several nodes on one database): failures count
+# in windows of ``auth_failure_window``; a lock, and an address's recent login as a user, are
+# *marks*: a window numbered by the time they end, which the rate store keeps until then.
+FAILURES = "auth-fail:"
+LOCKS = "auth-lock:"
+LOGINS = "auth-good:"
+_LOCK_GRAIN = 1.0  # a lock ends to the second
+_LOGIN_GRAIN = 60.0  # a smarthost logging in ten times a second makes one mark a minute, not ten rows
+
+
+def mark_slot(key: str, until: float, grain: float) -> WindowKey:
+    """The window that says "``key`` holds until ``until``" (rounded up to ``grain`` seconds)."""
+    return (key, grain, math.ceil(until / grain))
+
+
+def marks(slots: Iterable[tuple[WindowKey, int]], prefix: str) -> dict[str, float]:
+    """The latest end of each key's marks under ``prefix`` (the prefix taken off)."""
+    found: dict[str, float] = {}
+    for (key, grain, window), count in slots:
+        if count > 0 and key.startswith(prefix):
+            name = key[len(prefix):]
+            found[name] = max(found.get(name, 0.0), window * grain)
+    return found
+
+
+def recent_failures(here: int, shared: float) -> int:
+    """Failures to judge by: this process's exact count, or the shared windows' estimate
+    (every node's failures, this one's included) when it says more."""
+    return max(here, math.ceil(shared - 1e-9))
+
+
+def should_lock(failures: int, locked_until: float | None, now: float, settings: GuardSettings) -> bool:
+    """Whether the shared failure count alone locks a key: past the threshold, not locked now,
+    and no lock of it lifted within the window (one node locks again only on a new failure)."""
+    return failures >= settings.lockout_failures and (locked_until is None or locked_until <= now - settings.window)
+
+
 class AuthGuard:
     """Failed logins counted per client address AND per username: a growing delay, then a lockout.
 
@@ -173,17 +213,26 @@ class AuthGuard:
     without checking the password, so guesses teach nothing. So that a stranger cannot lock a
     team out of its own account, an address that logged in as a user recently is exempt from
     that user's lockout (not from its own address's).
+
+    With ``shared`` (the main process's rate counter, when several nodes share a PostgreSQL
+    spool) failures, locks and logins are also written to the shared rate windows, and what
+    the other nodes wrote is taken in each time the counter is refreshed (every second): a
+    guesser spread over nodes is judged on the failures of all of them.
     """
 
-    def __init__(self, settings: Callable[[], GuardSettings], clock: Callable[[], float] = time.monotonic):
+    def __init__(self, settings: Callable[[], GuardSettings], clock: Callable[[], float] = time.monotonic,
+                 shared: RateCounter | None = None):
         self._settings = settings
         self._clock = clock
         self._failures = RecentEvents(clock=clock)
         self._locked_until: dict[str, float] = {}
         self._known_good: dict[tuple[str, str], float] = {}  # (address, username) → until
+        self._shared = shared
+        self._adopted = -1  # the shared counter's generation last taken in
 
     def locked_for(self, address: str, username: str) -> float | None:
         """Seconds left if this attempt is refused unheard (the address or the username is locked)."""
+        self._adopt()
         now = self._clock()
         left = self._locked_until.get(f"address:{address}", 0.0) - now
         if self._known_good.get((address, username), 0.0) <= now:
@@ -193,10 +242,14 @@ class AuthGuard:
     def failed(self, address: str, username: str) -> float:
         """Note a failure; return how long to wait before answering it (lockouts start here)."""
         settings = self._settings()
+        self._adopt()
         now = self._clock()
         recent = 0
         for key in (f"address:{address}", f"user:{username}"):
             count = self._failures.record(key, settings.window)
+            if self._shared is not None:
+                self._shared.add(FAILURES + key, settings.window, 1)
+                count = recent_failures(count, self._shared.used(FAILURES + key, settings.window))
             recent = max(recent, count)
             if count >= settings.lockout_failures and self._locked_until.get(key, 0.0) <= now:
                 self._lock(key, now + settings.lockout_duration)
@@ -207,11 +260,38 @@ class AuthGuard:
         if len(self._known_good) > 50_000:
             now = self._clock()
             self._known_good = {pair: until for pair, until in self._known_good.items() if until > now}
-        self._known_good[(address, username)] = self._clock() + max(settings.lockout_duration, settings.window)
+        until = self._clock() + max(settings.lockout_duration, settings.window)
+        self._known_good[(address, username)] = until
+        self._share(f"{LOGINS}{address} {username}", until, _LOGIN_GRAIN)
 
     def _lock(self, key: str, until: float) -> None:
         if len(self._locked_until) > 50_000:
             now = self._clock()
             self._locked_until = {k: t for k, t in self._locked_until.items() if t > now}
         self._locked_until[key] = until
+        self._share(LOCKS + key, until, _LOCK_GRAIN)
         log.warning("%s locked out of AUTH for %.0fs after repeated failures", key.replace(":", " ", 1), until - self._clock())
+
+    def _share(self, key: str, until: float, grain: float) -> None:
+        """Write a mark for the other nodes, in the shared counter's (wall) time."""
+        if self._shared is not None:
+            self._shared.add_slot(mark_slot(key, self._shared.now() + until - self._clock(), grain), 1)
+
+    def _adopt(self) -> None:
+        """Take in the locks and logins the other nodes marked, once per refresh of the counter."""
+        if self._shared is None or self._shared.generation == self._adopted:
+            return
+        self._adopted = self._shared.generation
+        offset = self._clock() - self._shared.now()
+        for key, until in marks(self._shared.slots(LOCKS), LOCKS).items():
+            self._locked_until[key] = max(self._locked_until.get(key, 0.0), until + offset)
+        for pair, until in marks(self._shared.slots(LOGINS), LOGINS).items():
+            address, _, username = pair.partition(" ")
+            self._known_good[(address, username)] = max(self._known_good.get((address, username), 0.0), until + offset)
+        settings = self._settings()
+        now = self._clock()
+        for key in {slot[0][len(FAILURES):] for slot, _ in self._shared.slots(FAILURES) if slot[1] == settings.window}:
+            # failures spread over nodes faster than they sync, which no node alone saw cross the line
+            shared = recent_failures(0, self._shared.used(FAILURES + key, settings.window))
+            if should_lock(shared, self._locked_until.get(key), now, settings):
+                self._lock(key, now + settings.lockout_duration)

@@ -45,6 +45,11 @@ class RateCounter:
         self._clock = clock  # wall time: windows must line up across restarts
         self._counts: dict[WindowKey, int] = {}
         self._unsaved: Counter[WindowKey] = Counter()
+        self.generation = 0  # bumped whenever stored totals are adopted: what others saw is new
+
+    def now(self) -> float:
+        """The counter's wall clock, which every process and node shares."""
+        return self._clock()
 
     def used(self, key: str, period: float) -> float:
         now = self._clock()
@@ -58,9 +63,16 @@ class RateCounter:
 
     def add(self, key: str, period: float, amount: int) -> None:
         """Count ``amount`` now; a negative amount gives back what a failed attempt took."""
-        slot = (key, period, int(self._clock() // period))
+        self.add_slot((key, period, int(self._clock() // period)), amount)
+
+    def add_slot(self, slot: WindowKey, amount: int) -> None:
+        """Count ``amount`` in a given window (a mark for a time ahead: see relay.policy.auth)."""
         self._counts[slot] = self._counts.get(slot, 0) + amount
         self._unsaved[slot] += amount
+
+    def slots(self, prefix: str) -> list[tuple[WindowKey, int]]:
+        """Every window held of the keys that start with ``prefix``."""
+        return [(slot, count) for slot, count in self._counts.items() if slot[0].startswith(prefix)]
 
     def take_unsaved(self) -> Counter[WindowKey]:
         unsaved, self._unsaved = self._unsaved, Counter()
@@ -73,6 +85,7 @@ class RateCounter:
         for slot, amount in self._unsaved.items():
             counts[slot] = counts.get(slot, 0) + amount
         self._counts = counts
+        self.generation += 1
 
     def give_back(self, unsaved: Counter[WindowKey]) -> None:
         """A save failed: keep its increments for the next one."""

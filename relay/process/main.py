@@ -66,7 +66,11 @@ class Relay:
                                    recorded=self.events.recorded)
         self.preparer = Preparer()
         self.rates = PersistentRates(rate_store(config.spool))
-        self.limits = LocalLimits(lambda: self.config)  # the one table, asked by acceptors too
+        # The one table, asked by acceptors too; with several nodes (postgres) AUTH failures and
+        # lockouts also go through the shared rate windows, connection counts stay this node's.
+        self.limits = LocalLimits(
+            lambda: self.config, shared=self.rates.counter if config.spool.backend == "postgres" else None
+        )
         metrics.LAST_RELOAD_OK.set(1)  # here, not at import: acceptor processes import it too
         services = Services(
             config=lambda: self.config,

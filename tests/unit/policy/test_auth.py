@@ -10,7 +10,17 @@ import pytest
 
 import relay.policy.auth
 from relay.config.formats import is_supported_hash
-from relay.policy.auth import Authenticator, AuthGuard, GuardSettings, hash_password, verify_password
+from relay.policy.auth import (
+    Authenticator,
+    AuthGuard,
+    GuardSettings,
+    hash_password,
+    mark_slot,
+    marks,
+    recent_failures,
+    should_lock,
+    verify_password,
+)
 
 
 def b64(data: bytes) -> str:
@@ -307,3 +317,58 @@ async def test_any_of_a_users_api_keys_matches(username, key, ok):
 async def test_a_user_without_keys_still_pays_for_a_verification(verify_calls):
     assert not await Authenticator(lambda: KEYS).check("nokeys", "x")
     assert len(verify_calls) == 1
+
+
+# -- AuthGuard across nodes: the pure parts (the nodes themselves: tests/unit/spool/test_postgres_nodes.py)
+
+MARK_SLOTS = {
+    "to_the_second": ("auth-lock:user:billing", 1000.2, 1.0, ("auth-lock:user:billing", 1.0, 1001)),
+    "exact_second": ("auth-lock:user:billing", 1000.0, 1.0, ("auth-lock:user:billing", 1.0, 1000)),
+    "to_the_minute": ("auth-good:10.0.0.5 mailhub", 1000.0, 60.0, ("auth-good:10.0.0.5 mailhub", 60.0, 17)),
+}
+
+
+@pytest.mark.parametrize("key, until, grain, slot", MARK_SLOTS.values(), ids=MARK_SLOTS.keys())
+def test_a_mark_ends_at_its_window_rounded_up(key, until, grain, slot):
+    assert mark_slot(key, until, grain) == slot
+    assert marks([(slot, 1)], key[: key.index(":") + 1])[key[key.index(":") + 1 :]] >= until
+
+
+def test_marks_keep_the_latest_end_per_key_and_ignore_other_keys_and_given_back_counts():
+    slots = [
+        (("auth-lock:user:a", 1.0, 1000), 1),
+        (("auth-lock:user:a", 1.0, 1200), 2),  # two nodes locked it
+        (("auth-lock:user:b", 1.0, 1500), 0),
+        (("auth-fail:user:a", 600.0, 1), 9),
+    ]
+    assert marks(slots, "auth-lock:") == {"user:a": 1200.0}
+
+
+RECENT = {
+    "alone": (3, 3.0, 3),
+    "others_saw_more": (1, 4.0, 4),
+    "estimate_rounds_up": (1, 2.2, 3),
+    "float_noise_is_not_a_failure": (2, 2.0000000001, 2),
+    "estimate_below_the_exact_count": (5, 3.5, 5),
+}
+
+
+@pytest.mark.parametrize("here, shared, expected", RECENT.values(), ids=RECENT.keys())
+def test_recent_failures_take_whichever_count_says_more(here, shared, expected):
+    assert recent_failures(here, shared) == expected
+
+
+SHOULD_LOCK = {
+    # (shared failures, locked until, expected), threshold 5, window 600, now 10_000
+    "below_threshold": (4, None, False),
+    "at_threshold": (5, None, True),
+    "locked_already": (7, 10_500.0, False),
+    "lock_lifted_within_the_window": (7, 9_900.0, False),
+    "lock_lifted_before_the_window": (7, 9_300.0, True),
+}
+
+
+@pytest.mark.parametrize("failures, locked_until, expected", SHOULD_LOCK.values(), ids=SHOULD_LOCK.keys())
+def test_when_the_shared_count_alone_locks(failures, locked_until, expected):
+    settings = GuardSettings(1.0, 600.0, 5, 900.0)
+    assert should_lock(failures, locked_until, 10_000.0, settings) is expected
