@@ -84,19 +84,6 @@ class PostgresCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-# What the events migration (branch wip-pgevents) creates; until it lands, the queue's tests
-# make it themselves so ListQuery.status has its table.
-_RECIPIENT_STATUS = """
-CREATE TABLE IF NOT EXISTS recipient_status (
-    message_id  text NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
-    idx         integer NOT NULL,
-    status      text NOT NULL,
-    status_time double precision NOT NULL,
-    PRIMARY KEY (message_id, idx)
-)
-"""
-
-
 async def migrate_database(dsn: str) -> None:
     """Bring a test database to the relay's schema, as `sendcloud-relay migrate` does."""
     import asyncpg
@@ -106,8 +93,6 @@ async def migrate_database(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await migrate(conn)
-        if await conn.fetchval("SELECT to_regclass('recipient_status') IS NULL"):
-            await conn.execute(_RECIPIENT_STATUS)
     finally:
         await conn.close()
 
