@@ -5,11 +5,12 @@
 A private PostgreSQL cluster (``tests.support.postgres.PostgresCluster``, as the tests start
 it: fsync on, its own port) holds the spool; each run gets a fresh database, migrated by
 ``sendcloud-relay migrate``. The same load (``smtp-source``, 5 KB, 20 sessions in all) goes
-into one node, or split evenly over two nodes (each its own process tree, ports and
+into one node on the default SQLite spool (the yardstick), one node, or split evenly over two nodes (each its own process tree, ports and
 ``spool.node``), which deliver to the shared ``smtp-sink``. Figures per run: accepted and
 end-to-end msgs/s; per message, the database's committed transactions (``xact_commit``,
 reads included), its WAL flushes (``pg_stat_wal.wal_sync``: the fsyncs a commit waits for)
-and the nodes' own group commits (their shutdown line); the longest transaction seen open.
+and the nodes' own group commits (their shutdown line); the longest transaction seen open;
+the statements run most often (``pg_stat_statements``), per message.
 
 After the last two-node run, the soak: table and index sizes and dead rows of the hot tables
 (messages, recipients, bodies) from ``pg_stat_user_tables``, right after the load and again
@@ -42,6 +43,7 @@ AUTOVACUUM = {
 }
 
 CLUSTER_SETTINGS = {
+    "shared_preload_libraries": "pg_stat_statements",  # which statements the commits and WAL come from
     "autovacuum_naptime": "5s",  # production keeps 1min; the soak should not wait for it
     "log_autovacuum_min_duration": "0",
     "track_wal_io_timing": "on",
@@ -77,6 +79,7 @@ class SharedSpool:
                        capture_output=True, timeout=120)
         for table, settings in AUTOVACUUM.items():
             sql(dsn, f"ALTER TABLE {table} SET ({settings})")
+        sql(dsn, "CREATE EXTENSION pg_stat_statements")
 
 
 class LongestTransaction:
@@ -113,6 +116,15 @@ def counters(dsn: str) -> tuple[int, int]:
     return int(commits), int(syncs)
 
 
+def busiest_statements(dsn: str, messages: int, top: int = 12) -> list[dict]:
+    """The statements run most often in this database, per message, with the WAL they wrote."""
+    database = dsn.rsplit("/", 1)[1]
+    rows = sql(dsn, "SELECT calls, wal_records, left(regexp_replace(query, '\\s+', ' ', 'g'), 100) FROM pg_stat_statements "
+                    f"WHERE dbid = (SELECT oid FROM pg_database WHERE datname = '{database}') ORDER BY calls DESC LIMIT {top}")
+    return [{"calls_per_message": int(calls) / messages, "wal_records_per_message": int(wal) / messages, "query": query}
+            for calls, wal, query in rows]
+
+
 def table_stats(dsn: str) -> dict[str, dict]:
     """Per hot table: live and dead rows, heap and index bytes, how often autovacuum ran."""
     names = ", ".join(f"'{table}'" for table in HOT_TABLES)
@@ -138,6 +150,7 @@ def run(bench, spool: SharedSpool, sink, count: int, messages: int, sessions: in
         for node in nodes:
             stack.enter_context(node)
         counted = sink.count()
+        sql(dsn, "SELECT pg_stat_statements_reset()")
         commits, syncs = counters(dsn)
         with LongestTransaction(dsn) as longest:
             started = time.monotonic()
@@ -162,6 +175,7 @@ def run(bench, spool: SharedSpool, sink, count: int, messages: int, sessions: in
     if len(group_commits) == count:
         result["spool_commits_per_message"] = sum(group_commits) / total
     bench.say(result)
+    result["statements"] = busiest_statements(dsn, total)
     result["dsn"] = dsn
     return result
 
@@ -185,10 +199,12 @@ def scenario(bench, sink) -> dict:
     runs = []
     with SharedSpool() as spool:
         for rep in range(bench.args.reps):
+            sqlite = bench.smtp_source(bench.relay(sink.port), sink, bench.args.messages, 20, 5120)
+            runs.append({**sqlite, "relay": "1 node, sqlite"})  # the yardstick: the same load on the default spool
             for count in ((1, 2) if rep % 2 == 0 else (2, 1)):
                 runs.append(run(bench, spool, sink, count, bench.args.messages))
-        last_two = next(run for run in reversed(runs) if run["nodes"] == 2)
+        last_two = next(run for run in reversed(runs) if run.get("nodes") == 2)
         soaked = soak(last_two["dsn"])
     for each in runs:
-        del each["dsn"]
+        each.pop("dsn", None)
     return {"soak": soaked, "runs": runs}

@@ -389,6 +389,10 @@ def table(results: dict) -> str:
         rows.append((f"{results['config']['idle']} idle sessions: RSS MB (peak)", f"{idle['rss_idle_mb']:.0f} ({idle['peak_rss_mb']:.0f})", "", ""))
         rows.append(("  latency meanwhile p50 / p99 ms", f"{idle['p50_ms']:.1f} / {idle['p99_ms']:.1f}", "", ""))
     if "nodes" in s:
+        sqlite = s["nodes"].get("1 node, sqlite", {}).get("median", {})
+        if "end_to_end_per_s" in sqlite:
+            rows.append(("same load, 1 node on SQLite: end-to-end / accepted msgs/s",
+                         f"{sqlite['end_to_end_per_s']:.0f} / {sqlite['accepted_per_s']:.0f}", "", ""))
         one, two = s["nodes"].get("1 node", {}).get("median", {}), s["nodes"].get("2 nodes", {}).get("median", {})
         for label, key, fmt in (("end-to-end msgs/s", "end_to_end_per_s", "{:.0f}"), ("accepted msgs/s", "accepted_per_s", "{:.0f}"),
                                 ("db transactions/msg", "db_commits_per_message", "{:.2f}"),
