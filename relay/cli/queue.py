@@ -27,6 +27,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
     except SpoolMissing as error:
         print(f"{error} (spool.path): nothing was ever queued here, or the config is not the relay's", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # piped into `head`: relay.cli.main ends it quietly
+        raise
     except (SchemaMismatch, OSError) as error:  # a shared spool not migrated, or not reachable
         print(f"queue {args.action}: {error}", file=sys.stderr)
         return 1

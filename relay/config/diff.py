@@ -23,6 +23,9 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         changed.append("server.tls")  # turning TLS on or off, as opposed to a new certificate
     if (old.spool.backend, old.spool.path) != (new.spool.backend, new.spool.path):
         changed.append("spool.path")
+    for key in ("dsn", "node", "lease"):  # the shared spool's connection and identity are made at start
+        if getattr(old.spool, key) != getattr(new.spool, key):
+            changed.append(f"spool.{key}")
     if old.admin.listen != new.admin.listen:
         changed.append("admin.listen")
     if (old.events.listen, old.events.tls) != (new.events.listen, new.events.tls):

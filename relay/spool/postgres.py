@@ -29,7 +29,16 @@ import asyncpg
 from relay.config.formats import mask_dsn_passwords, redacted_dsn
 from relay.lines import header_length
 from relay.spool.base import PENDING_MESSAGES, BodyGone, ListQuery
-from relay.spool.model import FileRegion, NewMessage, Piece, QueuedMessage, Recipient, RecipientUpdate, State, piece_chunks
+from relay.spool.model import (
+    FileRegion,
+    NewMessage,
+    Piece,
+    QueuedMessage,
+    Recipient,
+    RecipientUpdate,
+    State,
+    piece_chunks,
+)
 from relay.spool.postgres_events import PostgresEvents
 from relay.spool.postgres_migrate import check_schema
 
@@ -198,11 +207,13 @@ class PostgresSpool(PostgresEvents):
         self._group_started: float | None = None
         self._listener: asyncpg.Connection | None = None
         self._woken = asyncio.Event()
+        self._deaf = False  # the last try to listen failed
 
     # -- life ----------------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Connect and check the schema (:class:`~relay.spool.base.SchemaMismatch` unless it is this relay's)."""
+        await asyncio.to_thread(self._spill.mkdir, parents=True, exist_ok=True)  # acceptors spill large bodies here
         try:
             self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=_POOL_SIZE)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TimeoutError) as error:
@@ -303,9 +314,15 @@ class PostgresSpool(PostgresEvents):
         try:
             conn = await asyncpg.connect(self._dsn, timeout=max(timeout, 1.0))
             await conn.add_listener(CHANNEL, lambda *_: self._woken.set())
-        except (OSError, asyncpg.PostgresError, TimeoutError) as error:
-            log.warning("spool: cannot listen for %s (%s); polling only", CHANNEL, self._secret_free(error))
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as error:
+            if not self._deaf:  # once per outage, not at every poll
+                log.warning("spool: cannot listen for %s (%s); polling only until it can", CHANNEL,
+                            self._secret_free(error))
+            self._deaf = True
             return
+        if self._deaf:
+            log.info("spool: listening for %s again", CHANNEL)
+        self._deaf = False
         # A dropped connection may have missed notifications: wake the poller, and listen again next time.
         conn.add_termination_listener(lambda _: self._woken.set())
         self._listener = conn
@@ -521,17 +538,16 @@ class PostgresSpool(PostgresEvents):
                 return
 
     async def _run_group(self, group: list[_Write]) -> None:
+        """One transaction for the group. First without savepoints (a round trip per write, not
+        three); if a write fails, the transaction is rolled back and the group runs again with a
+        SAVEPOINT around each write, so only that write's caller sees its error."""
         for write in group:
             write.started = True
-        outcomes: list[tuple[Any, BaseException | None]] = []
         try:
-            async with self._db().acquire() as conn, conn.transaction():
-                for write in group:
-                    try:
-                        async with conn.transaction():  # a SAVEPOINT: only this caller sees its error
-                            outcomes.append((await write.operation(conn, *write.args), None))
-                    except (asyncpg.PostgresError, OSError, QueueIdTaken, ValueError) as error:
-                        outcomes.append((None, error))
+            async with self._db().acquire() as conn:
+                outcomes = await self._transaction(conn, group, savepoints=False)
+                if outcomes is None:
+                    outcomes = await self._transaction(conn, group, savepoints=True)
             self.commits += 1
             self.operations += len(group)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as error:
@@ -543,6 +559,33 @@ class PostgresSpool(PostgresEvents):
                 write.done.set_exception(error)
             else:
                 write.done.set_result(result)
+
+    @staticmethod
+    async def _transaction(conn: asyncpg.Connection, group: list[_Write],
+                           savepoints: bool) -> list[tuple[Any, BaseException | None]] | None:
+        """The group's writes in one committed transaction, each write's result or error; None
+        (rolled back) when a write failed without a savepoint to fall back to."""
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            for write in group:
+                try:
+                    if savepoints:
+                        async with conn.transaction():  # a SAVEPOINT: only this caller sees its error
+                            outcomes.append((await write.operation(conn, *write.args), None))
+                    else:
+                        outcomes.append((await write.operation(conn, *write.args), None))
+                except (asyncpg.PostgresError, OSError, QueueIdTaken, ValueError) as error:
+                    if not savepoints:
+                        await transaction.rollback()
+                        return None
+                    outcomes.append((None, error))
+        except BaseException:
+            await transaction.rollback()
+            raise
+        await transaction.commit()
+        return outcomes
 
 
 def _consume(done: asyncio.Future) -> None:

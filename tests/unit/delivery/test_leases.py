@@ -7,7 +7,10 @@ import asyncio
 import pytest
 
 from relay.delivery.leases import LeaseKeeper, renew_interval
+from relay.observe import metrics
+from relay.spool import State
 from relay.spool.memory import MemorySpool
+from tests.unit.delivery.test_scheduler import CONFIG, FakeUpstream, Harness, new_message, start  # noqa: F401 - the fixture
 
 
 @pytest.mark.parametrize("lease, interval", [(60.0, 20.0), (3.0, 1.0), (0.3, 0.1)])
@@ -83,3 +86,61 @@ async def test_a_failing_renewal_is_logged_and_the_next_one_runs(caplog):
     await until(lambda: len(calls) >= 2)
     await keeper.stop(set())
     assert "renewing 1 lease(s) failed (database restarting)" in caplog.text
+
+
+# -- in the scheduler (a real Scheduler over a MemorySpool and the fake upstream of test_scheduler.py) ------
+
+
+ONE_WORKER = CONFIG.replace("max_recipients_per_transaction: 2,",
+                            "max_recipients_per_transaction: 2, connections_per_account: 1,").replace(
+    "spool: {", "spool: {lease: 0.06, ")
+
+
+async def claimed_elsewhere(now, limit, accounts):
+    """``due`` while another node holds the lease: nothing to claim here (MemorySpool has no leases)."""
+    return []
+
+
+async def test_the_scheduler_does_not_start_a_message_another_node_took_over(start):  # noqa: F811
+    hold = asyncio.Event()
+    harness = await start(ONE_WORKER, FakeUpstream(hold=hold))
+    first, second = new_message(), new_message()
+    await harness.intake(first)  # the one worker is busy with it until hold is set
+    await harness.intake(second)
+    harness.spool.lost = {second.id}
+    harness.spool.due = claimed_elsewhere
+    renewals = len(harness.spool.renewed)
+    await until(lambda: len(harness.spool.renewed) > renewals)
+    assert {first.id, second.id} <= harness.spool.renewed[-1]
+    hold.set()
+    await until(lambda: any(s.transaction.queue_id == first.id for s in harness.upstream.sent))
+    await asyncio.sleep(0.1)
+    assert [s.transaction.queue_id for s in harness.upstream.sent] == [first.id]
+    assert await harness.states(second.id) == [State.QUEUED, State.QUEUED]  # the other node's to deliver
+
+
+async def test_a_fenced_outcome_stops_the_message_here_and_is_counted(start):  # noqa: F811
+    harness = await start(ONE_WORKER)
+    message = new_message(recipients=("a@example.org", "b@example.org", "c@example.org"))  # two transactions
+
+    async def fenced(updates, new_messages=()):
+        return {message.id}  # nothing applied: another node holds the lease
+
+    harness.spool.record = fenced
+    harness.spool.due = claimed_elsewhere
+    before = metrics.SPOOL_FENCED._value.get()
+    await harness.intake(message)
+    await until(lambda: metrics.SPOOL_FENCED._value.get() > before)
+    await asyncio.sleep(0.1)
+    assert len(harness.upstream.sent) == 1  # the second transaction is the other node's now
+
+
+async def test_stopping_gives_back_the_leases_of_what_was_queued_or_in_flight():
+    harness = Harness(ONE_WORKER, FakeUpstream(hold=asyncio.Event()))
+    await harness.scheduler.start()
+    first, second = new_message(), new_message()
+    await harness.intake(first)
+    await harness.intake(second)
+    await until(lambda: harness.upstream.sending)
+    await harness.scheduler.stop(0.05)
+    assert harness.spool.released == {first.id, second.id}
