@@ -105,6 +105,8 @@ def acceptor_config_data(config: Config) -> dict:
     data["admin"]["token"] = None
     for domain, key in config.dkim.items():
         data["dkim"][domain]["key"] = key.key.get_secret_value()
+    if config.spool.dsn is not None:  # its rate budgets and suppression list are read from the database
+        data["spool"]["dsn"] = config.spool.dsn.get_secret_value()
     return data
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.config import Spool
 from relay.errors import SMTPReply
 from relay.policy.anvil import LimitsUnavailable, LocalLimits
 from relay.policy.auth import hash_password
@@ -129,6 +130,13 @@ def test_an_acceptors_config_has_no_upstream_secret_but_keeps_what_it_serves_wit
     assert received.dkim["acme.com"].key == config.dkim["acme.com"].key  # signing runs in the acceptor
     assert received.users == config.users  # AUTH too
     assert received.model_copy(update={"accounts": config.accounts, "admin": config.admin}) == config
+
+
+def test_an_acceptor_on_a_shared_database_gets_its_dsn():
+    """As an acceptor on SQLite opens the spool's file for its rate budgets and suppression list."""
+    dsn = "postgresql://relay:pw@db.internal/relay"
+    config = secret_config().model_copy(update={"spool": Spool(backend="postgres", dsn=dsn)})
+    assert decode(encode(config)).spool.dsn.get_secret_value() == dsn
 
 
 async def test_a_limits_call_without_its_arguments_is_answered_unavailable(tmp_path):

@@ -8,6 +8,8 @@ the fan-out outbox.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from relay.spool import State
@@ -189,3 +191,18 @@ async def test_fates_of_one_recipient(spool):
         await spool.apply_event(Applied(event_id, target, "delivered", T0, RecipientEvent("deliver", T0 + idx)))
     assert await spool.fates("Q1", 1) == {1: Fate("delivered", T0, (RecipientEvent("deliver", T0 + 1),))}
     assert len(await spool.fates("Q1")) == 2
+
+
+async def test_writes_about_one_recipient_land_in_the_order_they_were_made(spool):
+    """The applier decides a batch in order and writes it concurrently: the last status wins."""
+    await delivered_message(spool)
+    target = await spool.event_target(EMAIL_ID, None, None)
+    statuses = ["delivered", "soft_bounce", "invalid", "delivered", "invalid"] * 4
+    ids = [await spool.store_event(received(keys=(f"token:{n}",))) for n in range(len(statuses))]
+    await asyncio.gather(*(
+        spool.apply_event(Applied(event_id, target, status, T0 + n, RecipientEvent(status, T0 + n)))
+        for n, (event_id, status) in enumerate(zip(ids, statuses, strict=True))
+    ))
+    (fate,) = (await spool.fates("Q1")).values()
+    assert (fate.status, fate.status_time) == (statuses[-1], T0 + len(statuses) - 1)
+    assert [e.event for e in fate.events] == statuses

@@ -222,3 +222,36 @@ async def test_spool_backend_postgres_gives_every_process_the_shared_stores(dsn)
     finally:
         await rates.close()
         await reader.close()
+
+
+async def test_both_nodes_applying_at_once_add_up_without_deadlock(nodes):
+    a, b = nodes
+    ids = {node: [await node.store_event(ReceivedEvent(T0, "invalid", "{}", (f"{id(node)}:{n}",))) for n in range(40)]
+           for node in (a, b)}
+    counters = [("2026-12-01T10", group, "v", "invalid", 1) for group in ("user", "account", "channel", "domain")]
+
+    def applied(node, n, event_id):
+        order = counters if (n + (node is b)) % 2 else counters[::-1]
+        return Applied(event_id, suppression=(f"x{n % 3}@example.org", "invalid", ALL, None, T0, None, None),
+                       stats=tuple(order))
+
+    await asyncio.gather(*(node.apply_event(applied(node, n, event_id))
+                           for node in (a, b) for n, event_id in enumerate(ids[node])))
+    assert {row[1]: row[4] for row in await a.stats("2026-12-01T00")} == dict.fromkeys(
+        ("account", "channel", "domain", "user"), 80)
+    assert await a.unapplied_events(100) == [] and await b.unapplied_events(100) == []
+    assert len(await b.suppressions()) == 3
+
+
+async def test_a_group_of_applied_events_that_fails_fails_every_caller_and_leaves_them_unapplied(nodes):
+    a, _ = nodes
+    good, bad = [await a.store_event(ReceivedEvent(T0, "open", "{}", (f"token:{n}",))) for n in range(2)]
+    broken = OutboxRow("billing", "https://x.example/hook", "not bytes", T0, T0)  # refused by the database
+    results = await asyncio.gather(
+        a.apply_event(Applied(good, stats=(("2026-12-01T10", "user", "billing", "open", 1),))),
+        a.apply_event(Applied(bad, outbox=(broken,))),
+        return_exceptions=True,
+    )
+    assert all(isinstance(result, Exception) for result in results)  # the applier reads them back later
+    assert [e.id for e in await a.unapplied_events(10)] == [good, bad]
+    assert await a.stats("2026-12-01T00") == []
