@@ -37,7 +37,7 @@ def make_node(tmp_path, ca, ca_file, sendcloud, postgres_dsn):
     """
     started: list[RelayProcess] = []
 
-    def make(name: str, config_patch=None, start: bool = True) -> RelayProcess:
+    def make(name: str, config_patch=None) -> RelayProcess:
         workdir = tmp_path / name
         workdir.mkdir()
         config = relay_config(workdir, ca, ca_file, sendcloud.port)
@@ -54,7 +54,7 @@ def make_node(tmp_path, ca, ca_file, sendcloud, postgres_dsn):
             migrated = node.cli("migrate", "-c", str(node.config_path))
             assert migrated.returncode == 0, migrated.stderr
         started.append(node)
-        return node.start() if start else node
+        return node.start()
 
     yield make
     for node in started:
