@@ -1,6 +1,6 @@
 """The benchmark: our relay against a Postfix relay on the same machine, in one run.
 
-    .venv/bin/python bench/run.py [--reps 3] [--only relay,sweep,submission,sizes,idle,fsync]
+    .venv/bin/python bench/run.py [--reps 3] [--only relay,sweep,submission,sizes,idle,fsync,nodes]
 
 Everything runs on 127.0.0.1: ``smtp-sink`` is the upstream, a private Postfix (own config,
 queue and data directories, durable queue as shipped, ``relayhost`` = the sink) and our
@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import nodes
 from peers import (
     SMTP_SOURCE,
     OurRelay,
@@ -313,6 +314,13 @@ class Bench:
             runs.append(run)
         return summarise(runs, ("rss_idle_mb", "peak_rss_mb", "p50_ms", "p99_ms", "max_ms"))
 
+    def scenario_nodes(self, sink: SmtpSink) -> dict:
+        """One relay node against two on one PostgreSQL spool, then the autovacuum soak (bench/nodes.py)."""
+        measured = nodes.scenario(self, sink)
+        keys = ("accepted_per_s", "end_to_end_per_s", "db_commits_per_message", "wal_syncs_per_message",
+                "spool_commits_per_message", "longest_transaction_s")
+        return {**summarise(measured["runs"], keys), "soak": measured["soak"]}
+
 
 def summarise(runs: list[dict], keys: tuple[str, ...]) -> dict:
     """Per relay: the runs as measured, and the median of each key."""
@@ -410,6 +418,23 @@ def table(results: dict) -> str:
         idle = s["idle"]["relay"]["median"]
         rows.append((f"{results['config']['idle']} idle sessions: RSS MB (peak)", f"{idle['rss_idle_mb']:.0f} ({idle['peak_rss_mb']:.0f})", "", ""))
         rows.append(("  latency meanwhile p50 / p99 ms", f"{idle['p50_ms']:.1f} / {idle['p99_ms']:.1f}", "", ""))
+    if "nodes" in s:
+        sqlite = s["nodes"].get("1 node, sqlite", {}).get("median", {})
+        if "end_to_end_per_s" in sqlite:
+            rows.append(("same load, 1 node on SQLite: end-to-end / accepted msgs/s",
+                         f"{sqlite['end_to_end_per_s']:.0f} / {sqlite['accepted_per_s']:.0f}", "", ""))
+        one, two = s["nodes"].get("1 node", {}).get("median", {}), s["nodes"].get("2 nodes", {}).get("median", {})
+        for label, key, fmt in (("end-to-end msgs/s", "end_to_end_per_s", "{:.0f}"), ("accepted msgs/s", "accepted_per_s", "{:.0f}"),
+                                ("db transactions/msg", "db_commits_per_message", "{:.2f}"),
+                                ("WAL syncs/msg", "wal_syncs_per_message", "{:.2f}"),
+                                ("longest transaction s", "longest_transaction_s", "{:.2f}")):
+            if key in one and key in two:
+                rows.append((f"postgres spool 1 node / 2 nodes: {label}", f"{fmt.format(one[key])} / {fmt.format(two[key])}", "",
+                             f"{two[key] / one[key]:.2f}x" if one[key] else ""))
+        for stage, tables in s["nodes"]["soak"].items():
+            if isinstance(tables, dict):
+                rows.append((f"soak {stage}: dead rows (table+index KB)",
+                             ", ".join(f"{name} {row['dead']} ({row['table_kb'] + row['indexes_kb']})" for name, row in tables.items()), "", ""))
     for sessions, data in s.get("sweep", {}).items():
         both(f"sweep {sessions} sessions: end-to-end msgs/s", data, "end_to_end_per_s")
     if "backlog" in s:

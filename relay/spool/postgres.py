@@ -39,6 +39,7 @@ from relay.spool.model import (
     State,
     piece_chunks,
 )
+from relay.spool.postgres_events import PostgresEvents
 from relay.spool.postgres_migrate import check_schema
 
 log = logging.getLogger("relay.spool")
@@ -189,7 +190,7 @@ class _Write:
 _STOP = object()
 
 
-class PostgresSpool:
+class PostgresSpool(PostgresEvents):
     """:class:`~relay.spool.base.Spool` (the queue part) on an asyncpg pool, shared by several nodes."""
 
     def __init__(self, dsn: str, *, node: str, lease: float = 60.0, commit_timeout: float = 30.0,

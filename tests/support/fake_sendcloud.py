@@ -34,6 +34,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -204,6 +205,12 @@ class _Handler:
                 tls=session.ssl is not None,
             )
         )
+        if self.fake.data_delay:  # taken, not yet answered: the window where only the upstream knows
+            self.fake.unanswered[session.host_name] += 1
+            try:
+                await asyncio.sleep(self.fake.data_delay)
+            finally:
+                self.fake.unanswered[session.host_name] -= 1
         return f"250 #{message_id}#Queued"
 
 
@@ -221,6 +228,9 @@ class FakeSendCloud:
     - ``rcpt_hook(address)`` / ``data_hook(rcpt_tos)``: when set, called for every RCPT / DATA;
       a reply line they return is given instead (DATA: nothing recorded), None goes on as usual.
     - ``data_attempts``: how many DATA commands reached the fake, whatever it answered.
+    - ``data_delay``: seconds between taking a message (it is in ``messages``) and answering
+      its DATA, without holding other sessions up: a client killed meanwhile never learns
+      that its message arrived. ``unanswered`` counts those messages by the client's EHLO name.
     - ``logins``: every AUTH username attempted (successful or not), in order.
     """
 
@@ -241,6 +251,8 @@ class FakeSendCloud:
         self.rcpt_hook: Callable[[str], str | None] | None = None
         self.data_hook: Callable[[list[str]], str | None] | None = None
         self.data_attempts = 0
+        self.data_delay = 0.0
+        self.unanswered: Counter[str] = Counter()
         self.logins: list[str] = []
         self._tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ca.issue_cert("127.0.0.1", "localhost").configure_cert(self._tls_context)

@@ -33,8 +33,10 @@ def postgres_bin() -> Path | None:
 class PostgresCluster:
     """One ``postgres`` server: started by :meth:`start`, stopped (and deleted) by :meth:`stop`."""
 
-    def __init__(self, bindir: Path):
+    def __init__(self, bindir: Path, settings: dict[str, str] | None = None):
+        """``settings``: more ``postgres -c NAME=VALUE`` (the benchmark's autovacuum soak)."""
         self.bindir = bindir
+        self.settings = dict(settings or {})
         self.port = free_port()
         self.root = Path(tempfile.mkdtemp(prefix="relay-pg-"))
         self.data = self.root / "data"
@@ -63,7 +65,7 @@ class PostgresCluster:
         options = (
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c max_connections=200 "
             "-c fsync=on -c synchronous_commit=on -c shared_buffers=64MB"
-        )
+        ) + "".join(f" -c {name}={value}" for name, value in self.settings.items())
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
 
     def create_database(self) -> str:
@@ -82,19 +84,6 @@ class PostgresCluster:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-# What the events migration (branch wip-pgevents) creates; until it lands, the queue's tests
-# make it themselves so ListQuery.status has its table.
-_RECIPIENT_STATUS = """
-CREATE TABLE IF NOT EXISTS recipient_status (
-    message_id  text NOT NULL REFERENCES messages(id) ON DELETE CASCADE,
-    idx         integer NOT NULL,
-    status      text NOT NULL,
-    status_time double precision NOT NULL,
-    PRIMARY KEY (message_id, idx)
-)
-"""
-
-
 async def migrate_database(dsn: str) -> None:
     """Bring a test database to the relay's schema, as `sendcloud-relay migrate` does."""
     import asyncpg
@@ -104,8 +93,6 @@ async def migrate_database(dsn: str) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await migrate(conn)
-        if await conn.fetchval("SELECT to_regclass('recipient_status') IS NULL"):
-            await conn.execute(_RECIPIENT_STATUS)
     finally:
         await conn.close()
 

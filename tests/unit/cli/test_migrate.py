@@ -8,7 +8,7 @@ import pytest
 
 from relay.cli import main
 from relay.spool.postgres import PostgresSpool
-from relay.spool.postgres_schema import LATEST
+from relay.spool.postgres_schema import LATEST, MIGRATIONS
 from tests.unit.helpers import BASE
 from tests.unit.spool.test_postgres import message
 
@@ -35,7 +35,8 @@ def test_migrate_then_queue_list_on_postgres(config_file, capsys, tmp_path):
     path, dsn = config_file
     code, _, err = run(capsys, "queue", "list", "-c", path)
     assert code == 1 and "run sendcloud-relay migrate" in err
-    assert run(capsys, "migrate", "-c", path) == (0, "applied migration 1 (queue)\n", "")
+    applied = "".join(f"applied migration {version} ({name})\n" for version, name, _ in MIGRATIONS)
+    assert run(capsys, "migrate", "-c", path) == (0, applied, "")
     assert run(capsys, "migrate", "-c", path) == (0, f"schema is current (version {LATEST})\n", "")
 
     async def store() -> None:

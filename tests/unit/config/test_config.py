@@ -439,6 +439,8 @@ def _shipped_configs() -> dict[str, str]:
     configs["deploy/relay.yaml"] = (REPO / "deploy" / "relay.yaml").read_text()
     configmap = yaml.safe_load((REPO / "deploy" / "kubernetes" / "configmap.yaml").read_text())
     configs["deploy/kubernetes/configmap.yaml"] = configmap["data"]["relay.yaml"]
+    scale_out = yaml.safe_load((REPO / "deploy" / "kubernetes-scale-out" / "configmap.yaml").read_text())
+    configs["deploy/kubernetes-scale-out/configmap.yaml"] = scale_out["data"]["relay.yaml"]
     return configs
 
 

@@ -1,5 +1,5 @@
 """The event storage of the spool (issue #12) as a contract, against SqliteSpool, MemorySpool and
-PostgresEvents (on the private cluster).
+PostgresSpool (on the private cluster).
 
 Received events and their dedupe keys, the mapping of an event to its recipient, SendCloud's
 status and history per recipient, the suppression list and its version, hourly counters and
@@ -16,7 +16,7 @@ from relay.spool import State
 from relay.spool.events_model import Applied, EventTarget, Fate, OutboxRow, ReceivedEvent, RecipientEvent
 from relay.spool.memory import MemorySpool
 from relay.spool.sqlite import SqliteSpool
-from tests.support.postgres_events_stand_in import EventsOnPostgres, apply_migrations
+from tests.support.postgres import migrated_postgres_spool
 from tests.unit.spool.test_protocol import T0, message, update
 
 ALL = frozenset({"batch", "trigger"})
@@ -26,10 +26,8 @@ EMAIL_ID = "1426390015358_15_6484_8661.sc-10_10_127_51-inbound0$a@example.org"
 
 @pytest.fixture(params=["sqlite", "memory", "postgres"])
 async def spool(request, tmp_path):
-    if request.param == "postgres":  # the stand-in for PostgresSpool until the queue half is merged
-        dsn = request.getfixturevalue("postgres_dsn")
-        await apply_migrations(dsn)
-        spool = EventsOnPostgres(dsn)
+    if request.param == "postgres":
+        spool = await migrated_postgres_spool(request.getfixturevalue("postgres_dsn"), tmp_path)
     else:
         spool = SqliteSpool(tmp_path / "spool.db") if request.param == "sqlite" else MemorySpool()
     await spool.open()

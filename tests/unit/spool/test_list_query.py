@@ -8,7 +8,6 @@ import pytest
 
 from relay.spool import ListQuery, NewMessage, RecipientUpdate, Spool, State
 from relay.spool.memory import MemorySpool
-from relay.spool.postgres import PostgresSpool
 from relay.spool.sqlite import SqliteSpool, list_sql, open_store
 from tests.support.postgres import migrated_postgres_spool
 
@@ -153,10 +152,8 @@ def test_queue_list_walks_an_index_in_order_and_never_sorts(spools, query):
     assert index in plan and "TEMP B-TREE" not in plan, plan
 
 
-async def test_messages_are_found_by_sendcloud_emailid_and_status_on_every_backend(spool, request):
+async def test_messages_are_found_by_sendcloud_emailid_and_status_on_every_backend(spool):
     """The dashboard's and `queue list`'s search by what SendCloud said: its emailId, its status."""
-    if isinstance(spool, PostgresSpool):
-        request.applymarker(pytest.mark.xfail(reason="events migration", strict=True))
     from relay.spool.events_model import Applied, ReceivedEvent, RecipientEvent
 
     await fill(spool)

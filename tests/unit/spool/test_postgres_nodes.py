@@ -1,7 +1,6 @@
 """Two relay nodes on one PostgreSQL database (the private cluster): what must hold across them.
 
-Each "node" is a store of its own on its own pool (as two machines would have); the events
-stores are the stand-in for PostgresSpool (tests/support/postgres_events_stand_in.py).
+Each "node" is a PostgresSpool of its own on its own pool (as two machines would have).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ from relay.policy.rates import PersistentRates
 from relay.spool import rate_store, suppression_reader
 from relay.spool.events_model import Applied, OutboxRow, ReceivedEvent
 from relay.spool.postgres_events import PostgresRateStore, PostgresSuppressionReader, rate_rows
-from tests.support.postgres_events_stand_in import EventsOnPostgres, apply_migrations
+from tests.support.postgres import migrate_database, migrated_postgres_spool
 
 T0 = 1_700_000_000.0
 ALL = frozenset({"batch", "trigger"})
@@ -26,13 +25,14 @@ ALL = frozenset({"batch", "trigger"})
 
 @pytest.fixture
 async def dsn(postgres_dsn):
-    await apply_migrations(postgres_dsn)
+    await migrate_database(postgres_dsn)
     return postgres_dsn
 
 
 @pytest.fixture
-async def nodes(dsn):
-    a, b = EventsOnPostgres(dsn), EventsOnPostgres(dsn)
+async def nodes(dsn, tmp_path):
+    a = await migrated_postgres_spool(dsn, tmp_path, node="node-a")
+    b = await migrated_postgres_spool(dsn, tmp_path, node="node-b")
     await a.open()
     await b.open()
     yield a, b
