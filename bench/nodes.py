@@ -29,18 +29,12 @@ from pathlib import Path
 from peers import SMTP_SOURCE, OurRelay, free_port, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not installed, only relay/
+from relay.spool.postgres_schema import HOT_TABLES_AUTOVACUUM
 from tests.support.postgres import PostgresCluster, postgres_bin
 
 HOT_TABLES = ("messages", "recipients", "bodies")
 
-VACUUM_THRESHOLD = 1000
-AUTOVACUUM = {
-    # What docs/scale-out.md recommends for the hot tables: vacuum after 1 % of a table is dead
-    # (the default 20 % lets a week of kept records pile up dead rows), unthrottled.
-    table: f"autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_threshold = {VACUUM_THRESHOLD}, "
-           "autovacuum_vacuum_insert_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0"
-    for table in HOT_TABLES
-}
+VACUUM_THRESHOLD = 1000  # autovacuum_vacuum_threshold of the hot tables (migration 4, relay/spool/postgres_schema.py)
 
 CLUSTER_SETTINGS = {
     "shared_preload_libraries": "pg_stat_statements",  # which statements the commits and WAL come from
@@ -74,11 +68,9 @@ class SharedSpool:
         self.cluster.stop()
 
     def migrate(self, dsn: str, config_path: Path) -> None:
-        """``sendcloud-relay migrate`` as an operator runs it, then the hot tables' autovacuum settings."""
+        """``sendcloud-relay migrate`` as an operator runs it (the hot tables' autovacuum settings included)."""
         subprocess.run([sys.executable, "-m", "relay", "migrate", "-c", str(config_path)], check=True,
                        capture_output=True, timeout=120)
-        for table, settings in AUTOVACUUM.items():
-            sql(dsn, f"ALTER TABLE {table} SET ({settings})")
         sql(dsn, "CREATE EXTENSION pg_stat_statements")
 
 
@@ -190,7 +182,7 @@ def soak(dsn: str, timeout: float = 180.0) -> dict:
     """The hot tables right after the load, and once autovacuum has been through each of them."""
     before = table_stats(dsn)
     wait_until(lambda: vacuumed(before, table_stats(dsn)), timeout, "autovacuum on messages, recipients and bodies")
-    return {"after_load": before, "after_autovacuum": table_stats(dsn), "settings": AUTOVACUUM[HOT_TABLES[0]],
+    return {"after_load": before, "after_autovacuum": table_stats(dsn), "settings": HOT_TABLES_AUTOVACUUM,
             "naptime": CLUSTER_SETTINGS["autovacuum_naptime"]}
 
 

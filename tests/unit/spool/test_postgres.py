@@ -290,6 +290,21 @@ async def test_migrating_twice_or_from_two_nodes_at_once_is_harmless(postgres_ds
         await second.close()
 
 
+async def test_the_hot_tables_vacuum_after_one_percent_dead_rows(postgres_dsn):
+    """A queue table bloats at autovacuum's default 20 %: migrate sets the hot tables' own thresholds."""
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        await migrate(conn)
+        rows = await conn.fetch("SELECT relname, reloptions FROM pg_class WHERE relname = ANY($1::text[])",
+                                ["messages", "recipients", "bodies", "events"])
+        options = {row["relname"]: set(row["reloptions"] or ()) for row in rows}
+    finally:
+        await conn.close()
+    for table in ("messages", "recipients", "bodies"):
+        assert {"autovacuum_vacuum_scale_factor=0.01", "autovacuum_vacuum_cost_delay=0"} <= options[table], table
+    assert options["events"] == set()
+
+
 async def test_serve_refuses_an_unmigrated_and_a_newer_database_with_one_line(postgres_dsn, tmp_path):
     spool = PostgresSpool(postgres_dsn, node="a", spill_directory=tmp_path)
     with pytest.raises(StartupError) as refused:
