@@ -415,6 +415,7 @@ class Scheduler:
         the message's other transactions are not sent: they get that answer, so the whole
         message comes back together.
         """
+        await self._gates_open(message.account)
         start = await self._spool.start(message.id)
         if start is None:  # deleted with `queue delete`, or already final
             return
@@ -450,6 +451,14 @@ class Scheduler:
             updates = self._outcomes(message, chunk, result, policy, retry_at, held_until)
             if not await self._record(message, updates, self._bounces_or_none(message, updates, head, config)):
                 return
+
+    async def _gates_open(self, account: str) -> None:
+        """Wait out the account's pauses (throttled, unreachable) before reading a message, not
+        after: a message deleted meanwhile (`queue delete`, on any node) is then seen as gone
+        instead of being sent from a copy read before the wait. What remains is the wait for a
+        probe under way, at most one connect (upstream.timeout)."""
+        while (wait := max(self.throttles[account].remaining(), self.reachability[account].remaining())) > 0:
+            await asyncio.sleep(wait)
 
     async def _send(self, message: QueuedMessage, chunk: list[Recipient], key: Key, head: bytes, rest: bytes,
                     offset: int, size: int, pool: AccountPool) -> Result:
