@@ -28,6 +28,9 @@ log = logging.getLogger("relay.events")
 
 _BATCH = 500  # events decided and written together (also: unapplied ones read per step)
 _RETRY_AFTER = 5.0  # seconds before events whose write failed are read back from the spool
+# Seconds between looks at the spool for events stored but not applied by anyone: with several
+# nodes, those a node received and died before applying (their claim lapses, then any node may).
+_BACKLOG_EVERY = 60.0
 
 
 def account_of(config: Config, api_user: str | None) -> str | None:
@@ -193,8 +196,20 @@ class Applier:
 
     async def _run(self) -> None:
         await self._backlog()
+        next_look = time.monotonic() + _BACKLOG_EVERY
         while True:
-            batch = [await self._queue.get()]
+            try:
+                first = await asyncio.wait_for(self._queue.get(), max(next_look - time.monotonic(), 0))
+            except TimeoutError:
+                next_look = time.monotonic() + _BACKLOG_EVERY
+                try:
+                    await self._backlog()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the next look reads them again
+                    log.exception("stored events could not be applied; looking again in %.0fs", _BACKLOG_EVERY)
+                continue
+            batch = [first]
             while len(batch) < _BATCH and not self._queue.empty():
                 batch.append(self._queue.get_nowait())
             try:

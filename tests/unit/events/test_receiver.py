@@ -279,3 +279,25 @@ async def test_an_event_that_cannot_be_decided_does_not_hold_up_the_others(setup
     await applier.apply(batch)
     assert [e.event for e in (await spool.fates("Q1"))[0].events] == ["open", "deliver"]
     assert [e.event for e in await spool.unapplied_events(10)] == ["click"]
+
+
+async def test_an_event_stored_but_never_applied_by_its_node_is_applied_by_a_running_one(setup, monkeypatch):
+    """Several nodes: one stored an event and died before applying it; a running applier finds
+    it at its next look at the spool, without a restart."""
+    _, spool, applier = setup
+    await applier.stop()
+    monkeypatch.setattr("relay.events.applier._BACKLOG_EVERY", 0.05)
+    running = Applier(lambda: CONFIG, spool)
+    await running.start()
+    try:
+        await asyncio.sleep(0.1)  # past its start-up pass: only a later look can find the event
+        fields = signed({**EVENT, "event": "open"})
+        await spool.store_event(ReceivedEvent(time.time(), "open", json.dumps(fields), ("token:orphan",)))
+        for _ in range(100):
+            if await spool.unapplied_events(10) == []:
+                break
+            await asyncio.sleep(0.02)
+        assert await spool.unapplied_events(10) == []
+        assert [e.event for e in (await spool.fates("Q1"))[0].events] == ["open"]
+    finally:
+        await running.stop()
