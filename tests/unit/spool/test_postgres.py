@@ -20,6 +20,7 @@ from relay.spool.postgres import PIECE, PostgresSpool, QueueIdTaken, inline_body
 from relay.spool.postgres_migrate import migrate, mismatch, schema_version
 from relay.spool.postgres_schema import LATEST
 from tests.support.postgres import migrated_postgres_spool
+from tests.unit.spool.test_list_query import PAGES  # the same pages as SQLite's plans are checked on
 
 T0 = 1_700_000_000.0
 ACCOUNTS = ("acme_trigger",)
@@ -335,14 +336,6 @@ async def test_a_connection_error_never_shows_the_password(tmp_path):
 # -- queue list: a page walks an index in ID order --------------------------------------------------------
 
 
-PAGES = {
-    "pending": ListQuery(limit=51),
-    "pending_next_page": ListQuery(limit=51, after="M0010000"),
-    "deferred": ListQuery(limit=51, state=State.DEFERRED),
-    "user": ListQuery(limit=51, user="billing"),
-    "all": ListQuery(limit=51, include_final=True),
-    "delivered": ListQuery(limit=51, state=State.DELIVERED),
-}
 
 
 @pytest.fixture(scope="module")
