@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from relay.config import Spool as SpoolSettings
 from relay.spool.base import (
-    BodyGone, Cursor, ListQuery, RateStore, SchemaMismatch, Spool, SpoolMissing, WindowKey, due_key,
+    BodyGone,
+    Cursor,
+    ListQuery,
+    RateStore,
+    SchemaMismatch,
+    Spool,
+    SpoolMissing,
+    WindowKey,
+    due_key,
 )
 from relay.spool.model import (
     FileRegion,
