@@ -24,7 +24,7 @@ from relay.delivery.bounce import FailedRecipient, build_dsn
 from relay.delivery.leases import LeaseKeeper
 from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle, message_retry_at, while_unconfigured
 from relay.delivery.sendcloud import email_ids
-from relay.delivery.throttle import AccountThrottle, pause_length
+from relay.delivery.throttle import AccountThrottle, GateClosed, pause_length
 from relay.delivery.transport import (
     AccountPool,
     CaptureConnection,
@@ -167,6 +167,7 @@ class Scheduler:
         self._rewalk_at = 0.0  # time.monotonic() after which a walk that reached the end starts again
         self._stranded_at = 0.0  # time.monotonic() of the next look for mail of unconfigured accounts
         self._stopping = False
+        self._stop_requested = asyncio.Event()  # wakes workers waiting out a paused account
         # Several nodes on one spool: the messages in memory stay ours while their leases are renewed.
         self._leases = LeaseKeeper(spool, lambda: self._in_flight, lambda: self._config().spool.lease)
 
@@ -243,6 +244,9 @@ class Scheduler:
     async def stop(self, grace: float) -> None:
         """Let workers finish the transaction they are in (bounded), then stop them."""
         self._stopping = True
+        self._stop_requested.set()
+        for gate in (*self.throttles.values(), *self.reachability.values()):
+            gate.close()  # workers waiting out a paused account stop now, not after the grace
         if self._poller:
             self._poller.cancel()
         holding = set(self._in_flight)  # queued or in flight: given back once the workers are done
@@ -397,6 +401,8 @@ class Scheduler:
                     await self._deliver(message, account.connections)
             except asyncio.CancelledError:
                 raise
+            except GateClosed:  # stopping while the account was paused: the message waits in the spool
+                pass
             except Exception:  # the message stays pending and is retried
                 log.exception("%s: delivery failed unexpectedly; will retry", message.id)
             finally:
@@ -415,7 +421,8 @@ class Scheduler:
         the message's other transactions are not sent: they get that answer, so the whole
         message comes back together.
         """
-        await self._gates_open(message.account)
+        if not await self._gates_open(message.account):
+            return  # stopping while the account is paused: the message waits in the spool
         start = await self._spool.start(message.id)
         if start is None:  # deleted with `queue delete`, or already final
             return
@@ -452,13 +459,19 @@ class Scheduler:
             if not await self._record(message, updates, self._bounces_or_none(message, updates, head, config)):
                 return
 
-    async def _gates_open(self, account: str) -> None:
+    async def _gates_open(self, account: str) -> bool:
         """Wait out the account's pauses (throttled, unreachable) before reading a message, not
         after: a message deleted meanwhile (`queue delete`, on any node) is then seen as gone
         instead of being sent from a copy read before the wait. What remains is the wait for a
-        probe under way, at most one connect (upstream.timeout)."""
+        probe under way, at most one connect (upstream.timeout). False: the relay is stopping
+        (a pause of minutes must not hold up the shutdown)."""
         while (wait := max(self.throttles[account].remaining(), self.reachability[account].remaining())) > 0:
-            await asyncio.sleep(wait)
+            try:
+                await asyncio.wait_for(self._stop_requested.wait(), wait)
+                return False
+            except TimeoutError:
+                pass
+        return True
 
     async def _send(self, message: QueuedMessage, chunk: list[Recipient], key: Key, head: bytes, rest: bytes,
                     offset: int, size: int, pool: AccountPool) -> Result:

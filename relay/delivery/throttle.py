@@ -23,6 +23,10 @@ def pause_length(consecutive: int, base: float, cap: float) -> float:
     return min(base * 2 ** (consecutive - 1), cap)
 
 
+class GateClosed(Exception):
+    """The relay is stopping: a worker waiting at the gate gives up; its message stays in the spool."""
+
+
 class AccountThrottle:
     def __init__(self, account: str, pauses: Callable[[], tuple[float, float]], clock: Callable[[], float] = time.monotonic,
                  reason: str = "asked to slow down", probe_first: bool = False):
@@ -35,14 +39,23 @@ class AccountThrottle:
         self.consecutive = 0  # throttling replies in a row; 0 = running normally
         self.pauses = 0  # how many times this account was paused (for logs and tests)
         self._probing = False
+        self._closed = False
         self._changed = asyncio.Event()
 
     def remaining(self) -> float:
         return max(0.0, self.paused_until - self._clock())
 
+    def close(self) -> None:
+        """Stopping: every worker waiting here (for a pause of minutes, or a probe's connect) gives up."""
+        self._closed = True
+        self._changed.set()
+
     async def acquire(self) -> bool:
-        """Wait until this worker may send; True when it is the probe after a pause."""
+        """Wait until this worker may send; True when it is the probe after a pause.
+        :class:`GateClosed` once :meth:`close` was called."""
         while True:
+            if self._closed:
+                raise GateClosed(self.account)
             wait = self.remaining()
             if wait > 0:
                 await self._wait(wait)

@@ -290,3 +290,25 @@ async def test_a_listener_that_never_answers_ties_up_only_the_probe():
         return await _serve_on(port)()
     # Each probe waits the 0.3 s timeout, then the 0.2 s backoff: 1.5 s is three probes or so.
     await _probes_then_delivered(UNREACHABLE, port, 1.5, lambda connects: len(accepted), back)
+
+
+async def test_stopping_does_not_wait_out_an_unreachable_accounts_backoff():
+    """Workers waiting for a paused account's next probe (minutes at most) stop at once; the mail waits in the spool."""
+    sock = closed_port()
+    text = UNREACHABLE.replace("PORT", str(sock.getsockname()[1])).replace(
+        "unreachable_backoff: 0.2, unreachable_max_backoff: 0.2", "unreachable_backoff: 300, unreachable_max_backoff: 300")
+    harness = Harness(text, FakeUpstream())
+    harness.scheduler = type(harness.scheduler)(lambda: harness.config, harness.spool)
+    await harness.scheduler.start()
+    messages = [new_message(recipients=("a@example.org",)) for _ in range(10)]
+    try:
+        for message in messages:
+            await harness.intake(message)
+        await until(lambda: harness.scheduler.unreachable_for(), timeout=5)
+        await asyncio.sleep(0.2)  # the workers are waiting for the probe 300 s away
+    finally:
+        started = time.monotonic()
+        await harness.scheduler.stop(30.0)
+        sock.close()
+    assert time.monotonic() - started < 2
+    assert {s for m in messages for s in await harness.states(m.id)} <= {State.QUEUED, State.DEFERRED}
