@@ -167,7 +167,6 @@ class Scheduler:
         self._rewalk_at = 0.0  # time.monotonic() after which a walk that reached the end starts again
         self._stranded_at = 0.0  # time.monotonic() of the next look for mail of unconfigured accounts
         self._stopping = False
-        self._stop_requested = asyncio.Event()  # wakes workers waiting out a paused account
         # Several nodes on one spool: the messages in memory stay ours while their leases are renewed.
         self._leases = LeaseKeeper(spool, lambda: self._in_flight, lambda: self._config().spool.lease)
 
@@ -244,7 +243,6 @@ class Scheduler:
     async def stop(self, grace: float) -> None:
         """Let workers finish the transaction they are in (bounded), then stop them."""
         self._stopping = True
-        self._stop_requested.set()
         for gate in (*self.throttles.values(), *self.reachability.values()):
             gate.close()  # workers waiting out a paused account stop now, not after the grace
         if self._poller:
@@ -421,8 +419,7 @@ class Scheduler:
         the message's other transactions are not sent: they get that answer, so the whole
         message comes back together.
         """
-        if not await self._gates_open(message.account):
-            return  # stopping while the account is paused: the message waits in the spool
+        await self._gates_open(message.account)
         start = await self._spool.start(message.id)
         if start is None:  # deleted with `queue delete`, or already final
             return
@@ -459,19 +456,14 @@ class Scheduler:
             if not await self._record(message, updates, self._bounces_or_none(message, updates, head, config)):
                 return
 
-    async def _gates_open(self, account: str) -> bool:
+    async def _gates_open(self, account: str) -> None:
         """Wait out the account's pauses (throttled, unreachable) before reading a message, not
         after: a message deleted meanwhile (`queue delete`, on any node) is then seen as gone
         instead of being sent from a copy read before the wait. What remains is the wait for a
-        probe under way, at most one connect (upstream.timeout). False: the relay is stopping
-        (a pause of minutes must not hold up the shutdown)."""
-        while (wait := max(self.throttles[account].remaining(), self.reachability[account].remaining())) > 0:
-            try:
-                await asyncio.wait_for(self._stop_requested.wait(), wait)
-                return False
-            except TimeoutError:
-                pass
-        return True
+        probe under way, at most one connect (upstream.timeout). :class:`GateClosed` when the
+        relay stops meanwhile (a pause of minutes must not hold up the shutdown)."""
+        await self.throttles[account].paused_out()
+        await self.reachability[account].paused_out()
 
     async def _send(self, message: QueuedMessage, chunk: list[Recipient], key: Key, head: bytes, rest: bytes,
                     offset: int, size: int, pool: AccountPool) -> Result:

@@ -50,6 +50,15 @@ class AccountThrottle:
         self._closed = True
         self._changed.set()
 
+    async def paused_out(self) -> None:
+        """Wait until no pause is left (a probe may still be under way); :class:`GateClosed` once closed."""
+        while (wait := self.remaining()) > 0:
+            if self._closed:
+                raise GateClosed(self.account)
+            await self._wait(wait)
+        if self._closed:
+            raise GateClosed(self.account)
+
     async def acquire(self) -> bool:
         """Wait until this worker may send; True when it is the probe after a pause.
         :class:`GateClosed` once :meth:`close` was called."""
