@@ -10,8 +10,6 @@ import time
 
 from relay.cli.common import load, with_config
 from relay.events.stats import COUNTERS, GROUPS
-from relay.ops import events_view
-from relay.spool import open_spool
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -20,6 +18,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 async def _stats(args: argparse.Namespace, config) -> int:
+    from relay.ops import events_view
+    from relay.spool import open_spool
+
     spool = open_spool(config.spool)
     await spool.open()
     try:

@@ -14,10 +14,6 @@ import time
 from pathlib import Path
 
 from relay.cli.common import load, with_config
-from relay.events.suppression import parse_csv, to_csv
-from relay.ops import events_view
-from relay.policy.suppression import normalise_address
-from relay.spool import open_spool
 
 
 def cmd_suppression(args: argparse.Namespace) -> int:
@@ -26,6 +22,11 @@ def cmd_suppression(args: argparse.Namespace) -> int:
 
 
 async def _suppression(args: argparse.Namespace, config) -> int:
+    from relay.events.suppression import parse_csv, to_csv
+    from relay.ops import events_view
+    from relay.policy.suppression import normalise_address
+    from relay.spool import open_spool
+
     now = time.time()
     if args.action in ("add", "remove", "import") and not args.target:
         print(
