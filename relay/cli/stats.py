@@ -13,7 +13,7 @@ from relay.events.stats import COUNTERS, GROUPS
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    config = load(args)
+    config = load(args, secrets=False)  # the spool only: no secret needed
     return asyncio.run(_stats(args, config))
 
 

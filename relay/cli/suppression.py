@@ -17,7 +17,7 @@ from relay.cli.common import load, with_config
 
 
 def cmd_suppression(args: argparse.Namespace) -> int:
-    config = load(args)
+    config = load(args, secrets=False)  # reads and writes the spool only: no secret needed (as queue)
     return asyncio.run(_suppression(args, config))
 
 
