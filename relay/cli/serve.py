@@ -9,9 +9,9 @@ import sys
 from relay.cli.common import NOT_FOUND, config_path, with_config
 from relay.config import (
     acceptor_count,
-    load_admin_settings,
     load_config,
     load_demo_config,
+    load_section,
 )
 
 
@@ -51,7 +51,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if path is None:
         print(NOT_FOUND, file=sys.stderr)
         return 1
-    settings = load_admin_settings(path)
+    settings = load_section(path, "admin")
     if not settings.listen:
         print("admin.listen is off in this config: send SIGHUP to the relay's process instead", file=sys.stderr)
         return 1

@@ -13,15 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-from relay.cli.common import load, with_config
+from relay.cli.common import load_spool, with_config
+from relay.config import Spool as SpoolSettings
 
 
 def cmd_suppression(args: argparse.Namespace) -> int:
-    config = load(args, secrets=False)  # reads and writes the spool only: no secret needed (as queue)
-    return asyncio.run(_suppression(args, config))
+    return asyncio.run(_suppression(args, load_spool(args)))
 
 
-async def _suppression(args: argparse.Namespace, config) -> int:
+async def _suppression(args: argparse.Namespace, settings: SpoolSettings) -> int:
     from relay.events.suppression import parse_csv, to_csv
     from relay.ops import events_view
     from relay.policy.suppression import normalise_address
@@ -44,7 +44,7 @@ async def _suppression(args: argparse.Namespace, config) -> int:
     except (OSError, ValueError) as error:  # SuppressionImportError lists every bad line
         print(f"suppression {args.action}: {error}", file=sys.stderr)
         return 1
-    spool = open_spool(config.spool)
+    spool = open_spool(settings)
     await spool.open()
     try:
         if args.action == "list":

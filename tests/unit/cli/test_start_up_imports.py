@@ -53,7 +53,7 @@ def loaded_by(code: str, tmp_path: Path) -> set[str]:
     """The modules a fresh interpreter has loaded after running ``code``."""
     report = tmp_path / "modules.json"
     program = f"import json, sys\n{code}\nopen({str(report)!r}, 'w').write(json.dumps(sorted(sys.modules)))\n"
-    finished = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finished = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert finished.returncode == 0, finished.stderr
     return set(json.loads(report.read_text()))
 
