@@ -6,11 +6,13 @@ Each ``--tree`` is a checkout of the relay (default: this one); with two (``git 
 --detach /tmp/base main`` for the other) they alternate run by run, so both see the same load.
 The CLI lists a spool of ``--messages`` × 5 recipients built directly (spool_scale.build); what
 it measures is the command's own start-up, which the query (a few ms) does not change. ``serve``
-runs on an empty spool, one process (``server.processes: 1``), until its listener greets.
-CPU is user + system time of the command's process (from /proc for serve, at the greeting):
-the figure load disturbs less than wall time. Each tree's ``relay`` is byte-compiled first, as
-``pip install`` does; ``--source`` leaves it as it is (this machine sets PYTHONDONTWRITEBYTECODE,
-so an uncompiled checkout compiles every module of the relay at every start).
+runs on an empty spool until its listener greets: in one process (``server.processes: 1``), and
+with two acceptor processes (the default ``auto`` on two CPUs), where an acceptor greets.
+CPU is user + system time of the command's process (for serve from /proc at the greeting, the
+main process only): the figure load disturbs less than wall time. Each tree's ``relay`` is
+byte-compiled first, as ``pip install`` does; ``--source`` leaves it as it is (this machine sets
+PYTHONDONTWRITEBYTECODE, so an uncompiled checkout compiles every module of the relay at every
+start).
 """
 
 from __future__ import annotations
@@ -140,16 +142,21 @@ def main() -> int:
         backlog, empty = workdir / "backlog" / "spool.db", workdir / "empty" / "spool.db"
         build(backlog, args.messages, 5, 5120)
         open_store(empty).conn.close()
-        listing, serving = workdir / "list.yaml", workdir / "serve.yaml"
+        listing = workdir / "list.yaml"
         listing.write_text(yaml.safe_dump(relay_config(backlog, free_port())))
         port = free_port()
-        serving.write_text(yaml.safe_dump(relay_config(empty, port)))
-        samples = {tree: {"queue_list": [], "serve": []} for tree in trees}
+        serving = {}
+        for processes in (1, 2):
+            config = relay_config(empty, port)
+            config["server"]["processes"] = processes
+            serving[processes] = workdir / f"serve-{processes}.yaml"
+            serving[processes].write_text(yaml.safe_dump(config))
+        samples = {tree: {"queue_list": [], 1: [], 2: []} for tree in trees}
         for _ in range(args.runs):
             for tree in trees:
                 samples[tree]["queue_list"].append(queue_list(tree, listing))
-            for tree in trees:
-                samples[tree]["serve"].append(serve_to_220(tree, serving, port))
+            for processes, tree in ((processes, tree) for processes in (1, 2) for tree in trees):
+                samples[tree][processes].append(serve_to_220(tree, serving[processes], port))
         if args.steps:
             results["queue_list_steps_cpu_ms"] = steps(trees[-1], listing, args.runs)
             for name, cpu in results["queue_list_steps_cpu_ms"].items():
@@ -157,12 +164,13 @@ def main() -> int:
     for tree in trees:
         commit = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True, check=False).stdout.strip()
-        results["trees"][str(tree)] = {"commit": commit, "queue_list_limit_50": summary(samples[tree]["queue_list"]),
-                                       "serve_to_220_empty": summary(samples[tree]["serve"])}
-        figures = results["trees"][str(tree)]
-        print(f"{tree} ({commit}): queue list --limit 50 {figures['queue_list_limit_50']['wall_ms_median']:.0f} ms "
-              f"(cpu {figures['queue_list_limit_50']['cpu_ms_median']:.0f}); serve to 220 "
-              f"{figures['serve_to_220_empty']['wall_ms_median']:.0f} ms (cpu {figures['serve_to_220_empty']['cpu_ms_median']:.0f})")
+        figures = {"commit": commit, "queue_list_limit_50": summary(samples[tree]["queue_list"]),
+                   "serve_to_220_empty": summary(samples[tree][1]),
+                   "serve_to_220_empty_two_acceptors": summary(samples[tree][2])}
+        results["trees"][str(tree)] = figures
+        print(f"{tree} ({commit}):")
+        for name in ("queue_list_limit_50", "serve_to_220_empty", "serve_to_220_empty_two_acceptors"):
+            print(f"  {name}: {figures[name]['wall_ms_median']:.0f} ms wall, {figures[name]['cpu_ms_median']:.0f} ms cpu")
     results["loadavg_after"] = os.getloadavg()
     out = args.out or RESULTS / f"startup-{started:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(exist_ok=True)
