@@ -1,4 +1,10 @@
-"""The `sendcloud-relay` command: one module per command group, each registering its subcommands."""
+"""The `sendcloud-relay` command: one module per command group, each registering its subcommands.
+
+Every command imports every group (the parser needs them all), so a stage or a third-party
+package that only some commands run is imported inside them, not at a group's top: start-up is
+most of a read-only command's time (tests/unit/cli/test_start_up_imports.py pins what `queue
+list` and the other read-only commands load).
+"""
 
 from __future__ import annotations
 

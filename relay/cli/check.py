@@ -9,11 +9,12 @@ from pathlib import Path
 import yaml
 
 from relay.cli.common import config_path, load, with_config
-from relay.ops import events_view
-from relay.process.startup import tls_problem
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from relay.ops import events_view
+    from relay.process.startup import tls_problem
+
     config = load(args)
     problem = tls_problem(config)
     if problem is not None:

@@ -12,7 +12,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from relay.config import Config, ConfigError, load_config
+from relay.config import Config, ConfigError, Spool, load_config, load_section
 
 ENVIRONMENT_VARIABLE = "SENDCLOUD_RELAY_CONFIG"
 SYSTEM_PATH = Path("/etc/sendcloud-relay/relay.yaml")
@@ -33,11 +33,21 @@ def config_path(args: argparse.Namespace) -> Path | None:
 
 
 def load(args: argparse.Namespace, secrets: bool = True) -> Config:
-    """The command's config; ``secrets=False`` for commands that only read the spool."""
+    """The whole config; ``secrets=False`` for a command that uses none (`queue show`)."""
+    return load_config(_found(args), secrets=secrets)
+
+
+def load_spool(args: argparse.Namespace) -> Spool:
+    """Only the ``spool`` section: what the spool's commands read, validated alone (the rest of
+    the file is the relay's to judge), so they start without building the whole schema."""
+    return load_section(_found(args), "spool")
+
+
+def _found(args: argparse.Namespace) -> Path:
     path = config_path(args)
     if path is None:
         raise ConfigError(NOT_FOUND)
-    return load_config(path, secrets=secrets)
+    return path
 
 
 def with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -1,8 +1,9 @@
 """`queue list / show / retry / delete / flush`: the spool, through the same Spool protocol the relay uses.
 
-No action uses a secret, so the config is loaded without them: `queue` works on a host (or
-in a shell) where ``${SC_KEY}`` and the key files are not there. Every action refuses a spool
-that does not exist rather than creating an empty one.
+No action uses a secret: `queue` works on a host (or in a shell) where ``${SC_KEY}`` and the
+key files are not there. Every action but `show` (which names each account's api_user) reads
+only the ``spool`` section. Every action refuses a spool that does not exist rather than
+creating an empty one.
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ import json
 import sys
 import time
 
-from relay.cli.common import load, with_config
+from relay.cli.common import load, load_spool, with_config
 from relay.config import Config
+from relay.config import Spool as SpoolSettings
 from relay.events.status import STATUSES
 from relay.ops import queue_view
 from relay.spool import SchemaMismatch, SpoolMissing, State, open_spool
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    config = load(args, secrets=False)
+    if args.action == "show":  # names the message's account's api_user: the whole config
+        action = _show(args, load(args, secrets=False))
+    else:
+        action = _ACTIONS[args.action](args, load_spool(args))
     try:
-        return asyncio.run(_ACTIONS[args.action](args, config))
+        return asyncio.run(action)
     except SpoolMissing as error:
         print(f"{error} (spool.path): nothing was ever queued here, or the config is not the relay's", file=sys.stderr)
         return 1
@@ -34,8 +39,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
         return 1
 
 
-async def _with_spool(config: Config, act):
-    spool = open_spool(config.spool, create=False)
+async def _with_spool(settings: SpoolSettings, act):
+    spool = open_spool(settings, create=False)
     await spool.open()
     try:
         return await act(spool)
@@ -43,7 +48,7 @@ async def _with_spool(config: Config, act):
         await spool.close()
 
 
-async def _list(args: argparse.Namespace, config: Config) -> int:
+async def _list(args: argparse.Namespace, settings: SpoolSettings) -> int:
     now = time.time()
     try:
         query = queue_view.list_query(include_final=args.all, user=args.user, to=args.to, state=args.state,
@@ -52,7 +57,7 @@ async def _list(args: argparse.Namespace, config: Config) -> int:
     except ValueError as error:
         print(f"queue list: {error}", file=sys.stderr)
         return 2
-    messages, more_after = queue_view.page(await _with_spool(config, lambda spool: spool.list(query)), query)
+    messages, more_after = queue_view.page(await _with_spool(settings, lambda spool: spool.list(query)), query)
     if args.json:
         print(json.dumps({"messages": [queue_view.list_record(m, now) for m in messages],
                           "count": len(messages), "next_after": more_after}, indent=2))
@@ -66,7 +71,7 @@ async def _show(args: argparse.Namespace, config: Config) -> int:
     async def message_and_fates(spool):
         return await spool.get(args.id), await spool.fates(args.id)
 
-    message, fates = await _with_spool(config, message_and_fates)
+    message, fates = await _with_spool(config.spool, message_and_fates)
     if message is None:
         print(f"{args.id}: no such message", file=sys.stderr)
         return 1
@@ -78,26 +83,26 @@ async def _show(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-async def _retry(args: argparse.Namespace, config: Config) -> int:
-    count = await _with_spool(config, lambda spool: spool.retry(args.id))
+async def _retry(args: argparse.Namespace, settings: SpoolSettings) -> int:
+    count = await _with_spool(settings, lambda spool: spool.retry(args.id))
     print(f"{args.id}: {count} recipient(s) made due now" if count else f"{args.id}: nothing pending")
     return 0 if count else 1
 
 
-async def _flush(args: argparse.Namespace, config: Config) -> int:
-    print(f"{await _with_spool(config, lambda spool: spool.retry())} deferred recipient(s) made due now")
+async def _flush(args: argparse.Namespace, settings: SpoolSettings) -> int:
+    print(f"{await _with_spool(settings, lambda spool: spool.retry())} deferred recipient(s) made due now")
     return 0
 
 
-async def _delete(args: argparse.Namespace, config: Config) -> int:
-    if await _with_spool(config, lambda spool: spool.delete(args.id)):
+async def _delete(args: argparse.Namespace, settings: SpoolSettings) -> int:
+    if await _with_spool(settings, lambda spool: spool.delete(args.id)):
         print(f"{args.id}: deleted")
         return 0
     print(f"{args.id}: no such message", file=sys.stderr)
     return 1
 
 
-_ACTIONS = {"list": _list, "show": _show, "retry": _retry, "flush": _flush, "delete": _delete}
+_ACTIONS = {"list": _list, "retry": _retry, "flush": _flush, "delete": _delete}  # and show, with the whole config
 
 
 def register(sub) -> None:

@@ -11,20 +11,18 @@ import argparse
 import getpass
 import json
 import os
-import smtplib
 import ssl
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from email.message import EmailMessage
-from email.utils import make_msgid
 from pathlib import Path
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
     """Talk to a running relay like an application would, printing every reply."""
+    import smtplib
+    from email.message import EmailMessage
+    from email.utils import make_msgid
+
     host, _, port = args.server.rpartition(":")
     password = args.password or os.environ.get("RELAY_PASSWORD")
     if args.password_file:
@@ -90,6 +88,10 @@ def http_form(user: str, key: str, sender: str, to: list[str], subject: str) -> 
 
 def _send_http(args: argparse.Namespace, key: str | None, context: ssl.SSLContext) -> int:
     """POST the test message to the relay's http_api and print the JSON answer; 0 when it was queued."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
     if not args.user or not key:
         print("error: --http needs --user (the apiUser) and an apiKey (--password, --password-file or "
               "$RELAY_PASSWORD)", file=sys.stderr)

@@ -6,20 +6,20 @@ import argparse
 import logging
 import sys
 
-from relay.cli import admin_client
 from relay.cli.common import NOT_FOUND, config_path, with_config
 from relay.config import (
     acceptor_count,
-    load_admin_settings,
     load_config,
     load_demo_config,
+    load_section,
 )
-from relay.observe import logs
-from relay.observe.metrics_directory import shared_metrics
-from relay.process.loop import run_event_loop
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from relay.observe import logs
+    from relay.observe.metrics_directory import shared_metrics
+    from relay.process.loop import run_event_loop
+
     path = config_path(args)
     config = load_config(path) if path else load_demo_config()
     logs.configure(config.logging, logs.secrets_of(config), args.verbose)
@@ -45,11 +45,13 @@ def cmd_reload(args: argparse.Namespace) -> int:
     ``admin`` section is read here; the relay validates the rest. (SIGHUP does the same
     reload, for `systemctl reload` and `docker kill -s HUP`, but its outcome is only logged.)
     """
+    from relay.cli import admin_client
+
     path = config_path(args)
     if path is None:
         print(NOT_FOUND, file=sys.stderr)
         return 1
-    settings = load_admin_settings(path)
+    settings = load_section(path, "admin")
     if not settings.listen:
         print("admin.listen is off in this config: send SIGHUP to the relay's process instead", file=sys.stderr)
         return 1

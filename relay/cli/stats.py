@@ -8,19 +8,20 @@ import json
 import sys
 import time
 
-from relay.cli.common import load, with_config
+from relay.cli.common import load_spool, with_config
+from relay.config import Spool as SpoolSettings
 from relay.events.stats import COUNTERS, GROUPS
-from relay.ops import events_view
-from relay.spool import open_spool
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    config = load(args)
-    return asyncio.run(_stats(args, config))
+    return asyncio.run(_stats(args, load_spool(args)))
 
 
-async def _stats(args: argparse.Namespace, config) -> int:
-    spool = open_spool(config.spool)
+async def _stats(args: argparse.Namespace, settings: SpoolSettings) -> int:
+    from relay.ops import events_view
+    from relay.spool import open_spool
+
+    spool = open_spool(settings)
     await spool.open()
     try:
         rows = await events_view.stats_rows(spool, args.since, args.until, args.by, args.group, time.time())

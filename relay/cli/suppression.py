@@ -13,19 +13,20 @@ import sys
 import time
 from pathlib import Path
 
-from relay.cli.common import load, with_config
-from relay.events.suppression import parse_csv, to_csv
-from relay.ops import events_view
-from relay.policy.suppression import normalise_address
-from relay.spool import open_spool
+from relay.cli.common import load_spool, with_config
+from relay.config import Spool as SpoolSettings
 
 
 def cmd_suppression(args: argparse.Namespace) -> int:
-    config = load(args)
-    return asyncio.run(_suppression(args, config))
+    return asyncio.run(_suppression(args, load_spool(args)))
 
 
-async def _suppression(args: argparse.Namespace, config) -> int:
+async def _suppression(args: argparse.Namespace, settings: SpoolSettings) -> int:
+    from relay.events.suppression import parse_csv, to_csv
+    from relay.ops import events_view
+    from relay.policy.suppression import normalise_address
+    from relay.spool import open_spool
+
     now = time.time()
     if args.action in ("add", "remove", "import") and not args.target:
         print(
@@ -43,7 +44,7 @@ async def _suppression(args: argparse.Namespace, config) -> int:
     except (OSError, ValueError) as error:  # SuppressionImportError lists every bad line
         print(f"suppression {args.action}: {error}", file=sys.stderr)
         return 1
-    spool = open_spool(config.spool)
+    spool = open_spool(settings)
     await spool.open()
     try:
         if args.action == "list":

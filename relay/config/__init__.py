@@ -8,9 +8,9 @@ reload can change. The names below are what the rest of the relay imports.
 
 from relay.config.load import (
     ConfigError,
-    load_admin_settings,
     load_config,
     load_demo_config,
+    load_section,
     parse_config,
 )
 from relay.config.schema import (
@@ -41,6 +41,6 @@ from relay.config.units import Rate, parse_duration, parse_rate, split_host_port
 __all__ = [
     "Account", "Admin", "Channel", "Config", "ConfigError", "DkimKey", "Events", "HttpApi", "Listener", "Logging", "MessageOptions",
     "Rate", "Resolver", "Rule", "Server", "Spool", "TLSFiles", "TLSPolicy", "TLSRule", "Tracking", "Upstream",
-    "User", "acceptor_count", "load_admin_settings", "load_config", "load_demo_config", "parse_config",
+    "User", "acceptor_count", "load_config", "load_demo_config", "load_section", "parse_config",
     "parse_duration", "parse_rate", "split_host_port",
 ]

@@ -12,8 +12,6 @@ import base64
 import binascii
 import re
 
-from dkim.crypto import UnparsableKeyError, parse_pem_private_key
-
 
 def is_supported_hash(value: str) -> bool:
     return value.startswith("$argon2id$") or parse_scrypt(value) is not None
@@ -42,6 +40,8 @@ def parse_scrypt(value: str) -> tuple[int, int, int, bytes, bytes] | None:
 def key_algorithm(key: bytes) -> bytes:
     """``rsa-sha256`` for a PEM RSA key, ``ed25519-sha256`` for a base64 ed25519 seed; else ValueError."""
     if b"-----BEGIN" in key:
+        from dkim.crypto import UnparsableKeyError, parse_pem_private_key  # dkim pulls in dnspython: only for a key
+
         try:
             parse_pem_private_key(key)
         except (UnparsableKeyError, ValueError):  # bad base64 inside the PEM is a ValueError

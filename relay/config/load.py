@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from relay.config.schema import SECRETS_WITHHELD, Admin, Config, CrossReferenceError
+from relay.config.schema import SECRETS_WITHHELD, Config, CrossReferenceError
 
 
 class ConfigError(Exception):
@@ -134,12 +134,8 @@ def _without_secrets(raw: dict) -> dict:
     return stripped
 
 
-def parse_config(text: str, source: str = "<config>", base: Path | None = None, secrets: bool = True) -> Config:
-    """Validate YAML text into a :class:`Config`; raise :class:`ConfigError` naming file and line.
-
-    ``secrets=False`` (commands that only read the spool) leaves out the api_keys, password
-    hashes, DKIM keys and the admin token, without resolving their ``${ENV}`` or files.
-    """
+def _sections(text: str, source: str) -> dict:
+    """The file's top-level mapping, each key's line kept."""
     try:
         raw = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - _LineLoader is a SafeLoader
     except yaml.YAMLError as error:
@@ -148,6 +144,16 @@ def parse_config(text: str, source: str = "<config>", base: Path | None = None, 
         raise ConfigError(f"{source}{line}: not valid YAML: {getattr(error, 'problem', error)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    return raw
+
+
+def parse_config(text: str, source: str = "<config>", base: Path | None = None, secrets: bool = True) -> Config:
+    """Validate YAML text into a :class:`Config`; raise :class:`ConfigError` naming file and line.
+
+    ``secrets=False`` (commands that only read the spool) leaves out the api_keys, password
+    hashes, DKIM keys and the admin token, without resolving their ``${ENV}`` or files.
+    """
+    raw = _sections(text, source)
     if not secrets:
         raw = _without_secrets(raw)
     data = _resolve_secrets(raw, (), source, raw, base or Path.cwd())
@@ -170,22 +176,25 @@ def _problems(error: ValidationError, source: str, data: Any, prefix: tuple = ()
     return "\n".join(problems)
 
 
-def load_admin_settings(path: Path | str) -> Admin:
-    """Only the ``admin`` section, for `sendcloud-relay reload`: the rest of the file may be
-    exactly what is broken, and the running relay is the one to judge it."""
+def load_section(path: Path | str, name: str) -> BaseModel:
+    """Only the section ``name`` (``spool``, ``admin``: one model of the schema), validated alone.
+
+    For commands that read nothing else: `reload` must reach the relay when the rest of the file
+    is exactly what is broken (the running relay is the one to judge it), and the spool's
+    commands start faster by building and validating one small model, not the whole schema.
+    """
     path = Path(path)
+    model = Config.model_fields[name].annotation
     try:
-        raw = yaml.load(path.read_text(), Loader=_LineLoader)  # noqa: S506 - a SafeLoader
+        text = path.read_text()
     except OSError as error:
         raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {getattr(error, 'problem', error)}") from None
-    section = raw.get("admin") if isinstance(raw, dict) else None
-    data = _resolve_secrets(section or {}, ("admin",), str(path), raw, path.parent)
+    raw = _sections(text, str(path))
+    data = _resolve_secrets(raw.get(name) or {}, (name,), str(path), raw, path.parent)
     try:
-        return Admin.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_problems(error, str(path), raw, ("admin",))) from None
+        raise ConfigError(_problems(error, str(path), raw, (name,))) from None
 
 
 def load_config(path: Path | str, secrets: bool = True) -> Config:

@@ -64,7 +64,7 @@ PasswordHash = Annotated[str, AfterValidator(_password_hash)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +266,7 @@ class RuleMatch(_Model):
 
 
 class Rule(MessageOptions):
-    match: RuleMatch = RuleMatch()
+    match: RuleMatch = Field(default_factory=RuleMatch)
     channel: Channel
 
 
@@ -347,20 +347,20 @@ class Logging(_Model):
 
 class Config(_Model):
     server: Server
-    events: Events = Events()
-    http_api: HttpApi = HttpApi()
-    spool: Spool = Spool()
-    upstream: Upstream = Upstream()
-    admin: Admin = Admin()
-    logging: Logging = Logging()
+    events: Events = Field(default_factory=Events)
+    http_api: HttpApi = Field(default_factory=HttpApi)
+    spool: Spool = Field(default_factory=Spool)
+    upstream: Upstream = Field(default_factory=Upstream)
+    admin: Admin = Field(default_factory=Admin)
+    logging: Logging = Field(default_factory=Logging)
     accounts: dict[str, Account] = Field(min_length=1)
     users: dict[str, User] = Field(min_length=1)
     rules: list[Rule] = []
-    sender: Sender = Sender()
+    sender: Sender = Field(default_factory=Sender)
     ad_marker_text: str = Field(default="(AD)", min_length=1)
     tls_rules: list[TLSRule] = []
     dkim: dict[str, DkimKey] = {}  # signing domain → selector and private key
-    resolver: Resolver = Resolver()
+    resolver: Resolver = Field(default_factory=Resolver)
 
     @model_validator(mode="after")
     def _references_resolve(self, info: ValidationInfo) -> Config:

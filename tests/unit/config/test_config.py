@@ -522,15 +522,32 @@ def test_proxy_protocol_needs_proxies_and_refuses_implicit_tls():
     assert "proxy_protocol does not work with tls: implicit" in config_error(text)
 
 
+def test_the_spools_commands_read_only_the_spool_section(tmp_path, monkeypatch):
+    """`queue list`, `stats` and `suppression` validate one small model, and nothing else of the file."""
+    from relay.config import load_section
+
+    monkeypatch.setenv("SPOOL_DSN", "postgresql://relay:pw@db/relay")
+    path = tmp_path / "relay.yaml"
+    path.write_text("server: {broken: yes}\nspool:\n  backend: postgres\n  dsn: '${SPOOL_DSN}'\n  lease: 2m\n")
+    settings = load_section(path, "spool")
+    assert (settings.backend, settings.dsn.get_secret_value(), settings.lease) == (
+        "postgres", "postgresql://relay:pw@db/relay", 120.0)
+    path.write_text("accounts: {}\n")
+    assert load_section(path, "spool").path == Path("var/spool.db")  # no section: the defaults, as in the whole config
+    path.write_text("server: {}\nspool:\n  path: spool.db\n  lease: soon\n")
+    with pytest.raises(ConfigError, match=r"relay.yaml:4: spool.lease: 'soon' is not a duration"):
+        load_section(path, "spool")
+
+
 def test_reload_reads_only_the_admin_section(tmp_path, monkeypatch):
     """`sendcloud-relay reload` must reach the relay even when the rest of the file is broken."""
-    from relay.config import load_admin_settings
+    from relay.config import load_section
 
     monkeypatch.setenv("ADMIN_TOKEN", "t0ken-from-env")
     path = tmp_path / "relay.yaml"
     path.write_text("server: {broken: yes}\nadmin: {listen: '127.0.0.1:9025', token: '${ADMIN_TOKEN}'}\n")
-    settings = load_admin_settings(path)
+    settings = load_section(path, "admin")
     assert settings.listen == "127.0.0.1:9025" and settings.token.get_secret_value() == "t0ken-from-env"
     path.write_text("server: {}\nadmin:\n  listen: nowhere\n")
     with pytest.raises(ConfigError, match=r"relay.yaml:3: admin.listen: must be HOST:PORT"):
-        load_admin_settings(path)
+        load_section(path, "admin")
