@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from relay.config import Account, Config, Upstream
+from relay.delivery.ahead import PEEK, ahead_until, taken_ahead, walk_again
 from relay.delivery.bounce import FailedRecipient, build_dsn
 from relay.delivery.leases import LeaseKeeper
 from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle, message_retry_at, while_unconfigured
@@ -165,6 +166,10 @@ class Scheduler:
         self._poller: asyncio.Task | None = None
         self._cursor: Cursor | None = None  # where the poller's walk of due mail resumes
         self._rewalk_at = 0.0  # time.monotonic() after which a walk that reached the end starts again
+        self._ahead: set[str] = set()  # held messages a walk ahead took (relay/delivery/ahead.py)
+        self._ahead_cursor: Cursor | None = None  # where the walk ahead under way resumes
+        self._ahead_until: Cursor | None = None  # how far it reads; None: none under way
+        self._ahead_again_at = 0.0  # time.monotonic() after which a finished walk ahead may start again
         self._stranded_at = 0.0  # time.monotonic() of the next look for mail of unconfigured accounts
         self._stopping = False
         # Several nodes on one spool: the messages in memory stay ours while their leases are renewed.
@@ -222,7 +227,7 @@ class Scheduler:
             if successor is not None:
                 successor.put(message, fresh)
             else:
-                self._in_flight.discard(message.id)
+                self._let_go(message.id)
         account.queue.stop(len(account.workers))
 
         async def close_when_done() -> None:
@@ -284,17 +289,25 @@ class Scheduler:
         )
         self._enqueue(queued, fresh=True)
 
-    def _enqueue(self, message: QueuedMessage, fresh: bool) -> None:
+    def _enqueue(self, message: QueuedMessage, fresh: bool) -> bool:
+        """Hold the message for its account's workers; whether it was not held already."""
         if self._stopping or message.id in self._in_flight or message.id in self._held:
-            return
+            return False
         account = self._accounts.get(message.account)
         if account is None:  # removed meanwhile: the poller's stranded() finds it (_hold_stranded)
-            return
+            return False
         self._in_flight.add(message.id)
         account.queue.put(message, fresh)  # carries only the recipients to try now
+        return True
+
+    def _let_go(self, message_id: str) -> None:
+        """The message is no longer held in memory (delivered, given back to the spool)."""
+        self._in_flight.discard(message_id)
+        self._ahead.discard(message_id)
 
     async def _poll(self) -> None:
         last_purge = 0.0
+        woken = False  # another process announced work at the last wait
         while True:
             try:
                 if time.monotonic() - last_purge > _PURGE_EVERY:
@@ -304,6 +317,7 @@ class Scheduler:
                         log.info("forgot %d delivered or failed message(s) older than spool.keep_final", purged)
                 await self._record_held()
                 self._finished_during_poll.clear()
+                await self._take_ahead(woken)
                 await self._refill()
                 if time.monotonic() >= self._stranded_at:  # a walk past all due mail: not at every poll
                     self._stranded_at = time.monotonic() + self._config().spool.retry[0]
@@ -313,7 +327,37 @@ class Scheduler:
                 raise
             except Exception:  # a spool hiccup must not stop scheduling
                 log.exception("queue poll failed; trying again")
-            await self._spool.wait_for_work(self._config().spool.poll_interval)  # a flush elsewhere wakes it
+            woken = await self._spool.wait_for_work(self._config().spool.poll_interval)  # a release elsewhere wakes it
+
+    async def _take_ahead(self, woken: bool) -> None:
+        """Mail made due behind the walk's cursor, taken at this poll and handed to the workers
+        with new mail (Postfix's ``postqueue -i``: to the incoming queue): `queue retry` and
+        `queue flush` (at every poll, a page of :data:`PEEK` when there are none), and after a
+        wake the messages another node gave back. It holds at most the quarter of the active
+        queue that new mail keeps, so a flush of the whole backlog does not starve the walk."""
+        config = self._config().spool
+        until = ahead_until(self._cursor, woken)
+        if self._ahead_until is None:  # none under way: start one, unless re-reading what it holds costs too much
+            if not (woken or walk_again(len(self._ahead), _PAGE, time.monotonic(), self._ahead_again_at)):
+                return
+            self._ahead_cursor, self._ahead_until = None, until
+        else:
+            self._ahead_until = max(self._ahead_until, until)
+        accounts = [name for name in self._accounts if not self._paused(name)]
+        share = max(1, config.active_limit // _FRESH_SHARE)
+        while (room := min(config.active_limit - self.active(), share - len(self._ahead))) > 0:
+            asked = min(room, PEEK if self._ahead_cursor is None else _PAGE)
+            page = await self._spool.due(time.time(), asked, accounts, after=self._ahead_cursor)
+            keys = [due_key(message, self._ahead_cursor) for message in page]
+            count, done = taken_ahead(keys, self._ahead_until, asked)
+            for message in page[:count]:
+                if message.id not in self._finished_during_poll and self._enqueue(message, fresh=True):
+                    self._ahead.add(message.id)
+            if done:
+                self._ahead_until = None
+                self._ahead_again_at = time.monotonic() + _REWALK_EVERY
+                return
+            self._ahead_cursor = keys[-1]
 
     async def _refill(self) -> None:
         """Read due mail into the active queue while it has room, a page at a time, each page
@@ -335,7 +379,7 @@ class Scheduler:
             if page:
                 self._cursor = due_key(page[-1], self._cursor)
             if len(page) < wanted:  # the end of what is due now
-                if self.active() < _PAGE or time.monotonic() >= self._rewalk_at:
+                if walk_again(self.active(), _PAGE, time.monotonic(), self._rewalk_at):
                     self._cursor = None
                     self._rewalk_at = time.monotonic() + _REWALK_EVERY
                 return
@@ -404,7 +448,7 @@ class Scheduler:
             except Exception:  # the message stays pending and is retried
                 log.exception("%s: delivery failed unexpectedly; will retry", message.id)
             finally:
-                self._in_flight.discard(message.id)
+                self._let_go(message.id)
                 self._finished_during_poll.add(message.id)
 
     async def _deliver(self, message: QueuedMessage, pool: AccountPool) -> None:

@@ -580,9 +580,10 @@ class SqliteSpool(SqliteEvents):
     async def release(self, message_ids: Collection[str]) -> None:
         return None
 
-    async def wait_for_work(self, timeout: float) -> None:
-        """No other process announces work here (`queue flush` is found by the next poll)."""
+    async def wait_for_work(self, timeout: float) -> bool:
+        """No other process announces work here (`queue retry`/`flush` is found by the next poll)."""
         await asyncio.sleep(timeout)
+        return False
 
     async def purge_final(self, older_than: float) -> int:
         """In batches, each its own write: mail stored meanwhile commits between them."""
