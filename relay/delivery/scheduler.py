@@ -25,7 +25,7 @@ from relay.delivery.bounce import FailedRecipient, build_dsn
 from relay.delivery.leases import LeaseKeeper
 from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle, message_retry_at, while_unconfigured
 from relay.delivery.sendcloud import email_ids
-from relay.delivery.throttle import AccountThrottle, GateClosed, pause_length
+from relay.delivery.throttle import Gate, GateClosed, destination, pause_length
 from relay.delivery.transport import (
     AccountPool,
     CaptureConnection,
@@ -121,12 +121,14 @@ class _Waiting:
 
 @dataclass
 class _Account:
-    """One account's waiting messages, its workers, and the kept connections they share."""
+    """One account's waiting messages, its workers, the kept connections they share, and the
+    reachability gate of the destination those connections go to (shared with other accounts)."""
 
     queue: _Waiting
     workers: list[asyncio.Task]
     connections: AccountPool
     settings: tuple  # what the connections are made from: a change means new workers
+    reachability: Gate
 
 
 @dataclass
@@ -157,8 +159,8 @@ class Scheduler:
         self._accounts: dict[str, _Account] = {}
         self._retiring: list[asyncio.Task] = []  # workers finishing their last transaction
         self.upstream_health = UpstreamHealth()
-        self.throttles: dict[str, AccountThrottle] = {}  # by account name: outlives a reconfigure
-        self.reachability: dict[str, AccountThrottle] = {}  # the dead-destination gate, by account name
+        self.throttles: dict[str, Gate] = {}  # SendCloud's limits, by account name: outlives a reconfigure
+        self.reachability: dict[str, Gate] = {}  # the dead-destination gate, by throttle.destination()
         self._in_flight: set[str] = set()
         # Finished while a poll's read was under way: that read may show them stale.
         self._finished_during_poll: set[str] = set()
@@ -198,10 +200,7 @@ class Scheduler:
         self._stranded_at = 0.0  # an account may have gone: look for its mail at the next poll
         for name, account in config.accounts.items():
             if name not in self.throttles:
-                self.throttles[name] = AccountThrottle(name, self._throttle_pauses)
-                self.reachability[name] = AccountThrottle(
-                    name, self._unreachable_backoffs, reason="is unreachable (connecting upstream failed)", probe_first=True,
-                )
+                self.throttles[name] = Gate(f"account {name}", self._throttle_pauses)
             settings = (account, config.upstream, config.server.hostname)
             old = self._accounts.get(name)
             if old is not None and old.settings == settings:
@@ -210,7 +209,7 @@ class Scheduler:
                 config.upstream.connections_per_account,
                 lambda key, account=account: self._connect(config.upstream, account, key, config.server.hostname, tls),
             )
-            new = _Account(_Waiting(), [], connections, settings)
+            new = _Account(_Waiting(), [], connections, settings, self._reachability(config.upstream))
             new.workers = [
                 asyncio.create_task(self._work(new), name=f"deliver-{name}-{number}")
                 for number in range(config.upstream.connections_per_account)
@@ -219,6 +218,16 @@ class Scheduler:
             if old is not None:
                 self._retire(old, new.queue)
                 log.info("account %s: connection settings changed, new workers started", name)
+
+    def _reachability(self, upstream: Upstream) -> Gate:
+        """The gate of the destination ``upstream`` names, made at its first use: every account
+        connecting there waits behind one probe (a dead upstream costs one connect per backoff,
+        not one per account)."""
+        where = destination(upstream)
+        if where not in self.reachability:
+            self.reachability[where] = Gate(f"upstream {where}", self._unreachable_backoffs,
+                                            reason="is unreachable (connecting failed)", probe_first=True)
+        return self.reachability[where]
 
     def _retire(self, account: _Account, successor: _Waiting | None) -> None:
         """Stop an account's workers after their current transaction, then close its
@@ -385,20 +394,23 @@ class Scheduler:
                 return
 
     def _paused(self, account: str) -> bool:
-        return self.throttles[account].remaining() > 0 or self.reachability[account].remaining() > 0
+        return self.throttles[account].remaining() > 0 or self._accounts[account].reachability.remaining() > 0
 
     def _report(self) -> None:
         metrics.ACTIVE_MESSAGES.set(self.active())
-        for name in self._accounts:
-            metrics.UPSTREAM_UNREACHABLE.labels(name).set(1 if self.reachability[name].consecutive else 0)
+        in_use = {id(account.reachability) for account in self._accounts.values()}
+        for where, gate in self.reachability.items():  # one left behind by a reload reads 0, not its last state
+            metrics.UPSTREAM_UNREACHABLE.labels(where).set(1 if gate.consecutive and id(gate) in in_use else 0)
 
     def active(self) -> int:
         """Messages held in memory: waiting for a worker of their account, or in one."""
         return len(self._in_flight)
 
     def unreachable_for(self) -> dict[str, float]:
-        """Accounts whose upstream cannot be reached: seconds until the next probe (0: one is due or under way)."""
-        return {name: gate.remaining() for name, gate in self.reachability.items() if gate.consecutive}
+        """Accounts whose upstream cannot be reached: seconds until the next probe (0: one is due or
+        under way), the same for every account sending to that destination."""
+        return {name: account.reachability.remaining() for name, account in self._accounts.items()
+                if account.reachability.consecutive}
 
     async def _hold_stranded(self) -> None:
         """Mail of an account no longer configured: deferred with the reason (for `queue show`),
@@ -440,7 +452,7 @@ class Scheduler:
                 return
             try:
                 if self._leases.may_start(message.id):
-                    await self._deliver(message, account.connections)
+                    await self._deliver(message, account)
             except asyncio.CancelledError:
                 raise
             except GateClosed:  # stopping while the account was paused: the message waits in the spool
@@ -451,7 +463,7 @@ class Scheduler:
                 self._let_go(message.id)
                 self._finished_during_poll.add(message.id)
 
-    async def _deliver(self, message: QueuedMessage, pool: AccountPool) -> None:
+    async def _deliver(self, message: QueuedMessage, account: _Account) -> None:
         """Each transaction streams the message from the spool in chunks; only its header
         section (which X-SMTPAPI splitting rewrites and a DSN quotes) is read whole.
 
@@ -463,7 +475,7 @@ class Scheduler:
         the message's other transactions are not sent: they get that answer, so the whole
         message comes back together.
         """
-        await self._gates_open(message.account)
+        await self._gates_open(message.account, account.reachability)
         start = await self._spool.start(message.id)
         if start is None:  # deleted with `queue delete`, or already final
             return
@@ -485,7 +497,7 @@ class Scheduler:
         for chunk, key in _transactions(message, config, config.upstream.max_recipients_per_transaction):
             if closed is None:
                 started = time.monotonic()
-                result = await self._send(message, chunk, key, head, rest, len(first), size, pool)
+                result = await self._send(message, chunk, key, head, rest, len(first), size, account)
                 metrics.UPSTREAM_SECONDS.labels(message.account).observe(time.monotonic() - started)
                 log.debug("%s: transaction of %d took %.3fs", message.id, len(chunk), time.monotonic() - started)
                 throttling = [reply for reply in result.replies if is_account_throttle(reply)]
@@ -500,22 +512,22 @@ class Scheduler:
             if not await self._record(message, updates, self._bounces_or_none(message, updates, head, config)):
                 return
 
-    async def _gates_open(self, account: str) -> None:
-        """Wait out the account's pauses (throttled, unreachable) before reading a message, not
+    async def _gates_open(self, account: str, reachability: Gate) -> None:
+        """Wait out the pauses (the account throttled, its upstream unreachable) before reading a message, not
         after: a message deleted meanwhile (`queue delete`, on any node) is then seen as gone
         instead of being sent from a copy read before the wait. What remains is the wait for a
         probe under way, at most one connect (upstream.timeout). :class:`GateClosed` when the
         relay stops meanwhile (a pause of minutes must not hold up the shutdown)."""
         await self.throttles[account].paused_out()
-        await self.reachability[account].paused_out()
+        await reachability.paused_out()
 
     async def _send(self, message: QueuedMessage, chunk: list[Recipient], key: Key, head: bytes, rest: bytes,
-                    offset: int, size: int, pool: AccountPool) -> Result:
-        """One transaction, through the account's two gates: while the upstream is unreachable
-        only one probe connects (the other workers wait, no connect timeout each), and while
-        SendCloud has asked the account to slow down only one probe sends."""
+                    offset: int, size: int, account: _Account) -> Result:
+        """One transaction, through two gates: while the upstream is unreachable only one probe
+        connects (the workers of every account sending there wait, no connect timeout each), and
+        while SendCloud has asked the account to slow down only one probe of it sends."""
         addresses = [recipient.address for recipient in chunk]
-        reachability, throttle = self.reachability[message.account], self.throttles[message.account]
+        reachability, throttle, pool = account.reachability, self.throttles[message.account], account.connections
         connect_probe = await reachability.acquire()
         unreachable = False
         try:  # from here on each probe must be given back, whatever fails
