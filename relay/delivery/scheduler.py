@@ -3,7 +3,8 @@
 New mail is handed over in memory right after it is spooled; everything else (deferred mail
 coming due, mail left over from before a restart, `queue retry` and `queue flush` from the
 CLI, new mail that found the active queue full) is found by polling the spool's index of
-pending recipients. At most ``spool.active_limit`` messages are held in memory (Postfix's
+pending recipients (what an operator made due now goes first: relay/delivery/ahead.py). At
+most ``spool.active_limit`` messages are held in memory (Postfix's
 active queue); the rest waits in the spool. A message is in at most one worker at a time, and
 its recipients deferred in one delivery come back together.
 """
