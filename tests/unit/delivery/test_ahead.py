@@ -1,5 +1,6 @@
-"""relay.delivery.ahead: which mail the poller takes ahead of its walk (tables), and an operator's
-`queue retry` during a drain taken at once by a real Scheduler over a real SQLite spool."""
+"""relay.delivery.ahead: which mail the poller takes ahead of its walk (tables); a real Scheduler
+taking an operator's `queue retry` (SQLite) and a message another node gave back (PostgreSQL)
+next during a drain."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from relay.delivery.ahead import RETRIED, ahead_until, taken_ahead, walk_again
 from relay.delivery.scheduler import Scheduler
 from relay.spool import RecipientUpdate, State, open_spool
+from tests.support.postgres import migrated_postgres_spool
 from tests.unit.delivery.test_scheduler import CONFIG, QUEUED, FakeUpstream, new_message, until
 from tests.unit.helpers import config_from
 
@@ -50,19 +52,38 @@ def test_when_a_walk_starts_again(held, now, again_at, expected):
     assert walk_again(held, 500, now, again_at) == expected
 
 
-async def test_an_operators_retry_during_a_drain_goes_next_not_after_the_walk(tmp_path):
-    """300 messages drain through one connection with 8 held in memory; a message deferred for
-    an hour is made due by another process (as `queue retry ID` does): its key sorts behind the
-    walk's cursor, and it must still go within a few transactions, not after the 300."""
+def _draining(tmp_path):
+    """A config holding 8 messages in memory, one connection, and an upstream slow enough that
+    300 messages take a while; and the scheduler for it."""
     text = CONFIG.replace("poll_interval", f"path: {tmp_path / 'spool.db'}, active_limit: 8, poll_interval").replace(
         "max_recipients_per_transaction: 2", "max_recipients_per_transaction: 2, connections_per_account: 1")
-    config = config_from(text)
-    spool, operator = open_spool(config.spool), open_spool(config.spool, create=False)
 
     def slow(sent):
-        time.sleep(0.003)  # the fake upstream's time per transaction, so the backlog takes a while
+        time.sleep(0.003)  # the fake upstream's time per transaction
         return [QUEUED] * len(sent.transaction.recipients)
-    upstream = FakeUpstream(answer=slow)
+    return config_from(text), FakeUpstream(answer=slow)
+
+
+async def _goes_next(spool, upstream: FakeUpstream, message_id: str, make_due, backlog: list) -> None:
+    """Once ``make_due`` ran (30 transactions into the drain), the message goes within what was
+    held in memory, long before the walk would wrap; then everything is delivered once."""
+    await until(lambda: len(upstream.sent) >= 30)
+    await make_due()
+    sent_before = len(upstream.sent)
+    await until(lambda: any(s.transaction.queue_id == message_id for s in upstream.sent), timeout=10)
+    behind = [s.transaction.queue_id for s in upstream.sent].index(message_id) - sent_before
+    assert behind <= 8, f"{behind} backlog transactions went first"  # at most what was held, not the walk's 270
+    assert len(upstream.sent) < 150  # the drain is far from done: taken next, not at the walk's wrap
+    for message in backlog:
+        await until(lambda message=message: _final(spool, message.id), timeout=20)
+    assert sorted(s.transaction.queue_id for s in upstream.sent) == sorted([message_id] + [m.id for m in backlog])
+
+
+async def test_an_operators_retry_during_a_drain_goes_next_not_after_the_walk(tmp_path):
+    """A message deferred for an hour is made due by another process (as `queue retry ID` does)
+    while 300 drain: its key sorts behind the walk's cursor, and it must go next all the same."""
+    config, upstream = _draining(tmp_path)
+    spool, operator = open_spool(config.spool), open_spool(config.spool, create=False)
     scheduler = Scheduler(lambda: config, spool, connect=upstream)
     await spool.open()
     await operator.open()
@@ -74,19 +95,37 @@ async def test_an_operators_retry_during_a_drain_goes_next_not_after_the_walk(tm
         for message in backlog:  # as after an outage: in the spool only, found by the poller's walk
             await spool.store(message)
         await scheduler.start()
-        await until(lambda: len(upstream.sent) >= 30)
-        assert await operator.retry(retried.id) == 1
-        sent_before = len(upstream.sent)
-        await until(lambda: any(s.transaction.queue_id == retried.id for s in upstream.sent), timeout=10)
-        behind = [s.transaction.queue_id for s in upstream.sent].index(retried.id) - sent_before
-        assert behind <= 8, f"{behind} backlog transactions went first"  # at most what was held, not the walk's 270
-        assert len(upstream.sent) < 150  # the drain is far from done: taken next, not at the walk's wrap
-        for message in backlog:
-            await until(lambda message=message: _final(spool, message.id), timeout=20)
-        assert sorted(s.transaction.queue_id for s in upstream.sent) == sorted([retried.id] + [m.id for m in backlog])
+
+        async def retry() -> None:
+            assert await operator.retry(retried.id) == 1
+        await _goes_next(spool, upstream, retried.id, retry, backlog)
     finally:
         await scheduler.stop(1.0)
         await operator.close()
+        await spool.close()
+
+
+async def test_a_message_another_node_gives_back_during_a_drain_goes_next(postgres_dsn, tmp_path):
+    """On PostgreSQL: node a holds the earliest message while node b drains 300 past it; when a
+    gives it back (its NOTIFY wakes b's poller), b takes it next instead of at its walk's wrap."""
+    config, upstream = _draining(tmp_path)
+    other = await migrated_postgres_spool(postgres_dsn, tmp_path, node="a", lease=30.0)
+    spool = await migrated_postgres_spool(postgres_dsn, tmp_path, node="b", lease=30.0)
+    scheduler = Scheduler(lambda: config, spool, connect=upstream)
+    await other.open()
+    await spool.open()
+    try:
+        released = new_message(recipients=("held@example.org",))
+        await other.store(released)
+        assert [m.id for m in await other.due(time.time(), 1, ["acme_trigger"])] == [released.id]  # a's lease now
+        backlog = [new_message(recipients=("a@example.org",)) for _ in range(300)]
+        for message in backlog:
+            await spool.store(message)
+        await scheduler.start()
+        await _goes_next(spool, upstream, released.id, lambda: other.release([released.id]), backlog)
+    finally:
+        await scheduler.stop(1.0)
+        await other.close()
         await spool.close()
 
 
