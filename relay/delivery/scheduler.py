@@ -344,8 +344,7 @@ class Scheduler:
         with new mail (Postfix's ``postqueue -i``: to the incoming queue): `queue retry` and
         `queue flush` (at every poll, a page of :data:`PEEK` when there are none), and after a
         wake the messages another node gave back. It holds at most the quarter of the active
-        queue that new mail keeps, so a flush of the whole backlog does not starve the walk. Due
-        mail it reads past its end is held as the walk's backlog (on PostgreSQL reading claims it)."""
+        queue that new mail keeps, so a flush of the whole backlog does not starve the walk."""
         config = self._config().spool
         until = ahead_until(self._cursor, woken)
         if self._ahead_until is None:  # none under way: start one, unless re-reading what it holds costs too much
@@ -361,14 +360,9 @@ class Scheduler:
             page = await self._spool.due(time.time(), asked, accounts, after=self._ahead_cursor)
             keys = [due_key(message, self._ahead_cursor) for message in page]
             count, done = taken_ahead(keys, self._ahead_until, asked)
-            for number, message in enumerate(page):
-                if message.id in self._finished_during_poll:
-                    continue
-                if number < count:
-                    if self._enqueue(message, fresh=True):
-                        self._ahead.add(message.id)
-                elif self.active() < _walk_limit(config.active_limit):  # past the end: the walk's backlog
-                    self._enqueue(message, fresh=False)
+            for message in page[:count]:
+                if message.id not in self._finished_during_poll and self._enqueue(message, fresh=True):
+                    self._ahead.add(message.id)
             if done:
                 self._ahead_until = None
                 self._ahead_again_at = time.monotonic() + _REWALK_EVERY
@@ -384,7 +378,7 @@ class Scheduler:
         end of a walk when few are held, else once per ``_REWALK_EVERY``. Accounts whose gate is
         paused (throttled, unreachable) are left out: their mail waits in the spool."""
         config = self._config().spool
-        limit = _walk_limit(config.active_limit)
+        limit = config.active_limit - config.active_limit // _FRESH_SHARE
         accounts = [name for name in self._accounts if not self._paused(name)]
         while (room := limit - self.active()) > 0:
             wanted = min(room, _PAGE)
@@ -719,11 +713,6 @@ class Scheduler:
                 config.accounts[via].type if account else message.channel, "", [message.sender], dsn,
             )
         ]
-
-
-def _walk_limit(active_limit: int) -> int:
-    """How many messages the poller's walk fills the active queue to: the rest is new mail's."""
-    return active_limit - active_limit // _FRESH_SHARE
 
 
 def _retry_policy(config: Config) -> RetryPolicy:
