@@ -3,9 +3,10 @@
 New mail is handed over in memory right after it is spooled; everything else (deferred mail
 coming due, mail left over from before a restart, `queue retry` and `queue flush` from the
 CLI, new mail that found the active queue full) is found by polling the spool's index of
-pending recipients. At most ``spool.active_limit`` messages are held in memory (Postfix's
-active queue); the rest waits in the spool. A message is in at most one worker at a time, and
-its recipients deferred in one delivery come back together.
+pending recipients (what an operator made due now goes first: relay/delivery/ahead.py). At
+most ``spool.active_limit`` messages are held in memory (Postfix's active queue); the rest
+waits in the spool. A message is in at most one worker at a time, and its recipients deferred
+in one delivery come back together.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from relay.config import Account, Config, Upstream
+from relay.delivery.ahead import PEEK, ahead_until, taken_ahead, walk_again
 from relay.delivery.bounce import FailedRecipient, build_dsn
 from relay.delivery.leases import LeaseKeeper
 from relay.delivery.retry import RetryPolicy, after_attempt, is_account_throttle, message_retry_at, while_unconfigured
 from relay.delivery.sendcloud import email_ids
-from relay.delivery.throttle import AccountThrottle, GateClosed, pause_length
+from relay.delivery.throttle import Gate, GateClosed, destination, pause_length
 from relay.delivery.transport import (
     AccountPool,
     CaptureConnection,
@@ -120,12 +122,14 @@ class _Waiting:
 
 @dataclass
 class _Account:
-    """One account's waiting messages, its workers, and the kept connections they share."""
+    """One account's waiting messages, its workers, the kept connections they share, and the
+    reachability gate of the destination those connections go to (shared with other accounts)."""
 
     queue: _Waiting
     workers: list[asyncio.Task]
     connections: AccountPool
     settings: tuple  # what the connections are made from: a change means new workers
+    reachability: Gate
 
 
 @dataclass
@@ -156,8 +160,8 @@ class Scheduler:
         self._accounts: dict[str, _Account] = {}
         self._retiring: list[asyncio.Task] = []  # workers finishing their last transaction
         self.upstream_health = UpstreamHealth()
-        self.throttles: dict[str, AccountThrottle] = {}  # by account name: outlives a reconfigure
-        self.reachability: dict[str, AccountThrottle] = {}  # the dead-destination gate, by account name
+        self.throttles: dict[str, Gate] = {}  # SendCloud's limits, by account name: outlives a reconfigure
+        self.reachability: dict[str, Gate] = {}  # the dead-destination gate, by throttle.destination()
         self._in_flight: set[str] = set()
         # Finished while a poll's read was under way: that read may show them stale.
         self._finished_during_poll: set[str] = set()
@@ -165,6 +169,10 @@ class Scheduler:
         self._poller: asyncio.Task | None = None
         self._cursor: Cursor | None = None  # where the poller's walk of due mail resumes
         self._rewalk_at = 0.0  # time.monotonic() after which a walk that reached the end starts again
+        self._ahead: set[str] = set()  # held messages a walk ahead took (relay/delivery/ahead.py)
+        self._ahead_cursor: Cursor | None = None  # where the walk ahead under way resumes
+        self._ahead_until: Cursor | None = None  # how far it reads; None: none under way
+        self._ahead_again_at = 0.0  # time.monotonic() after which a finished walk ahead may start again
         self._stranded_at = 0.0  # time.monotonic() of the next look for mail of unconfigured accounts
         self._stopping = False
         # Several nodes on one spool: the messages in memory stay ours while their leases are renewed.
@@ -193,10 +201,7 @@ class Scheduler:
         self._stranded_at = 0.0  # an account may have gone: look for its mail at the next poll
         for name, account in config.accounts.items():
             if name not in self.throttles:
-                self.throttles[name] = AccountThrottle(name, self._throttle_pauses)
-                self.reachability[name] = AccountThrottle(
-                    name, self._unreachable_backoffs, reason="is unreachable (connecting upstream failed)", probe_first=True,
-                )
+                self.throttles[name] = Gate(f"account {name}", self._throttle_pauses)
             settings = (account, config.upstream, config.server.hostname)
             old = self._accounts.get(name)
             if old is not None and old.settings == settings:
@@ -205,7 +210,7 @@ class Scheduler:
                 config.upstream.connections_per_account,
                 lambda key, account=account: self._connect(config.upstream, account, key, config.server.hostname, tls),
             )
-            new = _Account(_Waiting(), [], connections, settings)
+            new = _Account(_Waiting(), [], connections, settings, self._reachability(config.upstream))
             new.workers = [
                 asyncio.create_task(self._work(new), name=f"deliver-{name}-{number}")
                 for number in range(config.upstream.connections_per_account)
@@ -215,6 +220,16 @@ class Scheduler:
                 self._retire(old, new.queue)
                 log.info("account %s: connection settings changed, new workers started", name)
 
+    def _reachability(self, upstream: Upstream) -> Gate:
+        """The gate of the destination ``upstream`` names, made at its first use: every account
+        connecting there waits behind one probe (a dead upstream costs one connect per backoff,
+        not one per account)."""
+        where = destination(upstream)
+        if where not in self.reachability:
+            self.reachability[where] = Gate(f"upstream {where}", self._unreachable_backoffs,
+                                            reason="is unreachable (connecting failed)", probe_first=True)
+        return self.reachability[where]
+
     def _retire(self, account: _Account, successor: _Waiting | None) -> None:
         """Stop an account's workers after their current transaction, then close its
         connections; its waiting mail moves to ``successor`` or, with none, back to the spool."""
@@ -222,7 +237,7 @@ class Scheduler:
             if successor is not None:
                 successor.put(message, fresh)
             else:
-                self._in_flight.discard(message.id)
+                self._let_go(message.id)
         account.queue.stop(len(account.workers))
 
         async def close_when_done() -> None:
@@ -284,17 +299,25 @@ class Scheduler:
         )
         self._enqueue(queued, fresh=True)
 
-    def _enqueue(self, message: QueuedMessage, fresh: bool) -> None:
+    def _enqueue(self, message: QueuedMessage, fresh: bool) -> bool:
+        """Hold the message for its account's workers; whether it was not held already."""
         if self._stopping or message.id in self._in_flight or message.id in self._held:
-            return
+            return False
         account = self._accounts.get(message.account)
         if account is None:  # removed meanwhile: the poller's stranded() finds it (_hold_stranded)
-            return
+            return False
         self._in_flight.add(message.id)
         account.queue.put(message, fresh)  # carries only the recipients to try now
+        return True
+
+    def _let_go(self, message_id: str) -> None:
+        """The message is no longer held in memory (delivered, given back to the spool)."""
+        self._in_flight.discard(message_id)
+        self._ahead.discard(message_id)
 
     async def _poll(self) -> None:
         last_purge = 0.0
+        woken = False  # another process announced work at the last wait
         while True:
             try:
                 if time.monotonic() - last_purge > _PURGE_EVERY:
@@ -304,6 +327,7 @@ class Scheduler:
                         log.info("forgot %d delivered or failed message(s) older than spool.keep_final", purged)
                 await self._record_held()
                 self._finished_during_poll.clear()
+                await self._take_ahead(woken)
                 await self._refill()
                 if time.monotonic() >= self._stranded_at:  # a walk past all due mail: not at every poll
                     self._stranded_at = time.monotonic() + self._config().spool.retry[0]
@@ -313,7 +337,37 @@ class Scheduler:
                 raise
             except Exception:  # a spool hiccup must not stop scheduling
                 log.exception("queue poll failed; trying again")
-            await self._spool.wait_for_work(self._config().spool.poll_interval)  # a flush elsewhere wakes it
+            woken = await self._spool.wait_for_work(self._config().spool.poll_interval)  # a release elsewhere wakes it
+
+    async def _take_ahead(self, woken: bool) -> None:
+        """Mail made due behind the walk's cursor, taken at this poll and handed to the workers
+        with new mail (Postfix's ``postqueue -i``: to the incoming queue): `queue retry` and
+        `queue flush` (at every poll, a page of :data:`PEEK` when there are none), and after a
+        wake the messages another node gave back. It holds at most the quarter of the active
+        queue that new mail keeps, so a flush of the whole backlog does not starve the walk."""
+        config = self._config().spool
+        until = ahead_until(self._cursor, woken)
+        if self._ahead_until is None:  # none under way: start one, unless re-reading what it holds costs too much
+            if not (woken or walk_again(len(self._ahead), _PAGE, time.monotonic(), self._ahead_again_at)):
+                return
+            self._ahead_cursor, self._ahead_until = None, until
+        else:
+            self._ahead_until = max(self._ahead_until, until)
+        accounts = [name for name in self._accounts if not self._paused(name)]
+        share = max(1, config.active_limit // _FRESH_SHARE)
+        while (room := min(config.active_limit - self.active(), share - len(self._ahead))) > 0:
+            asked = min(room, PEEK if self._ahead_cursor is None else _PAGE)
+            page = await self._spool.due(time.time(), asked, accounts, after=self._ahead_cursor)
+            keys = [due_key(message, self._ahead_cursor) for message in page]
+            count, done = taken_ahead(keys, self._ahead_until, asked)
+            for message in page[:count]:
+                if message.id not in self._finished_during_poll and self._enqueue(message, fresh=True):
+                    self._ahead.add(message.id)
+            if done:
+                self._ahead_until = None
+                self._ahead_again_at = time.monotonic() + _REWALK_EVERY
+                return
+            self._ahead_cursor = keys[-1]
 
     async def _refill(self) -> None:
         """Read due mail into the active queue while it has room, a page at a time, each page
@@ -335,26 +389,29 @@ class Scheduler:
             if page:
                 self._cursor = due_key(page[-1], self._cursor)
             if len(page) < wanted:  # the end of what is due now
-                if self.active() < _PAGE or time.monotonic() >= self._rewalk_at:
+                if walk_again(self.active(), _PAGE, time.monotonic(), self._rewalk_at):
                     self._cursor = None
                     self._rewalk_at = time.monotonic() + _REWALK_EVERY
                 return
 
     def _paused(self, account: str) -> bool:
-        return self.throttles[account].remaining() > 0 or self.reachability[account].remaining() > 0
+        return self.throttles[account].remaining() > 0 or self._accounts[account].reachability.remaining() > 0
 
     def _report(self) -> None:
         metrics.ACTIVE_MESSAGES.set(self.active())
-        for name in self._accounts:
-            metrics.UPSTREAM_UNREACHABLE.labels(name).set(1 if self.reachability[name].consecutive else 0)
+        in_use = {id(account.reachability) for account in self._accounts.values()}
+        for where, gate in self.reachability.items():  # one left behind by a reload reads 0, not its last state
+            metrics.UPSTREAM_UNREACHABLE.labels(where).set(1 if gate.consecutive and id(gate) in in_use else 0)
 
     def active(self) -> int:
         """Messages held in memory: waiting for a worker of their account, or in one."""
         return len(self._in_flight)
 
     def unreachable_for(self) -> dict[str, float]:
-        """Accounts whose upstream cannot be reached: seconds until the next probe (0: one is due or under way)."""
-        return {name: gate.remaining() for name, gate in self.reachability.items() if gate.consecutive}
+        """Accounts whose upstream cannot be reached: seconds until the next probe (0: one is due or
+        under way), the same for every account sending to that destination."""
+        return {name: account.reachability.remaining() for name, account in self._accounts.items()
+                if account.reachability.consecutive}
 
     async def _hold_stranded(self) -> None:
         """Mail of an account no longer configured: deferred with the reason (for `queue show`),
@@ -396,7 +453,7 @@ class Scheduler:
                 return
             try:
                 if self._leases.may_start(message.id):
-                    await self._deliver(message, account.connections)
+                    await self._deliver(message, account)
             except asyncio.CancelledError:
                 raise
             except GateClosed:  # stopping while the account was paused: the message waits in the spool
@@ -404,10 +461,10 @@ class Scheduler:
             except Exception:  # the message stays pending and is retried
                 log.exception("%s: delivery failed unexpectedly; will retry", message.id)
             finally:
-                self._in_flight.discard(message.id)
+                self._let_go(message.id)
                 self._finished_during_poll.add(message.id)
 
-    async def _deliver(self, message: QueuedMessage, pool: AccountPool) -> None:
+    async def _deliver(self, message: QueuedMessage, account: _Account) -> None:
         """Each transaction streams the message from the spool in chunks; only its header
         section (which X-SMTPAPI splitting rewrites and a DSN quotes) is read whole.
 
@@ -419,7 +476,7 @@ class Scheduler:
         the message's other transactions are not sent: they get that answer, so the whole
         message comes back together.
         """
-        await self._gates_open(message.account)
+        await self._gates_open(message.account, account.reachability)
         start = await self._spool.start(message.id)
         if start is None:  # deleted with `queue delete`, or already final
             return
@@ -441,7 +498,7 @@ class Scheduler:
         for chunk, key in _transactions(message, config, config.upstream.max_recipients_per_transaction):
             if closed is None:
                 started = time.monotonic()
-                result = await self._send(message, chunk, key, head, rest, len(first), size, pool)
+                result = await self._send(message, chunk, key, head, rest, len(first), size, account)
                 metrics.UPSTREAM_SECONDS.labels(message.account).observe(time.monotonic() - started)
                 log.debug("%s: transaction of %d took %.3fs", message.id, len(chunk), time.monotonic() - started)
                 throttling = [reply for reply in result.replies if is_account_throttle(reply)]
@@ -456,22 +513,22 @@ class Scheduler:
             if not await self._record(message, updates, self._bounces_or_none(message, updates, head, config)):
                 return
 
-    async def _gates_open(self, account: str) -> None:
-        """Wait out the account's pauses (throttled, unreachable) before reading a message, not
+    async def _gates_open(self, account: str, reachability: Gate) -> None:
+        """Wait out the pauses (the account throttled, its upstream unreachable) before reading a message, not
         after: a message deleted meanwhile (`queue delete`, on any node) is then seen as gone
         instead of being sent from a copy read before the wait. What remains is the wait for a
         probe under way, at most one connect (upstream.timeout). :class:`GateClosed` when the
         relay stops meanwhile (a pause of minutes must not hold up the shutdown)."""
         await self.throttles[account].paused_out()
-        await self.reachability[account].paused_out()
+        await reachability.paused_out()
 
     async def _send(self, message: QueuedMessage, chunk: list[Recipient], key: Key, head: bytes, rest: bytes,
-                    offset: int, size: int, pool: AccountPool) -> Result:
-        """One transaction, through the account's two gates: while the upstream is unreachable
-        only one probe connects (the other workers wait, no connect timeout each), and while
-        SendCloud has asked the account to slow down only one probe sends."""
+                    offset: int, size: int, account: _Account) -> Result:
+        """One transaction, through two gates: while the upstream is unreachable only one probe
+        connects (the workers of every account sending there wait, no connect timeout each), and
+        while SendCloud has asked the account to slow down only one probe of it sends."""
         addresses = [recipient.address for recipient in chunk]
-        reachability, throttle = self.reachability[message.account], self.throttles[message.account]
+        reachability, throttle, pool = account.reachability, self.throttles[message.account], account.connections
         connect_probe = await reachability.acquire()
         unreachable = False
         try:  # from here on each probe must be given back, whatever fails

@@ -88,8 +88,9 @@ UPSTREAM_FAILING_SINCE = Gauge(
 )
 UPSTREAM_UNREACHABLE = Gauge(
     _P + "upstream_unreachable",
-    "1 while connecting to the account's upstream fails: its workers wait and one probe retries with backoff",
-    ["account"],
+    "1 while connecting to this upstream (host:port (tls)) fails: the workers of every account sending there wait "
+    "and one probe retries with backoff",
+    ["upstream"],
     multiprocess_mode="mostrecent",
 )
 ACTIVE_MESSAGES = Gauge(

@@ -144,8 +144,9 @@ class Spool(EventStore, Protocol):
     async def release(self, message_ids: Collection[str]) -> None:
         """Give these leases back (at stop), so another node may take the messages at once."""
 
-    async def wait_for_work(self, timeout: float) -> None:
-        """Sleep up to ``timeout``; earlier when another process says there is work (a flush, a release)."""
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Sleep up to ``timeout``; earlier when another process says there is work (a flush, a
+        release): then True, and the caller looks behind its walk of due mail too."""
 
     async def purge_final(self, older_than: float) -> int:
         """Forget messages whose recipients are all final and that arrived before ``older_than``."""

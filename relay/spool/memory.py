@@ -83,8 +83,9 @@ class MemorySpool(MemoryEvents):
         self.released.update(message_ids)
         await asyncio.sleep(0)
 
-    async def wait_for_work(self, timeout: float) -> None:
+    async def wait_for_work(self, timeout: float) -> bool:
         await asyncio.sleep(timeout)
+        return False
 
     async def purge_final(self, older_than: float) -> int:
         return await self._write(self._purge_final, older_than)

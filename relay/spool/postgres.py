@@ -303,7 +303,7 @@ class PostgresSpool(PostgresEvents):
                                list(message_ids), self.node)
             await conn.execute("SELECT pg_notify($1, 'release')", CHANNEL)
 
-    async def wait_for_work(self, timeout: float) -> None:
+    async def wait_for_work(self, timeout: float) -> bool:
         """Sleep up to ``timeout``, less when a NOTIFY on :data:`CHANNEL` arrives (also one that came
         since the last call): on a connection of its own, made again whenever it drops."""
         deadline = time.monotonic() + timeout
@@ -313,7 +313,9 @@ class PostgresSpool(PostgresEvents):
             await asyncio.wait_for(self._woken.wait(), max(deadline - time.monotonic(), 0))
         except TimeoutError:
             pass
+        woken = self._woken.is_set()
         self._woken.clear()
+        return woken
 
     async def _listen(self, timeout: float) -> None:
         try:

@@ -580,9 +580,10 @@ class SqliteSpool(SqliteEvents):
     async def release(self, message_ids: Collection[str]) -> None:
         return None
 
-    async def wait_for_work(self, timeout: float) -> None:
-        """No other process announces work here (`queue flush` is found by the next poll)."""
+    async def wait_for_work(self, timeout: float) -> bool:
+        """No other process announces work here (`queue retry`/`flush` is found by the next poll)."""
         await asyncio.sleep(timeout)
+        return False
 
     async def purge_final(self, older_than: float) -> int:
         """In batches, each its own write: mail stored meanwhile commits between them."""
@@ -664,18 +665,27 @@ class SqliteSpool(SqliteEvents):
         caller's 451 is true); one inside the stuck group may still commit later. A caller that is
         cancelled does not withdraw its write: an outcome of delivery is recorded all the same.
         """
-        done: concurrent.futures.Future = concurrent.futures.Future()
+        loop = asyncio.get_running_loop()
+        answer = loop.create_future()  # the caller's: cancelling it leaves the write queued
+        done: concurrent.futures.Future = concurrent.futures.Future()  # the writer thread's
+        # One wake of the loop from the writer thread, then the caller runs: no wrap_future, shield
+        # and wait_for, whose chained futures cost an iteration of a busy loop each before the 250.
+        done.add_done_callback(lambda done: loop.is_closed() or loop.call_soon_threadsafe(_settle, answer, done))
         self._queue.put((fn, args, done))
-        waiting = asyncio.wrap_future(done)
-        waiting.add_done_callback(_consume)
+        timer = loop.call_later(self._commit_timeout, self._time_out, answer, done)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiting), self._commit_timeout)
-        except TimeoutError:
-            withdrawn = done.cancel()
-            raise TimeoutError(
-                f"the spool did not commit within spool.commit_timeout ({self._commit_timeout:g}s)"
-                + ("" if withdrawn else "; the write may still commit")
-            ) from None
+            return await answer
+        finally:
+            timer.cancel()
+
+    def _time_out(self, answer: asyncio.Future, done: concurrent.futures.Future) -> None:
+        if answer.done():
+            return
+        withdrawn = done.cancel()
+        answer.set_exception(TimeoutError(
+            f"the spool did not commit within spool.commit_timeout ({self._commit_timeout:g}s)"
+            + ("" if withdrawn else "; the write may still commit")
+        ))
 
     def _checkpoint_loop(self) -> None:
         """Checkpoints on a connection of their own, so no COMMIT runs one (the writer's
@@ -780,10 +790,15 @@ def _nothing(store: SpoolStore) -> None:
     """A write that writes nothing: wakes an idle writer thread."""
 
 
-def _consume(waiting: asyncio.Future) -> None:
-    """Retrieve the outcome of a write whose caller stopped waiting (timed out or cancelled)."""
-    if not waiting.cancelled():
-        waiting.exception()
+def _settle(answer: asyncio.Future, done: concurrent.futures.Future) -> None:
+    """On the loop: the writer's outcome to its caller, unless the caller stopped waiting (timed out, cancelled)."""
+    if answer.done() or done.cancelled():
+        return
+    error = done.exception()
+    if error is not None:
+        answer.set_exception(error)
+    else:
+        answer.set_result(done.result())
 
 
 def open_store(path: Path) -> SpoolStore:

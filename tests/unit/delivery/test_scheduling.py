@@ -226,21 +226,24 @@ def closed_port() -> socket.socket:
     return sock
 
 
-async def _probes_then_delivered(text: str, port: int, seconds: float, counted, until_back) -> None:
+async def _probes_then_delivered(text: str, port: int, seconds: float, counted, until_back,
+                                 accounts: tuple[str, ...] = ("acme_trigger",)) -> None:
     connects = Connects()
     harness = Harness(text.replace("PORT", str(port)), FakeUpstream())
     harness.scheduler = type(harness.scheduler)(lambda: harness.config, harness.spool, connect=connects)
     await harness.scheduler.start()
     try:
-        messages = [new_message(recipients=("a@example.org", "b@example.org")) for _ in range(20)]
+        messages = [new_message(recipients=("a@example.org", "b@example.org"), account=accounts[n % len(accounts)])
+                    for n in range(20)]
         for message in messages:
             await harness.intake(message)
         started = time.monotonic()
         await asyncio.sleep(seconds)
         probes = counted(connects)
-        # One probe, then one per (timeout +) backoff of 0.2 s: a handful, not one per message or worker.
+        # One probe, then one per (timeout +) backoff of 0.2 s: a handful, not one per message,
+        # worker or account (they share the destination's gate).
         assert 1 <= probes <= 2 + (time.monotonic() - started) / 0.2
-        assert harness.scheduler.unreachable_for().keys() == {"acme_trigger"}
+        assert harness.scheduler.unreachable_for().keys() == set(accounts)
         # Only the probes used attempts, one per recipient of the probing message (which may be
         # the same message twice); one probe may still be on its way.
         spent = sum([r.attempts for m in messages for r in (await harness.spool.get(m.id)).recipients])
@@ -272,6 +275,24 @@ async def test_a_closed_port_costs_one_probe_per_backoff_and_the_backlog_goes_on
         sock.close()
         return await _serve_on(port)()
     await _probes_then_delivered(UNREACHABLE, port, 1.0, lambda connects: connects.failed, back)
+
+
+TEN_ACCOUNTS = ("acme_trigger", *(f"acme_{n}" for n in range(9)))
+
+
+async def test_ten_accounts_on_one_dead_upstream_share_its_probe():
+    """Reachability is the destination's (host, port, TLS): ten accounts connecting there cost
+    one probe per backoff together, and all of them resume when it listens again."""
+    lines = "".join(f"  {name}: {{api_user: {name}, type: trigger, domain: acme.com}}\n" for name in TEN_ACCOUNTS[1:])
+    text = UNREACHABLE.replace("  acme_trigger: {api_user: acme_trigger, type: trigger, domain: acme.com}\n",
+                               "  acme_trigger: {api_user: acme_trigger, type: trigger, domain: acme.com}\n" + lines)
+    sock = closed_port()
+    port = sock.getsockname()[1]
+
+    async def back():
+        sock.close()
+        return await _serve_on(port)()
+    await _probes_then_delivered(text, port, 1.0, lambda connects: connects.failed, back, TEN_ACCOUNTS)
 
 
 async def test_a_listener_that_never_answers_ties_up_only_the_probe():

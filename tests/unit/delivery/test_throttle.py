@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from relay.delivery.throttle import AccountThrottle, pause_length
+from relay.config import Upstream
+from relay.delivery.throttle import Gate, destination, pause_length
 
 
 @pytest.mark.parametrize(
@@ -26,7 +27,7 @@ class Clock:
 
 async def test_throttling_reply_pauses_every_worker_then_one_probes():
     clock = Clock()
-    throttle = AccountThrottle("acme", lambda: (0.05, 1.0), clock=clock)
+    throttle = Gate("acme", lambda: (0.05, 1.0), clock=clock)
     assert await throttle.acquire() is False  # running normally: nobody is a probe
     throttle.release(probe=False, throttled=True)
     assert throttle.remaining() == pytest.approx(0.05)
@@ -52,7 +53,7 @@ async def test_throttling_reply_pauses_every_worker_then_one_probes():
 
 async def test_a_probe_throttled_again_doubles_the_pause():
     clock = Clock()
-    throttle = AccountThrottle("acme", lambda: (10.0, 100.0), clock=clock)
+    throttle = Gate("acme", lambda: (10.0, 100.0), clock=clock)
     throttle.release(probe=False, throttled=True)
     clock.now += 10
     assert await throttle.acquire() is True
@@ -62,7 +63,7 @@ async def test_a_probe_throttled_again_doubles_the_pause():
 
 
 async def test_with_probe_first_the_first_transaction_goes_alone_and_the_others_follow_once_it_got_through():
-    throttle = AccountThrottle("acme", lambda: (10.0, 100.0), clock=Clock(), probe_first=True)
+    throttle = Gate("acme", lambda: (10.0, 100.0), clock=Clock(), probe_first=True)
     assert await throttle.acquire() is True
     others = [asyncio.create_task(throttle.acquire()) for _ in range(3)]
     await asyncio.sleep(0.01)
@@ -74,7 +75,7 @@ async def test_with_probe_first_the_first_transaction_goes_alone_and_the_others_
 
 async def test_with_probe_first_a_failed_first_probe_pauses_and_the_next_one_probes_again():
     clock = Clock()
-    throttle = AccountThrottle("acme", lambda: (1.0, 300.0), clock=clock, probe_first=True)
+    throttle = Gate("acme", lambda: (1.0, 300.0), clock=clock, probe_first=True)
     assert await throttle.acquire() is True
     throttle.release(probe=True, throttled=True)
     assert (throttle.remaining(), throttle.consecutive) == (1.0, 1)
@@ -82,3 +83,13 @@ async def test_with_probe_first_a_failed_first_probe_pauses_and_the_next_one_pro
     assert await throttle.acquire() is True
     throttle.release(probe=True, throttled=True)
     assert throttle.remaining() == 2.0
+
+
+@pytest.mark.parametrize("upstream, expected", [
+    ({}, "smtp.sendcloud.net:587 (starttls)"),  # the default: every account shares it
+    ({"kind": "smtp", "host": "10.0.0.5", "port": 25, "tls": "none"}, "10.0.0.5:25 (none)"),
+    ({"host": "smtp.sendcloud.net", "port": 465, "tls": "implicit"}, "smtp.sendcloud.net:465 (implicit)"),
+    ({"kind": "capture", "path": "var/capture"}, "capture:var/capture"),
+])
+def test_reachability_belongs_to_the_destination(upstream, expected):
+    assert destination(Upstream(**upstream)) == expected

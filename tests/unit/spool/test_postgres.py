@@ -250,10 +250,10 @@ async def test_a_flush_or_a_release_on_another_node_wakes_wait_for_work(nodes):
         assert not waiting.done()
         started = time.monotonic()
         await wake()
-        await asyncio.wait_for(waiting, 5)
+        assert await asyncio.wait_for(waiting, 5) is True  # the scheduler then looks behind its walk
         assert time.monotonic() - started < 5
     started = time.monotonic()
-    await b.wait_for_work(0.2)  # nothing announced: the whole timeout
+    assert await b.wait_for_work(0.2) is False  # nothing announced: the whole timeout
     assert time.monotonic() - started >= 0.19
 
 

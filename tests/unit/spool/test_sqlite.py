@@ -433,6 +433,36 @@ def test_new_queue_id_shape():
     assert all(set(i) <= set("0123456789BCDFGHJKLMNPQRSTVWXYZ") for i in ids)
 
 
+async def test_a_caller_cancelled_while_its_write_waits_does_not_withdraw_it(path, monkeypatch):
+    """A delivery outcome is recorded even when its worker is cancelled (a stop): the write stays queued."""
+    release = threading.Event()
+    real_probe = SpoolStore.probe
+
+    def slow_probe(store, now):
+        release.wait(10)
+        real_probe(store, now)
+
+    monkeypatch.setattr(SpoolStore, "probe", slow_probe)
+    spool = SqliteSpool(path, commit_timeout=5.0)
+    await spool.open()
+    try:
+        first = asyncio.ensure_future(spool.probe(1.0))
+        await asyncio.sleep(0.05)  # the writer is in the probe's group now
+        behind = new_message()
+        cancelled = asyncio.ensure_future(spool.store(behind))
+        await asyncio.sleep(0.05)
+        cancelled.cancel()
+        release.set()
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await spool.probe(2.0)  # a group after the one the cancelled write joined
+        assert await spool.get(behind.id) is not None
+    finally:
+        release.set()
+        await spool.close()
+
+
 async def test_a_commit_that_hangs_times_out_and_the_watchdog_reports_the_stuck_writer(path, monkeypatch):
     """spool.commit_timeout: the caller gets an error (the listener's 451) instead of waiting for
     ever; a write queued behind the stuck one is withdrawn, so it never lands after its 451."""
