@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from relay.config import Account, Config, Upstream
@@ -44,8 +44,10 @@ from relay.policy.suppression import SuppressionCache
 from relay.rewrite.xsmtpapi import for_transaction
 from relay.routing import tls_policy
 from relay.spool import (
+    NO_ROWS,
     Cursor,
     NewMessage,
+    OutcomeRows,
     QueuedMessage,
     Recipient,
     RecipientUpdate,
@@ -135,6 +137,7 @@ class _Held:
     message: QueuedMessage
     updates: list[RecipientUpdate]
     bounces: list[NewMessage]
+    rows: OutcomeRows
     failures: int
     next_try: float  # time.monotonic()
 
@@ -146,13 +149,13 @@ class Scheduler:
         spool: Spool,
         connect: Connect = open_connection,
         suppressions: SuppressionCache | None = None,
-        recorded: Callable[[QueuedMessage, list[RecipientUpdate]], Awaitable[None]] | None = None,
+        outcome_rows: Callable[[QueuedMessage, list[RecipientUpdate]], OutcomeRows] | None = None,
     ):
         self._config = config
         self._spool = spool
         self._connect = connect  # tests hand in a fake upstream
         self._suppressions = suppressions  # recipients suppressed for the routed channel fail at once
-        self._recorded = recorded  # told every recorded outcome (statistics, the teams' fan-out)
+        self._outcome_rows = outcome_rows  # the events stage's rows for an outcome (statistics, the teams' fan-out)
         self._accounts: dict[str, _Account] = {}
         self._retiring: list[asyncio.Task] = []  # workers finishing their last transaction
         self.upstream_health = UpstreamHealth()
@@ -373,11 +376,11 @@ class Scheduler:
             ]
             start = await self._spool.start(message.id) if any(u.state is State.FAILED for u in updates) else None
             bounces = self._bounces(message, updates, start[0] if start else b"", config)
-            if self._fenced(message, await self._spool.record(updates, bounces)):
+            if self._fenced(message, await self._spool.record(updates, bounces, self._rows(message, updates))):
                 continue
             log.warning("%s: account %s is not configured; %d recipient(s) %s", message.id, message.account,
                         len(updates), "failed at max_lifetime" if updates[0].state is State.FAILED else "wait")
-            await self._after_record(message, updates, bounces)
+            self._after_record(message, bounces)
 
     def _throttle_pauses(self) -> tuple[float, float]:
         upstream = self._config().upstream
@@ -503,7 +506,7 @@ class Scheduler:
         known and must be recorded all the same, or the message would be sent again."""
         try:
             return self._bounces(message, updates, head, config)
-        except Exception:  # noqa: BLE001 - see above
+        except Exception:  # see above
             log.exception("%s: could not make the DSN; the failures are recorded without one", message.id)
             return []
 
@@ -542,17 +545,29 @@ class Scheduler:
         message's other recipients go. Returns whether the outcome is on disk and the message
         still this node's (not fenced: see :meth:`_fenced`), that is whether its delivery goes on.
         """
+        rows = self._rows(message, updates)
         try:
-            fenced = await self._spool.record(updates, bounces)
+            fenced = await self._spool.record(updates, bounces, rows)
         except Exception as error:  # noqa: BLE001 - whatever the spool says, the outcome is known
-            self._held[message.id] = _Held(message, updates, bounces, 1, time.monotonic() + self._record_backoff(1))
+            self._held[message.id] = _Held(message, updates, bounces, rows, 1, time.monotonic() + self._record_backoff(1))
             log.error("%s: could not record the delivery outcome (%s); holding it in memory and retrying; "
                       "the message is not sent again", message.id, error)
             return False
         if self._fenced(message, fenced):
             return False
-        await self._after_record(message, updates, bounces)
+        self._after_record(message, bounces)
         return True
+
+    def _rows(self, message: QueuedMessage, updates: list[RecipientUpdate]) -> OutcomeRows:
+        """The events stage's rows for these outcomes, recorded with them; none, logged, if they
+        cannot be made: a lost count must not keep a known outcome off the disk."""
+        if self._outcome_rows is None:
+            return NO_ROWS
+        try:
+            return self._outcome_rows(message, updates)
+        except Exception:  # see above
+            log.exception("%s: could not count or fan out %d outcome(s)", message.id, len(updates))
+            return NO_ROWS
 
     @staticmethod
     def _fenced(message: QueuedMessage, fenced: set[str]) -> bool:
@@ -573,7 +588,7 @@ class Scheduler:
             try:
                 # A record that timed out may have committed after all: its DSN is then there.
                 landed = bool(held.bounces) and await self._spool.get(held.bounces[0].id) is not None
-                fenced = set() if landed else await self._spool.record(held.updates, held.bounces)
+                fenced = set() if landed else await self._spool.record(held.updates, held.bounces, held.rows)
             except Exception as error:  # noqa: BLE001 - still not on disk: keep holding
                 held.failures += 1
                 held.next_try = time.monotonic() + self._record_backoff(held.failures)
@@ -584,7 +599,7 @@ class Scheduler:
             if self._fenced(held.message, fenced):
                 continue
             log.info("%s: delivery outcome recorded after %d failed attempt(s)", message_id, held.failures)
-            await self._after_record(held.message, held.updates, [] if landed else held.bounces)
+            self._after_record(held.message, [] if landed else held.bounces)
 
     def held_outcomes(self) -> list[str]:
         """Messages whose delivery outcome is known but not yet on disk."""
@@ -593,15 +608,12 @@ class Scheduler:
     def _record_backoff(self, failures: int) -> float:
         return pause_length(failures, self._config().spool.poll_interval, _MAX_RECORD_BACKOFF)
 
-    async def _after_record(self, message: QueuedMessage, updates: list[RecipientUpdate], bounces: list[NewMessage]) -> None:
-        """Outcomes on disk: their DSNs go to delivery, and the events stage hears of them
-        (statistics, the teams' fan-out; a DSN that landed with a record that timed out is
-        found by the poller instead)."""
+    def _after_record(self, message: QueuedMessage, bounces: list[NewMessage]) -> None:
+        """Outcomes on disk: their DSNs go to delivery (a DSN that landed with a record that
+        timed out is found by the poller instead)."""
         for bounce in bounces:
             log.info("%s: sender non-delivery notification: %s", message.id, bounce.id)
             self.submit(bounce)
-        if self._recorded is not None:
-            await self._recorded(message, updates)
 
     def _suppressed(self, message: QueuedMessage) -> list[RecipientUpdate]:
         """Recipients suppressed for the channel and account the message was routed to: failed

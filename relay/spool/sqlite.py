@@ -37,7 +37,8 @@ from relay.spool.model import (
     is_eight_bit,
     piece_chunks,
 )
-from relay.spool.sqlite_events import SqliteEvents, create_schema
+from relay.spool.events_model import NO_ROWS, OutcomeRows
+from relay.spool.sqlite_events import SqliteEvents, add_stats, create_schema, enqueue_fanout
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +243,24 @@ class SpoolStore:
             ],
         )
 
-    def record(self, updates: Iterable[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> None:
-        """Store delivery outcomes and the DSNs they caused, in one transaction."""
+    def record(self, updates: Iterable[RecipientUpdate], new_messages: Iterable[NewMessage] = (),
+               rows: OutcomeRows = NO_ROWS) -> None:
+        """Store delivery outcomes and the DSNs they caused, in one transaction, and the events
+        stage's rows for them in a savepoint of their own (see :meth:`Spool.record`)."""
+        updates = list(updates)
+        self._record_outcomes(updates, new_messages)
+        if rows.stats or rows.outbox:
+            self.conn.execute("SAVEPOINT outcome_rows")
+            try:
+                add_stats(self.conn, rows.stats)
+                enqueue_fanout(self.conn, rows.outbox)
+            except Exception:  # whatever it is, the outcome stands
+                self.conn.execute("ROLLBACK TO outcome_rows")
+                log.exception("%s: could not count or fan out the delivery outcome; recorded without it",
+                              ", ".join(sorted({update.message_id for update in updates})))
+            self.conn.execute("RELEASE outcome_rows")
+
+    def _record_outcomes(self, updates: Iterable[RecipientUpdate], new_messages: Iterable[NewMessage]) -> None:
         touched = set()
         for update in updates:
             self.conn.execute(
@@ -568,8 +585,9 @@ class SqliteSpool(SqliteEvents):
     async def store(self, message: NewMessage) -> None:
         await self._write(SpoolStore.insert, message)
 
-    async def record(self, updates: list[RecipientUpdate], new_messages: list[NewMessage] = ()) -> set[str]:
-        await self._write(SpoolStore.record, updates, list(new_messages))
+    async def record(self, updates: list[RecipientUpdate], new_messages: list[NewMessage] = (),
+                     rows: OutcomeRows = NO_ROWS) -> set[str]:
+        await self._write(SpoolStore.record, updates, list(new_messages), rows)
         return set()  # one node: nobody else can take a message over
 
     # -- leases: one relay per file, so it holds every message for ever ---------------------------
