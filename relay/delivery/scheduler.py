@@ -65,6 +65,9 @@ _REWALK_EVERY = 60.0  # seconds: during a drain, how often the poller's walk sta
 _FRESH_SHARE = 4  # the poller fills the active queue only to 3/4 of spool.active_limit: the rest is new mail's
 _PURGE_EVERY = 3600.0  # seconds between sweeps of records older than spool.keep_final
 _MAX_RECORD_BACKOFF = 60.0  # seconds between retries of a record the spool refused, at most
+_KEPT_BODY = 64 * 1024  # a new message up to this size keeps its body in memory for its first delivery...
+_KEPT_BODIES = 4 * 2**20  # ...while the kept bodies together stay under this many bytes...
+_KEPT_FOR = 1.0  # ...and it is taken within this many seconds (else it is read from the spool again)
 
 
 def upstream_tls(config: Config) -> TLSContexts | None:
@@ -120,6 +123,37 @@ class _Waiting:
             await self._ready.wait()
 
 
+class _KeptBodies:
+    """The bodies of new small messages, kept from their intake for their first delivery: a
+    worker that takes one at once sends it without a spool read (a hand-off to the reader
+    thread) of what the writer committed a moment ago. Bounded in bytes; a body that waited
+    longer than ``_KEPT_FOR`` (or behind an account's pause) is read from the spool instead, so
+    a message deleted meanwhile is seen as gone."""
+
+    def __init__(self) -> None:
+        self._bodies: dict[str, tuple[bytes, float]] = {}  # by queue ID: the body, time.monotonic() kept
+        self._bytes = 0
+
+    def keep(self, message: NewMessage) -> None:
+        size = message.size
+        pieces = message.pieces
+        if size > _KEPT_BODY or self._bytes + size > _KEPT_BODIES:
+            return
+        if not all(isinstance(piece, (bytes, bytearray, memoryview)) for piece in pieces):
+            return  # a piece waiting in a file: not worth reading here
+        self._bodies[message.id] = (b"".join(pieces), time.monotonic())  # a copy: the pieces may be views
+        self._bytes += size
+
+    def take(self, message_id: str) -> tuple[bytes, int] | None:
+        """The kept body as :meth:`Spool.start` gives it (here: whole), if kept and fresh; forgotten either way."""
+        kept = self._bodies.pop(message_id, None)
+        if kept is None:
+            return None
+        body, since = kept
+        self._bytes -= len(body)
+        return (body, len(body)) if time.monotonic() - since <= _KEPT_FOR else None
+
+
 @dataclass
 class _Account:
     """One account's waiting messages, its workers, and the kept connections they share."""
@@ -165,6 +199,7 @@ class Scheduler:
         # Finished while a poll's read was under way: that read may show them stale.
         self._finished_during_poll: set[str] = set()
         self._held: dict[str, _Held] = {}  # by queue ID: outcomes known but not on disk
+        self._kept = _KeptBodies()
         self._poller: asyncio.Task | None = None
         self._cursor: Cursor | None = None  # where the poller's walk of due mail resumes
         self._rewalk_at = 0.0  # time.monotonic() after which a walk that reached the end starts again
@@ -226,6 +261,7 @@ class Scheduler:
                 successor.put(message, fresh)
             else:
                 self._in_flight.discard(message.id)
+                self._kept.take(message.id)
         account.queue.stop(len(account.workers))
 
         async def close_when_done() -> None:
@@ -285,16 +321,19 @@ class Scheduler:
             message.account, message.channel, message.sender, message.size, message.label,
             message.mail_from, message.eight_bit, recipients,
         )
-        self._enqueue(queued, fresh=True)
+        if self._enqueue(queued, fresh=True):
+            self._kept.keep(message)
 
-    def _enqueue(self, message: QueuedMessage, fresh: bool) -> None:
+    def _enqueue(self, message: QueuedMessage, fresh: bool) -> bool:
+        """Hand a message to its account's workers; False when it stays in the spool."""
         if self._stopping or message.id in self._in_flight or message.id in self._held:
-            return
+            return False
         account = self._accounts.get(message.account)
         if account is None:  # removed meanwhile: the poller's stranded() finds it (_hold_stranded)
-            return
+            return False
         self._in_flight.add(message.id)
         account.queue.put(message, fresh)  # carries only the recipients to try now
+        return True
 
     async def _poll(self) -> None:
         last_purge = 0.0
@@ -409,6 +448,7 @@ class Scheduler:
             finally:
                 self._in_flight.discard(message.id)
                 self._finished_during_poll.add(message.id)
+                self._kept.take(message.id)  # not delivered (a lease lost, a failure): read again next time
 
     async def _deliver(self, message: QueuedMessage, pool: AccountPool) -> None:
         """Each transaction streams the message from the spool in chunks; only its header
@@ -422,8 +462,9 @@ class Scheduler:
         the message's other transactions are not sent: they get that answer, so the whole
         message comes back together.
         """
+        kept = None if self._paused(message.account) else self._kept.take(message.id)  # a pause: read after it
         await self._gates_open(message.account)
-        start = await self._spool.start(message.id)
+        start = kept or await self._spool.start(message.id)
         if start is None:  # deleted with `queue delete`, or already final
             return
         first, size = start

@@ -560,3 +560,41 @@ async def test_rows_that_cannot_be_made_never_keep_a_known_outcome_off_the_disk(
     await asyncio.sleep(5 * POLL)
     assert await harness.states(message.id) == [State.DELIVERED, State.DELIVERED]
     assert len(harness.upstream.sent) == 1  # recorded without its counters, never sent again
+
+
+# -- a new message's body, kept from its intake ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "kept_for", "reads"), [
+    (5_000, 1.0, 0),  # small, taken at once: sent from memory, no spool read
+    (70_000, 1.0, 1),  # past _KEPT_BODY: read from the spool
+    (5_000, -1.0, 1),  # kept too long (a `queue delete` meanwhile must be seen): read again
+])
+async def test_a_new_small_message_is_sent_from_its_kept_body_only_while_fresh(start, monkeypatch, size, kept_for, reads):
+    monkeypatch.setattr(scheduler_module, "_KEPT_FOR", kept_for)
+    harness = await start()
+    started = []
+    spool_start = harness.spool.start
+
+    async def counted(message_id):
+        started.append(message_id)
+        return await spool_start(message_id)
+
+    harness.spool.start = counted
+    message = new_message(body=b"From: billing@acme.com\r\nSubject: kept\r\n\r\n" + b"x" * size + b"\r\n")
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    assert len(started) == reads
+    assert [sent.text for sent in harness.upstream.sent] == [message.body]
+
+
+async def test_a_kept_body_is_not_sent_after_its_account_was_paused(start):
+    """Waiting out a pause, a message may be deleted: it is read after the pause, not sent from memory."""
+    harness = await start()
+    harness.scheduler.throttles["acme_trigger"].release(await harness.scheduler.throttles["acme_trigger"].acquire(), True)
+    assert harness.scheduler.throttles["acme_trigger"].remaining() > 0
+    message = new_message()
+    await harness.intake(message)
+    await harness.spool.delete(message.id)
+    await asyncio.sleep(0.3)  # the pause (throttle_pause 0.1) is over
+    assert harness.upstream.sent == []
