@@ -23,11 +23,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from relay.lines import header_length
 from relay.spool.base import PENDING_MESSAGES, BodyGone, Cursor, ListQuery, SpoolMissing, WindowKey
+from relay.spool.events_model import NO_ROWS, OutcomeRows
 from relay.spool.model import (
     NewMessage,
     QueuedMessage,
@@ -37,7 +39,6 @@ from relay.spool.model import (
     is_eight_bit,
     piece_chunks,
 )
-from relay.spool.events_model import NO_ROWS, OutcomeRows
 from relay.spool.sqlite_events import SqliteEvents, add_stats, create_schema, enqueue_fanout
 
 log = logging.getLogger(__name__)
@@ -553,6 +554,7 @@ class SqliteSpool(SqliteEvents):
         self._checkpointer: threading.Thread | None = None
         self._closing = threading.Event()
         self._restart_wanted = threading.Event()  # set by the checkpointer, done by the writer between groups
+        self._starting = threading.Lock()  # a write is started by the writer or withdrawn by its caller, never both
 
     async def open(self) -> None:
         if not self._create and not await asyncio.to_thread(self.path.exists):
@@ -682,18 +684,23 @@ class SqliteSpool(SqliteEvents):
         caller's 451 is true); one inside the stuck group may still commit later. A caller that is
         cancelled does not withdraw its write: an outcome of delivery is recorded all the same.
         """
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((fn, args, done))
-        waiting = asyncio.wrap_future(done)
-        waiting.add_done_callback(_consume)
+        loop = asyncio.get_running_loop()
+        write = _Write(fn, args, loop, loop.create_future())
+        self._queue.put(write)
+        timer = loop.call_later(self._commit_timeout, _expire, write.waiter)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiting), self._commit_timeout)
-        except TimeoutError:
-            withdrawn = done.cancel()
+            return await write.waiter
+        except _Expired:
+            with self._starting:
+                withdrawn = write.state is _QUEUED
+                if withdrawn:
+                    write.state = _WITHDRAWN
             raise TimeoutError(
                 f"the spool did not commit within spool.commit_timeout ({self._commit_timeout:g}s)"
                 + ("" if withdrawn else "; the write may still commit")
             ) from None
+        finally:
+            timer.cancel()
 
     def _checkpoint_loop(self) -> None:
         """Checkpoints on a connection of their own, so no COMMIT runs one (the writer's
@@ -711,7 +718,7 @@ class SqliteSpool(SqliteEvents):
                     mode = after_passive(log_frames * (page_size + 24), file_bytes, idle)
                     if mode == "RESTART":
                         self._restart_wanted.set()
-                        self._queue.put((_nothing, (), concurrent.futures.Future()))  # an idle writer wakes for it
+                        self._queue.put(_Write(_nothing, (), None, None))  # an idle writer wakes for it
                     elif mode is not None:
                         conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
                 except sqlite3.Error as error:
@@ -754,24 +761,28 @@ class SqliteSpool(SqliteEvents):
         except sqlite3.Error as error:
             log.warning("spool checkpoint (RESTART) failed: %s", error)
 
-    def _commit_group(self, store: SpoolStore, batch: list) -> None:
-        batch = [item for item in batch if item[2].set_running_or_notify_cancel()]  # not withdrawn
+    def _commit_group(self, store: SpoolStore, batch: list[_Write]) -> None:
+        with self._starting:  # a write its caller withdrew (timed out) is never started
+            batch = [write for write in batch if write.state is _QUEUED]
+            for write in batch:
+                write.state = _RUNNING
         if not batch:
             return
         self._group_started = time.monotonic()
         try:
-            self._run_group(store, batch)
+            outcomes = self._run_group(store, batch)
         finally:
             self._group_started = None
+        _answer(batch, outcomes)
 
-    def _run_group(self, store: SpoolStore, batch: list) -> None:
+    def _run_group(self, store: SpoolStore, batch: list[_Write]) -> list[tuple[Any, BaseException | None]]:
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
             store.conn.execute("BEGIN IMMEDIATE")
-            for fn, args, _ in batch:
+            for write in batch:
                 store.conn.execute("SAVEPOINT op")
                 try:
-                    outcomes.append((fn(store, *args), None))
+                    outcomes.append((write.fn(store, *write.args), None))
                     store.conn.execute("RELEASE op")
                 except Exception as error:  # noqa: BLE001 - only this caller sees it
                     store.conn.execute("ROLLBACK TO op")
@@ -787,21 +798,62 @@ class SqliteSpool(SqliteEvents):
                 except sqlite3.Error:
                     pass
             outcomes = [(None, error)] * len(batch)
-        for (_, _, done), (result, error) in zip(batch, outcomes, strict=True):
-            if error is not None:
-                done.set_exception(error)
-            else:
-                done.set_result(result)
+        return outcomes
+
+
+_QUEUED, _RUNNING, _WITHDRAWN = "queued", "running", "withdrawn"
+
+
+class _Expired(Exception):
+    """A write's commit_timeout passed (set on its waiter by the timer)."""
+
+
+@dataclass(slots=True)
+class _Write:
+    """One write for the writer thread, and the future on its caller's loop that gets its outcome.
+
+    Not a concurrent.futures.Future wrapped, shielded and waited for with a timeout: that is
+    three futures, a condition variable and their callbacks per write, on both threads; here a
+    group's outcomes go back to each loop in one call_soon_threadsafe.
+    """
+
+    fn: Callable
+    args: tuple
+    loop: asyncio.AbstractEventLoop | None  # None: a wake-up nobody waits for
+    waiter: asyncio.Future | None
+    state: str = _QUEUED  # changed under SqliteSpool._starting only
+
+
+def _answer(batch: list[_Write], outcomes: list[tuple[Any, BaseException | None]]) -> None:
+    """Hand a group's outcomes to the loops waiting for them (from the writer thread)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for write, outcome in zip(batch, outcomes, strict=True):
+        if write.loop is not None:
+            by_loop.setdefault(write.loop, []).append((write.waiter, *outcome))
+    for loop, answers in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, answers)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle(answers: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for waiter, result, error in answers:
+        if waiter.done():  # its caller was cancelled, or it timed out: the outcome has no taker
+            continue
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(result)
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Expired())
 
 
 def _nothing(store: SpoolStore) -> None:
     """A write that writes nothing: wakes an idle writer thread."""
-
-
-def _consume(waiting: asyncio.Future) -> None:
-    """Retrieve the outcome of a write whose caller stopped waiting (timed out or cancelled)."""
-    if not waiting.cancelled():
-        waiting.exception()
 
 
 def open_store(path: Path) -> SpoolStore:

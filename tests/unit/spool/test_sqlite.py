@@ -433,6 +433,36 @@ def test_new_queue_id_shape():
     assert all(set(i) <= set("0123456789BCDFGHJKLMNPQRSTVWXYZ") for i in ids)
 
 
+async def test_a_write_whose_caller_is_cancelled_still_commits(path, monkeypatch):
+    """Delivery's outcome is recorded even if the worker is cancelled (a shutdown) while it waits."""
+    release = threading.Event()
+    real_probe = SpoolStore.probe
+
+    def hanging_probe(store, now):
+        release.wait(10)
+        real_probe(store, now)
+
+    monkeypatch.setattr(SpoolStore, "probe", hanging_probe)
+    spool = SqliteSpool(path, commit_timeout=5)
+    await spool.open()
+    try:
+        stuck = asyncio.ensure_future(spool.probe(1.0))
+        await asyncio.sleep(0.05)  # the writer is in the probe's group now
+        queued = new_message()
+        cancelled = asyncio.ensure_future(spool.store(queued))
+        await asyncio.sleep(0.05)  # queued behind the probe
+        cancelled.cancel()
+        release.set()
+        await stuck
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await spool.probe(2.0)  # a later group: the cancelled one's has committed
+        assert await spool.get(queued.id) is not None
+    finally:
+        release.set()
+        await spool.close()
+
+
 async def test_a_commit_that_hangs_times_out_and_the_watchdog_reports_the_stuck_writer(path, monkeypatch):
     """spool.commit_timeout: the caller gets an error (the listener's 451) instead of waiting for
     ever; a write queued behind the stuck one is withdrawn, so it never lands after its 451."""
