@@ -17,7 +17,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from relay.config import Account, Config, Upstream
@@ -46,8 +46,10 @@ from relay.policy.suppression import SuppressionCache
 from relay.rewrite.xsmtpapi import for_transaction
 from relay.routing import tls_policy
 from relay.spool import (
+    NO_ROWS,
     Cursor,
     NewMessage,
+    OutcomeRows,
     QueuedMessage,
     Recipient,
     RecipientUpdate,
@@ -65,6 +67,9 @@ _REWALK_EVERY = 60.0  # seconds: during a drain, how often the poller's walk sta
 _FRESH_SHARE = 4  # the poller fills the active queue only to 3/4 of spool.active_limit: the rest is new mail's
 _PURGE_EVERY = 3600.0  # seconds between sweeps of records older than spool.keep_final
 _MAX_RECORD_BACKOFF = 60.0  # seconds between retries of a record the spool refused, at most
+_KEPT_BODY = 64 * 1024  # a new message up to this size keeps its body in memory for its first delivery...
+_KEPT_BODIES = 4 * 2**20  # ...while the kept bodies together stay under this many bytes...
+_KEPT_FOR = 1.0  # ...and it is taken within this many seconds (else it is read from the spool again)
 
 
 def upstream_tls(config: Config) -> TLSContexts | None:
@@ -120,6 +125,37 @@ class _Waiting:
             await self._ready.wait()
 
 
+class _KeptBodies:
+    """The bodies of new small messages, kept from their intake for their first delivery: a
+    worker that takes one at once sends it without a spool read (a hand-off to the reader
+    thread) of what the writer committed a moment ago. Bounded in bytes; a body that waited
+    longer than ``_KEPT_FOR`` (or behind an account's pause) is read from the spool instead, so
+    a message deleted meanwhile is seen as gone."""
+
+    def __init__(self) -> None:
+        self._bodies: dict[str, tuple[bytes, float]] = {}  # by queue ID: the body, time.monotonic() kept
+        self._bytes = 0
+
+    def keep(self, message: NewMessage) -> None:
+        size = message.size
+        pieces = message.pieces
+        if size > _KEPT_BODY or self._bytes + size > _KEPT_BODIES:
+            return
+        if not all(isinstance(piece, (bytes, bytearray, memoryview)) for piece in pieces):
+            return  # a piece waiting in a file: not worth reading here
+        self._bodies[message.id] = (b"".join(pieces), time.monotonic())  # a copy: the pieces may be views
+        self._bytes += size
+
+    def take(self, message_id: str) -> tuple[bytes, int] | None:
+        """The kept body as :meth:`Spool.start` gives it (here: whole), if kept and fresh; forgotten either way."""
+        kept = self._bodies.pop(message_id, None)
+        if kept is None:
+            return None
+        body, since = kept
+        self._bytes -= len(body)
+        return (body, len(body)) if time.monotonic() - since <= _KEPT_FOR else None
+
+
 @dataclass
 class _Account:
     """One account's waiting messages, its workers, the kept connections they share, and the
@@ -139,6 +175,7 @@ class _Held:
     message: QueuedMessage
     updates: list[RecipientUpdate]
     bounces: list[NewMessage]
+    rows: OutcomeRows
     failures: int
     next_try: float  # time.monotonic()
 
@@ -150,13 +187,13 @@ class Scheduler:
         spool: Spool,
         connect: Connect = open_connection,
         suppressions: SuppressionCache | None = None,
-        recorded: Callable[[QueuedMessage, list[RecipientUpdate]], Awaitable[None]] | None = None,
+        outcome_rows: Callable[[QueuedMessage, list[RecipientUpdate]], OutcomeRows] | None = None,
     ):
         self._config = config
         self._spool = spool
         self._connect = connect  # tests hand in a fake upstream
         self._suppressions = suppressions  # recipients suppressed for the routed channel fail at once
-        self._recorded = recorded  # told every recorded outcome (statistics, the teams' fan-out)
+        self._outcome_rows = outcome_rows  # the events stage's rows for an outcome (statistics, the teams' fan-out)
         self._accounts: dict[str, _Account] = {}
         self._retiring: list[asyncio.Task] = []  # workers finishing their last transaction
         self.upstream_health = UpstreamHealth()
@@ -166,6 +203,7 @@ class Scheduler:
         # Finished while a poll's read was under way: that read may show them stale.
         self._finished_during_poll: set[str] = set()
         self._held: dict[str, _Held] = {}  # by queue ID: outcomes known but not on disk
+        self._kept = _KeptBodies()
         self._poller: asyncio.Task | None = None
         self._cursor: Cursor | None = None  # where the poller's walk of due mail resumes
         self._rewalk_at = 0.0  # time.monotonic() after which a walk that reached the end starts again
@@ -297,10 +335,11 @@ class Scheduler:
             message.account, message.channel, message.sender, message.size, message.label,
             message.mail_from, message.eight_bit, recipients,
         )
-        self._enqueue(queued, fresh=True)
+        if self._enqueue(queued, fresh=True):
+            self._kept.keep(message)
 
     def _enqueue(self, message: QueuedMessage, fresh: bool) -> bool:
-        """Hold the message for its account's workers; whether it was not held already."""
+        """Hold the message for its account's workers; False when it was held already or stays in the spool."""
         if self._stopping or message.id in self._in_flight or message.id in self._held:
             return False
         account = self._accounts.get(message.account)
@@ -311,9 +350,11 @@ class Scheduler:
         return True
 
     def _let_go(self, message_id: str) -> None:
-        """The message is no longer held in memory (delivered, given back to the spool)."""
+        """The message is no longer held in memory (delivered, given back to the spool); a body
+        kept from its intake is forgotten too (not delivered: read again next time)."""
         self._in_flight.discard(message_id)
         self._ahead.discard(message_id)
+        self._kept.take(message_id)
 
     async def _poll(self) -> None:
         last_purge = 0.0
@@ -430,11 +471,11 @@ class Scheduler:
             ]
             start = await self._spool.start(message.id) if any(u.state is State.FAILED for u in updates) else None
             bounces = self._bounces(message, updates, start[0] if start else b"", config)
-            if self._fenced(message, await self._spool.record(updates, bounces)):
+            if self._fenced(message, await self._spool.record(updates, bounces, self._rows(message, updates))):
                 continue
             log.warning("%s: account %s is not configured; %d recipient(s) %s", message.id, message.account,
                         len(updates), "failed at max_lifetime" if updates[0].state is State.FAILED else "wait")
-            await self._after_record(message, updates, bounces)
+            self._after_record(message, bounces)
 
     def _throttle_pauses(self) -> tuple[float, float]:
         upstream = self._config().upstream
@@ -476,8 +517,9 @@ class Scheduler:
         the message's other transactions are not sent: they get that answer, so the whole
         message comes back together.
         """
+        kept = None if self._paused(message.account) else self._kept.take(message.id)  # a pause: read after it
         await self._gates_open(message.account, account.reachability)
-        start = await self._spool.start(message.id)
+        start = kept or await self._spool.start(message.id)
         if start is None:  # deleted with `queue delete`, or already final
             return
         first, size = start
@@ -560,7 +602,7 @@ class Scheduler:
         known and must be recorded all the same, or the message would be sent again."""
         try:
             return self._bounces(message, updates, head, config)
-        except Exception:  # noqa: BLE001 - see above
+        except Exception:  # see above
             log.exception("%s: could not make the DSN; the failures are recorded without one", message.id)
             return []
 
@@ -599,17 +641,29 @@ class Scheduler:
         message's other recipients go. Returns whether the outcome is on disk and the message
         still this node's (not fenced: see :meth:`_fenced`), that is whether its delivery goes on.
         """
+        rows = self._rows(message, updates)
         try:
-            fenced = await self._spool.record(updates, bounces)
+            fenced = await self._spool.record(updates, bounces, rows)
         except Exception as error:  # noqa: BLE001 - whatever the spool says, the outcome is known
-            self._held[message.id] = _Held(message, updates, bounces, 1, time.monotonic() + self._record_backoff(1))
+            self._held[message.id] = _Held(message, updates, bounces, rows, 1, time.monotonic() + self._record_backoff(1))
             log.error("%s: could not record the delivery outcome (%s); holding it in memory and retrying; "
                       "the message is not sent again", message.id, error)
             return False
         if self._fenced(message, fenced):
             return False
-        await self._after_record(message, updates, bounces)
+        self._after_record(message, bounces)
         return True
+
+    def _rows(self, message: QueuedMessage, updates: list[RecipientUpdate]) -> OutcomeRows:
+        """The events stage's rows for these outcomes, recorded with them; none, logged, if they
+        cannot be made: a lost count must not keep a known outcome off the disk."""
+        if self._outcome_rows is None:
+            return NO_ROWS
+        try:
+            return self._outcome_rows(message, updates)
+        except Exception:  # see above
+            log.exception("%s: could not count or fan out %d outcome(s)", message.id, len(updates))
+            return NO_ROWS
 
     @staticmethod
     def _fenced(message: QueuedMessage, fenced: set[str]) -> bool:
@@ -630,7 +684,7 @@ class Scheduler:
             try:
                 # A record that timed out may have committed after all: its DSN is then there.
                 landed = bool(held.bounces) and await self._spool.get(held.bounces[0].id) is not None
-                fenced = set() if landed else await self._spool.record(held.updates, held.bounces)
+                fenced = set() if landed else await self._spool.record(held.updates, held.bounces, held.rows)
             except Exception as error:  # noqa: BLE001 - still not on disk: keep holding
                 held.failures += 1
                 held.next_try = time.monotonic() + self._record_backoff(held.failures)
@@ -641,7 +695,7 @@ class Scheduler:
             if self._fenced(held.message, fenced):
                 continue
             log.info("%s: delivery outcome recorded after %d failed attempt(s)", message_id, held.failures)
-            await self._after_record(held.message, held.updates, [] if landed else held.bounces)
+            self._after_record(held.message, [] if landed else held.bounces)
 
     def held_outcomes(self) -> list[str]:
         """Messages whose delivery outcome is known but not yet on disk."""
@@ -650,15 +704,12 @@ class Scheduler:
     def _record_backoff(self, failures: int) -> float:
         return pause_length(failures, self._config().spool.poll_interval, _MAX_RECORD_BACKOFF)
 
-    async def _after_record(self, message: QueuedMessage, updates: list[RecipientUpdate], bounces: list[NewMessage]) -> None:
-        """Outcomes on disk: their DSNs go to delivery, and the events stage hears of them
-        (statistics, the teams' fan-out; a DSN that landed with a record that timed out is
-        found by the poller instead)."""
+    def _after_record(self, message: QueuedMessage, bounces: list[NewMessage]) -> None:
+        """Outcomes on disk: their DSNs go to delivery (a DSN that landed with a record that
+        timed out is found by the poller instead)."""
         for bounce in bounces:
             log.info("%s: sender non-delivery notification: %s", message.id, bounce.id)
             self.submit(bounce)
-        if self._recorded is not None:
-            await self._recorded(message, updates)
 
     def _suppressed(self, message: QueuedMessage) -> list[RecipientUpdate]:
         """Recipients suppressed for the channel and account the message was routed to: failed

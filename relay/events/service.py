@@ -11,7 +11,7 @@ from relay.config import Config
 from relay.events.applier import Applier, failed_outbox, requested_rows
 from relay.events.fanout_worker import FanoutWorker
 from relay.events.receiver import Receiver
-from relay.spool import QueuedMessage, RecipientUpdate, Spool, State
+from relay.spool import OutcomeRows, QueuedMessage, RecipientUpdate, Spool, State
 
 log = logging.getLogger("relay.events")
 
@@ -44,22 +44,16 @@ class EventsService:
         await self.applier.stop()
         await self.fanout.stop()
 
-    async def recorded(self, message: QueuedMessage, updates: list[RecipientUpdate]) -> None:
-        """After delivery recorded outcomes: count ``requested`` for the recipients SendCloud
-        accepted at the final dot, and tell the team of those the relay failed. Never raises:
-        the outcomes are already durable, and a lost count must not look like a failed delivery."""
+    def outcome_rows(self, message: QueuedMessage, updates: list[RecipientUpdate]) -> OutcomeRows:
+        """What delivery records with these outcomes (in the same spool write): ``requested``
+        for the recipients SendCloud accepted at the final dot, and the team's ``failed`` rows
+        for those the relay failed."""
         now = time.time()
         by_idx = {recipient.idx: recipient.address for recipient in message.recipients}
         accepted = [by_idx[u.idx] for u in updates if u.state is State.DELIVERED and u.idx in by_idx]
         failed = [row for row in (failed_outbox(self._config(), message, u, now) for u in updates) if row is not None]
-        try:
-            if accepted:
-                rows = requested_rows(message.user, message.account, message.channel, message.label, accepted, now)
-                await self._spool.add_stats(rows)
-            if failed:
-                await self._spool.enqueue_fanout(failed)
-        except Exception:  # noqa: BLE001 - see above
-            log.exception("%s: could not count or fan out %d outcome(s)", message.id, len(updates))
+        stats = requested_rows(message.user, message.account, message.channel, message.label, accepted, now) if accepted else []
+        return OutcomeRows(tuple(stats), tuple(failed))
 
     async def _prune(self) -> None:
         while True:

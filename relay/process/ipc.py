@@ -246,9 +246,27 @@ def write_frame(writer: asyncio.StreamWriter, meta: object, data: bytes | memory
         writer.write(data)
 
 
+def _frame(meta: object, pieces: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """A frame whose data is ``pieces`` one after the other (at most a piece in all), as buffers to write."""
+    encoded = encode(meta)
+    return [FRAME_HEADER.pack(len(encoded), sum(len(piece) for piece in pieces)), encoded, *pieces]
+
+
 async def write_message(writer: asyncio.StreamWriter, sequence: int, message: NewMessage) -> None:
-    """A message's body as piece frames, draining after each, then the message without its body."""
-    for piece in message.pieces:
+    """A message's body as piece frames, draining after each, then the message without its body.
+
+    A body that fits in one piece (most mail) goes as one piece frame, joined by the kernel from
+    its pieces (the new header, the body as received), in the same write as the message frame:
+    one ``send()`` for the acceptor and one read for the main process, where there was a pair of
+    writes per piece and one for the message.
+    """
+    pieces = message.pieces
+    if message.size <= PIECE_SIZE and all(isinstance(piece, (bytes, bytearray, memoryview)) for piece in pieces):
+        body = _frame(BodyPiece(sequence), [piece for piece in pieces if len(piece)]) if message.size else []
+        writer.writelines([*body, *_frame(MessageFrame(sequence, message), [])])
+        await writer.drain()
+        return
+    for piece in pieces:
         for chunk in piece_chunks(piece, PIECE_SIZE):
             write_frame(writer, BodyPiece(sequence), chunk)
             await writer.drain()

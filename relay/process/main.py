@@ -63,7 +63,7 @@ class Relay:
         self.suppressions = SuppressionCache(self.spool.suppression_version, self.spool.suppressions)
         self.events = EventsService(lambda: self.config, self.spool)
         self.scheduler = Scheduler(lambda: self.config, self.spool, suppressions=self.suppressions,
-                                   recorded=self.events.recorded)
+                                   outcome_rows=self.events.outcome_rows)
         self.preparer = Preparer()
         self.rates = PersistentRates(rate_store(config.spool))
         # The one table, asked by acceptors too; with several nodes (postgres) AUTH failures and

@@ -18,6 +18,7 @@ from relay.errors import SMTPReply
 from relay.rewrite.fields import Message, raw_field
 
 HEADER = "X-SMTPAPI"
+_NAME = HEADER.lower().encode()
 MAX_SIZE = 1_000_000  # SendCloud's limit for the header
 MAX_TO = 100
 KEYS = frozenset({"to", "sub", "section", "filters", "settings"})
@@ -126,7 +127,10 @@ def for_transaction(data: bytes, recipients: Sequence[str]) -> bytes:
 
     With a ``to`` list (which replaces the envelope at SendCloud), each transaction must list
     only its own recipients, and ``sub`` values follow them; otherwise the message is unchanged.
+    A header section that does not even contain the name is not parsed (every transaction asks).
     """
+    if _NAME not in data.lower():
+        return data
     message = Message(data)
     field = message.first(HEADER)
     if field is None:

@@ -21,6 +21,7 @@ from relay.spool.base import (
     WindowKey,
     due_key,
 )
+from relay.spool.events_model import NO_ROWS, OutcomeRows
 from relay.spool.model import (
     FileRegion,
     NewMessage,
@@ -36,7 +37,7 @@ from relay.spool.model import (
 )
 
 __all__ = [
-    "BodyGone", "Cursor", "FileRegion", "ListQuery", "NewMessage", "Piece", "QueuedMessage", "RateStore", "Recipient",
+    "NO_ROWS", "BodyGone", "Cursor", "FileRegion", "ListQuery", "NewMessage", "OutcomeRows", "Piece", "QueuedMessage", "RateStore", "Recipient",
     "RecipientUpdate", "SchemaMismatch", "Spool", "SpoolMissing", "State", "WindowKey", "due_key", "is_eight_bit",
     "new_queue_id", "open_spool",
     "piece_chunks", "rate_store", "suppression_reader",

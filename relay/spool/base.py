@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from relay.spool.events_base import EventStore
+from relay.spool.events_model import NO_ROWS, OutcomeRows
 from relay.spool.model import NewMessage, QueuedMessage, RecipientUpdate, State
 
 WindowKey = tuple[str, float, int]  # a rate window: (counter key, period in seconds, window number)
@@ -128,8 +129,12 @@ class Spool(EventStore, Protocol):
     def chunks(self, message_id: str, offset: int, size: int) -> AsyncIterator[bytes]:
         """The body from ``offset`` on, a chunk at a time; :class:`BodyGone` if it is deleted meanwhile."""
 
-    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> set[str]:
-        """Delivery outcomes and the DSNs they caused, in one durable write.
+    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = (),
+                     rows: OutcomeRows = NO_ROWS) -> set[str]:
+        """Delivery outcomes and the DSNs they caused, in one durable write, with the events
+        stage's ``rows`` for them. The rows go in a savepoint of their own: if they fail, the
+        error is logged and the outcome recorded without them (a lost count must never fail a
+        known outcome, which would send the message again).
 
         Returns the messages whose outcomes were refused because this node no longer holds
         their lease (another node took them over: theirs is the outcome that counts); with

@@ -77,6 +77,18 @@ class OutboxRow:
 
 
 @dataclass(frozen=True)
+class OutcomeRows:
+    """What the events stage adds to a delivery outcome: the ``requested`` counters and the
+    teams' ``failed`` outbox rows, written with the outcome in its one spool write."""
+
+    stats: tuple[StatRow, ...] = ()
+    outbox: tuple[OutboxRow, ...] = ()
+
+
+NO_ROWS = OutcomeRows()
+
+
+@dataclass(frozen=True)
 class Applied:
     """Everything one event changes, written in one durable write that also marks it applied."""
 

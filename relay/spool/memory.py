@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import shutil
 import tempfile
 import weakref
@@ -24,8 +25,11 @@ from typing import Any
 
 from relay.lines import header_length
 from relay.spool.base import PENDING_MESSAGES, BodyGone, Cursor, ListQuery
+from relay.spool.events_model import NO_ROWS, OutcomeRows
 from relay.spool.memory_events import MemoryEvents
 from relay.spool.model import NewMessage, QueuedMessage, Recipient, RecipientUpdate, State, piece_chunks
+
+log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024  # bodies are read in pieces of this size, as SqliteSpool's blobs
 _PENDING = (State.QUEUED, State.DEFERRED)
@@ -67,10 +71,11 @@ class MemorySpool(MemoryEvents):
     async def store(self, message: NewMessage) -> None:
         await self._write(self._insert, [self._entry(message)])
 
-    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> set[str]:
+    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = (),
+                     rows: OutcomeRows = NO_ROWS) -> set[str]:
         # The new messages' bodies are read before anything changes: a piece that cannot be
         # read fails the whole write, as the SQL transaction rolls back.
-        await self._write(self._record, list(updates), [self._entry(message) for message in new_messages])
+        await self._write(self._record, list(updates), [self._entry(message) for message in new_messages], rows)
         return set()
 
     # -- leases: one process, which holds every message (``lost`` lets a test take some away) -------
@@ -200,7 +205,7 @@ class MemorySpool(MemoryEvents):
         for entry in entries:
             self._entries[entry.message.id] = entry
 
-    def _record(self, updates: list[RecipientUpdate], new_entries: list[_Entry]) -> None:
+    def _record(self, updates: list[RecipientUpdate], new_entries: list[_Entry], rows: OutcomeRows) -> None:
         self._check_new(new_entries)  # a clashing DSN fails the write before any update lands
         touched = set()
         for update in updates:
@@ -218,6 +223,13 @@ class MemorySpool(MemoryEvents):
             entry = self._entries[message_id]
             if not any(recipient.state in _PENDING for recipient in entry.recipients):
                 entry.body = None
+        stats, fanout = dict(self._stats), dict(self._fanout)  # the rows' savepoint
+        try:
+            self._add_stats(rows.stats)
+            self._enqueue_fanout(rows.outbox)
+        except Exception:  # as the SQL backends: the outcome stands without its rows
+            self._stats, self._fanout = stats, fanout
+            log.exception("could not count or fan out the delivery outcome; recorded without it")
 
     def _due(self, now: float, limit: int, chosen: Callable[[str], bool], after: Cursor | None) -> list[QueuedMessage]:
         due = {

@@ -39,7 +39,8 @@ from relay.spool.model import (
     State,
     piece_chunks,
 )
-from relay.spool.postgres_events import PostgresEvents
+from relay.spool.events_model import NO_ROWS, OutcomeRows
+from relay.spool.postgres_events import PostgresEvents, add_stats, enqueue_fanout
 from relay.spool.postgres_migrate import check_schema
 
 log = logging.getLogger("relay.spool")
@@ -250,12 +251,13 @@ class PostgresSpool(PostgresEvents):
             await asyncio.to_thread(lambda: message.eight_bit)  # a scan of the whole body: off the loop
         await self._write(self._insert, message)
 
-    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> set[str]:
+    async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = (),
+                     rows: OutcomeRows = NO_ROWS) -> set[str]:
         new_messages = list(new_messages)
         for new in new_messages:
             if not inline_body(new):
                 await asyncio.to_thread(lambda new=new: new.eight_bit)
-        return await self._write(self._record, list(updates), new_messages)
+        return await self._write(self._record, list(updates), new_messages, rows)
 
     async def purge_final(self, older_than: float) -> int:
         return await self._write(self._purge_final, older_than)
@@ -459,22 +461,24 @@ class PostgresSpool(PostgresEvents):
                                              records=_streamed_pieces(message))
 
     async def _record(self, conn: asyncpg.Connection, updates: list[RecipientUpdate],
-                      new_messages: list[NewMessage]) -> set[str]:
+                      new_messages: list[NewMessage], rows: OutcomeRows) -> set[str]:
         """Fenced: the rows are locked first, so no claim can move a lease between the check and the update."""
         latest = {(update.message_id, update.idx): update for update in updates}  # the last outcome of each wins
         ids = sorted({message_id for message_id, _ in latest})
-        rows = await conn.fetch("SELECT id, lease_owner IS NOT DISTINCT FROM $2 AS ours FROM messages "
-                                "WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", ids, self.node)
-        fenced = {row["id"] for row in rows if not row["ours"]}
+        leases = await conn.fetch("SELECT id, lease_owner IS NOT DISTINCT FROM $2 AS ours FROM messages "
+                                  "WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", ids, self.node)
+        fenced = {lease["id"] for lease in leases if not lease["ours"]}
         applied = [update for update in latest.values() if update.message_id not in fenced]
         if applied:
             await conn.execute(_APPLY, *map(list, zip(*(
                 (u.message_id, u.idx, u.state.value, u.attempts, u.next_attempt, u.last_reply, u.email_id)
                 for u in applied), strict=True)))
             await conn.execute(_REFRESH, sorted({update.message_id for update in applied}))
-        if not fenced:  # a DSN belongs to the outcome it reports: not without it
+        if not fenced:  # a DSN belongs to the outcome it reports, and so do its rows: not without it
             for message in new_messages:
                 await self._insert(conn, message)
+            if rows.stats or rows.outbox:
+                await _outcome_rows(conn, rows, ids)
         return fenced
 
     @staticmethod
@@ -596,6 +600,17 @@ class PostgresSpool(PostgresEvents):
             raise
         await transaction.commit()
         return outcomes
+
+
+async def _outcome_rows(conn: asyncpg.Connection, rows: OutcomeRows, message_ids: list[str]) -> None:
+    """The events stage's rows for an outcome, in a savepoint of their own: if they fail, the
+    outcome is recorded without them (:meth:`relay.spool.base.Spool.record`)."""
+    try:
+        async with conn.transaction():
+            await add_stats(conn, rows.stats)
+            await enqueue_fanout(conn, rows.outbox)
+    except Exception:  # whatever it is, the outcome stands
+        log.exception("%s: could not count or fan out the delivery outcome; recorded without it", ", ".join(message_ids))
 
 
 def _consume(done: asyncio.Future) -> None:

@@ -98,7 +98,7 @@ def stat_totals(rows: Iterable[StatRow]) -> list[tuple[str, str, str, str, int]]
     return [(*key, totals[key]) for key in sorted(totals)]
 
 
-async def _add_stats(conn: asyncpg.Connection, rows: Iterable[StatRow]) -> None:
+async def add_stats(conn: asyncpg.Connection, rows: Iterable[StatRow]) -> None:
     totals = stat_totals(rows)
     if totals:
         await conn.execute(
@@ -109,7 +109,7 @@ async def _add_stats(conn: asyncpg.Connection, rows: Iterable[StatRow]) -> None:
         )
 
 
-async def _enqueue_fanout(conn: asyncpg.Connection, rows: Iterable[OutboxRow]) -> None:
+async def enqueue_fanout(conn: asyncpg.Connection, rows: Iterable[OutboxRow]) -> None:
     values = [(row.user, row.url, row.body, row.created_at, row.attempts, row.next_attempt) for row in rows]
     if values:
         await conn.executemany(
@@ -207,8 +207,8 @@ async def _apply_events(pool: asyncpg.Pool, batch: list[Applied]) -> None:
                 "SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM messages WHERE id = $1)",
                 history,
             )
-        await _add_stats(conn, [row for applied in batch for row in applied.stats])
-        await _enqueue_fanout(conn, [row for applied in batch for row in applied.outbox])
+        await add_stats(conn, [row for applied in batch for row in applied.stats])
+        await enqueue_fanout(conn, [row for applied in batch for row in applied.outbox])
         await conn.execute(
             "UPDATE events SET applied = true, claimed_by = NULL, claimed_until = NULL WHERE id = ANY($1::bigint[])",
             sorted({applied.event_id for applied in batch}),
@@ -357,7 +357,7 @@ class PostgresEvents:
 
     async def add_stats(self, rows: list[StatRow]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            await _add_stats(conn, rows)
+            await add_stats(conn, rows)
 
     async def stats(self, since_hour: str, until_hour: str | None = None) -> list[StatRow]:
         rows = await self._pool.fetch(
@@ -371,7 +371,7 @@ class PostgresEvents:
 
     async def enqueue_fanout(self, rows: list[OutboxRow]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            await _enqueue_fanout(conn, rows)
+            await enqueue_fanout(conn, rows)
 
     async def due_fanout(self, now: float, limit: int) -> list[OutboxRow]:
         """Due rows no other live store holds, claimed for this one (it POSTs them next)."""

@@ -23,11 +23,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from relay.lines import header_length
 from relay.spool.base import PENDING_MESSAGES, BodyGone, Cursor, ListQuery, SpoolMissing, WindowKey
+from relay.spool.events_model import NO_ROWS, OutcomeRows
 from relay.spool.model import (
     NewMessage,
     QueuedMessage,
@@ -37,7 +39,7 @@ from relay.spool.model import (
     is_eight_bit,
     piece_chunks,
 )
-from relay.spool.sqlite_events import SqliteEvents, create_schema
+from relay.spool.sqlite_events import SqliteEvents, add_stats, create_schema, enqueue_fanout
 
 log = logging.getLogger(__name__)
 
@@ -242,8 +244,24 @@ class SpoolStore:
             ],
         )
 
-    def record(self, updates: Iterable[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> None:
-        """Store delivery outcomes and the DSNs they caused, in one transaction."""
+    def record(self, updates: Iterable[RecipientUpdate], new_messages: Iterable[NewMessage] = (),
+               rows: OutcomeRows = NO_ROWS) -> None:
+        """Store delivery outcomes and the DSNs they caused, in one transaction, and the events
+        stage's rows for them in a savepoint of their own (see :meth:`Spool.record`)."""
+        updates = list(updates)
+        self._record_outcomes(updates, new_messages)
+        if rows.stats or rows.outbox:
+            self.conn.execute("SAVEPOINT outcome_rows")
+            try:
+                add_stats(self.conn, rows.stats)
+                enqueue_fanout(self.conn, rows.outbox)
+            except Exception:  # whatever it is, the outcome stands
+                self.conn.execute("ROLLBACK TO outcome_rows")
+                log.exception("%s: could not count or fan out the delivery outcome; recorded without it",
+                              ", ".join(sorted({update.message_id for update in updates})))
+            self.conn.execute("RELEASE outcome_rows")
+
+    def _record_outcomes(self, updates: Iterable[RecipientUpdate], new_messages: Iterable[NewMessage]) -> None:
         touched = set()
         for update in updates:
             self.conn.execute(
@@ -536,6 +554,7 @@ class SqliteSpool(SqliteEvents):
         self._checkpointer: threading.Thread | None = None
         self._closing = threading.Event()
         self._restart_wanted = threading.Event()  # set by the checkpointer, done by the writer between groups
+        self._starting = threading.Lock()  # a write is started by the writer or withdrawn by its caller, never both
 
     async def open(self) -> None:
         if not self._create and not await asyncio.to_thread(self.path.exists):
@@ -568,8 +587,9 @@ class SqliteSpool(SqliteEvents):
     async def store(self, message: NewMessage) -> None:
         await self._write(SpoolStore.insert, message)
 
-    async def record(self, updates: list[RecipientUpdate], new_messages: list[NewMessage] = ()) -> set[str]:
-        await self._write(SpoolStore.record, updates, list(new_messages))
+    async def record(self, updates: list[RecipientUpdate], new_messages: list[NewMessage] = (),
+                     rows: OutcomeRows = NO_ROWS) -> set[str]:
+        await self._write(SpoolStore.record, updates, list(new_messages), rows)
         return set()  # one node: nobody else can take a message over
 
     # -- leases: one relay per file, so it holds every message for ever ---------------------------
@@ -666,26 +686,22 @@ class SqliteSpool(SqliteEvents):
         cancelled does not withdraw its write: an outcome of delivery is recorded all the same.
         """
         loop = asyncio.get_running_loop()
-        answer = loop.create_future()  # the caller's: cancelling it leaves the write queued
-        done: concurrent.futures.Future = concurrent.futures.Future()  # the writer thread's
-        # One wake of the loop from the writer thread, then the caller runs: no wrap_future, shield
-        # and wait_for, whose chained futures cost an iteration of a busy loop each before the 250.
-        done.add_done_callback(lambda done: loop.is_closed() or loop.call_soon_threadsafe(_settle, answer, done))
-        self._queue.put((fn, args, done))
-        timer = loop.call_later(self._commit_timeout, self._time_out, answer, done)
+        write = _Write(fn, args, loop, loop.create_future())
+        self._queue.put(write)
+        timer = loop.call_later(self._commit_timeout, _expire, write.waiter)
         try:
-            return await answer
+            return await write.waiter
+        except _Expired:
+            with self._starting:
+                withdrawn = write.state is _QUEUED
+                if withdrawn:
+                    write.state = _WITHDRAWN
+            raise TimeoutError(
+                f"the spool did not commit within spool.commit_timeout ({self._commit_timeout:g}s)"
+                + ("" if withdrawn else "; the write may still commit")
+            ) from None
         finally:
             timer.cancel()
-
-    def _time_out(self, answer: asyncio.Future, done: concurrent.futures.Future) -> None:
-        if answer.done():
-            return
-        withdrawn = done.cancel()
-        answer.set_exception(TimeoutError(
-            f"the spool did not commit within spool.commit_timeout ({self._commit_timeout:g}s)"
-            + ("" if withdrawn else "; the write may still commit")
-        ))
 
     def _checkpoint_loop(self) -> None:
         """Checkpoints on a connection of their own, so no COMMIT runs one (the writer's
@@ -703,7 +719,7 @@ class SqliteSpool(SqliteEvents):
                     mode = after_passive(log_frames * (page_size + 24), file_bytes, idle)
                     if mode == "RESTART":
                         self._restart_wanted.set()
-                        self._queue.put((_nothing, (), concurrent.futures.Future()))  # an idle writer wakes for it
+                        self._queue.put(_Write(_nothing, (), None, None))  # an idle writer wakes for it
                     elif mode is not None:
                         conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
                 except sqlite3.Error as error:
@@ -746,24 +762,28 @@ class SqliteSpool(SqliteEvents):
         except sqlite3.Error as error:
             log.warning("spool checkpoint (RESTART) failed: %s", error)
 
-    def _commit_group(self, store: SpoolStore, batch: list) -> None:
-        batch = [item for item in batch if item[2].set_running_or_notify_cancel()]  # not withdrawn
+    def _commit_group(self, store: SpoolStore, batch: list[_Write]) -> None:
+        with self._starting:  # a write its caller withdrew (timed out) is never started
+            batch = [write for write in batch if write.state is _QUEUED]
+            for write in batch:
+                write.state = _RUNNING
         if not batch:
             return
         self._group_started = time.monotonic()
         try:
-            self._run_group(store, batch)
+            outcomes = self._run_group(store, batch)
         finally:
             self._group_started = None
+        _answer(batch, outcomes)
 
-    def _run_group(self, store: SpoolStore, batch: list) -> None:
+    def _run_group(self, store: SpoolStore, batch: list[_Write]) -> list[tuple[Any, BaseException | None]]:
         outcomes: list[tuple[Any, BaseException | None]] = []
         try:
             store.conn.execute("BEGIN IMMEDIATE")
-            for fn, args, _ in batch:
+            for write in batch:
                 store.conn.execute("SAVEPOINT op")
                 try:
-                    outcomes.append((fn(store, *args), None))
+                    outcomes.append((write.fn(store, *write.args), None))
                     store.conn.execute("RELEASE op")
                 except Exception as error:  # noqa: BLE001 - only this caller sees it
                     store.conn.execute("ROLLBACK TO op")
@@ -779,26 +799,62 @@ class SqliteSpool(SqliteEvents):
                 except sqlite3.Error:
                     pass
             outcomes = [(None, error)] * len(batch)
-        for (_, _, done), (result, error) in zip(batch, outcomes, strict=True):
-            if error is not None:
-                done.set_exception(error)
-            else:
-                done.set_result(result)
+        return outcomes
+
+
+_QUEUED, _RUNNING, _WITHDRAWN = "queued", "running", "withdrawn"
+
+
+class _Expired(Exception):
+    """A write's commit_timeout passed (set on its waiter by the timer)."""
+
+
+@dataclass(slots=True)
+class _Write:
+    """One write for the writer thread, and the future on its caller's loop that gets its outcome.
+
+    Not a concurrent.futures.Future wrapped, shielded and waited for with a timeout: that is
+    three futures, a condition variable and their callbacks per write, on both threads; here a
+    group's outcomes go back to each loop in one call_soon_threadsafe.
+    """
+
+    fn: Callable
+    args: tuple
+    loop: asyncio.AbstractEventLoop | None  # None: a wake-up nobody waits for
+    waiter: asyncio.Future | None
+    state: str = _QUEUED  # changed under SqliteSpool._starting only
+
+
+def _answer(batch: list[_Write], outcomes: list[tuple[Any, BaseException | None]]) -> None:
+    """Hand a group's outcomes to the loops waiting for them (from the writer thread)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for write, outcome in zip(batch, outcomes, strict=True):
+        if write.loop is not None:
+            by_loop.setdefault(write.loop, []).append((write.waiter, *outcome))
+    for loop, answers in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, answers)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+
+def _settle(answers: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for waiter, result, error in answers:
+        if waiter.done():  # its caller was cancelled, or it timed out: the outcome has no taker
+            continue
+        if error is not None:
+            waiter.set_exception(error)
+        else:
+            waiter.set_result(result)
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(_Expired())
 
 
 def _nothing(store: SpoolStore) -> None:
     """A write that writes nothing: wakes an idle writer thread."""
-
-
-def _settle(answer: asyncio.Future, done: concurrent.futures.Future) -> None:
-    """On the loop: the writer's outcome to its caller, unless the caller stopped waiting (timed out, cancelled)."""
-    if answer.done() or done.cancelled():
-        return
-    error = done.exception()
-    if error is not None:
-        answer.set_exception(error)
-    else:
-        answer.set_result(done.result())
 
 
 def open_store(path: Path) -> SpoolStore:

@@ -13,6 +13,7 @@ lock, its reply parser and its exceptions.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 
@@ -98,6 +99,18 @@ async def send_data(client: aiosmtplib.SMTP, pieces: AsyncIterable[Piece], timeo
     return reply
 
 
+# A dot-atom mailbox at a host name (RFC 5321's common case): quote_address gives it back as it is.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\Z")
+
+
+def quoted(address: str) -> str:
+    """``<address>`` for MAIL FROM and RCPT TO, exactly as aiosmtplib's ``quote_address``, which
+    runs the email package's ``parseaddr`` (~0.1 ms a call, two per message at least): a plain
+    address is taken as it is, anything else (quotes, brackets, the empty sender) goes through it."""
+    return f"<{address}>" if _PLAIN_ADDRESS.match(address) else quote_address(address)
+
+
 @dataclass(frozen=True)
 class Pipelined:
     """The replies of one pipelined transaction, in the order the commands were sent."""
@@ -118,8 +131,8 @@ async def send_pipelined(client: aiosmtplib.SMTP, sender: str, options: list[str
     propagates, as in :func:`send_data`.
     """
     protocol = _protocol(client)
-    commands = [b"MAIL FROM:" + b" ".join([quote_address(sender).encode("ascii"), *(o.encode("ascii") for o in options)])]
-    commands += [b"RCPT TO:" + quote_address(address).encode("ascii") for address in recipients]
+    commands = [b"MAIL FROM:" + b" ".join([quoted(sender).encode("ascii"), *(o.encode("ascii") for o in options)])]
+    commands += [b"RCPT TO:" + quoted(address).encode("ascii") for address in recipients]
     commands.append(b"DATA")
     try:
         async with protocol._command_lock:

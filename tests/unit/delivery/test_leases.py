@@ -123,7 +123,7 @@ async def test_a_fenced_outcome_stops_the_message_here_and_is_counted(start):  #
     harness = await start(ONE_WORKER)
     message = new_message(recipients=("a@example.org", "b@example.org", "c@example.org"))  # two transactions
 
-    async def fenced(updates, new_messages=()):
+    async def fenced(updates, new_messages=(), rows=None):
         return {message.id}  # nothing applied: another node holds the lease
 
     harness.spool.record = fenced

@@ -22,7 +22,7 @@ from relay.delivery.scheduler import Scheduler
 from relay.delivery.sendcloud import queued_message_id
 from relay.delivery.transport import Key, Result, Transaction
 from relay.errors import SMTPReply
-from relay.spool import ListQuery, NewMessage, State, new_queue_id
+from relay.spool import ListQuery, NewMessage, OutcomeRows, State, new_queue_id
 from relay.spool.memory import MemorySpool
 from tests.unit.helpers import BASE, config_from
 
@@ -104,11 +104,11 @@ class FakeConnection:
 
 
 class Harness:
-    def __init__(self, text: str, upstream: FakeUpstream):
+    def __init__(self, text: str, upstream: FakeUpstream, outcome_rows=None):
         self.config = config_from(text)
         self.spool = MemorySpool()
         self.upstream = upstream
-        self.scheduler = Scheduler(lambda: self.config, self.spool, connect=upstream)
+        self.scheduler = Scheduler(lambda: self.config, self.spool, connect=upstream, outcome_rows=outcome_rows)
 
     def reconfigure(self, text: str) -> None:
         self.config = config_from(text)
@@ -127,8 +127,8 @@ class Harness:
 async def start():
     harnesses: list[Harness] = []
 
-    async def start(text: str = CONFIG, upstream: FakeUpstream | None = None) -> Harness:
-        harness = Harness(text, upstream or FakeUpstream())
+    async def start(text: str = CONFIG, upstream: FakeUpstream | None = None, outcome_rows=None) -> Harness:
+        harness = Harness(text, upstream or FakeUpstream(), outcome_rows)
         await harness.scheduler.start()
         harnesses.append(harness)
         return harness
@@ -530,3 +530,71 @@ async def test_stopping_records_a_held_outcome_when_the_spool_takes_it_again():
     await harness.scheduler.stop(1.0)
     assert await harness.states(message.id) == [State.DELIVERED]
     assert harness.scheduler.held_outcomes() == []
+
+
+# -- the events stage's rows ----------------------------------------------------------------------------
+
+
+async def test_the_events_stages_rows_are_recorded_in_the_outcomes_own_write(start):
+    def rows(message, updates):
+        delivered = sum(update.state is State.DELIVERED for update in updates)
+        return OutcomeRows((("2026-12-01T10", "user", message.user, "requested", delivered),))
+
+    harness = await start(outcome_rows=rows)
+    await until(lambda: harness.spool.commits == 1)  # the poller's first purge of old mail
+    message = new_message()
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    assert await harness.spool.stats("2026-12-01T10") == [("2026-12-01T10", "user", "billing", "requested", 2)]
+    assert harness.spool.commits == 3  # then the message, then its outcome with its counters
+
+
+async def test_rows_that_cannot_be_made_never_keep_a_known_outcome_off_the_disk(start):
+    def broken(message, updates):
+        raise KeyError("a bug in the events stage")
+
+    harness = await start(outcome_rows=broken)
+    message = new_message()
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    await asyncio.sleep(5 * POLL)
+    assert await harness.states(message.id) == [State.DELIVERED, State.DELIVERED]
+    assert len(harness.upstream.sent) == 1  # recorded without its counters, never sent again
+
+
+# -- a new message's body, kept from its intake ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("size", "kept_for", "reads"), [
+    (5_000, 1.0, 0),  # small, taken at once: sent from memory, no spool read
+    (70_000, 1.0, 1),  # past _KEPT_BODY: read from the spool
+    (5_000, -1.0, 1),  # kept too long (a `queue delete` meanwhile must be seen): read again
+])
+async def test_a_new_small_message_is_sent_from_its_kept_body_only_while_fresh(start, monkeypatch, size, kept_for, reads):
+    monkeypatch.setattr(scheduler_module, "_KEPT_FOR", kept_for)
+    harness = await start()
+    started = []
+    spool_start = harness.spool.start
+
+    async def counted(message_id):
+        started.append(message_id)
+        return await spool_start(message_id)
+
+    harness.spool.start = counted
+    message = new_message(body=b"From: billing@acme.com\r\nSubject: kept\r\n\r\n" + b"x" * size + b"\r\n")
+    await harness.intake(message)
+    await until(final(harness, message.id))
+    assert len(started) == reads
+    assert [sent.text for sent in harness.upstream.sent] == [message.body]
+
+
+async def test_a_kept_body_is_not_sent_after_its_account_was_paused(start):
+    """Waiting out a pause, a message may be deleted: it is read after the pause, not sent from memory."""
+    harness = await start()
+    harness.scheduler.throttles["acme_trigger"].release(await harness.scheduler.throttles["acme_trigger"].acquire(), True)
+    assert harness.scheduler.throttles["acme_trigger"].remaining() > 0
+    message = new_message()
+    await harness.intake(message)
+    await harness.spool.delete(message.id)
+    await asyncio.sleep(0.3)  # the pause (throttle_pause 0.1) is over
+    assert harness.upstream.sent == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pickle
 import socket
 from pathlib import Path
@@ -25,6 +26,7 @@ from relay.process.ipc import (
     decode,
     encode,
     read_frame,
+    write_message,
 )
 from relay.process.supervisor import AcceptorPool
 from relay.rewrite.dkim import generate
@@ -150,3 +152,50 @@ async def test_a_limits_call_without_its_arguments_is_answered_unavailable(tmp_p
     assert isinstance(answer.value, LimitsUnavailable)
     writer.close()
     their_writer.close()
+
+
+class _Written:
+    """A StreamWriter that keeps each write (a writelines is one write: one send() on a socket)."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, buffers) -> None:
+        self.writes.append(b"".join(bytes(buffer) for buffer in buffers))
+
+    async def drain(self) -> None:
+        pass
+
+
+async def _frames(written: bytes) -> list[tuple[object, bytes]]:
+    reader = asyncio.StreamReader()
+    reader.feed_data(written)
+    reader.feed_eof()
+    frames = []
+    while not reader.at_eof():
+        frames.append(await read_frame(reader))
+    return frames
+
+
+@pytest.mark.parametrize(("pieces", "writes"), [
+    ((b"Subject: x\r\n\r\n", memoryview(b"hello\r\n" * 700)), 1),  # the header and a view of the body: one write
+    ((b"Subject: x\r\n\r\n", b""), 1),
+    ((), 1),  # an empty body: the message frame alone
+    ((b"Subject: x\r\n\r\n", memoryview(b"y" * 256 * 1024)), 5),  # past a piece: a pair of writes per piece, then the message
+])
+async def test_a_message_reaches_the_main_process_whole_and_a_small_one_in_one_write(pieces, writes):
+    message = NewMessage("A1", 1.0, "billing", "smtp", "10.0.0.1", "acme_trigger", "trigger", "a@acme.com",
+                         ["b@example.org"], pieces)
+    written = _Written()
+    await write_message(written, 7, message)
+    assert len(written.writes) == writes
+    frames = await _frames(b"".join(written.writes))
+    body = b"".join(data for frame, data in frames if isinstance(frame, BodyPiece))
+    assert all(frame == BodyPiece(7) for frame, _ in frames[:-1])
+    last, _ = frames[-1]
+    assert isinstance(last, MessageFrame) and last.sequence == 7
+    assert body == b"".join(bytes(piece) for piece in pieces)
+    assert dataclasses.replace(last.message, body=body) == dataclasses.replace(message, body=body)

@@ -20,6 +20,9 @@ class StallingWriter:
     def write(self, data) -> None:
         pass
 
+    def writelines(self, data) -> None:
+        pass
+
     def is_closing(self) -> bool:
         return False
 

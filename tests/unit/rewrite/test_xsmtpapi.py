@@ -33,3 +33,9 @@ def test_unchanged_when_the_transaction_carries_everyone_or_there_is_no_to():
     assert for_transaction(no_to, ["a@x.net"]) is no_to
     plain = b"From: a@acme.com\r\n" + BODY
     assert for_transaction(plain, ["a@x.net"]) is plain
+
+
+def test_the_header_is_found_whatever_its_case():
+    data = message({"to": ["a@x.net", "b@x.net"]}).replace(b"X-SMTPAPI:", b"x-SmtpApi:")
+    part = for_transaction(data, ["b@x.net"])
+    assert smtpapi(part.replace(b"x-SmtpApi:", b"X-SMTPAPI:")) == {"to": ["b@x.net"]}

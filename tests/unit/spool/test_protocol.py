@@ -11,7 +11,8 @@ import dataclasses
 
 import pytest
 
-from relay.spool import BodyGone, ListQuery, NewMessage, RecipientUpdate, Spool, State, due_key
+from relay.spool import BodyGone, ListQuery, NewMessage, OutcomeRows, RecipientUpdate, Spool, State, due_key
+from relay.spool.events_model import OutboxRow
 from relay.spool.memory import MemorySpool
 from relay.spool.postgres import PostgresSpool
 from relay.spool.sqlite import SqliteSpool
@@ -390,3 +391,32 @@ async def test_memory_spool_fail_writes_makes_every_write_raise_and_change_nothi
     await spool.store(dataclasses.replace(message("B2")))
     assert [m.id for m in await spool.list()] == ["A1", "B2"]
     await spool.close()
+
+
+# -- the events stage's rows for an outcome ------------------------------------------------------------
+
+
+async def test_an_outcome_is_recorded_with_its_counters_and_outbox_rows_in_one_write(spool):
+    await spool.store(message("A1"))
+    stats = (("2023-11-14T22", "user", "billing", "requested", 1),)
+    outbox = OutboxRow("billing", "https://hooks.acme.com/sc", b'{"event":"failed"}', T0, T0)
+    commits = spool.commits
+    await spool.record([update("A1", 0, State.DELIVERED), update("A1", 1, State.FAILED, reply="550 no")],
+                       rows=OutcomeRows(stats, (outbox,)))
+    assert spool.commits == commits + 1
+    assert [r.state for r in (await spool.get("A1")).recipients] == [State.DELIVERED, State.FAILED]
+    assert await spool.stats("2023-11-14T00") == list(stats)
+    assert [(row.user, row.url, row.body) for row in await spool.due_fanout(T0, 10)] == [
+        ("billing", outbox.url, outbox.body),
+    ]
+
+
+async def test_rows_that_cannot_be_written_never_keep_the_outcome_off_the_disk(spool):
+    """A lost count is logged; a lost outcome would send the message again."""
+    await spool.store(message("A1"))
+    malformed = (("2023-11-14T22", "user", "billing", "requested"),)  # no count: every backend refuses it
+    outbox = OutboxRow("billing", "https://hooks.acme.com/sc", b"{}", T0, T0)
+    await spool.record([update("A1", 0, State.DELIVERED)], rows=OutcomeRows(malformed, (outbox,)))
+    assert (await spool.get("A1")).recipients[0].state is State.DELIVERED
+    assert await spool.stats("2023-11-14T00") == []
+    assert await spool.due_fanout(T0, 10) == []  # the rows went together or not at all

@@ -433,31 +433,31 @@ def test_new_queue_id_shape():
     assert all(set(i) <= set("0123456789BCDFGHJKLMNPQRSTVWXYZ") for i in ids)
 
 
-async def test_a_caller_cancelled_while_its_write_waits_does_not_withdraw_it(path, monkeypatch):
-    """A delivery outcome is recorded even when its worker is cancelled (a stop): the write stays queued."""
+async def test_a_write_whose_caller_is_cancelled_still_commits(path, monkeypatch):
+    """Delivery's outcome is recorded even if the worker is cancelled (a shutdown) while it waits."""
     release = threading.Event()
     real_probe = SpoolStore.probe
 
-    def slow_probe(store, now):
+    def hanging_probe(store, now):
         release.wait(10)
         real_probe(store, now)
 
-    monkeypatch.setattr(SpoolStore, "probe", slow_probe)
-    spool = SqliteSpool(path, commit_timeout=5.0)
+    monkeypatch.setattr(SpoolStore, "probe", hanging_probe)
+    spool = SqliteSpool(path, commit_timeout=5)
     await spool.open()
     try:
-        first = asyncio.ensure_future(spool.probe(1.0))
+        stuck = asyncio.ensure_future(spool.probe(1.0))
         await asyncio.sleep(0.05)  # the writer is in the probe's group now
-        behind = new_message()
-        cancelled = asyncio.ensure_future(spool.store(behind))
-        await asyncio.sleep(0.05)
+        queued = new_message()
+        cancelled = asyncio.ensure_future(spool.store(queued))
+        await asyncio.sleep(0.05)  # queued behind the probe
         cancelled.cancel()
         release.set()
-        await first
+        await stuck
         with pytest.raises(asyncio.CancelledError):
             await cancelled
-        await spool.probe(2.0)  # a group after the one the cancelled write joined
-        assert await spool.get(behind.id) is not None
+        await spool.probe(2.0)  # a later group: the cancelled one's has committed
+        assert await spool.get(queued.id) is not None
     finally:
         release.set()
         await spool.close()
