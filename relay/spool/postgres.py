@@ -1,10 +1,11 @@
 """The shared spool: PostgreSQL, for several relay nodes on one queue (``spool.backend: postgres``).
 
 Writes are group-committed as :class:`relay.spool.sqlite.SqliteSpool`'s are: one batcher task
-takes every write that arrived while the previous COMMIT was in flight into one transaction,
-each in its own SAVEPOINT, so N concurrent sessions share one WAL flush and one bad message
-fails only its own caller; if the COMMIT fails, the whole group does. ``synchronous_commit``
-is the server's (on by default): a ``250`` is sent only after COMMIT returned.
+takes every write that arrived while the previous COMMIT was in flight into one transaction
+(:mod:`relay.spool.postgres_group`: stores, outcomes, counters and events alike, each kind's
+writes together), so N concurrent sessions share one WAL flush and one bad message fails only
+its own caller; if the COMMIT fails, the whole group does. ``synchronous_commit`` is the
+server's (on by default): a ``250`` is sent only after COMMIT returned.
 
 Which node delivers a message is a lease: ``lease_owner`` and ``lease_until`` on the message
 row, on the database's clock. ``store`` leases the message to the storing node (it delivers its
@@ -17,9 +18,10 @@ outcome applies only while ``lease_owner`` is still this node, so a node that lo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from relay.spool.model import (
     piece_chunks,
 )
 from relay.spool.postgres_events import PostgresEvents
+from relay.spool.postgres_group import Kind, WriteRefused, each, keep_session, run_group
 from relay.spool.postgres_migrate import check_schema
 
 log = logging.getLogger("relay.spool")
@@ -108,7 +111,7 @@ DELETE FROM bodies WHERE message_id IN (SELECT id FROM u WHERE NOT pending)
 """
 
 
-class QueueIdTaken(Exception):
+class QueueIdTaken(WriteRefused):
     """Another node (or process) made the same queue ID: this message is not stored; a retry gets a new ID."""
 
 
@@ -181,7 +184,7 @@ def _message(row: asyncpg.Record, recipients: list[Recipient]) -> QueuedMessage:
 class _Write:
     """One caller's write waiting for the batcher: ``started`` once its group began (no withdrawing then)."""
 
-    operation: Callable[..., Awaitable[Any]]
+    kind: Kind
     args: tuple
     done: asyncio.Future
     started: bool = field(default=False)
@@ -216,7 +219,7 @@ class PostgresSpool(PostgresEvents):
         """Connect and check the schema (:class:`~relay.spool.base.SchemaMismatch` unless it is this relay's)."""
         await asyncio.to_thread(self._spill.mkdir, parents=True, exist_ok=True)  # acceptors spill large bodies here
         try:
-            self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=_POOL_SIZE)
+            self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=_POOL_SIZE, reset=keep_session)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TimeoutError) as error:
             raise OSError(f"cannot connect to the spool database {redacted_dsn(self._dsn)}: {self._secret_free(error)}") from None
         try:
@@ -248,26 +251,26 @@ class PostgresSpool(PostgresEvents):
     async def store(self, message: NewMessage) -> None:
         if not inline_body(message):
             await asyncio.to_thread(lambda: message.eight_bit)  # a scan of the whole body: off the loop
-        await self._write(self._insert, message)
+        await self._write(self._stores, message)
 
     async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = ()) -> set[str]:
         new_messages = list(new_messages)
         for new in new_messages:
             if not inline_body(new):
                 await asyncio.to_thread(lambda new=new: new.eight_bit)
-        return await self._write(self._record, list(updates), new_messages)
+        return await self._write(self._records, list(updates), new_messages)
 
     async def purge_final(self, older_than: float) -> int:
-        return await self._write(self._purge_final, older_than)
+        return await self._write(_PURGE_FINAL, older_than)
 
     async def retry(self, message_id: str | None = None) -> int:
-        return await self._write(self._retry, message_id)
+        return await self._write(_RETRY, message_id)
 
     async def delete(self, message_id: str) -> bool:
-        return await self._write(self._delete, message_id)
+        return await self._write(_DELETE, message_id)
 
     async def probe(self, now: float) -> None:
-        await self._write(self._probe, now)
+        await self._write(_PROBE, now)
 
     # -- leases ----------------------------------------------------------------------------------
 
@@ -355,12 +358,16 @@ class PostgresSpool(PostgresEvents):
     # -- bodies ----------------------------------------------------------------------------------
 
     async def start(self, message_id: str) -> tuple[bytes, int] | None:
-        """The first pieces of a body, through the end of its header section, and its size; None if gone or final."""
+        """The first pieces of a body, through the end of its header section, and its size; None if gone or final.
+        The first piece comes with the size (one round trip for any header section under 256 KiB)."""
         async with self._db().acquire() as conn:
-            size = await conn.fetchval("SELECT size FROM messages WHERE id = $1 AND pending", message_id)
-            if size is None:
+            row = await conn.fetchrow("SELECT m.size, b.data FROM messages m LEFT JOIN bodies b "
+                                      "ON b.message_id = m.id AND b.seq = 0 WHERE m.id = $1 AND m.pending", message_id)
+            if row is None:
                 return None
-            data = b""
+            size, data = row["size"], row["data"] or b""
+            if size and not data:
+                return None
             while len(data) < size and header_length(data) is None:
                 piece = await conn.fetchval("SELECT data FROM bodies WHERE message_id = $1 AND seq = $2",
                                             message_id, len(data) // PIECE)
@@ -439,7 +446,15 @@ class PostgresSpool(PostgresEvents):
         assert self._pool is not None, "spool not open"
         return self._pool
 
-    # -- the operations, each run inside a group's transaction, in its own savepoint -------------
+    # -- the operations, run inside a group's transaction (relay.spool.postgres_group) ------------
+
+    @functools.cached_property
+    def _stores(self) -> Kind:
+        return each(self._insert)
+
+    @functools.cached_property
+    def _records(self) -> Kind:
+        return Kind(self._record)
 
     async def _insert(self, conn: asyncpg.Connection, message: NewMessage) -> None:
         inline = inline_body(message)
@@ -456,10 +471,13 @@ class PostgresSpool(PostgresEvents):
             await conn.copy_records_to_table("bodies", columns=["message_id", "seq", "data"],
                                              records=_streamed_pieces(message))
 
-    async def _record(self, conn: asyncpg.Connection, updates: list[RecipientUpdate],
-                      new_messages: list[NewMessage]) -> set[str]:
-        """Fenced: the rows are locked first, so no claim can move a lease between the check and the update."""
-        latest = {(update.message_id, update.idx): update for update in updates}  # the last outcome of each wins
+    async def _record(self, conn: asyncpg.Connection, calls: list[tuple[list[RecipientUpdate], list[NewMessage]]],
+                      tally: list) -> list[set[str]]:
+        """Every caller's outcomes in three statements, fenced: the rows are locked first, so no
+        claim can move a lease between the check and the update. Each caller gets the fenced
+        messages among its own; its DSNs are stored only when none of them is."""
+        latest = {(update.message_id, update.idx): update  # the last outcome of each wins, in call order
+                  for updates, _ in calls for update in updates}
         ids = sorted({message_id for message_id, _ in latest})
         rows = await conn.fetch("SELECT id, lease_owner IS NOT DISTINCT FROM $2 AS ours FROM messages "
                                 "WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", ids, self.node)
@@ -470,43 +488,18 @@ class PostgresSpool(PostgresEvents):
                 (u.message_id, u.idx, u.state.value, u.attempts, u.next_attempt, u.last_reply, u.email_id)
                 for u in applied), strict=True)))
             await conn.execute(_REFRESH, sorted({update.message_id for update in applied}))
-        if not fenced:  # a DSN belongs to the outcome it reports: not without it
-            for message in new_messages:
-                await self._insert(conn, message)
-        return fenced
-
-    @staticmethod
-    async def _retry(conn: asyncpg.Connection, message_id: str | None) -> int:
-        if message_id is None:
-            touched = await conn.fetch("UPDATE recipients SET next_attempt = 0 WHERE state = 'deferred' "
-                                       "RETURNING message_id")
-        else:
-            touched = await conn.fetch(f"UPDATE recipients SET next_attempt = 0 WHERE message_id = $1 "
-                                       f"AND state IN {_PENDING_SQL} RETURNING message_id", message_id)
-        if touched:
-            await conn.execute("UPDATE messages SET next_due = 0 WHERE id = ANY($1::text[])",
-                               sorted({row["message_id"] for row in touched}))
-            await conn.execute("SELECT pg_notify($1, 'retry')", CHANNEL)  # delivered at COMMIT
-        return len(touched)
-
-    @staticmethod
-    async def _delete(conn: asyncpg.Connection, message_id: str) -> bool:
-        return await conn.fetchval("WITH d AS (DELETE FROM messages WHERE id = $1 RETURNING 1) SELECT count(*) FROM d",
-                                   message_id) > 0
-
-    @staticmethod
-    async def _purge_final(conn: asyncpg.Connection, older_than: float) -> int:
-        return await conn.fetchval("WITH d AS (DELETE FROM messages WHERE received_at < $1 AND NOT pending RETURNING 1) "
-                                   "SELECT count(*) FROM d", older_than)
-
-    @staticmethod
-    async def _probe(conn: asyncpg.Connection, now: float) -> None:
-        await conn.execute("INSERT INTO health (id, checked_at) VALUES (1, $1) "
-                           "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at", now)
+        results = []
+        for updates, new_messages in calls:
+            own = fenced & {update.message_id for update in updates}
+            if not own:  # a DSN belongs to the outcome it reports: not without it
+                for message in new_messages:
+                    await self._insert(conn, message)
+            results.append(own)
+        return results
 
     # -- group commit ------------------------------------------------------------------------------
 
-    async def _write(self, operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    async def _write(self, kind: Kind, *args: Any) -> Any:
         """Queue a write for the batcher and wait for its group's COMMIT, at most commit_timeout.
 
         On timeout a write whose group has not started is withdrawn (it will never commit, so
@@ -515,7 +508,7 @@ class PostgresSpool(PostgresEvents):
         """
         if self._batcher is None or self._batcher.done():
             raise OSError("the spool is not open")
-        write = _Write(operation, args, asyncio.get_running_loop().create_future())
+        write = _Write(kind, args, asyncio.get_running_loop().create_future())
         write.done.add_done_callback(_consume)
         self._queue.put_nowait(write)
         try:
@@ -546,16 +539,13 @@ class PostgresSpool(PostgresEvents):
                 return
 
     async def _run_group(self, group: list[_Write]) -> None:
-        """One transaction for the group. First without savepoints (a round trip per write, not
-        three); if a write fails, the transaction is rolled back and the group runs again with a
-        SAVEPOINT around each write, so only that write's caller sees its error."""
+        """One transaction for the group (:func:`relay.spool.postgres_group.run_group`); if the
+        database fails it, every caller gets an OSError that names no password."""
         for write in group:
             write.started = True
         try:
             async with self._db().acquire() as conn:
-                outcomes = await self._transaction(conn, group, savepoints=False)
-                if outcomes is None:
-                    outcomes = await self._transaction(conn, group, savepoints=True)
+                outcomes = await run_group(conn, group)
             self.commits += 1
             self.operations += len(group)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as error:
@@ -568,32 +558,37 @@ class PostgresSpool(PostgresEvents):
             else:
                 write.done.set_result(result)
 
-    @staticmethod
-    async def _transaction(conn: asyncpg.Connection, group: list[_Write],
-                           savepoints: bool) -> list[tuple[Any, BaseException | None]] | None:
-        """The group's writes in one committed transaction, each write's result or error; None
-        (rolled back) when a write failed without a savepoint to fall back to."""
-        outcomes: list[tuple[Any, BaseException | None]] = []
-        transaction = conn.transaction()
-        await transaction.start()
-        try:
-            for write in group:
-                try:
-                    if savepoints:
-                        async with conn.transaction():  # a SAVEPOINT: only this caller sees its error
-                            outcomes.append((await write.operation(conn, *write.args), None))
-                    else:
-                        outcomes.append((await write.operation(conn, *write.args), None))
-                except (asyncpg.PostgresError, OSError, QueueIdTaken, ValueError) as error:
-                    if not savepoints:
-                        await transaction.rollback()
-                        return None
-                    outcomes.append((None, error))
-        except BaseException:
-            await transaction.rollback()
-            raise
-        await transaction.commit()
-        return outcomes
+
+async def _retry(conn: asyncpg.Connection, message_id: str | None) -> int:
+    if message_id is None:
+        touched = await conn.fetch("UPDATE recipients SET next_attempt = 0 WHERE state = 'deferred' "
+                                   "RETURNING message_id")
+    else:
+        touched = await conn.fetch(f"UPDATE recipients SET next_attempt = 0 WHERE message_id = $1 "
+                                   f"AND state IN {_PENDING_SQL} RETURNING message_id", message_id)
+    if touched:
+        await conn.execute("UPDATE messages SET next_due = 0 WHERE id = ANY($1::text[])",
+                           sorted({row["message_id"] for row in touched}))
+        await conn.execute("SELECT pg_notify($1, 'retry')", CHANNEL)  # delivered at COMMIT
+    return len(touched)
+
+
+async def _delete(conn: asyncpg.Connection, message_id: str) -> bool:
+    return await conn.fetchval("WITH d AS (DELETE FROM messages WHERE id = $1 RETURNING 1) SELECT count(*) FROM d",
+                               message_id) > 0
+
+
+async def _purge_final(conn: asyncpg.Connection, older_than: float) -> int:
+    return await conn.fetchval("WITH d AS (DELETE FROM messages WHERE received_at < $1 AND NOT pending RETURNING 1) "
+                               "SELECT count(*) FROM d", older_than)
+
+
+async def _probe(conn: asyncpg.Connection, now: float) -> None:
+    await conn.execute("INSERT INTO health (id, checked_at) VALUES (1, $1) "
+                       "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at", now)
+
+
+_RETRY, _DELETE, _PURGE_FINAL, _PROBE = map(each, (_retry, _delete, _purge_final, _probe))
 
 
 def _consume(done: asyncio.Future) -> None:
