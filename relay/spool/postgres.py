@@ -57,16 +57,19 @@ _COLUMNS = 'id, received_at, "user", listener, client, account, channel, sender,
 _M_COLUMNS = ", ".join(f"m.{column}" for column in _COLUMNS.split(", "))
 _RECIPIENT_COLUMNS = "message_id, idx, address, state, attempts, next_attempt, last_reply, email_id"
 
+# One statement stores any number of messages: their rows, recipients and inline bodies as columns.
 _INSERT = f"""
 WITH m AS (
     INSERT INTO messages ({_COLUMNS}, next_due, lease_owner, lease_until)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $2, $13, {_NOW} + $14::float8)
+    SELECT t.*, t.received_at, $13, {_NOW} + $14::float8
+    FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                $9::bigint[], $10::int[], $11::text[], $12::bool[]) AS t({_COLUMNS})
 ), r AS (
     INSERT INTO recipients (message_id, idx, address, state, next_attempt)
-    SELECT $1, t.ord - 1, t.address, 'queued', $2 FROM unnest($15::text[]) WITH ORDINALITY AS t(address, ord)
+    SELECT t.message_id, t.idx, t.address, 'queued', t.next_attempt
+    FROM unnest($15::text[], $16::int[], $17::text[], $18::float8[]) AS t(message_id, idx, address, next_attempt)
 )
-INSERT INTO bodies (message_id, seq, data)
-SELECT $1, t.ord - 1, t.data FROM unnest($16::bytea[]) WITH ORDINALITY AS t(data, ord)
+INSERT INTO bodies (message_id, seq, data) SELECT * FROM unnest($19::text[], $20::int[], $21::bytea[])
 """
 
 # One statement claims: the earliest due messages nobody else holds, skipping rows another
@@ -135,6 +138,25 @@ def uniform_pieces(pieces: Sequence[Piece], size: int = PIECE) -> Iterator[bytes
 def inline_body(message: NewMessage) -> bool:
     """Whether the body goes in the INSERT itself: small and already in memory."""
     return message.size <= _INLINE and not any(isinstance(piece, FileRegion) for piece in message.pieces)
+
+
+def insert_columns(messages: Sequence[NewMessage]) -> list[list]:
+    """The messages' own rows for :data:`_INSERT`, a list per column ($1 to $12)."""
+    return [list(column) for column in zip(*(
+        (m.id, m.received_at, m.user, m.listener, m.client, m.account, m.channel, m.sender, m.size, m.label,
+         m.mail_from, m.eight_bit) for m in messages), strict=True)]
+
+
+def recipient_columns(messages: Sequence[NewMessage]) -> list[list]:
+    """Every recipient as (message, index, address, first attempt: the message's arrival), per column."""
+    rows = [(m.id, idx, address, m.received_at) for m in messages for idx, address in enumerate(m.recipients)]
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[], [], [], []]
+
+
+def inline_body_columns(messages: Sequence[NewMessage]) -> list[list]:
+    """The pieces of the bodies that go in the INSERT itself, as (message, piece number, bytes) per column."""
+    rows = [(m.id, seq, piece) for m in messages if inline_body(m) for seq, piece in enumerate(uniform_pieces(m.pieces))]
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[], [], []]
 
 
 def list_sql(query: ListQuery) -> tuple[str, list]:
@@ -450,26 +472,30 @@ class PostgresSpool(PostgresEvents):
 
     @functools.cached_property
     def _stores(self) -> Kind:
-        return each(self._insert)
+        async def run(conn: asyncpg.Connection, calls: list[tuple[NewMessage]], tally: list) -> list[None]:
+            await self._insert(conn, [message for (message,) in calls])
+            return [None] * len(calls)
+        return Kind(run)
 
     @functools.cached_property
     def _records(self) -> Kind:
         return Kind(self._record)
 
-    async def _insert(self, conn: asyncpg.Connection, message: NewMessage) -> None:
-        inline = inline_body(message)
+    async def _insert(self, conn: asyncpg.Connection, messages: list[NewMessage]) -> None:
+        """The messages in one statement (with their bodies when :func:`inline_body`), then a COPY
+        for each body that is not."""
+        if not messages:
+            return
         try:
-            await conn.execute(
-                _INSERT, message.id, message.received_at, message.user, message.listener, message.client,
-                message.account, message.channel, message.sender, message.size, message.label, message.mail_from,
-                message.eight_bit, self.node, self.lease, list(message.recipients),
-                list(uniform_pieces(message.pieces)) if inline else [],
-            )
+            await conn.execute(_INSERT, *insert_columns(messages), self.node, self.lease,
+                               *recipient_columns(messages), *inline_body_columns(messages))
         except asyncpg.UniqueViolationError:
-            raise QueueIdTaken(f"queue ID {message.id} is already spooled (made twice): not stored") from None
-        if not inline:
-            await conn.copy_records_to_table("bodies", columns=["message_id", "seq", "data"],
-                                             records=_streamed_pieces(message))
+            raise QueueIdTaken(f"queue ID {', '.join(m.id for m in messages)} is already spooled (made twice): "
+                               "not stored") from None
+        for message in messages:
+            if not inline_body(message):
+                await conn.copy_records_to_table("bodies", columns=["message_id", "seq", "data"],
+                                                 records=_streamed_pieces(message))
 
     async def _record(self, conn: asyncpg.Connection, calls: list[tuple[list[RecipientUpdate], list[NewMessage]]],
                       tally: list) -> list[set[str]]:
@@ -488,13 +514,13 @@ class PostgresSpool(PostgresEvents):
                 (u.message_id, u.idx, u.state.value, u.attempts, u.next_attempt, u.last_reply, u.email_id)
                 for u in applied), strict=True)))
             await conn.execute(_REFRESH, sorted({update.message_id for update in applied}))
-        results = []
+        results, dsns = [], []
         for updates, new_messages in calls:
             own = fenced & {update.message_id for update in updates}
             if not own:  # a DSN belongs to the outcome it reports: not without it
-                for message in new_messages:
-                    await self._insert(conn, message)
+                dsns += new_messages
             results.append(own)
+        await self._insert(conn, dsns)
         return results
 
     # -- group commit ------------------------------------------------------------------------------
