@@ -73,7 +73,8 @@ INSERT INTO bodies (message_id, seq, data) SELECT * FROM unnest($19::text[], $20
 """
 
 # One statement claims: the earliest due messages nobody else holds, skipping rows another
-# node is claiming this very moment, leased to us before anyone else can see them free.
+# node is claiming this very moment, leased to us before anyone else can see them free; a row
+# per due recipient of each (a message with none due stays claimed and is not returned).
 _CLAIM = f"""
 WITH claimed AS (
     UPDATE messages m SET lease_owner = $1, lease_until = {_NOW} + $2::float8
@@ -86,7 +87,9 @@ WITH claimed AS (
         FOR UPDATE SKIP LOCKED)
     RETURNING {_M_COLUMNS}, m.next_due
 )
-SELECT * FROM claimed ORDER BY next_due, id
+SELECT c.*, {", ".join(f"r.{column}" for column in _RECIPIENT_COLUMNS.split(", "))}
+FROM claimed c JOIN recipients r ON r.message_id = c.id AND r.state IN {_PENDING_SQL} AND r.next_attempt <= $3
+ORDER BY c.next_due, c.id, r.idx
 """
 
 _APPLY = """
@@ -362,20 +365,14 @@ class PostgresSpool(PostgresEvents):
         if limit <= 0:
             return []
         after_time, after_id = after if after is not None else (None, None)
-        async with self._db().acquire() as conn:
-            rows = await conn.fetch(_CLAIM, self.node, self.lease, now, list(accounts), configured, limit,
-                                    after_time, after_id)
-            if not rows:
-                return []
-            recipients = await conn.fetch(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ANY($1::text[]) "
-                f"AND state IN {_PENDING_SQL} AND next_attempt <= $2 ORDER BY message_id, idx",
-                [row["id"] for row in rows], now,
-            )
+        rows = await self._db().fetch(_CLAIM, self.node, self.lease, now, list(accounts), configured, limit,
+                                      after_time, after_id)
+        first: dict[str, asyncpg.Record] = {}
         by_message: dict[str, list[Recipient]] = {}
-        for row in recipients:
-            by_message.setdefault(row["message_id"], []).append(_recipient(row))
-        return [_message(row, by_message[row["id"]]) for row in rows if row["id"] in by_message]
+        for row in rows:  # in due order, a message's recipients together
+            first.setdefault(row["id"], row)
+            by_message.setdefault(row["id"], []).append(_recipient(row))
+        return [_message(row, by_message[message_id]) for message_id, row in first.items()]
 
     # -- bodies ----------------------------------------------------------------------------------
 
