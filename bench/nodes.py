@@ -10,7 +10,9 @@ into one node on the default SQLite spool (the yardstick), one node, or split ev
 end-to-end msgs/s; per message, the database's committed transactions (``xact_commit``,
 reads included), its WAL flushes (``pg_stat_wal.wal_sync``: the fsyncs a commit waits for)
 and the nodes' own group commits (their shutdown line); the longest transaction seen open;
-the statements run most often (``pg_stat_statements``), per message.
+the statements run most often (``pg_stat_statements``), per message; CPU milliseconds per
+message of the relays (by role, summed over the nodes) and of the PostgreSQL server (postmaster
+and backends: what each round trip costs on the same two cores).
 
 After the last two-node run, the soak: table and index sizes and dead rows of the hot tables
 (messages, recipients, bodies) from ``pg_stat_user_tables``, right after the load and again
@@ -26,7 +28,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from peers import SMTP_SOURCE, OurRelay, free_port, wait_until
+from peers import SMTP_SOURCE, OurRelay, cpu_by_role, cpu_ms_per_message, free_port, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ is not installed, only relay/
 from relay.spool.postgres_schema import HOT_TABLES_AUTOVACUUM
@@ -66,6 +68,11 @@ class SharedSpool:
 
     def __exit__(self, *exc) -> None:
         self.cluster.stop()
+
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds of the server so far: postmaster, backends (``postgres``) and the exited ones."""
+        postmaster = int((self.cluster.data / "postmaster.pid").read_text().split()[0])
+        return cpu_by_role(postmaster, lambda pid, comm: "postgres")
 
     def migrate(self, dsn: str, config_path: Path) -> None:
         """``sendcloud-relay migrate`` as an operator runs it (the hot tables' autovacuum settings included)."""
@@ -144,6 +151,8 @@ def run(bench, spool: SharedSpool, sink, count: int, messages: int, sessions: in
         counted = sink.count()
         sql(dsn, "SELECT pg_stat_statements_reset()")
         commits, syncs = counters(dsn)
+        relay_cpu = [cpu_by_role(node.pid(), node.role) for node in nodes]
+        database_cpu = spool.cpu()
         with LongestTransaction(dsn) as longest:
             started = time.monotonic()
             loads = [subprocess.Popen([SMTP_SOURCE, "-s", str(sessions // count), "-m", str(messages // count), "-l", "5120",
@@ -155,6 +164,9 @@ def run(bench, spool: SharedSpool, sink, count: int, messages: int, sessions: in
             total = messages // count * count
             wait_until(lambda: sink.count() >= counted + total, 600, f"{total} messages at the sink")
             end_to_end = time.monotonic() - started
+            relay_cpu = [cpu_ms_per_message(before, cpu_by_role(node.pid(), node.role), total)
+                         for node, before in zip(nodes, relay_cpu, strict=True)]
+            database_cpu = cpu_ms_per_message(database_cpu, spool.cpu(), total)["total"]
     time.sleep(1)  # the backends' statistics reach pg_stat_* within a second of their exit
     commits, syncs = (after - before for after, before in zip(counters(dsn), (commits, syncs), strict=True))
     group_commits = [node.spool_stats[1] for node in nodes if node.spool_stats]
@@ -163,6 +175,9 @@ def run(bench, spool: SharedSpool, sink, count: int, messages: int, sessions: in
         "accepted_per_s": total / accepted, "end_to_end_per_s": total / end_to_end,
         "db_commits_per_message": commits / total, "wal_syncs_per_message": syncs / total,
         "longest_transaction_s": longest.longest,
+        "database_cpu_ms_per_message": database_cpu,
+        **{f"cpu_ms_per_message_{role}": sum(node.get(role, 0.0) for node in relay_cpu)
+           for role in sorted({role for node in relay_cpu for role in node})},
     }
     if len(group_commits) == count:
         result["spool_commits_per_message"] = sum(group_commits) / total

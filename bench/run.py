@@ -318,7 +318,7 @@ class Bench:
         """One relay node against two on one PostgreSQL spool, then the autovacuum soak (bench/nodes.py)."""
         measured = nodes.scenario(self, sink)
         keys = ("accepted_per_s", "end_to_end_per_s", "db_commits_per_message", "wal_syncs_per_message",
-                "spool_commits_per_message", "longest_transaction_s")
+                "spool_commits_per_message", "longest_transaction_s", "database_cpu_ms_per_message")
         return {**summarise(measured["runs"], keys), "soak": measured["soak"]}
 
 
@@ -423,10 +423,13 @@ def table(results: dict) -> str:
         if "end_to_end_per_s" in sqlite:
             rows.append(("same load, 1 node on SQLite: end-to-end / accepted msgs/s",
                          f"{sqlite['end_to_end_per_s']:.0f} / {sqlite['accepted_per_s']:.0f}", "", ""))
+            rows.append(("same load, 1 node on SQLite: relay CPU ms/msg", f"{sqlite.get(CPU_MS + 'total', 0):.2f}", "", ""))
         one, two = s["nodes"].get("1 node", {}).get("median", {}), s["nodes"].get("2 nodes", {}).get("median", {})
         for label, key, fmt in (("end-to-end msgs/s", "end_to_end_per_s", "{:.0f}"), ("accepted msgs/s", "accepted_per_s", "{:.0f}"),
                                 ("db transactions/msg", "db_commits_per_message", "{:.2f}"),
                                 ("WAL syncs/msg", "wal_syncs_per_message", "{:.2f}"),
+                                ("relay CPU ms/msg", CPU_MS + "total", "{:.2f}"),
+                                ("database CPU ms/msg", "database_cpu_ms_per_message", "{:.2f}"),
                                 ("longest transaction s", "longest_transaction_s", "{:.2f}")):
             if key in one and key in two:
                 rows.append((f"postgres spool 1 node / 2 nodes: {label}", f"{fmt.format(one[key])} / {fmt.format(two[key])}", "",
@@ -490,6 +493,7 @@ def main() -> int:
     results = {
         "started": started.isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": os.getloadavg()},
+        "relay_code": os.environ.get("PYTHONPATH", "the installed package"),  # what `python -m relay` ran: a worktree
         "config": {key: value for key, value in vars(args).items()},
         "scenarios": {},
     }

@@ -1,10 +1,11 @@
 """The shared spool: PostgreSQL, for several relay nodes on one queue (``spool.backend: postgres``).
 
 Writes are group-committed as :class:`relay.spool.sqlite.SqliteSpool`'s are: one batcher task
-takes every write that arrived while the previous COMMIT was in flight into one transaction,
-each in its own SAVEPOINT, so N concurrent sessions share one WAL flush and one bad message
-fails only its own caller; if the COMMIT fails, the whole group does. ``synchronous_commit``
-is the server's (on by default): a ``250`` is sent only after COMMIT returned.
+takes every write that arrived while the previous COMMIT was in flight into one transaction
+(:mod:`relay.spool.postgres_group`: stores, outcomes, counters and events alike, each kind's
+writes together), so N concurrent sessions share one WAL flush and one bad message fails only
+its own caller; if the COMMIT fails, the whole group does. ``synchronous_commit`` is the
+server's (on by default): a ``250`` is sent only after COMMIT returned.
 
 Which node delivers a message is a lease: ``lease_owner`` and ``lease_until`` on the message
 row, on the database's clock. ``store`` leases the message to the storing node (it delivers its
@@ -17,9 +18,10 @@ outcome applies only while ``lease_owner`` is still this node, so a node that lo
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ import asyncpg
 from relay.config.formats import mask_dsn_passwords, redacted_dsn
 from relay.lines import header_length
 from relay.spool.base import PENDING_MESSAGES, BodyGone, Cursor, ListQuery
+from relay.spool.events_model import NO_ROWS, OutcomeRows
 from relay.spool.model import (
     FileRegion,
     NewMessage,
@@ -39,8 +42,8 @@ from relay.spool.model import (
     State,
     piece_chunks,
 )
-from relay.spool.events_model import NO_ROWS, OutcomeRows
-from relay.spool.postgres_events import PostgresEvents, add_stats, enqueue_fanout
+from relay.spool.postgres_events import PostgresEvents, enqueue_fanout
+from relay.spool.postgres_group import WRITE_ERRORS, Kind, WriteRefused, each, keep_session, run_group, stat_totals
 from relay.spool.postgres_migrate import check_schema
 
 log = logging.getLogger("relay.spool")
@@ -55,20 +58,24 @@ _COLUMNS = 'id, received_at, "user", listener, client, account, channel, sender,
 _M_COLUMNS = ", ".join(f"m.{column}" for column in _COLUMNS.split(", "))
 _RECIPIENT_COLUMNS = "message_id, idx, address, state, attempts, next_attempt, last_reply, email_id"
 
+# One statement stores any number of messages: their rows, recipients and inline bodies as columns.
 _INSERT = f"""
 WITH m AS (
     INSERT INTO messages ({_COLUMNS}, next_due, lease_owner, lease_until)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $2, $13, {_NOW} + $14::float8)
+    SELECT t.*, t.received_at, $13, {_NOW} + $14::float8
+    FROM unnest($1::text[], $2::float8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+                $9::bigint[], $10::int[], $11::text[], $12::bool[]) AS t({_COLUMNS})
 ), r AS (
     INSERT INTO recipients (message_id, idx, address, state, next_attempt)
-    SELECT $1, t.ord - 1, t.address, 'queued', $2 FROM unnest($15::text[]) WITH ORDINALITY AS t(address, ord)
+    SELECT t.message_id, t.idx, t.address, 'queued', t.next_attempt
+    FROM unnest($15::text[], $16::int[], $17::text[], $18::float8[]) AS t(message_id, idx, address, next_attempt)
 )
-INSERT INTO bodies (message_id, seq, data)
-SELECT $1, t.ord - 1, t.data FROM unnest($16::bytea[]) WITH ORDINALITY AS t(data, ord)
+INSERT INTO bodies (message_id, seq, data) SELECT * FROM unnest($19::text[], $20::int[], $21::bytea[])
 """
 
 # One statement claims: the earliest due messages nobody else holds, skipping rows another
-# node is claiming this very moment, leased to us before anyone else can see them free.
+# node is claiming this very moment, leased to us before anyone else can see them free; a row
+# per due recipient of each (a message with none due stays claimed and is not returned).
 _CLAIM = f"""
 WITH claimed AS (
     UPDATE messages m SET lease_owner = $1, lease_until = {_NOW} + $2::float8
@@ -81,7 +88,9 @@ WITH claimed AS (
         FOR UPDATE SKIP LOCKED)
     RETURNING {_M_COLUMNS}, m.next_due
 )
-SELECT * FROM claimed ORDER BY next_due, id
+SELECT c.*, {", ".join(f"r.{column}" for column in _RECIPIENT_COLUMNS.split(", "))}
+FROM claimed c JOIN recipients r ON r.message_id = c.id AND r.state IN {_PENDING_SQL} AND r.next_attempt <= $3
+ORDER BY c.next_due, c.id, r.idx
 """
 
 _APPLY = """
@@ -109,7 +118,7 @@ DELETE FROM bodies WHERE message_id IN (SELECT id FROM u WHERE NOT pending)
 """
 
 
-class QueueIdTaken(Exception):
+class QueueIdTaken(WriteRefused):
     """Another node (or process) made the same queue ID: this message is not stored; a retry gets a new ID."""
 
 
@@ -133,6 +142,25 @@ def uniform_pieces(pieces: Sequence[Piece], size: int = PIECE) -> Iterator[bytes
 def inline_body(message: NewMessage) -> bool:
     """Whether the body goes in the INSERT itself: small and already in memory."""
     return message.size <= _INLINE and not any(isinstance(piece, FileRegion) for piece in message.pieces)
+
+
+def insert_columns(messages: Sequence[NewMessage]) -> list[list]:
+    """The messages' own rows for :data:`_INSERT`, a list per column ($1 to $12)."""
+    return [list(column) for column in zip(*(
+        (m.id, m.received_at, m.user, m.listener, m.client, m.account, m.channel, m.sender, m.size, m.label,
+         m.mail_from, m.eight_bit) for m in messages), strict=True)]
+
+
+def recipient_columns(messages: Sequence[NewMessage]) -> list[list]:
+    """Every recipient as (message, index, address, first attempt: the message's arrival), per column."""
+    rows = [(m.id, idx, address, m.received_at) for m in messages for idx, address in enumerate(m.recipients)]
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[], [], [], []]
+
+
+def inline_body_columns(messages: Sequence[NewMessage]) -> list[list]:
+    """The pieces of the bodies that go in the INSERT itself, as (message, piece number, bytes) per column."""
+    rows = [(m.id, seq, piece) for m in messages if inline_body(m) for seq, piece in enumerate(uniform_pieces(m.pieces))]
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[], [], []]
 
 
 def list_sql(query: ListQuery) -> tuple[str, list]:
@@ -182,7 +210,7 @@ def _message(row: asyncpg.Record, recipients: list[Recipient]) -> QueuedMessage:
 class _Write:
     """One caller's write waiting for the batcher: ``started`` once its group began (no withdrawing then)."""
 
-    operation: Callable[..., Awaitable[Any]]
+    kind: Kind
     args: tuple
     done: asyncio.Future
     started: bool = field(default=False)
@@ -217,7 +245,7 @@ class PostgresSpool(PostgresEvents):
         """Connect and check the schema (:class:`~relay.spool.base.SchemaMismatch` unless it is this relay's)."""
         await asyncio.to_thread(self._spill.mkdir, parents=True, exist_ok=True)  # acceptors spill large bodies here
         try:
-            self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=_POOL_SIZE)
+            self._pool = await asyncpg.create_pool(self._dsn, min_size=1, max_size=_POOL_SIZE, reset=keep_session)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError, TimeoutError) as error:
             raise OSError(f"cannot connect to the spool database {redacted_dsn(self._dsn)}: {self._secret_free(error)}") from None
         try:
@@ -249,7 +277,7 @@ class PostgresSpool(PostgresEvents):
     async def store(self, message: NewMessage) -> None:
         if not inline_body(message):
             await asyncio.to_thread(lambda: message.eight_bit)  # a scan of the whole body: off the loop
-        await self._write(self._insert, message)
+        await self._write(self._stores, message)
 
     async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = (),
                      rows: OutcomeRows = NO_ROWS) -> set[str]:
@@ -257,19 +285,19 @@ class PostgresSpool(PostgresEvents):
         for new in new_messages:
             if not inline_body(new):
                 await asyncio.to_thread(lambda new=new: new.eight_bit)
-        return await self._write(self._record, list(updates), new_messages, rows)
+        return await self._write(self._records, list(updates), new_messages, rows)
 
     async def purge_final(self, older_than: float) -> int:
-        return await self._write(self._purge_final, older_than)
+        return await self._write(_PURGE_FINAL, older_than)
 
     async def retry(self, message_id: str | None = None) -> int:
-        return await self._write(self._retry, message_id)
+        return await self._write(_RETRY, message_id)
 
     async def delete(self, message_id: str) -> bool:
-        return await self._write(self._delete, message_id)
+        return await self._write(_DELETE, message_id)
 
     async def probe(self, now: float) -> None:
-        await self._write(self._probe, now)
+        await self._write(_PROBE, now)
 
     # -- leases ----------------------------------------------------------------------------------
 
@@ -341,30 +369,28 @@ class PostgresSpool(PostgresEvents):
         if limit <= 0:
             return []
         after_time, after_id = after if after is not None else (None, None)
-        async with self._db().acquire() as conn:
-            rows = await conn.fetch(_CLAIM, self.node, self.lease, now, list(accounts), configured, limit,
-                                    after_time, after_id)
-            if not rows:
-                return []
-            recipients = await conn.fetch(
-                f"SELECT {_RECIPIENT_COLUMNS} FROM recipients WHERE message_id = ANY($1::text[]) "
-                f"AND state IN {_PENDING_SQL} AND next_attempt <= $2 ORDER BY message_id, idx",
-                [row["id"] for row in rows], now,
-            )
+        rows = await self._db().fetch(_CLAIM, self.node, self.lease, now, list(accounts), configured, limit,
+                                      after_time, after_id)
+        first: dict[str, asyncpg.Record] = {}
         by_message: dict[str, list[Recipient]] = {}
-        for row in recipients:
-            by_message.setdefault(row["message_id"], []).append(_recipient(row))
-        return [_message(row, by_message[row["id"]]) for row in rows if row["id"] in by_message]
+        for row in rows:  # in due order, a message's recipients together
+            first.setdefault(row["id"], row)
+            by_message.setdefault(row["id"], []).append(_recipient(row))
+        return [_message(row, by_message[message_id]) for message_id, row in first.items()]
 
     # -- bodies ----------------------------------------------------------------------------------
 
     async def start(self, message_id: str) -> tuple[bytes, int] | None:
-        """The first pieces of a body, through the end of its header section, and its size; None if gone or final."""
+        """The first pieces of a body, through the end of its header section, and its size; None if gone or final.
+        The first piece comes with the size (one round trip for any header section under 256 KiB)."""
         async with self._db().acquire() as conn:
-            size = await conn.fetchval("SELECT size FROM messages WHERE id = $1 AND pending", message_id)
-            if size is None:
+            row = await conn.fetchrow("SELECT m.size, b.data FROM messages m LEFT JOIN bodies b "
+                                      "ON b.message_id = m.id AND b.seq = 0 WHERE m.id = $1 AND m.pending", message_id)
+            if row is None:
                 return None
-            data = b""
+            size, data = row["size"], row["data"] or b""
+            if size and not data:
+                return None
             while len(data) < size and header_length(data) is None:
                 piece = await conn.fetchval("SELECT data FROM bodies WHERE message_id = $1 AND seq = $2",
                                             message_id, len(data) // PIECE)
@@ -443,27 +469,43 @@ class PostgresSpool(PostgresEvents):
         assert self._pool is not None, "spool not open"
         return self._pool
 
-    # -- the operations, each run inside a group's transaction, in its own savepoint -------------
+    # -- the operations, run inside a group's transaction (relay.spool.postgres_group) ------------
 
-    async def _insert(self, conn: asyncpg.Connection, message: NewMessage) -> None:
-        inline = inline_body(message)
+    @functools.cached_property
+    def _stores(self) -> Kind:
+        async def run(conn: asyncpg.Connection, calls: list[tuple[NewMessage]], tally: list) -> list[None]:
+            await self._insert(conn, [message for (message,) in calls])
+            return [None] * len(calls)
+        return Kind(run)
+
+    @functools.cached_property
+    def _records(self) -> Kind:
+        return Kind(self._record)
+
+    async def _insert(self, conn: asyncpg.Connection, messages: list[NewMessage]) -> None:
+        """The messages in one statement (with their bodies when :func:`inline_body`), then a COPY
+        for each body that is not."""
+        if not messages:
+            return
         try:
-            await conn.execute(
-                _INSERT, message.id, message.received_at, message.user, message.listener, message.client,
-                message.account, message.channel, message.sender, message.size, message.label, message.mail_from,
-                message.eight_bit, self.node, self.lease, list(message.recipients),
-                list(uniform_pieces(message.pieces)) if inline else [],
-            )
+            await conn.execute(_INSERT, *insert_columns(messages), self.node, self.lease,
+                               *recipient_columns(messages), *inline_body_columns(messages))
         except asyncpg.UniqueViolationError:
-            raise QueueIdTaken(f"queue ID {message.id} is already spooled (made twice): not stored") from None
-        if not inline:
-            await conn.copy_records_to_table("bodies", columns=["message_id", "seq", "data"],
-                                             records=_streamed_pieces(message))
+            raise QueueIdTaken(f"queue ID {', '.join(m.id for m in messages)} is already spooled (made twice): "
+                               "not stored") from None
+        for message in messages:
+            if not inline_body(message):
+                await conn.copy_records_to_table("bodies", columns=["message_id", "seq", "data"],
+                                                 records=_streamed_pieces(message))
 
-    async def _record(self, conn: asyncpg.Connection, updates: list[RecipientUpdate],
-                      new_messages: list[NewMessage], rows: OutcomeRows) -> set[str]:
-        """Fenced: the rows are locked first, so no claim can move a lease between the check and the update."""
-        latest = {(update.message_id, update.idx): update for update in updates}  # the last outcome of each wins
+    async def _record(self, conn: asyncpg.Connection,
+                      calls: list[tuple[list[RecipientUpdate], list[NewMessage], OutcomeRows]],
+                      tally: list) -> list[set[str]]:
+        """Every caller's outcomes in three statements, fenced: the rows are locked first, so no
+        claim can move a lease between the check and the update. Each caller gets the fenced
+        messages among its own; its DSNs and its events rows are stored only when none of them is."""
+        latest = {(update.message_id, update.idx): update  # the last outcome of each wins, in call order
+                  for updates, _, _ in calls for update in updates}
         ids = sorted({message_id for message_id, _ in latest})
         leases = await conn.fetch("SELECT id, lease_owner IS NOT DISTINCT FROM $2 AS ours FROM messages "
                                   "WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE", ids, self.node)
@@ -474,45 +516,22 @@ class PostgresSpool(PostgresEvents):
                 (u.message_id, u.idx, u.state.value, u.attempts, u.next_attempt, u.last_reply, u.email_id)
                 for u in applied), strict=True)))
             await conn.execute(_REFRESH, sorted({update.message_id for update in applied}))
-        if not fenced:  # a DSN belongs to the outcome it reports, and so do its rows: not without it
-            for message in new_messages:
-                await self._insert(conn, message)
-            if rows.stats or rows.outbox:
-                await _outcome_rows(conn, rows, ids)
-        return fenced
-
-    @staticmethod
-    async def _retry(conn: asyncpg.Connection, message_id: str | None) -> int:
-        if message_id is None:
-            touched = await conn.fetch("UPDATE recipients SET next_attempt = 0 WHERE state = 'deferred' "
-                                       "RETURNING message_id")
-        else:
-            touched = await conn.fetch(f"UPDATE recipients SET next_attempt = 0 WHERE message_id = $1 "
-                                       f"AND state IN {_PENDING_SQL} RETURNING message_id", message_id)
-        if touched:
-            await conn.execute("UPDATE messages SET next_due = 0 WHERE id = ANY($1::text[])",
-                               sorted({row["message_id"] for row in touched}))
-            await conn.execute("SELECT pg_notify($1, 'retry')", CHANNEL)  # delivered at COMMIT
-        return len(touched)
-
-    @staticmethod
-    async def _delete(conn: asyncpg.Connection, message_id: str) -> bool:
-        return await conn.fetchval("WITH d AS (DELETE FROM messages WHERE id = $1 RETURNING 1) SELECT count(*) FROM d",
-                                   message_id) > 0
-
-    @staticmethod
-    async def _purge_final(conn: asyncpg.Connection, older_than: float) -> int:
-        return await conn.fetchval("WITH d AS (DELETE FROM messages WHERE received_at < $1 AND NOT pending RETURNING 1) "
-                                   "SELECT count(*) FROM d", older_than)
-
-    @staticmethod
-    async def _probe(conn: asyncpg.Connection, now: float) -> None:
-        await conn.execute("INSERT INTO health (id, checked_at) VALUES (1, $1) "
-                           "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at", now)
+        results, dsns, outbox = [], [], []
+        for updates, new_messages, rows in calls:
+            own = fenced & {update.message_id for update in updates}
+            if not own:  # a DSN belongs to the outcome it reports, and so do its rows: not without it
+                dsns += new_messages
+                if _countable(rows, updates):
+                    tally.extend(rows.stats)
+                    outbox += rows.outbox
+            results.append(own)
+        await self._insert(conn, dsns)
+        await _outbox_rows(conn, outbox)
+        return results
 
     # -- group commit ------------------------------------------------------------------------------
 
-    async def _write(self, operation: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    async def _write(self, kind: Kind, *args: Any) -> Any:
         """Queue a write for the batcher and wait for its group's COMMIT, at most commit_timeout.
 
         On timeout a write whose group has not started is withdrawn (it will never commit, so
@@ -521,7 +540,7 @@ class PostgresSpool(PostgresEvents):
         """
         if self._batcher is None or self._batcher.done():
             raise OSError("the spool is not open")
-        write = _Write(operation, args, asyncio.get_running_loop().create_future())
+        write = _Write(kind, args, asyncio.get_running_loop().create_future())
         write.done.add_done_callback(_consume)
         self._queue.put_nowait(write)
         try:
@@ -552,16 +571,13 @@ class PostgresSpool(PostgresEvents):
                 return
 
     async def _run_group(self, group: list[_Write]) -> None:
-        """One transaction for the group. First without savepoints (a round trip per write, not
-        three); if a write fails, the transaction is rolled back and the group runs again with a
-        SAVEPOINT around each write, so only that write's caller sees its error."""
+        """One transaction for the group (:func:`relay.spool.postgres_group.run_group`); if the
+        database fails it, every caller gets an OSError that names no password."""
         for write in group:
             write.started = True
         try:
             async with self._db().acquire() as conn:
-                outcomes = await self._transaction(conn, group, savepoints=False)
-                if outcomes is None:
-                    outcomes = await self._transaction(conn, group, savepoints=True)
+                outcomes = await run_group(conn, group)
             self.commits += 1
             self.operations += len(group)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as error:
@@ -574,43 +590,61 @@ class PostgresSpool(PostgresEvents):
             else:
                 write.done.set_result(result)
 
-    @staticmethod
-    async def _transaction(conn: asyncpg.Connection, group: list[_Write],
-                           savepoints: bool) -> list[tuple[Any, BaseException | None]] | None:
-        """The group's writes in one committed transaction, each write's result or error; None
-        (rolled back) when a write failed without a savepoint to fall back to."""
-        outcomes: list[tuple[Any, BaseException | None]] = []
-        transaction = conn.transaction()
-        await transaction.start()
-        try:
-            for write in group:
-                try:
-                    if savepoints:
-                        async with conn.transaction():  # a SAVEPOINT: only this caller sees its error
-                            outcomes.append((await write.operation(conn, *write.args), None))
-                    else:
-                        outcomes.append((await write.operation(conn, *write.args), None))
-                except (asyncpg.PostgresError, OSError, QueueIdTaken, ValueError) as error:
-                    if not savepoints:
-                        await transaction.rollback()
-                        return None
-                    outcomes.append((None, error))
-        except BaseException:
-            await transaction.rollback()
-            raise
-        await transaction.commit()
-        return outcomes
+
+async def _retry(conn: asyncpg.Connection, message_id: str | None) -> int:
+    if message_id is None:
+        touched = await conn.fetch("UPDATE recipients SET next_attempt = 0 WHERE state = 'deferred' "
+                                   "RETURNING message_id")
+    else:
+        touched = await conn.fetch(f"UPDATE recipients SET next_attempt = 0 WHERE message_id = $1 "
+                                   f"AND state IN {_PENDING_SQL} RETURNING message_id", message_id)
+    if touched:
+        await conn.execute("UPDATE messages SET next_due = 0 WHERE id = ANY($1::text[])",
+                           sorted({row["message_id"] for row in touched}))
+        await conn.execute("SELECT pg_notify($1, 'retry')", CHANNEL)  # delivered at COMMIT
+    return len(touched)
 
 
-async def _outcome_rows(conn: asyncpg.Connection, rows: OutcomeRows, message_ids: list[str]) -> None:
-    """The events stage's rows for an outcome, in a savepoint of their own: if they fail, the
-    outcome is recorded without them (:meth:`relay.spool.base.Spool.record`)."""
+async def _delete(conn: asyncpg.Connection, message_id: str) -> bool:
+    return await conn.fetchval("WITH d AS (DELETE FROM messages WHERE id = $1 RETURNING 1) SELECT count(*) FROM d",
+                               message_id) > 0
+
+
+async def _purge_final(conn: asyncpg.Connection, older_than: float) -> int:
+    return await conn.fetchval("WITH d AS (DELETE FROM messages WHERE received_at < $1 AND NOT pending RETURNING 1) "
+                               "SELECT count(*) FROM d", older_than)
+
+
+async def _probe(conn: asyncpg.Connection, now: float) -> None:
+    await conn.execute("INSERT INTO health (id, checked_at) VALUES (1, $1) "
+                       "ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at", now)
+
+
+_RETRY, _DELETE, _PURGE_FINAL, _PROBE = map(each, (_retry, _delete, _purge_final, _probe))
+
+
+def _countable(rows: OutcomeRows, updates: list[RecipientUpdate]) -> bool:
+    """Whether an outcome's events rows can be counted: malformed ones are logged and left out
+    (with its outbox rows: they go together), so they never keep the outcome off the disk
+    (:meth:`relay.spool.base.Spool.record`). Its counters join the group's one upsert."""
+    try:
+        stat_totals(rows.stats)
+    except (TypeError, ValueError):
+        log.exception("%s: could not count the delivery outcome; recorded without its rows",
+                      ", ".join(sorted({update.message_id for update in updates})))
+        return False
+    return True
+
+
+async def _outbox_rows(conn: asyncpg.Connection, outbox: list) -> None:
+    """The outcomes' fan-out rows, in a savepoint: if they fail, the outcomes are recorded without them."""
+    if not outbox:
+        return
     try:
         async with conn.transaction():
-            await add_stats(conn, rows.stats)
-            await enqueue_fanout(conn, rows.outbox)
-    except Exception:  # whatever it is, the outcome stands
-        log.exception("%s: could not count or fan out the delivery outcome; recorded without it", ", ".join(message_ids))
+            await enqueue_fanout(conn, outbox)
+    except WRITE_ERRORS:
+        log.exception("could not fan out %d delivery outcomes; recorded without them", len(outbox))
 
 
 def _consume(done: asyncio.Future) -> None:

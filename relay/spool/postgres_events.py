@@ -3,16 +3,19 @@
 The same behaviour as :mod:`relay.spool.sqlite_events` (the reference), written so that
 several nodes may run it at once: a webhook SendCloud delivers to two nodes is stored once
 (the dedupe keys' primary key decides, ``ON CONFLICT DO NOTHING``), counters add up
-(``ON CONFLICT DO UPDATE``), every change of the suppression list bumps one counter row in
-its own transaction, and an unapplied event or a due fan-out row is *claimed* for a while by
-the store that returned it, so no two nodes apply one event or POST one row at once; a node
-that dies loses its claims after :data:`CLAIM`. Claims use the database's clock. Locks are
-always taken in one order (the version row first, rows in sorted key order), so two nodes
-never deadlock; every write is one short transaction (applied events: one per group of calls).
+(``ON CONFLICT DO UPDATE``), every change of the suppression list bumps one counter row, and
+an unapplied event or a due fan-out row is *claimed* for a while by the store that returned it,
+so no two nodes apply one event or POST one row at once; a node that dies loses its claims after
+:data:`CLAIM`. Claims use the database's clock. Locks are always taken in one order (the version
+row first, counters last in sorted key order: :mod:`relay.spool.postgres_group`), so two nodes
+do not deadlock. Stored and applied events, counters and outbox rows join the spool's group
+commit (``self._write``) with the queue's writes; operators' changes to the list are one short
+transaction each.
 
 :class:`PostgresEvents` is mixed into the PostgreSQL spool and uses nothing of it but its
-``asyncpg`` pool (``self._pool``); :class:`PostgresRateStore` and
-:class:`PostgresSuppressionReader` are what the other processes open on a DSN of their own.
+``asyncpg`` pool (``self._pool``) and its group commit (``self._write``);
+:class:`PostgresRateStore` and :class:`PostgresSuppressionReader` are what the other processes
+open on a DSN of their own.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import asyncio
 import functools
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import asyncpg
@@ -37,6 +40,7 @@ from relay.spool.events_model import (
     StatRow,
     SuppressionRow,
 )
+from relay.spool.postgres_group import STATS, Kind, each, keep_session
 
 # Seconds an unapplied event or a fan-out row stays with the store that took it: longer than
 # a fan-out batch can take (100 rows, 8 at a time, 10 s each: 125 s), short next to the
@@ -49,10 +53,6 @@ _TARGET = (
     'SELECT r.message_id, r.idx, r.address, m."user", m.account, m.channel, m.label '
     "FROM recipients r JOIN messages m ON m.id = r.message_id "
 )
-
-
-class _KnownEvent(Exception):
-    """One of the event's keys is stored already: its transaction is rolled back."""
 
 
 def _rowcount(status: str) -> int:
@@ -89,26 +89,6 @@ async def _add_suppressions(conn: asyncpg.Connection, rows: list[SuppressionRow]
     return len(rows)
 
 
-def stat_totals(rows: Iterable[StatRow]) -> list[tuple[str, str, str, str, int]]:
-    """Increments summed per counter, in key order: one upsert may touch a row only once, and
-    two nodes locking the same counters in one order never deadlock."""
-    totals: Counter[tuple[str, str, str, str]] = Counter()
-    for hour, group, value, counter, count in rows:
-        totals[(hour, group, value, counter)] += count
-    return [(*key, totals[key]) for key in sorted(totals)]
-
-
-async def add_stats(conn: asyncpg.Connection, rows: Iterable[StatRow]) -> None:
-    totals = stat_totals(rows)
-    if totals:
-        await conn.execute(
-            "INSERT INTO stats (hour, grp, value, counter, count) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bigint[]) "
-            "ON CONFLICT (hour, grp, value, counter) DO UPDATE SET count = stats.count + excluded.count",
-            *(list(column) for column in zip(*totals, strict=True)),
-        )
-
-
 async def enqueue_fanout(conn: asyncpg.Connection, rows: Iterable[OutboxRow]) -> None:
     values = [(row.user, row.url, row.body, row.created_at, row.attempts, row.next_attempt) for row in rows]
     if values:
@@ -116,6 +96,41 @@ async def enqueue_fanout(conn: asyncpg.Connection, rows: Iterable[OutboxRow]) ->
             'INSERT INTO fanout ("user", url, body, created_at, attempts, next_attempt) VALUES ($1, $2, $3, $4, $5, $6)',
             values,
         )
+
+
+async def _fanout_rows(conn: asyncpg.Connection, calls: list[tuple], tally: list[StatRow]) -> list[None]:
+    await enqueue_fanout(conn, [row for (rows,) in calls for row in rows])
+    return [None] * len(calls)
+
+
+_FANOUT = Kind(_fanout_rows)  # every caller's rows in one executemany
+
+# The event, its keys (those not known yet) and how many went in, in one statement.
+_STORE_EVENT = f"""
+WITH e AS (
+    INSERT INTO events (received_at, event, fields, claimed_by, claimed_until)
+    VALUES ($1, $2, $3, $4, {_CLAIM_UNTIL % 5}) RETURNING id
+), k AS (
+    INSERT INTO event_keys (key, event_id) SELECT unnest($6::text[]), id FROM e ON CONFLICT DO NOTHING RETURNING 1
+)
+SELECT (SELECT id FROM e) AS id, (SELECT count(*) FROM k) AS stored
+"""
+
+
+async def _store_event(conn: asyncpg.Connection, event: ReceivedEvent, claimant: str) -> int | None:
+    """Stored, or None when a key is known: then the event goes again (its keys with it, by the
+    cascade) in the same transaction, as if it had never been inserted.
+
+    Two nodes storing the same event at once: the second one's key insert waits for the
+    first's commit, then conflicts. A key another store of the same group inserted conflicts
+    at once (the same transaction sees it).
+    """
+    keys = sorted(set(event.keys))
+    row = await conn.fetchrow(_STORE_EVENT, event.received_at, event.event, event.fields, claimant, CLAIM, keys)
+    if row["stored"] < len(keys):
+        await conn.execute("DELETE FROM events WHERE id = $1", row["id"])
+        return None
+    return row["id"]
 
 
 # -- reads, on the pool or a connection ----------------------------------------------------------
@@ -136,52 +151,13 @@ async def suppressions(db: asyncpg.Pool | asyncpg.Connection) -> list[Suppressio
     ]
 
 
-_GROUP_LIMIT = 1000  # apply_event calls in one transaction at most: transactions stay short
-
-
-class _Groups:
-    """Calls that arrive while a transaction is in flight go together in the next one (group
-    commit sized by load, no timer). A caller that stops waiting does not withdraw its write."""
-
-    def __init__(self, write):
-        self._write = write
-        self._pending: list[tuple[Any, asyncio.Future]] = []
-        self._task: asyncio.Task | None = None
-
-    async def submit(self, item: Any) -> None:
-        future = asyncio.get_running_loop().create_future()
-        future.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved if abandoned
-        self._pending.append((item, future))
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="spool-apply-events")
-        await asyncio.shield(future)
-
-    async def _run(self) -> None:
-        try:
-            while self._pending:
-                batch, self._pending = self._pending[:_GROUP_LIMIT], self._pending[_GROUP_LIMIT:]
-                try:
-                    await self._write([item for item, _ in batch])
-                except Exception as error:  # noqa: BLE001 - every caller of the group sees it
-                    outcome: BaseException | None = error
-                else:
-                    outcome = None
-                for _, future in batch:
-                    if future.done():
-                        continue
-                    if outcome is None:
-                        future.set_result(None)
-                    else:
-                        future.set_exception(outcome)
-        finally:
-            self._task = None
-
-
-async def _apply_events(pool: asyncpg.Pool, batch: list[Applied]) -> None:
-    """Applied events in one transaction; for one recipient the last status wins and history
-    keeps the order of the calls. Locks go in one order (the suppression version, recipients
-    sorted, counters sorted), so two nodes' groups never deadlock. A recipient whose message
-    was deleted meanwhile gets no status or history (nothing to hang them on)."""
+async def _apply_events(conn: asyncpg.Connection, calls: list[tuple[Applied]], tally: list[StatRow]) -> list[None]:
+    """Applied events together; for one recipient the last status wins and history keeps the
+    order of the calls. Locks go in one order (the suppression version first: the kind runs
+    first in its group; recipients sorted; the counters, in ``tally``, last), so two nodes'
+    groups never deadlock. A recipient whose message was deleted meanwhile gets no status or
+    history (nothing to hang them on)."""
+    batch = [applied for (applied,) in calls]
     statuses: dict[tuple[str, int], tuple[str, float | None]] = {}
     history = []
     for applied in batch:
@@ -191,35 +167,41 @@ async def _apply_events(pool: asyncpg.Pool, batch: list[Applied]) -> None:
         if target is not None and applied.history is not None:
             h = applied.history
             history.append((target.message_id, target.idx, h.event, h.time, h.ip, h.url, h.sub_stat, h.sub_stat_desc))
-    async with pool.acquire() as conn, conn.transaction():
-        await _add_suppressions(conn, [a.suppression for a in batch if a.suppression is not None])
-        if statuses:
-            await conn.executemany(
-                "INSERT INTO recipient_status (message_id, idx, status, status_time) "
-                "SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM messages WHERE id = $1) "
-                "ON CONFLICT (message_id, idx) DO UPDATE SET "
-                "status = excluded.status, status_time = excluded.status_time",
-                [(*key, *statuses[key]) for key in sorted(statuses)],
-            )
-        if history:
-            await conn.executemany(
-                "INSERT INTO recipient_events (message_id, idx, event, time, ip, url, sub_stat, sub_stat_desc) "
-                "SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM messages WHERE id = $1)",
-                history,
-            )
-        await add_stats(conn, [row for applied in batch for row in applied.stats])
-        await enqueue_fanout(conn, [row for applied in batch for row in applied.outbox])
-        await conn.execute(
-            "UPDATE events SET applied = true, claimed_by = NULL, claimed_until = NULL WHERE id = ANY($1::bigint[])",
-            sorted({applied.event_id for applied in batch}),
+    await _add_suppressions(conn, [a.suppression for a in batch if a.suppression is not None])
+    if statuses:
+        await conn.executemany(
+            "INSERT INTO recipient_status (message_id, idx, status, status_time) "
+            "SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM messages WHERE id = $1) "
+            "ON CONFLICT (message_id, idx) DO UPDATE SET "
+            "status = excluded.status, status_time = excluded.status_time",
+            [(*key, *statuses[key]) for key in sorted(statuses)],
         )
+    if history:
+        await conn.executemany(
+            "INSERT INTO recipient_events (message_id, idx, event, time, ip, url, sub_stat, sub_stat_desc) "
+            "SELECT $1, $2, $3, $4, $5, $6, $7, $8 WHERE EXISTS (SELECT 1 FROM messages WHERE id = $1)",
+            history,
+        )
+    tally.extend(row for applied in batch for row in applied.stats)
+    await enqueue_fanout(conn, [row for applied in batch for row in applied.outbox])
+    await conn.execute(
+        "UPDATE events SET applied = true, claimed_by = NULL, claimed_until = NULL WHERE id = ANY($1::bigint[])",
+        sorted({applied.event_id for applied in batch}),
+    )
+    return [None] * len(batch)
+
+
+_APPLY_EVENTS = Kind(_apply_events, first=True)
+_STORE_EVENTS = each(_store_event)
 
 
 class PostgresEvents:
-    """The event methods of the PostgreSQL spool (mixed in): each write one short transaction
-    on ``self._pool``, committed (``synchronous_commit``) when it returns."""
+    """The event methods of the PostgreSQL spool (mixed in): each write committed
+    (``synchronous_commit``) when it returns, in the spool's group commit or a short
+    transaction of its own on ``self._pool``."""
 
     _pool: asyncpg.Pool
+    _write: Callable[..., Awaitable[Any]]  # the spool's group commit: a Kind and its arguments
 
     @functools.cached_property
     def _claimant(self) -> str:
@@ -229,30 +211,8 @@ class PostgresEvents:
     # -- received events -------------------------------------------------------------------
 
     async def store_event(self, event: ReceivedEvent) -> int | None:
-        """The event and its keys, claimed for this store's applier; None when a key is known.
-
-        Two nodes storing the same event at once: the second one's key insert waits for the
-        first's commit, then conflicts, and its whole transaction goes.
-        """
-        keys = sorted(set(event.keys))
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                event_id = await conn.fetchval(
-                    "INSERT INTO events (received_at, event, fields, claimed_by, claimed_until) "
-                    f"VALUES ($1, $2, $3, $4, {_CLAIM_UNTIL % 5}) RETURNING id",
-                    event.received_at, event.event, event.fields, self._claimant, CLAIM,
-                )
-                if keys:
-                    stored = await conn.fetchval(
-                        "WITH stored AS (INSERT INTO event_keys (key, event_id) SELECT unnest($1::text[]), $2 "
-                        "ON CONFLICT DO NOTHING RETURNING 1) SELECT count(*) FROM stored",
-                        keys, event_id,
-                    )
-                    if stored < len(keys):
-                        raise _KnownEvent
-        except _KnownEvent:
-            return None
-        return event_id
+        """The event and its keys, claimed for this store's applier; None when a key is known."""
+        return await self._write(_STORE_EVENTS, event, self._claimant)
 
     async def unapplied_events(self, limit: int) -> list[ReceivedEvent]:
         """Unapplied events this store received or that no live store holds, claimed, oldest first."""
@@ -279,18 +239,14 @@ class PostgresEvents:
             )
         return EventTarget(*row) if row else None
 
-    @functools.cached_property
-    def _apply_groups(self) -> _Groups:
-        return _Groups(lambda batch: _apply_events(self._pool, batch))
-
     async def apply_event(self, applied: Applied) -> None:
         """What one event changes and the event marked applied, committed together.
 
-        The applier writes a decided batch as concurrent calls: they go in one transaction
+        The applier writes a decided batch as concurrent calls: they join one group commit
         (one commit, one WAL flush, instead of one each, every one waiting on the same hot
         counter rows), in the order they were made, as through SQLite's one writer.
         """
-        await self._apply_groups.submit(applied)
+        await self._write(_APPLY_EVENTS, applied)
 
     async def fates(self, message_id: str, idx: int | None = None) -> dict[int, Fate]:
         where, args = ("message_id = $1", (message_id,)) if idx is None else ("message_id = $1 AND idx = $2", (message_id, idx))
@@ -356,8 +312,8 @@ class PostgresEvents:
     # -- statistics ----------------------------------------------------------------------------
 
     async def add_stats(self, rows: list[StatRow]) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await add_stats(conn, rows)
+        """In the group commit: its counters go in the group's one upsert of them."""
+        await self._write(STATS, list(rows))
 
     async def stats(self, since_hour: str, until_hour: str | None = None) -> list[StatRow]:
         rows = await self._pool.fetch(
@@ -370,8 +326,7 @@ class PostgresEvents:
     # -- fan-out outbox ------------------------------------------------------------------------
 
     async def enqueue_fanout(self, rows: list[OutboxRow]) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            await enqueue_fanout(conn, rows)
+        await self._write(_FANOUT, list(rows))
 
     async def due_fanout(self, now: float, limit: int) -> list[OutboxRow]:
         """Due rows no other live store holds, claimed for this one (it POSTs them next)."""
@@ -426,7 +381,7 @@ class _OwnPool:
             if self._pool is None:
                 self._pool = await asyncpg.create_pool(
                     self._dsn, min_size=1, max_size=1, timeout=10.0, command_timeout=30.0,
-                    server_settings=self._settings,
+                    server_settings=self._settings, reset=keep_session,
                 )
         return self._pool
 

@@ -16,6 +16,7 @@ import pytest
 
 from relay.process.startup import StartupError, open_spool_or_refuse
 from relay.spool import FileRegion, ListQuery, NewMessage, RecipientUpdate, State
+from relay.spool.events_model import ReceivedEvent
 from relay.spool.postgres import PIECE, PostgresSpool, QueueIdTaken, inline_body, list_sql, uniform_pieces
 from relay.spool.postgres_migrate import migrate, mismatch, schema_version
 from relay.spool.postgres_schema import LATEST
@@ -113,6 +114,71 @@ async def test_a_failed_commit_fails_the_whole_group(nodes, postgres_dsn):
     results = await asyncio.gather(*(a.store(message(f"M{n}")) for n in range(5)), return_exceptions=True)
     assert all(isinstance(result, OSError) and "disk full" in str(result) for result in results)
     assert await a.list() == []
+
+
+async def test_outcomes_counters_and_events_of_many_callers_share_one_commit_each_with_its_own_result(nodes):
+    a, b = nodes
+    for name in ("M1", "M2", "M3"):
+        await a.store(message(name))
+    await a.store_event(ReceivedEvent(T0, "open", "{}", ("known",)))
+    await asyncio.sleep(0.7)  # a's lease runs out: b takes M3 over
+    assert [m.id for m in await b.due(time.time(), 10, ACCOUNTS)] == ["M1", "M2", "M3"]
+    await b.release(["M1", "M2"])
+    assert {m.id for m in await a.due(time.time(), 10, ACCOUNTS)} == {"M1", "M2"}
+    hour = ("2026-12-01T10", "user", "billing", "requested")
+    commits, operations = a.commits, a.operations
+    results = await asyncio.gather(
+        a.record([RecipientUpdate("M1", 0, State.DELIVERED, 1, T0, "250 ok")]),
+        a.record([RecipientUpdate("M2", 0, State.FAILED, 1, T0, "550 no")], [message("DSN2")]),
+        a.record([RecipientUpdate("M3", 0, State.FAILED, 1, T0, "550 no")], [message("DSN3")]),  # b's now
+        a.add_stats([(*hour, 1)]), a.add_stats([(*hour, 2), ("2026-12-01T10", "account", "acme", "requested", 1)]),
+        a.store_event(ReceivedEvent(T0, "open", "{}", ("new", "same"))),
+        a.store_event(ReceivedEvent(T0, "open", "{}", ("same",))),  # a key the group's first event took
+        a.store_event(ReceivedEvent(T0, "open", "{}", ("known", "other"))),  # a key of an earlier event
+    )
+    assert (a.commits, a.operations) == (commits + 1, operations + 8)  # every one in the group
+    assert results[:3] == [set(), set(), {"M3"}]
+    assert isinstance(results[5], int) and results[6:] == [None, None]
+    assert [r.state for r in (await a.get("M1")).recipients + (await a.get("M2")).recipients] == [
+        State.DELIVERED, State.FAILED]
+    assert await a.get("DSN2") is not None and await a.get("DSN3") is None  # no DSN for a fenced outcome
+    assert (await a.get("M3")).recipients[0].state is State.QUEUED
+    assert sorted(await a.stats("2026-12-01T00")) == [("2026-12-01T10", "account", "acme", "requested", 1), (*hour, 3)]
+    assert await a._db().fetchval("SELECT count(*) FROM events") == 2  # the refused ones left nothing behind
+    assert await a._db().fetchval("SELECT count(*) FROM event_keys WHERE key = 'other'") == 0
+
+
+async def test_a_write_that_fails_in_a_merged_group_fails_alone(nodes):
+    a, _ = nodes
+    for name in ("M1", "M2"):
+        await a.store(message(name))
+    await a.store(message("TAKEN"))
+    commits = a.commits
+    results = await asyncio.gather(
+        a.record([RecipientUpdate("M1", 0, State.DELIVERED, 1, T0, "250 ok")]),
+        a.record([RecipientUpdate("M2", 0, State.FAILED, 1, T0, "550 no")], [message("TAKEN")]),  # its DSN's ID is taken
+        a.add_stats([("2026-12-01T10", "user", "billing", "requested", 1)]),
+        a.store(message("M4")),
+        return_exceptions=True,
+    )
+    assert a.commits == commits + 1
+    assert results[0] == set() and isinstance(results[1], QueueIdTaken) and results[2:] == [None, None]
+    assert (await a.get("M1")).recipients[0].state is State.DELIVERED
+    assert (await a.get("M2")).recipients[0].state is State.QUEUED  # the failed record changed nothing
+    assert await a.stats("2026-12-01T00") == [("2026-12-01T10", "user", "billing", "requested", 1)]
+    assert await a.get("M4") is not None
+
+
+async def test_a_pooled_connection_is_given_back_without_a_reset_round_trip_but_never_inside_a_transaction(nodes):
+    a, _ = nodes
+    async with a._db().acquire() as conn:
+        raw = conn._con  # the connection behind the pool's proxy
+        queries = []
+        raw.add_query_logger(lambda record: queries.append(record.query))
+        await conn.execute("BEGIN")  # left open by a careless user
+    assert queries == ["BEGIN", "ROLLBACK"]  # asyncpg's own safety net, and nothing else
+    async with a._db().acquire() as conn:
+        assert conn._con is raw and not conn.is_in_transaction()
 
 
 # -- bodies -------------------------------------------------------------------------------------------

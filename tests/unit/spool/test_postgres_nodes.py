@@ -243,15 +243,17 @@ async def test_both_nodes_applying_at_once_add_up_without_deadlock(nodes):
     assert len(await b.suppressions()) == 3
 
 
-async def test_a_group_of_applied_events_that_fails_fails_every_caller_and_leaves_them_unapplied(nodes):
+async def test_an_applied_event_that_fails_in_a_group_fails_alone_and_stays_unapplied(nodes):
     a, _ = nodes
     good, bad = [await a.store_event(ReceivedEvent(T0, "open", "{}", (f"token:{n}",))) for n in range(2)]
     broken = OutboxRow("billing", "https://x.example/hook", "not bytes", T0, T0)  # refused by the database
+    commits = a.commits
     results = await asyncio.gather(
         a.apply_event(Applied(good, stats=(("2026-12-01T10", "user", "billing", "open", 1),))),
-        a.apply_event(Applied(bad, outbox=(broken,))),
+        a.apply_event(Applied(bad, stats=(("2026-12-01T10", "user", "billing", "open", 1),), outbox=(broken,))),
         return_exceptions=True,
     )
-    assert all(isinstance(result, Exception) for result in results)  # the applier reads them back later
-    assert [e.id for e in await a.unapplied_events(10)] == [good, bad]
-    assert await a.stats("2026-12-01T00") == []
+    assert a.commits == commits + 1  # one group
+    assert results[0] is None and "not bytes" in str(results[1])  # the applier reads the bad one back later
+    assert [e.id for e in await a.unapplied_events(10)] == [bad]
+    assert await a.stats("2026-12-01T00") == [("2026-12-01T10", "user", "billing", "open", 1)]  # the good one's only
