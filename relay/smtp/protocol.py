@@ -106,6 +106,18 @@ def is_error(status: str) -> bool:
     return status[:1] in ("4", "5")
 
 
+# Replies after which the client waits (3xx: 334, 354; 220: the greeting, STARTTLS's go-ahead)
+# or the connection ends (221, 421, aiosmtpd's 502 goodbye): never held back.
+_SENT_AT_ONCE = ("3", "220", "221", "421", "502 5.5.1 Too many unrecognized")
+
+
+def may_hold(status: str, command_waiting: bool) -> bool:
+    """Whether a reply may wait to go out with the next one (RFC 2920 3.1: replies to a
+    pipelined group may be sent together). Only while the client's next command is already
+    read, so a client never waits for a reply that is held: the next reply sends both."""
+    return command_waiting and not status.startswith(_SENT_AT_ONCE)
+
+
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext
 _DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
 
@@ -188,6 +200,8 @@ class RelaySMTP(SMTP):
         self._max_errors = max_errors
         self._errors = 0  # error replies so far in this connection (STARTTLS does not reset it)
         self._max_line_length = max_line_length  # of a DATA line, without its CRLF
+        self._unsent: list[bytes] = []  # replies held back to go out in one write (``push``)
+        self._corked = False  # a multi-line reply is being pushed line by line
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's __init__ looks for smtp_*, auth_* and handle_* methods in dir() of this
@@ -212,8 +226,10 @@ class RelaySMTP(SMTP):
     async def push(self, status):
         if self.transport is None or self.transport.is_closing():
             return  # closed after a 421: nothing more goes out
-        if not isinstance(status, str):  # a 334 challenge
-            await super().push(status)
+        if not isinstance(status, str):  # a 334 challenge: the client waits for it
+            self._unsent.append(status + b"\r\n")
+            self._flush()
+            await self._writer.drain()
             return
         if status.startswith(_UNRECOGNISED_PREFIX):
             verb = loggable_verb(status[len(_UNRECOGNISED_PREFIX):].partition('"')[0])
@@ -232,7 +248,17 @@ class RelaySMTP(SMTP):
                 await self._too_many_errors()
                 return
             self._errors += 1
-        await super().push(status)
+        self._unsent.append(status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + b"\r\n")
+        if self._corked or may_hold(status, b"\n" in self._reader._buffer):  # type: ignore[attr-defined]
+            return
+        self._flush()
+        await self._writer.drain()
+
+    def _flush(self) -> None:
+        """Write the replies held back, in one write: one TLS record and one system call."""
+        if self._unsent and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._unsent))
+        self._unsent.clear()
 
     async def _too_many_errors(self) -> None:
         """``421`` and close, and stop: a command the client pipelined after it is never run.
@@ -241,7 +267,8 @@ class RelaySMTP(SMTP):
         until it waits, and a buffered pipelined transaction would need no wait to be spooled.
         """
         self.event_handler.expired(self, _TOO_MANY_ERRORS)
-        await super().push(str(_TOO_MANY_ERRORS))
+        self._unsent.append(f"{_TOO_MANY_ERRORS}\r\n".encode())
+        self._flush()
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
@@ -262,8 +289,17 @@ class RelaySMTP(SMTP):
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
-        if not await self._refuse("EHLO", check_helo(hostname or "")):
+        """aiosmtpd's EHLO pushes each of its ~7 lines on its own: here they go out in one write."""
+        if await self._refuse("EHLO", check_helo(hostname or "")):
+            return
+        self._corked = True
+        try:
             await super().smtp_EHLO(hostname)
+        finally:
+            self._corked = False
+        if not may_hold("250", b"\n" in self._reader._buffer):  # type: ignore[attr-defined]
+            self._flush()
+            await self._writer.drain()
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -363,7 +399,8 @@ class RelaySMTP(SMTP):
             return
         reply = SMTPReply(421, "4.4.2", f"{self.hostname} Error: {why}")
         self.event_handler.expired(self, reply)
-        self.transport.write(f"{reply}\r\n".encode())
+        self._unsent.append(f"{reply}\r\n".encode())
+        self._flush()
         self.transport.close()
 
     @syntax("DATA")
@@ -407,7 +444,8 @@ class RelaySMTP(SMTP):
         """Say goodbye to a client between transactions; one inside a transaction may finish."""
         if self.transport is None or self.transport.is_closing() or self.in_transaction:
             return
-        self.transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+        self._unsent.append(b"421 4.3.2 Service shutting down, try again later\r\n")
+        self._flush()
         self.transport.close()
 
     def abort(self) -> None:
