@@ -25,6 +25,7 @@ from relay.process.ipc import (
     decode,
     encode,
     read_frame,
+    write_message,
 )
 from relay.process.supervisor import AcceptorPool
 from relay.rewrite.dkim import generate
@@ -150,3 +151,42 @@ async def test_a_limits_call_without_its_arguments_is_answered_unavailable(tmp_p
     assert isinstance(answer.value, LimitsUnavailable)
     writer.close()
     their_writer.close()
+
+
+class RecordingWriter:
+    """A StreamWriter that keeps each write."""
+
+    def __init__(self):
+        self.writes: list[bytes] = []
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    async def drain(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(("pieces", "writes"), [
+    ((b"Subject: x\r\n\r\n", b"body\r\n" * 800), 1),  # a 5 KB message: its frames in one write
+    ((b"H: v\r\n\r\n", b"x" * 300_000), 4),  # header alone; a body of two pieces, header and data each
+    ((b"H: v\r\n\r\n", b"y" * 40_000, b"z" * 40_000), 2),  # joined up to 64 KiB, then the rest
+])
+async def test_a_message_reads_back_whole_from_its_joined_writes(pieces, writes):
+    writer = RecordingWriter()
+    message = NewMessage("3ZK7Q9M2XD4HWT", 1.5, "billing", "smtp", "10.0.0.5", "acme_trigger", "trigger",
+                         "app@acme.com", ["a@example.net"], pieces, label=None, mail_from=None)
+    await write_message(writer, 9, message)
+    assert len(writer.writes) == writes
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"".join(writer.writes))
+    reader.feed_eof()
+    body = b""
+    while True:
+        frame, data = await read_frame(reader)
+        if isinstance(frame, MessageFrame):
+            break
+        assert frame == BodyPiece(9)
+        body += data
+    assert frame.sequence == 9 and frame.message.recipients == ["a@example.net"]
+    assert body == b"".join(pieces)
+    assert reader.at_eof() or not await reader.read()
