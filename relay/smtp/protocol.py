@@ -200,6 +200,7 @@ class RelaySMTP(SMTP):
         self._max_errors = max_errors
         self._errors = 0  # error replies so far in this connection (STARTTLS does not reset it)
         self._max_line_length = max_line_length  # of a DATA line, without its CRLF
+        self._idle_deadline = 0.0  # when the idle (or DATA) timer closes the connection (``_reset_timeout``)
         self._unsent: list[bytes] = []  # replies held back to go out in one write (``push``)
         self._corked = False  # a multi-line reply is being pushed line by line
 
@@ -390,8 +391,26 @@ class RelaySMTP(SMTP):
             metrics.SESSIONS.labels(self.event_handler.listener.name).dec()
         super().connection_lost(error)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer, restarted by every command, without a new timer each time.
+
+        aiosmtpd cancels its timer and makes a new one per command (under uvloop a libuv timer
+        made and closed each time); here a command only moves the deadline, and the one timer,
+        when it fires early, waits again for the rest. A shorter deadline (DATA's bound back
+        to the idle one) takes a new timer.
+        """
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        timer = self._timeout_handle
+        if timer is None or timer.cancelled() or timer.when() > self._idle_deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+
     def _timeout_cb(self) -> None:
         """aiosmtpd's idle (and our DATA) timer: say why before closing, as Postfix does."""
+        if self.loop.time() < self._idle_deadline:  # a command came since this timer was set
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+            return
         self._expire("timeout exceeded")
 
     def _expire(self, why: str) -> None:

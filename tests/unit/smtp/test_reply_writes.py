@@ -131,3 +131,22 @@ async def test_a_reply_is_never_held_while_the_client_waits(server):
         assert (await asyncio.wait_for(_reply(reader), 5))[0][:3] == code
     assert len(writes[0]) == 6
     writer.close()
+
+
+async def test_the_idle_timer_counts_from_the_last_command_and_says_421():
+    """One timer per connection, moved by each command: it closes only after a silence as long as the timeout."""
+    protocol = RelaySMTP(AcceptAll(), set(), data_timeout=30, session_timeout=60, max_errors=20,
+                         max_line_length=998, hostname="relay.test", ident="ESMTP", timeout=0.3)
+    listening = await asyncio.get_running_loop().create_server(lambda: protocol, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*listening.sockets[0].getsockname()[:2])
+    await _reply(reader)
+    for _ in range(4):  # 0.6 s of commands, each within the timeout of the one before
+        await asyncio.sleep(0.15)
+        writer.write(b"NOOP\r\n")
+        await _reply(reader)
+    assert protocol._timeout_handle is not None and not protocol.transport.is_closing()
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(_reply(reader), 5) == ["421 4.4.2 relay.test Error: timeout exceeded"]
+    assert 0.2 < asyncio.get_running_loop().time() - started < 1.0
+    writer.close()
+    listening.close()
