@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -221,6 +222,9 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
     await rates.start()
     suppressions.start()
     await listeners.start(listening)
+    # What start-up made (modules, the config's models, compiled rules) lives as long as the
+    # process: out of the collector's sight, a full collection walks only the sessions' objects.
+    gc.freeze()
     write_frame(writer, READY)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
