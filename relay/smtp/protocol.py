@@ -194,6 +194,7 @@ class RelaySMTP(SMTP):
         self.client_ip = ""
         self.connection_key = next(_connection_keys)
         self._admitted = False
+        self._released = False  # the limits were told this connection is gone
         self._data_timeout = data_timeout
         self._session_timeout = session_timeout
         self._session_timer: asyncio.TimerHandle | None = None
@@ -382,8 +383,21 @@ class RelaySMTP(SMTP):
         super().eof_received()
         return False
 
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str) -> None:
+        """The connection's slot in the limits is given back before the ``221``: a client that
+        reconnects at once, through another acceptor, finds it free."""
+        if not arg:
+            self._release()
+        await super().smtp_QUIT(arg)
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.event_handler.release(self)
+
     def connection_lost(self, error) -> None:
-        self.event_handler.release(self)  # admitted or not, or still being asked about
+        self._release()  # admitted or not, or still being asked about
         if self._session_timer is not None:
             self._session_timer.cancel()
         if self in self._connections:

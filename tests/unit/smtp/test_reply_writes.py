@@ -45,8 +45,11 @@ class AcceptAll:
     def connected(self, transport):
         pass
 
+    def __init__(self):
+        self.released = 0
+
     def release(self, server):
-        pass
+        self.released += 1
 
     def expired(self, server, reply):
         pass
@@ -148,5 +151,30 @@ async def test_the_idle_timer_counts_from_the_last_command_and_says_421():
     started = asyncio.get_running_loop().time()
     assert await asyncio.wait_for(_reply(reader), 5) == ["421 4.4.2 relay.test Error: timeout exceeded"]
     assert 0.2 < asyncio.get_running_loop().time() - started < 1.0
+    writer.close()
+    listening.close()
+
+
+async def test_quit_gives_the_connection_back_to_the_limits_once_before_its_221():
+    handler = AcceptAll()
+    protocol = RelaySMTP(handler, set(), data_timeout=30, session_timeout=60, max_errors=20,
+                         max_line_length=998, hostname="relay.test", ident="ESMTP")
+    told_before_bye = []
+    push = protocol.push
+
+    async def pushing(status):
+        if str(status).startswith("221"):
+            told_before_bye.append(handler.released)
+        await push(status)
+
+    protocol.push = pushing
+    listening = await asyncio.get_running_loop().create_server(lambda: protocol, "127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection(*listening.sockets[0].getsockname()[:2])
+    await _reply(reader)
+    writer.write(b"QUIT\r\n")
+    assert await asyncio.wait_for(_reply(reader), 5) == ["221 2.0.0 Bye"]
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    await asyncio.sleep(0.05)  # connection_lost has run
+    assert told_before_bye == [1] and handler.released == 1
     writer.close()
     listening.close()
