@@ -12,6 +12,7 @@ from typing import Protocol
 
 from aiosmtpd.smtp import (
     SMTP,
+    Session,
     TLSSetupException,
     syntax,
 )
@@ -132,6 +133,13 @@ def hook_names(cls: type) -> list[str]:
     return sorted({name for klass in cls.__mro__ for name in vars(klass) if name.startswith(prefixes)})
 
 
+class RelaySession(Session):
+    """aiosmtpd's Session with ``login_data`` a plain attribute: its deprecated property logs a
+    warning (a record made, then dropped by our filter) on every successful AUTH."""
+
+    login_data = None
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP with additions a hook cannot make.
 
@@ -204,6 +212,9 @@ class RelaySMTP(SMTP):
         self._idle_deadline = 0.0  # when the idle (or DATA) timer closes the connection (``_reset_timeout``)
         self._unsent: list[bytes] = []  # replies held back to go out in one write (``push``)
         self._corked = False  # a multi-line reply is being pushed line by line
+
+    def _create_session(self) -> RelaySession:
+        return RelaySession(self.loop)
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's __init__ looks for smtp_*, auth_* and handle_* methods in dir() of this
