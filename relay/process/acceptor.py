@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from relay.policy.rates import PersistentRates
 from relay.policy.suppression import SuppressionCache
 from relay.process.ipc import (
     FRAME_HEADER,
+    JOINED_WRITE,
     READY,
     FrameError,
     LimitsAnswer,
@@ -53,6 +55,52 @@ log = logging.getLogger("relay.workers")
 _ASK_TIMEOUT = 10.0
 
 
+class LoopPassWriter:
+    """The link's writer, joining what one pass of the event loop writes into one write.
+
+    Each session writes its own frames (a connection's question, a message, a release); under
+    load several sessions write in the same pass, and one system call carries them all (and
+    the main process wakes once to read them). Written at the end of the pass, so nothing
+    waits for long; data of a write's size or more goes straight through, after what is held.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self._writer = writer
+        self._held: list[bytes | memoryview] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        if len(data) >= JOINED_WRITE:
+            self.flush()
+            self._writer.write(data)
+            return
+        if not self._held:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._held.append(data)
+
+    def writelines(self, buffers: list[bytes | memoryview]) -> None:
+        """A frame of several buffers (:func:`relay.process.ipc.write_message`), held as one write."""
+        if sum(len(buffer) for buffer in buffers) >= JOINED_WRITE:
+            self.flush()
+            self._writer.writelines(buffers)
+            return
+        if not self._held:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._held.extend(buffers)
+
+    def flush(self) -> None:
+        held, self._held = self._held, []
+        if held and not self._writer.is_closing():  # closed: the main process is gone, and the reader says so
+            self._writer.write(held[0] if len(held) == 1 else b"".join(held))
+
+    async def drain(self) -> None:
+        """Wait while the socket's buffer is full; what is held (less than a write) goes at the pass's end."""
+        await self._writer.drain()
+
+    def close(self) -> None:
+        self.flush()
+        self._writer.close()
+
+
 class SpoolUnreachable(Exception):
     """The main process did not take the message (it is gone, or its spool failed)."""
 
@@ -63,7 +111,7 @@ class SpoolClient:
     It also receives the configs the main process sends on reload, for ``reconfigure``.
     """
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, reconfigure, answered):
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter | LoopPassWriter, reconfigure, answered):
         self._reader = reader
         self._writer = writer
         self._reconfigure = reconfigure
@@ -121,7 +169,7 @@ class SpoolClient:
 class RemoteLimits:
     """The acceptor's :class:`relay.policy.anvil.SharedLimits`: every question goes to the main process."""
 
-    def __init__(self, writer: asyncio.StreamWriter, closed: asyncio.Event):
+    def __init__(self, writer: LoopPassWriter, closed: asyncio.Event):
         self._writer = writer
         self._closed = closed
         self._waiting: dict[int, asyncio.Future] = {}
@@ -135,6 +183,7 @@ class RemoteLimits:
 
     def release(self, connection: int) -> None:
         self._tell("release", connection)
+        self._writer.flush()  # at once, not at the pass's end: the slot is free before the client sees its 221
 
     async def auth_locked_for(self, address: str, username: str) -> float | None:
         return await self._ask("auth_locked_for", address, username)
@@ -202,7 +251,8 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
             tls.install(context)
         logs.configure(new.logging, logs.secrets_of(new), verbose)
 
-    reader, writer = await asyncio.open_unix_connection(sock=ipc)
+    reader, link = await asyncio.open_unix_connection(sock=ipc)
+    writer = LoopPassWriter(link)
     spool = SpoolClient(reader, writer, reconfigure, lambda answer: limits.answered(answer))
     limits = RemoteLimits(writer, spool.closed)  # questions are asked (and answered) only from now on
     preparer = Preparer()
@@ -221,6 +271,9 @@ async def run_acceptor(config: Config, ipc: socket.socket, listening: dict[str, 
     await rates.start()
     suppressions.start()
     await listeners.start(listening)
+    # What start-up made (modules, the config's models, compiled rules) lives as long as the
+    # process: out of the collector's sight, a full collection walks only the sessions' objects.
+    gc.freeze()
     write_frame(writer, READY)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

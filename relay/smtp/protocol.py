@@ -12,6 +12,7 @@ from typing import Protocol
 
 from aiosmtpd.smtp import (
     SMTP,
+    Session,
     TLSSetupException,
     syntax,
 )
@@ -106,6 +107,18 @@ def is_error(status: str) -> bool:
     return status[:1] in ("4", "5")
 
 
+# Replies after which the client waits (3xx: 334, 354; 220: the greeting, STARTTLS's go-ahead)
+# or the connection ends (221, 421, aiosmtpd's 502 goodbye): never held back.
+_SENT_AT_ONCE = ("3", "220", "221", "421", "502 5.5.1 Too many unrecognized")
+
+
+def may_hold(status: str, command_waiting: bool) -> bool:
+    """Whether a reply may wait to go out with the next one (RFC 2920 3.1: replies to a
+    pipelined group may be sent together). Only while the client's next command is already
+    read, so a client never waits for a reply that is held: the next reply sends both."""
+    return command_waiting and not status.startswith(_SENT_AT_ONCE)
+
+
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"  # RFC 5322 atext
 _DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
 
@@ -118,6 +131,13 @@ def hook_names(cls: type) -> list[str]:
     """What aiosmtpd looks for in dir() of its protocol and of the handler, for every connection."""
     prefixes = ("smtp_", "auth_", "handle_")
     return sorted({name for klass in cls.__mro__ for name in vars(klass) if name.startswith(prefixes)})
+
+
+class RelaySession(Session):
+    """aiosmtpd's Session with ``login_data`` a plain attribute: its deprecated property logs a
+    warning (a record made, then dropped by our filter) on every successful AUTH."""
+
+    login_data = None
 
 
 class RelaySMTP(SMTP):
@@ -182,12 +202,19 @@ class RelaySMTP(SMTP):
         self.client_ip = ""
         self.connection_key = next(_connection_keys)
         self._admitted = False
+        self._released = False  # the limits were told this connection is gone
         self._data_timeout = data_timeout
         self._session_timeout = session_timeout
         self._session_timer: asyncio.TimerHandle | None = None
         self._max_errors = max_errors
         self._errors = 0  # error replies so far in this connection (STARTTLS does not reset it)
         self._max_line_length = max_line_length  # of a DATA line, without its CRLF
+        self._idle_deadline = 0.0  # when the idle (or DATA) timer closes the connection (``_reset_timeout``)
+        self._unsent: list[bytes] = []  # replies held back to go out in one write (``push``)
+        self._corked = False  # a multi-line reply is being pushed line by line
+
+    def _create_session(self) -> RelaySession:
+        return RelaySession(self.loop)
 
     def __dir__(self) -> list[str]:
         # aiosmtpd's __init__ looks for smtp_*, auth_* and handle_* methods in dir() of this
@@ -212,8 +239,10 @@ class RelaySMTP(SMTP):
     async def push(self, status):
         if self.transport is None or self.transport.is_closing():
             return  # closed after a 421: nothing more goes out
-        if not isinstance(status, str):  # a 334 challenge
-            await super().push(status)
+        if not isinstance(status, str):  # a 334 challenge: the client waits for it
+            self._unsent.append(status + b"\r\n")
+            self._flush()
+            await self._writer.drain()
             return
         if status.startswith(_UNRECOGNISED_PREFIX):
             verb = loggable_verb(status[len(_UNRECOGNISED_PREFIX):].partition('"')[0])
@@ -232,7 +261,17 @@ class RelaySMTP(SMTP):
                 await self._too_many_errors()
                 return
             self._errors += 1
-        await super().push(status)
+        self._unsent.append(status.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + b"\r\n")
+        if self._corked or may_hold(status, b"\n" in self._reader._buffer):  # type: ignore[attr-defined]
+            return
+        self._flush()
+        await self._writer.drain()
+
+    def _flush(self) -> None:
+        """Write the replies held back, in one write: one TLS record and one system call."""
+        if self._unsent and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(self._unsent))
+        self._unsent.clear()
 
     async def _too_many_errors(self) -> None:
         """``421`` and close, and stop: a command the client pipelined after it is never run.
@@ -241,7 +280,8 @@ class RelaySMTP(SMTP):
         until it waits, and a buffered pipelined transaction would need no wait to be spooled.
         """
         self.event_handler.expired(self, _TOO_MANY_ERRORS)
-        await super().push(str(_TOO_MANY_ERRORS))
+        self._unsent.append(f"{_TOO_MANY_ERRORS}\r\n".encode())
+        self._flush()
         self._reader._buffer.clear()  # type: ignore[attr-defined]
         if self._handler_coroutine is not None:
             self._handler_coroutine.cancel()
@@ -262,8 +302,17 @@ class RelaySMTP(SMTP):
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
-        if not await self._refuse("EHLO", check_helo(hostname or "")):
+        """aiosmtpd's EHLO pushes each of its ~7 lines on its own: here they go out in one write."""
+        if await self._refuse("EHLO", check_helo(hostname or "")):
+            return
+        self._corked = True
+        try:
             await super().smtp_EHLO(hostname)
+        finally:
+            self._corked = False
+        if not may_hold("250", b"\n" in self._reader._buffer):  # type: ignore[attr-defined]
+            self._flush()
+            await self._writer.drain()
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -345,8 +394,21 @@ class RelaySMTP(SMTP):
         super().eof_received()
         return False
 
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str) -> None:
+        """The connection's slot in the limits is given back before the ``221``: a client that
+        reconnects at once, through another acceptor, finds it free."""
+        if not arg:
+            self._release()
+        await super().smtp_QUIT(arg)
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.event_handler.release(self)
+
     def connection_lost(self, error) -> None:
-        self.event_handler.release(self)  # admitted or not, or still being asked about
+        self._release()  # admitted or not, or still being asked about
         if self._session_timer is not None:
             self._session_timer.cancel()
         if self in self._connections:
@@ -354,8 +416,26 @@ class RelaySMTP(SMTP):
             metrics.SESSIONS.labels(self.event_handler.listener.name).dec()
         super().connection_lost(error)
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer, restarted by every command, without a new timer each time.
+
+        aiosmtpd cancels its timer and makes a new one per command (under uvloop a libuv timer
+        made and closed each time); here a command only moves the deadline, and the one timer,
+        when it fires early, waits again for the rest. A shorter deadline (DATA's bound back
+        to the idle one) takes a new timer.
+        """
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        timer = self._timeout_handle
+        if timer is None or timer.cancelled() or timer.when() > self._idle_deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+
     def _timeout_cb(self) -> None:
         """aiosmtpd's idle (and our DATA) timer: say why before closing, as Postfix does."""
+        if self.loop.time() < self._idle_deadline:  # a command came since this timer was set
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._timeout_cb)
+            return
         self._expire("timeout exceeded")
 
     def _expire(self, why: str) -> None:
@@ -363,7 +443,8 @@ class RelaySMTP(SMTP):
             return
         reply = SMTPReply(421, "4.4.2", f"{self.hostname} Error: {why}")
         self.event_handler.expired(self, reply)
-        self.transport.write(f"{reply}\r\n".encode())
+        self._unsent.append(f"{reply}\r\n".encode())
+        self._flush()
         self.transport.close()
 
     @syntax("DATA")
@@ -407,7 +488,8 @@ class RelaySMTP(SMTP):
         """Say goodbye to a client between transactions; one inside a transaction may finish."""
         if self.transport is None or self.transport.is_closing() or self.in_transaction:
             return
-        self.transport.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+        self._unsent.append(b"421 4.3.2 Service shutting down, try again later\r\n")
+        self._flush()
         self.transport.close()
 
     def abort(self) -> None:

@@ -13,7 +13,7 @@ from relay.config import acceptor_count
 from relay.errors import SMTPReply
 from relay.policy.anvil import LimitsUnavailable, LocalLimits
 from relay.process import acceptor, supervisor
-from relay.process.acceptor import RemoteLimits
+from relay.process.acceptor import LoopPassWriter, RemoteLimits
 from relay.process.ipc import LimitsAnswer, LimitsCall, read_frame
 from tests.unit.helpers import BASE, config_from
 
@@ -87,7 +87,7 @@ async def pipe():
     reader, writer = await asyncio.open_unix_connection(sock=ours)
     main_reader, main_writer = await asyncio.open_unix_connection(sock=theirs)
     closed = asyncio.Event()
-    yield RemoteLimits(writer, closed), closed, main_reader, main_writer
+    yield RemoteLimits(LoopPassWriter(writer), closed), closed, main_reader, main_writer
     writer.close()
     main_writer.close()
 
@@ -160,7 +160,7 @@ async def test_a_failure_in_the_main_process_is_a_refusal_for_now_not_a_hang(mon
     reader, other = await asyncio.open_unix_connection(sock=theirs)
     await pool._answer(0, writer, LimitsCall(5, "auth_failed", ("192.0.2.1", "billing")))
     answer, _ = await read_frame(reader)
-    remote = RemoteLimits(other, asyncio.Event())
+    remote = RemoteLimits(LoopPassWriter(other), asyncio.Event())
     waiting = remote._waiting[5] = asyncio.get_running_loop().create_future()
     remote.answered(answer)
     with pytest.raises(LimitsUnavailable, match="could not answer auth_failed"):

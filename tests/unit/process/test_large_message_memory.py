@@ -26,7 +26,7 @@ import warnings
 import pytest
 
 from relay.policy.anvil import LocalLimits
-from relay.process.acceptor import RemoteLimits, SpoolClient, SpoolUnreachable
+from relay.process.acceptor import LoopPassWriter, RemoteLimits, SpoolClient, SpoolUnreachable
 from relay.process.ipc import BodyPiece, write_frame
 from relay.process.supervisor import AcceptorPool
 from relay.rewrite.pipeline import Preparer, Submission
@@ -115,8 +115,9 @@ async def main_process(tmp_path):
     main_reader, main_writer = await asyncio.open_unix_connection(sock=ours)
     reader, writer = await asyncio.open_unix_connection(sock=theirs)
     serving = asyncio.create_task(pool._serve(0, main_reader, main_writer))
-    client = SpoolClient(reader, writer, lambda new: None, lambda answer: limits.answered(answer))
-    limits = RemoteLimits(writer, client.closed)
+    link = LoopPassWriter(writer)
+    client = SpoolClient(reader, link, lambda new: None, lambda answer: limits.answered(answer))
+    limits = RemoteLimits(link, client.closed)
     try:
         yield spool, scheduler, client, limits, writer
     finally:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import inspect
+from types import SimpleNamespace
 
+import aiosmtpd.smtp
 import pytest
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, Session
 
 from relay.smtp.protocol import RelaySMTP
 from relay.smtp.session import ListenerHandler
@@ -52,3 +54,17 @@ def test_processes_of_one_relay_never_make_the_same_queue_id():
         assert len(set(made)) == len(made)
     finally:
         use_queue_id_partition(0, 1)
+
+
+def test_a_session_takes_its_login_without_a_log_record(monkeypatch):
+    """aiosmtpd sets ``login_data`` after every successful AUTH; its deprecated property logs each time."""
+    logged = []
+    monkeypatch.setattr(aiosmtpd.smtp, "log", SimpleNamespace(warning=logged.append))
+    session = RelaySMTP.__new__(RelaySMTP)
+    session.loop = None
+    made = session._create_session()
+    made.login_data = "billing"
+    assert made.login_data == "billing" and logged == []
+    assert vars(Session(None)).keys() <= vars(made).keys()  # everything else aiosmtpd's Session has
+    Session(None).login_data = "billing"
+    assert logged  # what it saves
