@@ -529,20 +529,21 @@ def after_passive(log_bytes: int, file_bytes: int, writer_idle: bool) -> str | N
 
 
 _SNAPSHOT_FOR = 0.5  # seconds a delivery may keep one read snapshot (and blob handle) for its chunks
-_RESTART_WAIT_MS = 100  # the writer's RESTART waits this long for readers, then leaves it to the next try
+_RESTART_WAIT_MS = 100  # a RESTART or TRUNCATE waits this long for readers, then leaves it to the next try
 _IDLE_BODY_CONNECTIONS = 8  # body readers' connections kept open between deliveries
 _BODY_CACHE_KIB = 256  # a body reader's page cache: a body is read once, in order, so caching it gains nothing
 
 
-def keep_snapshot(age: float, restart_wanted: bool) -> bool:
+def keep_snapshot(age: float, restarting: bool) -> bool:
     """Whether a body reader keeps its read transaction for the next chunk, ``age`` seconds after it began.
 
     A new blob handle walks the body's overflow pages from the start to its offset, so a
     handle per chunk makes reading a body quadratic (40 chunks of a 10 MB body: 110 ms,
     against 7 ms with one handle). But an open snapshot holds back WAL checkpoints: PASSIVE
     cannot copy frames committed after it, and RESTART waits until it ends. So a snapshot is
-    kept for a bounded time, and not at all while the writer wants a RESTART (:func:`after_passive`)."""
-    return age < _SNAPSHOT_FOR and not restart_wanted
+    kept for a bounded time, and not at all while the WAL is to start over (the writer's RESTART,
+    the checkpointer's TRUNCATE: :func:`after_passive`)."""
+    return age < _SNAPSHOT_FOR and not restarting
 
 
 def body_connection(path: Path) -> sqlite3.Connection:
@@ -567,7 +568,7 @@ class BodyReader:
         self._blob: sqlite3.Blob | None = None
         self._began = 0.0
 
-    def read(self, offset: int, rowid_now: int | None, restart_wanted: bool) -> bytes:
+    def read(self, offset: int, rowid_now: int | None, restarting: bool) -> bytes:
         """The chunk at ``offset``; BodyGone if the body is no longer where it was (``rowid_now``
         is where it is now, looked up outside this reader's snapshot)."""
         if rowid_now is None or (self._rowid is not None and rowid_now != self._rowid):
@@ -578,7 +579,7 @@ class BodyReader:
         elif self._blob.tell() != offset:
             self._blob.seek(offset)
         data = self._blob.read(_BLOB_CHUNK)
-        if not keep_snapshot(self._clock() - self._began, restart_wanted):
+        if not keep_snapshot(self._clock() - self._began, restarting):
             self._end()
         return data
 
@@ -634,6 +635,7 @@ class SqliteSpool(SqliteEvents):
         self._checkpointer: threading.Thread | None = None
         self._closing = threading.Event()
         self._restart_wanted = threading.Event()  # set by the checkpointer, done by the writer between groups
+        self._truncating = threading.Event()  # while the checkpointer's TRUNCATE waits for readers
 
     async def open(self) -> None:
         if not self._create and not await asyncio.to_thread(self.path.exists):
@@ -778,7 +780,8 @@ class SqliteSpool(SqliteEvents):
     def _read_body(self, reader: BodyReader, offset: int) -> bytes:
         """A chunk from the reader's snapshot, once the body is seen still there now (a
         `queue delete` meanwhile is BodyGone, as with a read of its own)."""
-        return reader.read(offset, self._store().body_rowid(reader.message_id), self._restart_wanted.is_set())
+        restarting = self._restart_wanted.is_set() or self._truncating.is_set()
+        return reader.read(offset, self._store().body_rowid(reader.message_id), restarting)
 
     def _close_body(self, reader: BodyReader) -> None:
         conn = reader.close()
@@ -825,7 +828,9 @@ class SqliteSpool(SqliteEvents):
         automatic checkpoint is off) and the WAL stays bounded (:func:`after_passive`)."""
         wal = self.path.with_name(self.path.name + "-wal")
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=1000")  # RESTART/TRUNCATE wait this long for the writer at most
+        # TRUNCATE waits this long for the writer, then for readers while it holds the write lock:
+        # a delivery stalled in its snapshot delays commits no longer than the writer's RESTART does.
+        conn.execute(f"PRAGMA busy_timeout={_RESTART_WAIT_MS}")
         (page_size,) = conn.execute("PRAGMA page_size").fetchone()
         try:
             while not self._closing.wait(_CHECKPOINT_EVERY):
@@ -838,7 +843,11 @@ class SqliteSpool(SqliteEvents):
                         self._restart_wanted.set()
                         self._queue.put((_nothing, (), concurrent.futures.Future()))  # an idle writer wakes for it
                     elif mode is not None:
-                        conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                        self._truncating.set()  # body readers keep no snapshot meanwhile (keep_snapshot)
+                        try:
+                            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                        finally:
+                            self._truncating.clear()
                 except sqlite3.Error as error:
                     log.warning("spool checkpoint failed: %s", error)
         finally:

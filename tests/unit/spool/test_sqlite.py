@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import itertools
 import sqlite3
 import threading
@@ -629,16 +630,16 @@ def test_stranded_finds_the_accounts_with_mail_waiting_by_their_index_without_re
 # -- reading a body for delivery: one blob handle per walk, its snapshot bounded --------------------
 
 
-@pytest.mark.parametrize(("age", "restart_wanted", "kept"), [
+@pytest.mark.parametrize(("age", "restarting", "kept"), [
     (0.0, False, True),  # a delivery under way keeps its handle: no walk from the start per chunk
     (0.49, False, True),
     (0.5, False, False),  # held long enough: the next chunk opens again, at its offset
-    (0.0, True, False),  # the writer waits to restart the WAL: no snapshot may stand in its way
+    (0.0, True, False),  # a RESTART or TRUNCATE waits to start the WAL over: no snapshot may stand in its way
 ])
-def test_a_body_reader_keeps_its_snapshot_for_a_bounded_time_and_never_against_a_restart(age, restart_wanted, kept):
+def test_a_body_reader_keeps_its_snapshot_for_a_bounded_time_and_never_against_a_restart(age, restarting, kept):
     from relay.spool.sqlite import keep_snapshot
 
-    assert keep_snapshot(age, restart_wanted) is kept
+    assert keep_snapshot(age, restarting) is kept
 
 
 def _big(store, chunks: int = 5) -> NewMessage:
@@ -707,6 +708,7 @@ async def test_a_delivery_that_stops_early_leaves_no_snapshot_behind(path, spool
     await spool._read(lambda: None)  # the close queued behind the read ahead
     assert spool._idle_body_connections and not any(conn.in_transaction for conn in spool._idle_body_connections)
     assert await spooled(spool, message.id) == message.body  # the next delivery takes that connection
+    await spool._read(lambda: None)  # and gives it back
     assert len(spool._idle_body_connections) == 1
 
 
@@ -742,3 +744,19 @@ def test_freeing_a_delivered_body_does_not_write_it_again_as_zeros(path, store):
     store.conn.execute("COMMIT")
     assert store.body_rowid(message.id) is None
     assert wal.stat().st_size < 256 * 1024 < message.size
+
+
+@pytest.mark.parametrize("flag", ["_restart_wanted", "_truncating"])
+async def test_a_delivery_keeps_no_snapshot_while_the_wal_is_to_start_over(spool, flag):
+    message = dataclasses.replace(new_message(), body=b"Subject: s\r\n\r\n" + b"x" * (5 * 256 * 1024))
+    await spool.store(message)
+    first, size = await spool.start(message.id)
+    chunks = spool.chunks(message.id, len(first), size)
+    await anext(chunks)
+    getattr(spool, flag).set()
+    await anext(chunks)  # the chunk read ahead; the next read ahead ends its transaction
+    await spool._read(lambda: None)
+    readers = [conn for conn in gc.get_objects() if isinstance(conn, sqlite3.Connection) and conn.in_transaction]
+    getattr(spool, flag).clear()
+    assert readers == []
+    await chunks.aclose()
