@@ -131,10 +131,6 @@ def connect(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")  # fsync the WAL at every commit
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=10000")
-    # Debian's SQLite zeroes every freed page (SECURE_DELETE): a delivered 10 MB body cost 10 MB
-    # more of WAL, its checkpoint and ~50 ms of CPU. FAST zeroes only pages written anyway; a
-    # freed body's pages are left as Postfix leaves an unlinked queue file (docs/decisions.md).
-    conn.execute("PRAGMA secure_delete=FAST")
     conn.executescript(_SCHEMA)
     create_schema(conn)  # events, statistics, suppressions, fan-out (relay/spool/sqlite_events.py)
     present = _columns(conn)

@@ -733,19 +733,6 @@ async def test_a_stalled_delivery_does_not_hold_the_writer_up_for_its_restart(pa
     assert first + b"x" * 256 * 1024 + rest == message.body
 
 
-def test_freeing_a_delivered_body_does_not_write_it_again_as_zeros(path, store):
-    """The body's pages go to the free list as they are (secure_delete=FAST), as an unlinked
-    queue file's blocks: not 10 MB more of WAL (and of checkpoint) per delivered 10 MB message."""
-    message = _big(store, 8)  # 2 MB
-    wal = path.with_name(path.name + "-wal")
-    store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    store.conn.execute("BEGIN")
-    store.record([update(message.id, 0, State.DELIVERED), update(message.id, 1, State.DELIVERED)])
-    store.conn.execute("COMMIT")
-    assert store.body_rowid(message.id) is None
-    assert wal.stat().st_size < 256 * 1024 < message.size
-
-
 @pytest.mark.parametrize("flag", ["_restart_wanted", "_truncating"])
 async def test_a_delivery_keeps_no_snapshot_while_the_wal_is_to_start_over(spool, flag):
     message = dataclasses.replace(new_message(), body=b"Subject: s\r\n\r\n" + b"x" * (5 * 256 * 1024))
