@@ -34,6 +34,7 @@ class ReceivedBody:
         self._held_size = 0
         self._file = None
         self._spilled = 0
+        self._spilled_eight_bit = False  # found while writing: the spool need not read the file for it
         self._failed: OSError | None = None
 
     async def add(self, data: bytes) -> None:
@@ -54,11 +55,12 @@ class ReceivedBody:
         self._file.writelines(held)
         self._file.flush()  # the spool reads the file through its descriptor, not this buffer
         self._spilled += sum(len(data) for data in held)
+        self._spilled_eight_bit = self._spilled_eight_bit or not all(data.isascii() for data in held)
 
     def pieces(self) -> tuple[Piece, ...]:
         if self._failed is not None:
             raise OSError(f"cannot buffer the message in {self._directory}: {self._failed}")
-        spilled = (FileRegion(self._file, 0, self._spilled),) if self._file is not None else ()
+        spilled = (FileRegion(self._file, 0, self._spilled, self._spilled_eight_bit),) if self._file is not None else ()
         return (*spilled, *self._held)
 
     def close(self) -> None:

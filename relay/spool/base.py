@@ -127,7 +127,8 @@ class Spool(EventStore, Protocol):
         """A body's first bytes, through the end of its header section, and its size; None if gone or final."""
 
     def chunks(self, message_id: str, offset: int, size: int) -> AsyncIterator[bytes]:
-        """The body from ``offset`` on, a chunk at a time; :class:`BodyGone` if it is deleted meanwhile."""
+        """The body from ``offset`` on, a chunk at a time; :class:`BodyGone` if it is deleted meanwhile
+        (a backend may read one chunk ahead, so the chunk after the delete may still come)."""
 
     async def record(self, updates: list[RecipientUpdate], new_messages: Iterable[NewMessage] = (),
                      rows: OutcomeRows = NO_ROWS) -> set[str]:

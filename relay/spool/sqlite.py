@@ -377,6 +377,11 @@ class SpoolStore:
         order = {message_id: position for position, message_id in enumerate(chosen)}
         return sorted(found, key=lambda message: order[message.id])
 
+    def body_rowid(self, message_id: str) -> int | None:
+        """Where a body is now, seen outside any delivery's snapshot (None: deleted, or final)."""
+        row = self.conn.execute("SELECT rowid FROM bodies WHERE message_id=?", (message_id,)).fetchone()
+        return None if row is None else row[0]
+
     def read(self, message_id: str, offset: int, through_header: bool = False) -> tuple[bytes, int] | None:
         """A chunk of a body from ``offset``, and the body's size; None if the message is gone or final.
 
@@ -537,6 +542,95 @@ def after_passive(log_bytes: int, file_bytes: int, writer_idle: bool) -> str | N
     return None
 
 
+_SNAPSHOT_FOR = 0.5  # seconds a delivery may keep one read snapshot (and blob handle) for its chunks
+_RESTART_WAIT_MS = 100  # a RESTART or TRUNCATE waits this long for readers, then leaves it to the next try
+_IDLE_BODY_CONNECTIONS = 8  # body readers' connections kept open between deliveries
+_BODY_CACHE_KIB = 256  # a body reader's page cache: a body is read once, in order, so caching it gains nothing
+
+
+def keep_snapshot(age: float, restarting: bool) -> bool:
+    """Whether a body reader keeps its read transaction for the next chunk, ``age`` seconds after it began.
+
+    A new blob handle walks the body's overflow pages from the start to its offset, so a
+    handle per chunk makes reading a body quadratic (40 chunks of a 10 MB body: 110 ms,
+    against 7 ms with one handle). But an open snapshot holds back WAL checkpoints: PASSIVE
+    cannot copy frames committed after it, and RESTART waits until it ends. So a snapshot is
+    kept for a bounded time, and not at all while the WAL is to start over (the writer's RESTART,
+    the checkpointer's TRUNCATE: :func:`after_passive`)."""
+    return age < _SNAPSHOT_FOR and not restarting
+
+
+def body_connection(path: Path) -> sqlite3.Connection:
+    """A read-only connection for :class:`BodyReader` (the file's schema and settings are the spool's)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    conn.execute("PRAGMA query_only=ON")
+    conn.execute(f"PRAGMA cache_size=-{_BODY_CACHE_KIB}")
+    return conn
+
+
+class BodyReader:
+    """One delivery's walk through one body: a read transaction and a blob handle, read in
+    order, kept across chunks while :func:`keep_snapshot` allows, then opened again at the
+    offset reached. Synchronous: the spool's reader thread runs it."""
+
+    def __init__(self, conn: sqlite3.Connection, message_id: str, size: int, clock: Callable[[], float] = time.monotonic):
+        self.message_id = message_id
+        self._conn: sqlite3.Connection | None = conn
+        self._size = size
+        self._clock = clock
+        self._rowid: int | None = None  # the row first read: a body of the same ID elsewhere is not this one
+        self._blob: sqlite3.Blob | None = None
+        self._began = 0.0
+
+    def read(self, offset: int, rowid_now: int | None, restarting: bool) -> bytes:
+        """The chunk at ``offset``; BodyGone if the body is no longer where it was (``rowid_now``
+        is where it is now, looked up outside this reader's snapshot)."""
+        if rowid_now is None or (self._rowid is not None and rowid_now != self._rowid):
+            self._end()
+            raise BodyGone(self.message_id)
+        if self._blob is None:
+            self._begin(offset)
+        elif self._blob.tell() != offset:
+            self._blob.seek(offset)
+        data = self._blob.read(_BLOB_CHUNK)
+        if not keep_snapshot(self._clock() - self._began, restarting):
+            self._end()
+        return data
+
+    def close(self) -> sqlite3.Connection | None:
+        """End the read; the connection, fit for the next reader (None if it was lost to an error)."""
+        try:
+            self._end()
+        except sqlite3.Error:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+        conn, self._conn = self._conn, None
+        return conn
+
+    def _begin(self, offset: int) -> None:
+        assert self._conn is not None, "body reader closed"
+        self._conn.execute("BEGIN")
+        self._began = self._clock()
+        try:
+            row = self._conn.execute("SELECT rowid, length(body) FROM bodies WHERE message_id=?", (self.message_id,)).fetchone()
+            if row is None or row[1] != self._size or (self._rowid is not None and row[0] != self._rowid):
+                raise BodyGone(self.message_id)
+            self._rowid = row[0]
+            self._blob = self._conn.blobopen("bodies", "body", row[0], readonly=True)
+            self._blob.seek(offset)
+        except BaseException:
+            self._end()
+            raise
+
+    def _end(self) -> None:
+        blob, self._blob = self._blob, None
+        if blob is not None:
+            blob.close()
+        if self._conn is not None and self._conn.in_transaction:
+            self._conn.execute("COMMIT")
+
+
 class SqliteSpool(SqliteEvents):
     """Async face of the spool for the server: group-committed writes, threaded reads."""
 
@@ -551,10 +645,12 @@ class SqliteSpool(SqliteEvents):
         self._writer: threading.Thread | None = None
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
         self._read_store: SpoolStore | None = None
+        self._idle_body_connections: list[sqlite3.Connection] = []  # for BodyReader, kept between deliveries
         self._checkpointer: threading.Thread | None = None
         self._closing = threading.Event()
         self._restart_wanted = threading.Event()  # set by the checkpointer, done by the writer between groups
         self._starting = threading.Lock()  # a write is started by the writer or withdrawn by its caller, never both
+        self._truncating = threading.Event()  # while the checkpointer's TRUNCATE waits for readers
 
     async def open(self) -> None:
         if not self._create and not await asyncio.to_thread(self.path.exists):
@@ -578,6 +674,7 @@ class SqliteSpool(SqliteEvents):
             await asyncio.to_thread(self._writer.join)
             self._writer = None
         if self._read_store is not None:
+            await self._read(self._close_body_connections)
             await self._read(self._read_store.conn.close)
             self._read_store = None
         self._reader.shutdown(wait=True)
@@ -635,13 +732,29 @@ class SqliteSpool(SqliteEvents):
         return await self._read(self._store().read, message_id, 0, True)
 
     async def chunks(self, message_id: str, offset: int, size: int) -> AsyncIterator[bytes]:
-        """The body of ``size`` bytes from ``offset`` on, a chunk per read; BodyGone if it is deleted meanwhile."""
-        while offset < size:
-            read = await self._read(self._store().read, message_id, offset)
-            if read is None or read[1] != size:
-                raise BodyGone(message_id)
-            yield read[0]
-            offset += len(read[0])
+        """The body of ``size`` bytes from ``offset`` on, a chunk per read; BodyGone if it is deleted meanwhile.
+
+        One :class:`BodyReader` (a connection of its own, one blob handle) serves the whole
+        walk, in the reader thread, and the next chunk is read while the caller sends this one.
+        """
+        if offset >= size:
+            return
+        reader = await self._read(self._open_body, message_id, size)
+        ahead: asyncio.Future | None = None
+        try:
+            ahead = self._read(self._read_body, reader, offset)
+            while ahead is not None:
+                chunk = await ahead
+                offset += len(chunk)
+                ahead = self._read(self._read_body, reader, offset) if offset < size else None
+                yield chunk
+        finally:
+            if ahead is not None:  # stopped early: the read ahead's outcome is nobody's
+                ahead.add_done_callback(_consume)
+            try:
+                self._reader.submit(self._close_body, reader)  # after that read: the executor keeps order
+            except RuntimeError:  # the spool was closed first: no reader thread left to use the connection
+                self._discard_body(reader)
 
     async def counts(self) -> dict[str, int]:
         return await self._read(self._store().counts)
@@ -674,6 +787,35 @@ class SqliteSpool(SqliteEvents):
     def _store(self) -> SpoolStore:
         assert self._read_store is not None, "spool not open"
         return self._read_store
+
+    # -- body readers: run in the reader thread only, so the idle connections need no lock ---
+
+    def _open_body(self, message_id: str, size: int) -> BodyReader:
+        conn = self._idle_body_connections.pop() if self._idle_body_connections else body_connection(self.path)
+        return BodyReader(conn, message_id, size)
+
+    def _read_body(self, reader: BodyReader, offset: int) -> bytes:
+        """A chunk from the reader's snapshot, once the body is seen still there now (a
+        `queue delete` meanwhile is BodyGone, as with a read of its own)."""
+        restarting = self._restart_wanted.is_set() or self._truncating.is_set()
+        return reader.read(offset, self._store().body_rowid(reader.message_id), restarting)
+
+    def _close_body(self, reader: BodyReader) -> None:
+        conn = reader.close()
+        if conn is not None and len(self._idle_body_connections) < _IDLE_BODY_CONNECTIONS:
+            self._idle_body_connections.append(conn)
+        elif conn is not None:
+            conn.close()
+
+    @staticmethod
+    def _discard_body(reader: BodyReader) -> None:
+        conn = reader.close()
+        if conn is not None:
+            conn.close()
+
+    def _close_body_connections(self) -> None:
+        while self._idle_body_connections:
+            self._idle_body_connections.pop().close()
 
     def _read(self, fn: Callable, *args: Any) -> asyncio.Future:
         return asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
@@ -708,7 +850,9 @@ class SqliteSpool(SqliteEvents):
         automatic checkpoint is off) and the WAL stays bounded (:func:`after_passive`)."""
         wal = self.path.with_name(self.path.name + "-wal")
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=1000")  # RESTART/TRUNCATE wait this long for the writer at most
+        # TRUNCATE waits this long for the writer, then for readers while it holds the write lock:
+        # a delivery stalled in its snapshot delays commits no longer than the writer's RESTART does.
+        conn.execute(f"PRAGMA busy_timeout={_RESTART_WAIT_MS}")
         (page_size,) = conn.execute("PRAGMA page_size").fetchone()
         try:
             while not self._closing.wait(_CHECKPOINT_EVERY):
@@ -721,7 +865,11 @@ class SqliteSpool(SqliteEvents):
                         self._restart_wanted.set()
                         self._queue.put(_Write(_nothing, (), None, None))  # an idle writer wakes for it
                     elif mode is not None:
-                        conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                        self._truncating.set()  # body readers keep no snapshot meanwhile (keep_snapshot)
+                        try:
+                            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+                        finally:
+                            self._truncating.clear()
                 except sqlite3.Error as error:
                     log.warning("spool checkpoint failed: %s", error)
         finally:
@@ -756,11 +904,14 @@ class SqliteSpool(SqliteEvents):
     def _restart_log(self, conn: sqlite3.Connection) -> None:
         """Between groups, when the checkpointer asks (:func:`after_passive`): the writer holds
         the only write lock, so its RESTART cannot be starved by back-to-back commits."""
-        self._restart_wanted.clear()
+        conn.execute(f"PRAGMA busy_timeout={_RESTART_WAIT_MS}")
         try:
             conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
         except sqlite3.Error as error:
             log.warning("spool checkpoint (RESTART) failed: %s", error)
+        finally:
+            conn.execute("PRAGMA busy_timeout=10000")
+            self._restart_wanted.clear()  # only now: until here body readers keep no snapshot (keep_snapshot)
 
     def _commit_group(self, store: SpoolStore, batch: list[_Write]) -> None:
         with self._starting:  # a write its caller withdrew (timed out) is never started
@@ -855,6 +1006,12 @@ def _expire(waiter: asyncio.Future) -> None:
 
 def _nothing(store: SpoolStore) -> None:
     """A write that writes nothing: wakes an idle writer thread."""
+
+
+def _consume(ahead: asyncio.Future) -> None:
+    """Retrieve the outcome of a read nobody awaits any more (a walk stopped with a chunk read ahead)."""
+    if not ahead.cancelled():
+        ahead.exception()
 
 
 def open_store(path: Path) -> SpoolStore:

@@ -289,7 +289,8 @@ async def test_a_body_deleted_or_made_final_while_it_is_read_is_body_gone(spool,
     else:
         await spool.record([update("A1", 0, State.DELIVERED), update("A1", 1, State.FAILED, reply="550")])
     with pytest.raises(BodyGone):
-        await anext(chunks)
+        for _ in range(2):  # a backend may have read one chunk ahead, before the change
+            await anext(chunks)
 
 
 # -- retry, flush, delete, purge ---------------------------------------------------------------------------
