@@ -582,6 +582,9 @@ class PostgresSpool(PostgresEvents):
             self.operations += len(group)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as error:
             outcomes = [(None, OSError(f"spool database: {self._secret_free(error)}"))] * len(group)
+        except Exception as error:  # a bug in one write: its group fails now, and the batcher lives on
+            log.exception("spool group of %d writes failed", len(group))
+            outcomes = [(None, OSError(f"spool write failed: {type(error).__name__}"))] * len(group)
         for write, (result, error) in zip(group, outcomes, strict=True):
             if write.done.done():
                 continue

@@ -116,6 +116,26 @@ async def test_a_failed_commit_fails_the_whole_group(nodes, postgres_dsn):
     assert await a.list() == []
 
 
+async def test_a_bug_in_a_write_fails_its_group_and_the_spool_keeps_committing(nodes, monkeypatch):
+    """Not a database error: the group's callers get an OSError (their 451) at once, not at
+    commit_timeout, and the batcher lives on for the next group."""
+    a, _ = nodes
+    real_insert = a._insert
+    calls = []
+
+    async def buggy_once(conn, messages):
+        calls.append(len(messages))
+        if len(calls) == 1:
+            raise KeyError("a bug")
+        await real_insert(conn, messages)
+
+    monkeypatch.setattr(a, "_insert", buggy_once)
+    with pytest.raises(OSError, match="KeyError"):
+        await asyncio.wait_for(a.store(message("M1")), 2)
+    await a.store(message("M2"))
+    assert [m.id for m in await a.list()] == ["M2"]
+
+
 async def test_outcomes_counters_and_events_of_many_callers_share_one_commit_each_with_its_own_result(nodes):
     a, b = nodes
     for name in ("M1", "M2", "M3"):
