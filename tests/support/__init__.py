@@ -27,7 +27,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     For servers that cannot report the port they bound (Postfix's master, aiosmtpd's
     Controller with port 0). Another process could take it before it is bound again; on a
     test machine that race is rare enough to accept.
+
+    A port is handed out once per test process: the kernel may give a port just closed to the
+    next bind(0), and two listeners of one config then got the same one (CI saw it).
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+
+
+_HANDED_OUT: set[int] = set()

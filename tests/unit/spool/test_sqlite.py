@@ -763,6 +763,15 @@ async def test_a_stalled_delivery_does_not_hold_the_writer_up_for_its_restart(pa
     assert first + b"x" * 256 * 1024 + rest == message.body
 
 
+def _reading(conn: sqlite3.Connection) -> bool:
+    """Whether a connection holds a read transaction; False for one closed and not yet collected
+    (another test's: the whole suite leaves some behind)."""
+    try:
+        return conn.in_transaction
+    except sqlite3.ProgrammingError:
+        return False
+
+
 @pytest.mark.parametrize("flag", ["_restart_wanted", "_truncating"])
 async def test_a_delivery_keeps_no_snapshot_while_the_wal_is_to_start_over(spool, flag):
     message = dataclasses.replace(new_message(), body=b"Subject: s\r\n\r\n" + b"x" * (5 * 256 * 1024))
@@ -773,7 +782,7 @@ async def test_a_delivery_keeps_no_snapshot_while_the_wal_is_to_start_over(spool
     getattr(spool, flag).set()
     await anext(chunks)  # the chunk read ahead; the next read ahead ends its transaction
     await spool._read(lambda: None)
-    readers = [conn for conn in gc.get_objects() if isinstance(conn, sqlite3.Connection) and conn.in_transaction]
+    readers = [conn for conn in gc.get_objects() if isinstance(conn, sqlite3.Connection) and _reading(conn)]
     getattr(spool, flag).clear()
     assert readers == []
     await chunks.aclose()
