@@ -69,16 +69,11 @@ class LoopPassWriter:
         self._held: list[bytes | memoryview] = []
 
     def write(self, data: bytes | memoryview) -> None:
-        if len(data) >= JOINED_WRITE:
-            self.flush()
-            self._writer.write(data)
-            return
-        if not self._held:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._held.append(data)
+        self.writelines([data])
 
     def writelines(self, buffers: list[bytes | memoryview]) -> None:
-        """A frame of several buffers (:func:`relay.process.ipc.write_message`), held as one write."""
+        """Buffers of one frame or more (:func:`relay.process.ipc.write_message` gives a message's
+        as a list), held for the pass's one write; a write's size or more goes at once, after what is held."""
         if sum(len(buffer) for buffer in buffers) >= JOINED_WRITE:
             self.flush()
             self._writer.writelines(buffers)
