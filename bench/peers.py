@@ -7,6 +7,7 @@ process tree's memory while a load runs.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -26,6 +27,18 @@ SMTP_SINK = "/usr/sbin/smtp-sink"
 SMTP_SOURCE = "/usr/sbin/smtp-source"
 POSTFIX = "/usr/sbin/postfix"
 BENCH = Path(__file__).resolve().parent
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_results(results: dict, out: Path | None, prefix: str, started) -> Path:
+    """``results`` with the load average after, as ``out`` or ``results/<prefix>-<time>.json``."""
+    results["loadavg_after"] = os.getloadavg()
+    out = out or RESULTS / f"{prefix}-{started:%Y%m%d-%H%M%S}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    return out
 
 
 def free_port() -> int:

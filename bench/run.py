@@ -30,6 +30,7 @@ from pathlib import Path
 
 import nodes
 from peers import (
+    RESULTS,
     SMTP_SOURCE,
     OurRelay,
     PostfixRelay,
@@ -47,7 +48,6 @@ from peers import (
 from relay.policy.auth import hash_password
 from relay.tls import make_self_signed
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SENDER, RECIPIENT = "bench@bench.test", "sink@example.net"
 MAX_MESSAGE_SIZE = 32 * 2**20
 SUBMIT_USER, SUBMIT_PASSWORD = "submitter", "bench-password-1"

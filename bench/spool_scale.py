@@ -30,12 +30,11 @@ import time
 from pathlib import Path
 
 import yaml
-from peers import free_port, wait_greeting
+from peers import free_port, wait_greeting, write_results
 
 from relay.spool import NewMessage, RecipientUpdate, State
 from relay.spool.sqlite import SqliteSpool, open_store
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 RECEIVED = time.time() - 3600  # recent: older than spool.max_lifetime would fail at the first attempt
 ACCOUNT = "sink"
@@ -188,10 +187,7 @@ def main() -> int:
             results[name] = asyncio.run(purge_latency(scratch, args.purge, batched))
             print(name, results[name], flush=True)
             shutil.rmtree(scratch.parent)
-    results["loadavg_after"] = os.getloadavg()
-    out = args.out or RESULTS / f"spool-scale-{started:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    out = write_results(results, args.out, "spool-scale", started)
     print(f"wrote {out}")
     return 0
 

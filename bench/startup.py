@@ -30,12 +30,11 @@ import time
 from pathlib import Path
 
 import yaml
-from peers import free_port, wait_greeting
+from peers import free_port, wait_greeting, write_results
 from spool_scale import build, relay_config
 
 from relay.spool.sqlite import open_store
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -171,10 +170,7 @@ def main() -> int:
         print(f"{tree} ({commit}):")
         for name in ("queue_list_limit_50", "serve_to_220_empty", "serve_to_220_empty_two_acceptors"):
             print(f"  {name}: {figures[name]['wall_ms_median']:.0f} ms wall, {figures[name]['cpu_ms_median']:.0f} ms cpu")
-    results["loadavg_after"] = os.getloadavg()
-    out = args.out or RESULTS / f"startup-{started:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    out = write_results(results, args.out, "startup", started)
     print(f"load {results['loadavg_before'][0]:.1f} -> {results['loadavg_after'][0]:.1f}; wrote {out}")
     return 0
 
